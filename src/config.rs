@@ -1,0 +1,584 @@
+//! `release.toml` -> [`Config`]: raw serde structs first, then validation into typed values.
+//!
+//! The raw structs mirror the file (unknown keys are rejected, positions are kept with
+//! `toml::Spanned`); [`load`] turns them into a `Config` in which durations are `Duration`s, gates are
+//! [`Gate`]s, commands are argv vectors and tasks are already in run order. Every problem found is
+//! reported at once, with its line and column, before anything runs. After this module no code looks
+//! at raw strings from the file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use toml::Spanned;
+
+use crate::error::{Diagnostic, Error, Result};
+use crate::gate::Gate;
+
+/// The largest config file accepted; a release.toml is a few kilobytes, and a bigger one is a mistake.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The validated configuration of one release.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file was read from (for messages).
+    pub path: PathBuf,
+    pub defaults: Defaults,
+    /// Tasks in run order: file order, with `after` applied.
+    pub tasks: Vec<Task>,
+}
+
+/// `[defaults]`, with the built-in values filled in.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub shell: String,
+    /// How often a long task logs that it is still running.
+    pub heartbeat: Duration,
+    /// A bound on the whole release, below the platform's own (Heroku stops a release phase at 1 h).
+    pub release_timeout: Duration,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            timeout: Duration::from_secs(30 * 60),
+            grace: Duration::from_secs(10),
+            shell: "/bin/sh".to_owned(),
+            heartbeat: Duration::from_secs(60),
+            release_timeout: Duration::from_secs(55 * 60),
+        }
+    }
+}
+
+/// One `[tasks.NAME]` entry, validated.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub command: Command,
+    pub when: Option<Gate>,
+    pub unless: Option<Gate>,
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub allow_failure: bool,
+    /// Extra variables for this task, on top of the inherited environment.
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory (a relative `dir` is taken from the config file's directory).
+    pub dir: PathBuf,
+}
+
+/// What a task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `run = "..."`: run through `[shell, "-c", script]`.
+    Shell { shell: String, script: String },
+    /// `run = ["prog", "arg"]`: exec'd directly, `prog` looked up on PATH.
+    Exec(Vec<String>),
+}
+
+impl Command {
+    /// The argv that is exec'd.
+    #[must_use]
+    pub fn argv(&self) -> Vec<&str> {
+        match self {
+            Command::Shell { shell, script } => vec![shell.as_str(), "-c", script.as_str()],
+            Command::Exec(argv) => argv.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Shell { script, .. } => f.write_str(script),
+            Command::Exec(argv) => write!(f, "{argv:?}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    defaults: Option<RawDefaults>,
+    #[serde(default)]
+    tasks: RawTasks,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    timeout: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
+    shell: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<String>>,
+    release_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    run: Option<Spanned<toml::Value>>,
+    when: Option<Spanned<toml::Value>>,
+    unless: Option<Spanned<toml::Value>>,
+    timeout: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
+    after: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    allow_failure: bool,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    dir: Option<Spanned<String>>,
+}
+
+/// The `[tasks]` table in file order (a plain map would sort the names).
+#[derive(Default)]
+struct RawTasks(Vec<(Spanned<String>, Spanned<RawTask>)>);
+
+impl<'de> Deserialize<'de> for RawTasks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> Visitor<'de> for InOrder {
+            type Value = RawTasks;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of tasks, like [tasks.migrate]")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTasks, A::Error> {
+                let mut tasks = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    tasks.push(entry);
+                }
+                Ok(RawTasks(tasks))
+            }
+        }
+        deserializer.deserialize_map(InOrder)
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config> {
+    let source = read(path)?;
+    parse(path, &source)
+}
+
+fn read(path: &Path) -> Result<String> {
+    let unreadable = |reason: String| Error::ConfigUnreadable {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::ConfigMissing { path: path.to_owned() });
+        }
+        Err(err) => return Err(unreadable(format!("{err}; check the path and its permissions"))),
+    };
+    if !meta.is_file() {
+        return Err(unreadable("it is not a regular file; pass the path of release.toml itself".into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(unreadable(format!(
+            "it is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file; is this the right file?",
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|err| unreadable(format!("{err}; check its permissions")))?;
+    String::from_utf8(bytes).map_err(|err| {
+        let offset = err.utf8_error().valid_up_to();
+        let source = String::from_utf8_lossy(err.as_bytes());
+        let (line, col) = line_col(&source, offset);
+        unreadable(format!(
+            "line {line}, column {col}: not valid UTF-8; TOML files must be UTF-8, so re-save it as UTF-8"
+        ))
+    })
+}
+
+/// Parses and validates config text; `path` is used for messages and to resolve `dir`.
+pub fn parse(path: &Path, source: &str) -> Result<Config> {
+    let invalid = |problems| Error::ConfigInvalid {
+        path: path.to_owned(),
+        problems,
+    };
+    let raw: RawConfig = toml::from_str(source).map_err(|err| {
+        let location = err.span().map(|span| line_col(source, span.start));
+        invalid(vec![Diagnostic {
+            location,
+            message: syntax_message(err.message()),
+        }])
+    })?;
+    let base = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut v = Validator {
+        source,
+        base: absolute(&base),
+        problems: Vec::new(),
+    };
+    let defaults = v.defaults(raw.defaults);
+    let tasks = v.tasks(raw.tasks.0, &defaults);
+    if v.problems.is_empty() {
+        Ok(Config {
+            path: path.to_owned(),
+            defaults,
+            tasks,
+        })
+    } else {
+        Err(invalid(v.problems))
+    }
+}
+
+/// Adds a hint to the TOML library's messages where the user's next step is not obvious.
+fn syntax_message(message: &str) -> String {
+    let message = message.trim_end();
+    if message.starts_with("unknown field") {
+        format!("{message}; check the spelling against the README's release.toml reference")
+    } else {
+        message.to_owned()
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source.as_bytes()[..offset.min(source.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let col = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    (line, col)
+}
+
+struct Validator<'a> {
+    source: &'a str,
+    base: PathBuf,
+    problems: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn report(&mut self, span: Option<std::ops::Range<usize>>, message: String) {
+        let location = span.map(|s| line_col(self.source, s.start));
+        self.problems.push(Diagnostic { location, message });
+    }
+
+    fn duration(&mut self, value: Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.report(
+                    Some(value.span()),
+                    format!("`{key}` is zero; give a positive duration like \"30s\" or \"15m\""),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(err) => {
+                self.report(
+                    Some(value.span()),
+                    format!(
+                        "`{key} = {:?}` is not a duration ({err}); write a number and a unit, like \"90s\", \"15m\" or \"1h 30m\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn defaults(&mut self, raw: Option<RawDefaults>) -> Defaults {
+        let builtin = Defaults::default();
+        let Some(raw) = raw else { return builtin };
+        let shell = match raw.shell {
+            Some(shell) if shell.get_ref().trim().is_empty() => {
+                self.report(Some(shell.span()), "`shell` is empty; leave it out to use /bin/sh".into());
+                builtin.shell
+            }
+            Some(shell) => shell.into_inner(),
+            None => builtin.shell,
+        };
+        Defaults {
+            timeout: self.duration(raw.timeout, "timeout", builtin.timeout),
+            grace: self.duration(raw.grace, "grace", builtin.grace),
+            shell,
+            heartbeat: self.duration(raw.heartbeat, "heartbeat", builtin.heartbeat),
+            release_timeout: self.duration(raw.release_timeout, "release_timeout", builtin.release_timeout),
+        }
+    }
+
+    fn tasks(&mut self, raw: Vec<(Spanned<String>, Spanned<RawTask>)>, defaults: &Defaults) -> Vec<Task> {
+        let mut tasks = Vec::with_capacity(raw.len());
+        let mut afters = Vec::with_capacity(raw.len());
+        for (name, raw_task) in raw {
+            let name_span = name.span();
+            let name = name.into_inner();
+            if !valid_task_name(&name) {
+                self.report(
+                    Some(name_span.clone()),
+                    format!(
+                        "task name {name:?} is not allowed; use letters, digits, '-', '_' and '.', like [tasks.cache-clear]"
+                    ),
+                );
+            }
+            let task_span = raw_task.span();
+            let raw_task = raw_task.into_inner();
+            afters.push(raw_task.after.clone().unwrap_or_default());
+            tasks.push(self.task(name, task_span, raw_task, defaults));
+        }
+        self.order(tasks, afters)
+    }
+
+    fn task(&mut self, name: String, span: std::ops::Range<usize>, raw: RawTask, defaults: &Defaults) -> Task {
+        let command = match raw.run {
+            None => {
+                self.report(
+                    Some(span.clone()),
+                    format!("task `{name}` has no `run`; add the command, like run = \"bundle exec rails db:migrate\""),
+                );
+                Command::Exec(Vec::new())
+            }
+            Some(run) => self.command(&name, run, defaults),
+        };
+        let when = raw.when.and_then(|g| self.gate(&name, "when", &g));
+        let unless = raw.unless.and_then(|g| self.gate(&name, "unless", &g));
+        let dir = match raw.dir {
+            None => self.base.clone(),
+            Some(dir) => {
+                let path = self.base.join(dir.get_ref());
+                if !path.is_dir() {
+                    self.report(
+                        Some(dir.span()),
+                        format!(
+                            "task `{name}`: `dir` {} is not a directory; it is taken relative to the config file",
+                            path.display()
+                        ),
+                    );
+                }
+                path
+            }
+        };
+        for key in raw.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                self.report(Some(span.clone()), format!("task `{name}`: env name {key:?} is not a valid variable name"));
+            }
+        }
+        Task {
+            timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
+            grace: self.duration(raw.grace, "grace", defaults.grace),
+            name,
+            command,
+            when,
+            unless,
+            allow_failure: raw.allow_failure,
+            env: raw.env,
+            dir,
+        }
+    }
+
+    fn command(&mut self, name: &str, run: Spanned<toml::Value>, defaults: &Defaults) -> Command {
+        let span = run.span();
+        match run.into_inner() {
+            toml::Value::String(script) if !script.trim().is_empty() => Command::Shell {
+                shell: defaults.shell.clone(),
+                script,
+            },
+            toml::Value::Array(items) if !items.is_empty() => {
+                let argv: Option<Vec<String>> = items.into_iter().map(|i| i.as_str().map(str::to_owned)).collect();
+                match argv {
+                    Some(argv) if !argv[0].is_empty() => Command::Exec(argv),
+                    _ => {
+                        self.report(
+                            Some(span),
+                            format!("task `{name}`: every item of `run` must be a string, the first not empty"),
+                        );
+                        Command::Exec(Vec::new())
+                    }
+                }
+            }
+            toml::Value::String(_) | toml::Value::Array(_) => {
+                self.report(Some(span), format!("task `{name}`: `run` is empty; give the command to run"));
+                Command::Exec(Vec::new())
+            }
+            _ => {
+                self.report(
+                    Some(span),
+                    format!("task `{name}`: `run` must be a string (run by the shell) or an array of strings (exec'd)"),
+                );
+                Command::Exec(Vec::new())
+            }
+        }
+    }
+
+    fn gate(&mut self, name: &str, key: &str, value: &Spanned<toml::Value>) -> Option<Gate> {
+        match Gate::from_toml(value.get_ref()) {
+            Ok(gate) => Some(gate),
+            Err(message) => {
+                self.report(Some(value.span()), format!("task `{name}`: `{key}`: {message}"));
+                None
+            }
+        }
+    }
+
+    /// Puts tasks in run order: file order, except that a task waits for every task in its `after`.
+    /// Among the tasks that are free to run, the earliest in the file goes first.
+    fn order(&mut self, tasks: Vec<Task>, afters: Vec<Vec<Spanned<String>>>) -> Vec<Task> {
+        let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        let mut waits_on = vec![0usize; tasks.len()];
+        let mut unblocks: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
+        let mut problems = Vec::new();
+        for (i, after) in afters.iter().enumerate() {
+            let mut seen = BTreeSet::new();
+            for dep in after {
+                match index.get(dep.get_ref().as_str()) {
+                    Some(&j) if j == i => problems.push((
+                        dep.span(),
+                        format!("task `{}` lists itself in `after`; remove it", tasks[i].name),
+                    )),
+                    Some(&j) => {
+                        if seen.insert(j) {
+                            waits_on[i] += 1;
+                            unblocks[j].push(i);
+                        }
+                    }
+                    None => problems.push((
+                        dep.span(),
+                        format!(
+                            "task `{}`: `after` names `{}`, which is not a task; known tasks: {}",
+                            tasks[i].name,
+                            dep.get_ref(),
+                            tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    )),
+                }
+            }
+        }
+        let mut ready: BTreeSet<usize> = (0..tasks.len()).filter(|&i| waits_on[i] == 0).collect();
+        let mut order = Vec::with_capacity(tasks.len());
+        while let Some(i) = ready.pop_first() {
+            order.push(i);
+            for &k in &unblocks[i] {
+                waits_on[k] -= 1;
+                if waits_on[k] == 0 {
+                    ready.insert(k);
+                }
+            }
+        }
+        if order.len() < tasks.len() {
+            let stuck: Vec<&str> = (0..tasks.len())
+                .filter(|&i| waits_on[i] > 0)
+                .map(|i| tasks[i].name.as_str())
+                .collect();
+            let first = (0..tasks.len()).find(|&i| waits_on[i] > 0).and_then(|i| afters[i].first());
+            problems.push((
+                first.map_or(0..0, Spanned::span),
+                format!(
+                    "`after` makes a cycle among tasks {}; each task can only wait for tasks that do not wait for it",
+                    stuck.join(", ")
+                ),
+            ));
+        }
+        for (span, message) in problems {
+            self.report(Some(span), message);
+        }
+        let mut slots: Vec<Option<Task>> = tasks.into_iter().map(Some).collect();
+        order.into_iter().filter_map(|i| slots[i].take()).collect()
+    }
+}
+
+fn valid_task_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(src: &str) -> Result<Config> {
+        parse(Path::new("release.toml"), src)
+    }
+
+    fn problems(src: &str) -> Vec<Diagnostic> {
+        match parse_str(src) {
+            Err(Error::ConfigInvalid { problems, .. }) => problems,
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    fn names(config: &Config) -> Vec<&str> {
+        config.tasks.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn keeps_file_order_and_applies_after() {
+        let c = parse_str(
+            "[tasks.z]\nrun = \"true\"\nafter = [\"m\"]\n[tasks.a]\nrun = \"true\"\n[tasks.m]\nrun = [\"true\"]\n",
+        )
+        .unwrap();
+        assert_eq!(names(&c), ["a", "m", "z"]);
+        let c = parse_str("[tasks.z]\nrun = \"true\"\n[tasks.a]\nrun = \"true\"\n").unwrap();
+        assert_eq!(names(&c), ["z", "a"]);
+    }
+
+    #[test]
+    fn defaults_apply_and_tasks_override() {
+        let c = parse_str(
+            "[defaults]\ntimeout = \"5m\"\ngrace = \"3s\"\nshell = \"/bin/bash\"\n[tasks.a]\nrun = \"x\"\ntimeout = \"1h\"\n",
+        )
+        .unwrap();
+        let t = &c.tasks[0];
+        assert_eq!(t.timeout, Duration::from_secs(3600));
+        assert_eq!(t.grace, Duration::from_secs(3));
+        assert_eq!(t.command.argv(), ["/bin/bash", "-c", "x"]);
+        assert_eq!(c.defaults.release_timeout, Duration::from_secs(55 * 60));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let p = problems(
+            "[tasks.a]\nrun = \"\"\n[tasks.b]\nrun = \"x\"\ntimeout = \"0s\"\n[tasks.c]\nrun = \"x\"\nafter = [\"nope\"]\n[tasks.d]\nwhen = \"X\"\n",
+        );
+        let lines: Vec<_> = p.iter().map(|d| d.location.map(|l| l.0)).collect();
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[0].message.contains("`run` is empty"));
+        assert!(p[1].message.contains("zero"));
+        assert!(p[2].message.contains("has no `run`"));
+        assert!(p[3].message.contains("`nope`"));
+        assert_eq!(lines, [Some(2), Some(5), Some(9), Some(8)]);
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_have_positions() {
+        let p = problems("[tasks.a]\nrun = \"x\"\ntimout = \"5m\"\n");
+        assert_eq!(p[0].location, Some((3, 1)));
+        assert!(p[0].message.contains("timout"), "{}", p[0].message);
+        let p = problems("[tasks.a]\nrun = \"x\n");
+        assert_eq!(p[0].location.map(|l| l.0), Some(2));
+    }
+
+    #[test]
+    fn cycles_and_self_references() {
+        let p = problems("[tasks.a]\nrun = \"x\"\nafter = [\"b\"]\n[tasks.b]\nrun = \"x\"\nafter = [\"a\"]\n");
+        assert!(p[0].message.contains("cycle among tasks a, b"), "{p:?}");
+        let p = problems("[tasks.a]\nrun = \"x\"\nafter = [\"a\"]\n");
+        assert!(p[0].message.contains("itself"));
+    }
+
+    #[test]
+    fn bad_durations_say_how_to_write_them() {
+        let p = problems("[defaults]\ntimeout = \"30\"\n");
+        assert!(p[0].message.contains("\"15m\""), "{}", p[0].message);
+        assert_eq!(p[0].location, Some((2, 11)));
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

@@ -1,0 +1,111 @@
+//! The error type at release-tasks's boundary and the exit status each error maps to.
+//!
+//! A task that fails is not an `Error`: it is an outcome (see `report.rs`). `Error` is for what stops
+//! release-tasks itself: a config it cannot accept, bad usage, or an I/O failure it cannot continue past.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// `EX_CONFIG` from sysexits.h: bad or missing config or gate value; nothing ran.
+pub const EXIT_CONFIG: i32 = 78;
+/// Bad command-line usage, as clap itself reports it.
+pub const EXIT_USAGE: i32 = 2;
+/// `EX_SOFTWARE` from sysexits.h: release-tasks itself failed (not a task).
+pub const EXIT_INTERNAL: i32 = 70;
+
+/// One problem found in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based line and column in the config file, where known.
+    pub location: Option<(usize, usize)>,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+/// Everything that stops release-tasks before or outside of running a task.
+#[derive(Debug)]
+pub enum Error {
+    /// No config file where one was expected.
+    ConfigMissing { path: PathBuf },
+    /// The config file exists but cannot be read (permissions, not UTF-8, too large).
+    ConfigUnreadable { path: PathBuf, reason: String },
+    /// The config file was read but is not valid: syntax, unknown keys, bad values, a cycle.
+    ConfigInvalid { path: PathBuf, problems: Vec<Diagnostic> },
+    /// A gate's variable holds a value release-tasks refuses to guess about (`ture`, `2`).
+    GateValue { problems: Vec<String> },
+    /// Bad command-line usage, or a bad `RELEASE_TASKS_*` setting.
+    Usage(String),
+    /// release-tasks itself could not go on (an I/O error, a failed system call).
+    Internal(anyhow::Error),
+}
+
+impl Error {
+    /// The process exit status this error stands for (see the README's exit code table).
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::ConfigMissing { .. }
+            | Error::ConfigUnreadable { .. }
+            | Error::ConfigInvalid { .. }
+            | Error::GateValue { .. } => EXIT_CONFIG,
+            Error::Usage(_) => EXIT_USAGE,
+            Error::Internal(_) => EXIT_INTERNAL,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ConfigMissing { path } => write!(
+                f,
+                "no config file at {}\n\
+                 hint: create release.toml in the app's root (see the README's release.toml reference), \
+                 run `release-tasks init` to write one for your framework, \
+                 or point to it with --config PATH or RELEASE_TASKS_CONFIG",
+                path.display()
+            ),
+            Error::ConfigUnreadable { path, reason } => {
+                write!(f, "cannot read config file {}: {reason}", path.display())
+            }
+            Error::ConfigInvalid { path, problems } => {
+                let n = problems.len();
+                write!(
+                    f,
+                    "{} has {n} problem{}; nothing was run",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                )?;
+                for p in problems {
+                    match p.location {
+                        Some((line, col)) => {
+                            write!(f, "\n  {}:{line}:{col}: {}", path.display(), p.message)?;
+                        }
+                        None => write!(f, "\n  {}: {}", path.display(), p.message)?,
+                    }
+                }
+                Ok(())
+            }
+            Error::GateValue { problems } => {
+                write!(f, "invalid gate value; nothing was run")?;
+                for p in problems {
+                    write!(f, "\n  {p}")?;
+                }
+                Ok(())
+            }
+            Error::Usage(message) => write!(f, "{message}"),
+            Error::Internal(err) => write!(f, "{err:#}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<anyhow::Error> for Error {
+    fn from(err: anyhow::Error) -> Self {
+        Error::Internal(err)
+    }
+}
+
+/// The result type of release-tasks's fallible operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

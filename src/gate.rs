@@ -1,0 +1,302 @@
+//! Gates: the `when` and `unless` conditions of a task, parsed from TOML and evaluated against an
+//! environment snapshot.
+//!
+//! Evaluation is pure: it reads a map handed to it, never the process environment, so the rules are
+//! tested here without touching global state. Deciding what to *do* with a verdict belongs to `plan.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A snapshot of the environment, taken once at start-up.
+pub type Env = BTreeMap<String, String>;
+
+/// All of its conditions must hold for the gate to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    pub conditions: Vec<Condition>,
+}
+
+/// One test of one environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub var: String,
+    pub test: Test,
+}
+
+/// What a condition checks about its variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Test {
+    /// `"VAR"`: the variable holds a true boolean (`true/1/yes/on`).
+    Truthy,
+    /// `{ env = "VAR", equals = "x" }`: the exact value.
+    Equals(String),
+    /// `{ env = "VAR", in = ["a", "b"] }`: one of these exact values.
+    In(Vec<String>),
+    /// `{ env = "VAR", set = true }`: set and not empty (or, with `false`, unset or empty).
+    Set(bool),
+}
+
+/// The result of checking one gate: whether it holds and, for each condition, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub holds: bool,
+    /// One entry per condition checked, in order; evaluation stops at the first that fails.
+    pub reasons: Vec<Reason>,
+}
+
+/// Why one condition held or did not: the variable, what it held, and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    pub var: String,
+    /// `None` when the variable is unset.
+    pub value: Option<String>,
+    pub rule: String,
+    pub holds: bool,
+}
+
+/// A variable holds a value that a boolean gate refuses to guess about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadValue {
+    pub var: String,
+    pub value: String,
+}
+
+impl fmt::Display for BadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={:?} is not a boolean; set it to one of true/1/yes/on or false/0/no/off (or unset it)",
+            self.var,
+            crate::redact::value(&self.var, &self.value)
+        )
+    }
+}
+
+/// Reads a boolean the strict way: a typo such as `ture` is an error, never a silent `false`.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+impl Gate {
+    /// Parses a `when`/`unless` value: a string, a table, or an array of these.
+    pub fn from_toml(value: &toml::Value) -> Result<Gate, String> {
+        let conditions = match value {
+            toml::Value::Array(items) => {
+                if items.is_empty() {
+                    return Err("an empty array is not a gate; remove the key to run the task always".into());
+                }
+                items.iter().map(Condition::from_toml).collect::<Result<_, _>>()?
+            }
+            other => vec![Condition::from_toml(other)?],
+        };
+        Ok(Gate { conditions })
+    }
+
+    /// Checks every condition against `env`. A bad boolean is an error even if an earlier
+    /// condition already failed, so that `check` finds every typo, not only the first that matters.
+    pub fn evaluate(&self, env: &Env) -> Result<Verdict, BadValue> {
+        let mut reasons = Vec::with_capacity(self.conditions.len());
+        let mut holds = true;
+        for condition in &self.conditions {
+            let reason = condition.evaluate(env)?;
+            if holds {
+                holds = reason.holds;
+                reasons.push(reason);
+            }
+        }
+        Ok(Verdict { holds, reasons })
+    }
+
+    /// Every variable this gate reads, for `plan` and the docs.
+    pub fn vars(&self) -> impl Iterator<Item = &str> {
+        self.conditions.iter().map(|c| c.var.as_str())
+    }
+}
+
+impl Condition {
+    fn from_toml(value: &toml::Value) -> Result<Condition, String> {
+        match value {
+            toml::Value::String(var) => Ok(Condition { var: check_var(var)?, test: Test::Truthy }),
+            toml::Value::Table(table) => {
+                let mut var = None;
+                let mut tests = Vec::new();
+                for (key, v) in table {
+                    match (key.as_str(), v) {
+                        ("env", toml::Value::String(s)) => var = Some(check_var(s)?),
+                        ("equals", toml::Value::String(s)) => tests.push(Test::Equals(s.clone())),
+                        ("in", toml::Value::Array(items)) => {
+                            let values = items
+                                .iter()
+                                .map(|i| i.as_str().map(str::to_owned))
+                                .collect::<Option<Vec<_>>>()
+                                .ok_or("`in` must be an array of strings, like in = [\"staging\", \"production\"]")?;
+                            tests.push(Test::In(values));
+                        }
+                        ("set", toml::Value::Boolean(b)) => tests.push(Test::Set(*b)),
+                        ("env" | "equals", _) => return Err(format!("`{key}` must be a string")),
+                        ("in", _) => return Err("`in` must be an array of strings".into()),
+                        ("set", _) => return Err("`set` must be true or false".into()),
+                        (other, _) => {
+                            return Err(format!(
+                                "unknown key `{other}` in a condition; a condition has `env` and one of `equals`, `in` or `set`"
+                            ));
+                        }
+                    }
+                }
+                let var = var.ok_or(
+                    "a condition table needs `env`, the variable to test, like { env = \"APP_ENV\", equals = \"production\" }",
+                )?;
+                match tests.len() {
+                    1 => Ok(Condition { var, test: tests.remove(0) }),
+                    0 => Err(format!(
+                        "the condition on {var} needs one of `equals`, `in` or `set`; to test a boolean write just \"{var}\""
+                    )),
+                    _ => Err(format!(
+                        "the condition on {var} has more than one of `equals`, `in` and `set`; use an array of conditions to combine them"
+                    )),
+                }
+            }
+            _ => Err("a gate is a variable name (\"VAR\"), a condition table ({ env = \"VAR\", equals = \"x\" }) or an array of these".into()),
+        }
+    }
+
+    fn evaluate(&self, env: &Env) -> Result<Reason, BadValue> {
+        let value = env.get(&self.var);
+        let (holds, rule) = match &self.test {
+            Test::Truthy => {
+                let parsed = match value {
+                    None => false,
+                    Some(v) => parse_bool(v).ok_or_else(|| BadValue {
+                        var: self.var.clone(),
+                        value: v.clone(),
+                    })?,
+                };
+                (parsed, "is true".to_owned())
+            }
+            Test::Equals(want) => (value == Some(want), format!("equals {want:?}")),
+            Test::In(set) => (
+                value.is_some_and(|v| set.contains(v)),
+                format!("in {set:?}"),
+            ),
+            Test::Set(want) => {
+                let is_set = value.is_some_and(|v| !v.is_empty());
+                (is_set == *want, if *want { "is set".into() } else { "is unset or empty".into() })
+            }
+        };
+        Ok(Reason {
+            var: self.var.clone(),
+            value: value.cloned(),
+            rule,
+            holds,
+        })
+    }
+}
+
+fn check_var(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not an environment variable name; use letters, digits and _, like RUN_MIGRATIONS_DURING_RELEASE"
+        ))
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            None => write!(f, "{} is unset", self.var)?,
+            Some(v) => write!(f, "{}={:?}", self.var, crate::redact::value(&self.var, v))?,
+        }
+        write!(f, " (needs: {} {})", self.var, self.rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn gate(src: &str) -> Result<Gate, String> {
+        let table: toml::Table = toml::from_str(&format!("g = {src}")).expect("test TOML");
+        Gate::from_toml(&table["g"])
+    }
+
+    #[test]
+    fn booleans_are_strict_and_case_insensitive() {
+        for t in ["true", "TRUE", "1", "yes", "On", " true "] {
+            assert_eq!(parse_bool(t), Some(true), "{t}");
+        }
+        for f in ["false", "0", "no", "OFF", ""] {
+            assert_eq!(parse_bool(f), Some(false), "{f}");
+        }
+        for bad in ["ture", "2", "y", "enabled", "truee"] {
+            assert_eq!(parse_bool(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn truthy_gate() {
+        let g = gate("\"RUN\"").unwrap();
+        assert!(g.evaluate(&env(&[("RUN", "yes")])).unwrap().holds);
+        assert!(!g.evaluate(&env(&[("RUN", "off")])).unwrap().holds);
+        assert!(!g.evaluate(&env(&[])).unwrap().holds);
+        let err = g.evaluate(&env(&[("RUN", "ture")])).unwrap_err();
+        assert_eq!(err.var, "RUN");
+        assert!(err.to_string().contains("\"ture\""));
+    }
+
+    #[test]
+    fn table_conditions() {
+        let eq = gate("{ env = \"APP_ENV\", equals = \"production\" }").unwrap();
+        assert!(eq.evaluate(&env(&[("APP_ENV", "production")])).unwrap().holds);
+        assert!(!eq.evaluate(&env(&[("APP_ENV", "Production")])).unwrap().holds);
+        let within = gate("{ env = \"APP_ENV\", in = [\"a\", \"b\"] }").unwrap();
+        assert!(within.evaluate(&env(&[("APP_ENV", "b")])).unwrap().holds);
+        assert!(!within.evaluate(&env(&[])).unwrap().holds);
+        let set = gate("{ env = \"URL\", set = true }").unwrap();
+        assert!(set.evaluate(&env(&[("URL", "x")])).unwrap().holds);
+        assert!(!set.evaluate(&env(&[("URL", "")])).unwrap().holds);
+        let unset = gate("{ env = \"URL\", set = false }").unwrap();
+        assert!(unset.evaluate(&env(&[("URL", "")])).unwrap().holds);
+    }
+
+    #[test]
+    fn arrays_need_every_condition_and_still_check_every_boolean() {
+        let g = gate("[\"A\", { env = \"B\", equals = \"x\" }, \"C\"]").unwrap();
+        assert!(g.evaluate(&env(&[("A", "1"), ("B", "x"), ("C", "on")])).unwrap().holds);
+        let v = g.evaluate(&env(&[("A", "0"), ("B", "x")])).unwrap();
+        assert!(!v.holds);
+        assert_eq!(v.reasons.len(), 1, "stops explaining at the first failed condition");
+        assert!(g.evaluate(&env(&[("A", "0"), ("C", "ture")])).is_err());
+    }
+
+    #[test]
+    fn malformed_gates_say_what_to_write() {
+        for (src, needle) in [
+            ("[]", "empty array"),
+            ("3", "a gate is"),
+            ("\"9LIVES\"", "not an environment variable name"),
+            ("\"\"", "not an environment variable name"),
+            ("{ equals = \"x\" }", "needs `env`"),
+            ("{ env = \"A\" }", "needs one of"),
+            ("{ env = \"A\", equals = \"x\", set = true }", "more than one"),
+            ("{ env = \"A\", equal = \"x\" }", "unknown key `equal`"),
+            ("{ env = \"A\", in = [1] }", "array of strings"),
+            ("{ env = \"A\", set = \"yes\" }", "true or false"),
+        ] {
+            let err = gate(src).unwrap_err();
+            assert!(err.contains(needle), "{src}: {err}");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! release-tasks: run a Procfile release phase from `release.toml`.
+//!
+//! Data flows one way: settings + config -> plan -> run -> report. `main.rs` owns the process (exit
+//! status, logging set-up); this crate root wires the stages together for each subcommand.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod log;
+pub mod output;
+pub mod plan;
+pub mod process;
+pub mod redact;
+pub mod report;
+pub mod run;
+pub mod signals;
+
+use std::io::Write;
+
+use cli::{Command, LogFormat, Settings};
+use error::Result;
+use gate::Env;
+use plan::Plan;
+
+/// Takes the environment snapshot that every decision is made from. Variables whose name or value
+/// is not UTF-8 cannot be gate variables and are left out (tasks still inherit them).
+#[must_use]
+pub fn env_snapshot() -> Env {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Carries out `settings.command` and returns the exit status.
+pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
+    let config = config::load(&settings.config)?;
+    let plan = Plan::new(&config, env, &settings.selection)?;
+    match settings.command {
+        Command::Check => {
+            let runs = plan.to_run().count();
+            println!(
+                "{}: ok, {} task{} ({runs} would run with this environment)",
+                config.path.display(),
+                config.tasks.len(),
+                if config.tasks.len() == 1 { "" } else { "s" }
+            );
+            Ok(0)
+        }
+        Command::Plan => {
+            print_plan(&plan, settings.log_format).map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
+            Ok(0)
+        }
+        Command::Run => {
+            process::become_subreaper();
+            tracing::info!(
+                config = %config.path.display(),
+                tasks = config.tasks.len(),
+                to_run = plan.to_run().count(),
+                "release started"
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+            let report = runtime.block_on(run::run(&plan, &config.defaults))?;
+            report.log_summary();
+            Ok(report.exit_code())
+        }
+    }
+}
+
+fn print_plan(plan: &Plan, format: LogFormat) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let width = plan.steps.iter().map(|s| s.task.name.len()).max().unwrap_or(0);
+    for step in &plan.steps {
+        let command = redact::urls_in(&step.task.command.to_string());
+        match format {
+            LogFormat::Text => {
+                let decision = if step.run { "run " } else { "skip" };
+                writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
+                writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
+            }
+            LogFormat::Json => {
+                let line = serde_json::json!({
+                    "task": step.task.name,
+                    "run": step.run,
+                    "reason": step.reason,
+                    "command": command,
+                    "timeout_s": step.task.timeout.as_secs(),
+                    "allow_failure": step.task.allow_failure,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    if plan.steps.is_empty() {
+        match format {
+            LogFormat::Text => writeln!(out, "no tasks in the config")?,
+            LogFormat::Json => {}
+        }
+    }
+    out.flush()
+}

@@ -1,0 +1,36 @@
+//! The `release-tasks` binary: parse the command line, start logging, run, and exit with the status
+//! the library derived.
+
+use clap::Parser;
+
+use release_tasks::cli::{Cli, LogFormat, Settings};
+use release_tasks::error::Error;
+
+fn main() {
+    let cli = Cli::parse();
+    let env = release_tasks::env_snapshot();
+    let settings = match Settings::resolve(cli, env.iter().map(|(k, v)| (k.clone(), v.clone()))) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("release-tasks: error: {err}");
+            std::process::exit(err.exit_code());
+        }
+    };
+    release_tasks::log::init(settings.log_format, env.contains_key("NO_COLOR"));
+    let code = match release_tasks::execute(&settings, &env) {
+        Ok(code) => code,
+        Err(err) => {
+            report_error(&err, settings.log_format);
+            err.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Errors go to stderr: as plain text a person reads, or as one JSON event for a log pipeline.
+fn report_error(err: &Error, format: LogFormat) {
+    match format {
+        LogFormat::Text => eprintln!("release-tasks: error: {err}"),
+        LogFormat::Json => tracing::error!(error = %err, exit_code = err.exit_code(), "release-tasks stopped"),
+    }
+}

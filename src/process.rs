@@ -1,0 +1,262 @@
+//! Processes: spawning a task in its own process group, signalling everything a task started, reaping,
+//! and the guardian that kills a task's group if release-tasks itself is killed.
+//!
+//! This is the one place that makes process system calls. It knows nothing of deadlines or of what a
+//! signal means to the release: `run.rs` decides when to call what.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{self, Pid};
+
+use crate::config::Task;
+
+/// Signals whose disposition a task gets back to the default before exec, whatever release-tasks's
+/// parent or release-tasks itself did with them.
+const RESET_SIGNALS: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGPIPE,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGCHLD,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
+
+/// Makes release-tasks the reaper of every orphan its tasks leave, so that a daemonized process is
+/// still found (and terminated) when its task ends, and no zombie lingers when running as PID 1.
+pub fn become_subreaper() {
+    // Without it release-tasks still works, with fewer guarantees; it is not worth failing a release.
+    if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %err, "cannot become a child subreaper; processes that escape a task's group may outlive it");
+    }
+}
+
+/// A task's main process just after spawning, with the read ends of its output pipes.
+pub struct Spawned {
+    pub pid: Pid,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Starts a task: its own process group, stdin from /dev/null, stdout and stderr into pipes, an empty
+/// signal mask, default signal dispositions, and SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`).
+pub fn spawn(task: &Task) -> io::Result<Spawned> {
+    let argv = task.command.argv();
+    let mut command = std::process::Command::new(argv[0]);
+    command
+        .args(&argv[1..])
+        .envs(&task.env)
+        .current_dir(&task.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let parent = unistd::getpid();
+    // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
+    let prepare = move || {
+        signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+        for &sig in RESET_SIGNALS {
+            // SAFETY: SIG_DFL installs no handler code.
+            unsafe { signal::signal(sig, SigHandler::SigDfl) }?;
+        }
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+        // release-tasks may have died between fork and prctl; then no signal would ever come.
+        if unistd::getppid() != parent {
+            // SAFETY: _exit is async-signal-safe and skips the parent's destructors.
+            unsafe { nix::libc::_exit(137) };
+        }
+        Ok(())
+    };
+    // SAFETY: `prepare` only makes async-signal-safe system calls (see above).
+    unsafe { command.pre_exec(prepare) };
+    let mut child = command.spawn()?;
+    let pid = Pid::from_raw(child.id() as i32);
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(io::Error::other("the task's output pipes were not created"));
+    };
+    // `child` is dropped without waiting: the reaper below collects every exit, this one included.
+    Ok(Spawned {
+        pid,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+    })
+}
+
+/// Collects every child that has exited, without blocking. Orphans adopted as subreaper are reaped
+/// here too, and simply dropped.
+pub fn reap() -> Vec<(Pid, WaitStatus)> {
+    let mut exited = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return exited,
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    exited.push((pid, status));
+                }
+            }
+        }
+    }
+}
+
+/// Owns a running task's process group and whatever escaped from it. Dropping it SIGKILLs them all,
+/// so no path out of release-tasks, a panic included, leaves a task's processes running.
+pub struct TaskProcesses {
+    pgid: Pid,
+    /// Children of release-tasks that are not tasks (the guardian).
+    exempt: Vec<Pid>,
+    finished: bool,
+}
+
+impl TaskProcesses {
+    /// Takes ownership of the group led by `pgid`.
+    #[must_use]
+    pub fn new(pgid: Pid, exempt: Vec<Pid>) -> Self {
+        TaskProcesses {
+            pgid,
+            exempt,
+            finished: false,
+        }
+    }
+
+    /// Sends `sig` to the task's process group and to every process that escaped it (a child of
+    /// release-tasks adopted as subreaper, with its own group if it leads one).
+    pub fn signal(&self, sig: Signal) {
+        // ESRCH (the group is gone) is the outcome we want, not an error.
+        let _ = signal::killpg(self.pgid, sig);
+        for pid in self.escaped() {
+            let _ = signal::kill(pid, sig);
+            if unistd::getpgid(Some(pid)) == Ok(pid) {
+                let _ = signal::killpg(pid, sig);
+            }
+        }
+    }
+
+    /// Whether anything the task started is still running.
+    #[must_use]
+    pub fn alive(&self) -> bool {
+        signal::killpg(self.pgid, None) != Err(Errno::ESRCH) || !self.escaped().is_empty()
+    }
+
+    /// Marks the processes as gone, so that drop sends nothing (the group id may be reused later).
+    pub fn finish(&mut self) {
+        self.finished = !self.alive();
+    }
+
+    /// Live children of release-tasks other than the exempt ones: with subreaper set, these are
+    /// processes that left the task's group and were orphaned.
+    fn escaped(&self) -> Vec<Pid> {
+        let me = unistd::getpid().as_raw();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The command name may hold spaces and parentheses; the fields after the last ')' do not.
+            let mut fields = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace();
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(me) && state != Some("Z") && !self.exempt.contains(&Pid::from_raw(pid)) {
+                found.push(Pid::from_raw(pid));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for TaskProcesses {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// A helper process that outlives release-tasks only long enough to SIGKILL the running task's group
+/// when release-tasks is killed (SIGKILL, OOM): `PR_SET_PDEATHSIG` reaches only a task's first
+/// process, not what that process started. It learns group ids through a pipe and acts on its EOF.
+pub struct Guardian {
+    pid: Pid,
+    pipe: OwnedFd,
+}
+
+impl Guardian {
+    /// Forks the guardian. Call it while release-tasks has a single thread.
+    pub fn start() -> io::Result<Guardian> {
+        let (read_end, write_end) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: release-tasks is single-threaded here (output threads start after the first spawn),
+        // and the child only makes async-signal-safe system calls before it exits.
+        match unsafe { unistd::fork() }? {
+            unistd::ForkResult::Child => {
+                drop(write_end);
+                guard(&read_end)
+            }
+            unistd::ForkResult::Parent { child } => Ok(Guardian {
+                pid: child,
+                pipe: write_end,
+            }),
+        }
+    }
+
+    /// The guardian's pid, which is not a task's process.
+    #[must_use]
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Tells the guardian about a group to kill (`watch = true`) or to forget.
+    pub fn tell(&self, pgid: Pid, watch: bool) {
+        let value = if watch { pgid.as_raw() } else { -pgid.as_raw() };
+        // A failed write means the guardian is gone; the task still has PR_SET_PDEATHSIG.
+        let _ = unistd::write(&self.pipe, &value.to_ne_bytes());
+    }
+}
+
+/// The guardian's whole life: collect group ids until the pipe closes, then SIGKILL those still listed.
+fn guard(pipe: &OwnedFd) -> ! {
+    // Out of release-tasks's group and deaf to the signals aimed at it, so that a Ctrl-C or a
+    // `kill -TERM -<group>` does not take it down before it has done its job.
+    let _ = unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
+    }
+    let mut groups = [0i32; 32];
+    let mut buf = [0u8; 4];
+    loop {
+        match unistd::read(pipe, &mut buf) {
+            Ok(4) => {
+                let value = i32::from_ne_bytes(buf);
+                if value > 0 {
+                    if let Some(slot) = groups.iter_mut().find(|g| **g == 0) {
+                        *slot = value;
+                    }
+                } else if let Some(slot) = groups.iter_mut().find(|g| **g == -value) {
+                    *slot = 0;
+                }
+            }
+            Err(Errno::EINTR) => {}
+            _ => break,
+        }
+    }
+    for &g in groups.iter().filter(|&&g| g > 0) {
+        let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    // SAFETY: _exit skips destructors that belong to the parent's state.
+    unsafe { nix::libc::_exit(0) }
+}

@@ -1,0 +1,191 @@
+//! Outcomes: what happened to each task, the release's exit status derived from them (in this one
+//! place), and the summary logged at the end.
+
+use std::fmt;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// Exit status of a release whose task timed out (as GNU timeout).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when a task's command exists but cannot be run.
+pub const EXIT_CANNOT_RUN: i32 = 126;
+/// Exit status when a task's command is not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// What happened to one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// Exited with a nonzero code.
+    Failed(i32),
+    /// Killed by a signal that release-tasks did not send.
+    Signaled(Signal),
+    /// Ran past its timeout (or the release's) and was stopped.
+    TimedOut,
+    /// Stopped because release-tasks received this signal.
+    Interrupted(Signal),
+    /// Could not be started; the code is 126 or 127.
+    CouldNotStart { code: i32, reason: String },
+    /// Its gate or the selection said not to run it.
+    Skipped(String),
+    /// Not started because the release had already failed or was interrupted.
+    NotRun,
+}
+
+impl Outcome {
+    /// The word used in logs and reports.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed(_) => "failed",
+            Outcome::Signaled(_) => "killed",
+            Outcome::TimedOut => "timed-out",
+            Outcome::Interrupted(_) => "interrupted",
+            Outcome::CouldNotStart { .. } => "not-started",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::NotRun => "not-run",
+        }
+    }
+
+    /// The exit status this outcome stands for, if the task ran or tried to.
+    #[must_use]
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Outcome::Succeeded => Some(0),
+            Outcome::Failed(code) => Some(*code),
+            Outcome::Signaled(sig) | Outcome::Interrupted(sig) => Some(128 + *sig as i32),
+            Outcome::TimedOut => Some(EXIT_TIMEOUT),
+            Outcome::CouldNotStart { code, .. } => Some(*code),
+            Outcome::Skipped(_) | Outcome::NotRun => None,
+        }
+    }
+
+    /// Whether this outcome fails the task.
+    #[must_use]
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, Outcome::Succeeded | Outcome::Skipped(_) | Outcome::NotRun)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded => f.write_str("succeeded"),
+            Outcome::Failed(code) => write!(f, "failed with exit code {code}"),
+            Outcome::Signaled(sig) => write!(f, "killed by {sig}"),
+            Outcome::TimedOut => f.write_str("timed out"),
+            Outcome::Interrupted(sig) => write!(f, "stopped because release-tasks received {sig}"),
+            Outcome::CouldNotStart { reason, .. } => write!(f, "could not start: {reason}"),
+            Outcome::Skipped(reason) => write!(f, "skipped ({reason})"),
+            Outcome::NotRun => f.write_str("not run: the release had already stopped"),
+        }
+    }
+}
+
+/// One task's line in the report.
+#[derive(Debug, Clone)]
+pub struct TaskReport {
+    pub name: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub allow_failure: bool,
+}
+
+/// The whole release.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub tasks: Vec<TaskReport>,
+    /// Set when release-tasks itself received a stopping signal.
+    pub interrupted: Option<Signal>,
+    pub duration: Duration,
+}
+
+impl Report {
+    /// The first task whose failure fails the release.
+    #[must_use]
+    pub fn failed_task(&self) -> Option<&TaskReport> {
+        self.tasks.iter().find(|t| t.outcome.is_failure() && !t.allow_failure)
+    }
+
+    /// The release's exit status: 128+N if release-tasks was stopped by signal N, else the first
+    /// required failure's own status, else 0.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        if let Some(sig) = self.interrupted {
+            return 128 + sig as i32;
+        }
+        self.failed_task()
+            .and_then(|t| t.outcome.exit_code())
+            .unwrap_or(0)
+    }
+
+    /// Whether the release succeeded.
+    #[must_use]
+    pub fn succeeded(&self) -> bool {
+        self.exit_code() == 0
+    }
+
+    /// Logs one summary event per task and one for the release.
+    pub fn log_summary(&self) {
+        for t in &self.tasks {
+            let duration_ms = t.duration.as_millis() as u64;
+            let exit_code = t.outcome.exit_code();
+            let outcome = t.outcome.label();
+            let detail = t.outcome.to_string();
+            if t.outcome.is_failure() && !t.allow_failure {
+                tracing::error!(task = %t.name, outcome, exit_code, duration_ms, detail = %detail, "summary");
+            } else if t.outcome.is_failure() {
+                tracing::warn!(task = %t.name, outcome, exit_code, duration_ms, allow_failure = true, detail = %detail, "summary");
+            } else {
+                tracing::info!(task = %t.name, outcome, exit_code, duration_ms, detail = %detail, "summary");
+            }
+        }
+        let exit_code = self.exit_code();
+        let duration_ms = self.duration.as_millis() as u64;
+        let ran = self.tasks.iter().filter(|t| t.outcome.exit_code().is_some()).count();
+        if exit_code == 0 {
+            tracing::info!(status = "succeeded", exit_code, duration_ms, tasks_run = ran, "release succeeded");
+        } else {
+            let failed_task = self.failed_task().map(|t| t.name.as_str());
+            tracing::error!(status = "failed", exit_code, duration_ms, tasks_run = ran, failed_task, "release failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(name: &str, outcome: Outcome, allow_failure: bool) -> TaskReport {
+        TaskReport {
+            name: name.into(),
+            outcome,
+            duration: Duration::ZERO,
+            allow_failure,
+        }
+    }
+
+    #[test]
+    fn exit_code_is_the_first_required_failure() {
+        let mut r = Report::default();
+        assert_eq!(r.exit_code(), 0);
+        r.tasks.push(task("a", Outcome::Failed(3), true));
+        r.tasks.push(task("b", Outcome::Skipped("x".into()), false));
+        assert_eq!(r.exit_code(), 0, "allow_failure does not fail the release");
+        r.tasks.push(task("c", Outcome::TimedOut, false));
+        r.tasks.push(task("d", Outcome::Failed(5), false));
+        assert_eq!(r.exit_code(), 124);
+        assert_eq!(r.failed_task().map(|t| t.name.as_str()), Some("c"));
+        r.interrupted = Some(Signal::SIGTERM);
+        assert_eq!(r.exit_code(), 143);
+    }
+
+    #[test]
+    fn outcome_codes() {
+        assert_eq!(Outcome::Signaled(Signal::SIGKILL).exit_code(), Some(137));
+        assert_eq!(Outcome::CouldNotStart { code: 127, reason: String::new() }.exit_code(), Some(127));
+        assert_eq!(Outcome::NotRun.exit_code(), None);
+    }
+}

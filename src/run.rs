@@ -1,0 +1,343 @@
+//! Executes a [`Plan`]: one task at a time, each under a select loop over its exit, its deadline, the
+//! release's deadline, a heartbeat and the signals release-tasks receives.
+//!
+//! Processes are handled through `process.rs`, output through `output.rs`; this module decides *when*:
+//! SIGTERM at the deadline, SIGKILL a grace period later, forwarding of signals, clean-up of what a task
+//! leaves behind, and that nothing starts after a failure.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tokio::time::sleep_until;
+
+use crate::config::{Defaults, Task};
+use crate::output::{Pump, Target};
+use crate::plan::Plan;
+use crate::process::{self, Guardian, TaskProcesses};
+use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, TaskReport};
+use crate::signals::{Event, STOPPING, Signals};
+
+/// How often the clean-up after a task checks whether its leftovers are gone.
+const CLEANUP_POLL: Duration = Duration::from_millis(20);
+/// How long SIGKILLed processes get to vanish and their output to drain before release-tasks moves on.
+const AFTER_KILL: Duration = Duration::from_secs(1);
+
+/// Runs the plan and reports what happened. `Err` only for release-tasks's own failures.
+pub async fn run(plan: &Plan, defaults: &Defaults) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let mut runner = Runner {
+        signals: Signals::install()?,
+        guardian: None,
+        exited: HashMap::new(),
+        interrupted: None,
+        release_deadline: started + defaults.release_timeout,
+        release_timeout: defaults.release_timeout,
+        heartbeat: defaults.heartbeat,
+        name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
+    };
+    let mut report = Report::default();
+    let mut stopped = false;
+    for step in &plan.steps {
+        runner.take_pending_events();
+        let task = &step.task;
+        let (outcome, duration) = if !step.run {
+            tracing::info!(task = %task.name, reason = %step.reason, "task skipped");
+            (Outcome::Skipped(step.reason.clone()), Duration::ZERO)
+        } else if stopped || runner.interrupted.is_some() || Instant::now() >= runner.release_deadline {
+            (Outcome::NotRun, Duration::ZERO)
+        } else {
+            let t0 = Instant::now();
+            let outcome = runner.run_task(task).await?;
+            (outcome, t0.elapsed())
+        };
+        if outcome.is_failure() && !task.allow_failure {
+            stopped = true;
+        }
+        report.tasks.push(TaskReport {
+            name: task.name.clone(),
+            outcome,
+            duration,
+            allow_failure: task.allow_failure,
+        });
+    }
+    report.interrupted = runner.interrupted;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+struct Runner {
+    signals: Signals,
+    guardian: Option<Guardian>,
+    /// Exit statuses reaped but not yet claimed.
+    exited: HashMap<Pid, WaitStatus>,
+    /// The first stopping signal release-tasks received.
+    interrupted: Option<Signal>,
+    release_deadline: Instant,
+    release_timeout: Duration,
+    heartbeat: Duration,
+    name_width: usize,
+}
+
+/// What the run loop has done to a task's processes so far.
+#[derive(Default)]
+struct Stopping {
+    /// When SIGKILL follows the SIGTERM (or forwarded signal) already sent.
+    kill_at: Option<Instant>,
+    killed: bool,
+}
+
+impl Runner {
+    async fn run_task(&mut self, task: &Task) -> anyhow::Result<Outcome> {
+        let command = crate::redact::urls_in(&task.command.to_string());
+        tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
+        if self.guardian.is_none() {
+            match Guardian::start() {
+                Ok(g) => self.guardian = Some(g),
+                Err(err) => tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it"),
+            }
+        }
+        let spawned = match process::spawn(task) {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                let outcome = could_not_start(task, &err);
+                self.log_finished(task, &outcome, Duration::ZERO);
+                return Ok(outcome);
+            }
+        };
+        let started = Instant::now();
+        let pid = spawned.pid;
+        let exempt = self.guardian.iter().map(Guardian::pid).collect();
+        let mut procs = TaskProcesses::new(pid, exempt);
+        if let Some(g) = &self.guardian {
+            g.tell(pid, true);
+        }
+        let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
+        let mut pumps = [
+            Pump::start(spawned.stdout, Target::Stdout, prefix.clone())?,
+            Pump::start(spawned.stderr, Target::Stderr, prefix)?,
+        ];
+
+        let task_deadline = started + task.timeout;
+        let deadline = task_deadline.min(self.release_deadline);
+        let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut stop = Stopping::default();
+        let mut timed_out = false;
+        let interrupted_before = self.interrupted;
+        let mut next_beat = started + self.heartbeat;
+        let status = loop {
+            if let Some(status) = self.exited.remove(&pid) {
+                break status;
+            }
+            tokio::select! {
+                biased;
+                event = self.signals.next() => self.on_event(event, Some(&procs), &mut stop, task.grace),
+                () = sleep_until(deadline.into()), if !timed_out && stop.kill_at.is_none() => {
+                    timed_out = true;
+                    let (bound, limit) = if deadline < task_deadline {
+                        ("release_timeout", self.release_timeout)
+                    } else {
+                        ("timeout", task.timeout)
+                    };
+                    tracing::error!(
+                        task = %task.name, bound, limit = %humantime::format_duration(limit),
+                        grace_s = task.grace.as_secs_f64(),
+                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
+                    );
+                    procs.signal(Signal::SIGTERM);
+                    stop.kill_at = Some(Instant::now() + task.grace);
+                }
+                () = sleep_until(stop.kill_at.unwrap_or(far).into()), if stop.kill_at.is_some() && !stop.killed => {
+                    tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
+                    procs.signal(Signal::SIGKILL);
+                    stop.killed = true;
+                }
+                () = sleep_until(next_beat.into()) => {
+                    let elapsed = started.elapsed();
+                    tracing::info!(
+                        task = %task.name,
+                        elapsed = %humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+                        timeout_in = %humantime::format_duration(Duration::from_secs(deadline.saturating_duration_since(Instant::now()).as_secs())),
+                        "task still running"
+                    );
+                    next_beat += self.heartbeat;
+                }
+            }
+        };
+        self.clean_up(task, &mut procs, &mut pumps, &mut stop).await;
+        if let Some(g) = &self.guardian {
+            g.tell(pid, false);
+        }
+        self.exited.clear();
+
+        let outcome = match (status, timed_out, self.interrupted) {
+            (_, true, _) => Outcome::TimedOut,
+            (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
+            (_, _, Some(sig)) if interrupted_before.is_none() => Outcome::Interrupted(sig),
+            (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
+            (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
+            (other, _, _) => Outcome::Failed(status_code(other)),
+        };
+        self.log_finished(task, &outcome, started.elapsed());
+        Ok(outcome)
+    }
+
+    /// After the task's main process exited: terminate what it left (TERM, grace, KILL), wait for its
+    /// output to end, and never wait past the grace period for a pipe some stray process holds open.
+    async fn clean_up(&mut self, task: &Task, procs: &mut TaskProcesses, pumps: &mut [Pump; 2], stop: &mut Stopping) {
+        self.reap();
+        if procs.alive() && !stop.killed {
+            if stop.kill_at.is_none() {
+                tracing::warn!(
+                    task = %task.name, grace_s = task.grace.as_secs_f64(),
+                    "the task exited but left processes running; sending them SIGTERM, SIGKILL after the grace period"
+                );
+                stop.kill_at = Some(Instant::now() + task.grace);
+            }
+            procs.signal(Signal::SIGTERM);
+        }
+        let grace_end = stop.kill_at.unwrap_or_else(|| Instant::now() + task.grace);
+        let mut killed_at = stop.killed.then(Instant::now);
+        loop {
+            self.reap();
+            let alive = procs.alive();
+            let drained = pumps.iter_mut().all(Pump::is_finished);
+            if !alive && drained {
+                break;
+            }
+            let now = Instant::now();
+            if killed_at.is_none() && now >= grace_end {
+                if alive {
+                    tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to what the task left running");
+                    procs.signal(Signal::SIGKILL);
+                }
+                killed_at = Some(now);
+            }
+            if killed_at.is_some_and(|t| now >= t + AFTER_KILL) {
+                break;
+            }
+            let [out, err] = &mut *pumps;
+            tokio::select! {
+                biased;
+                event = self.signals.next() => {
+                    self.on_event(event, Some(procs), stop, task.grace);
+                    if stop.killed && killed_at.is_none() {
+                        killed_at = Some(Instant::now());
+                    }
+                }
+                () = async { out.finished().await; err.finished().await; }, if !drained => {}
+                () = tokio::time::sleep(CLEANUP_POLL) => {}
+            }
+        }
+        if !pumps.iter_mut().all(Pump::is_finished) {
+            tracing::warn!(
+                task = %task.name,
+                "a process outside the task's process group still holds its output open; not waiting for it"
+            );
+            for pump in pumps.iter_mut() {
+                pump.stop();
+                pump.finished().await;
+            }
+        }
+        if procs.alive() {
+            tracing::error!(task = %task.name, "some of the task's processes survived SIGKILL (stuck in the kernel?)");
+        }
+        procs.finish();
+    }
+
+    /// Acts on one event: reaps on SIGCHLD, forwards signals to the running task, and records a
+    /// stopping signal (a second SIGINT or SIGTERM kills the task at once).
+    fn on_event(&mut self, event: Event, procs: Option<&TaskProcesses>, stop: &mut Stopping, grace: Duration) {
+        let sig = match event {
+            Event::Child => return self.reap(),
+            Event::Signal(sig) => sig,
+        };
+        if !STOPPING.contains(&sig) {
+            tracing::info!(signal = %sig, "forwarding signal to the running task");
+            if let Some(procs) = procs {
+                procs.signal(sig);
+            }
+            return;
+        }
+        let again = self.interrupted.is_some() && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
+        if self.interrupted.is_none() {
+            self.interrupted = Some(sig);
+        }
+        let Some(procs) = procs else {
+            tracing::warn!(signal = %sig, "received signal; no further task will start");
+            return;
+        };
+        if again {
+            if !stop.killed {
+                tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
+                procs.signal(Signal::SIGKILL);
+                stop.killed = true;
+            }
+        } else {
+            tracing::warn!(
+                signal = %sig, grace_s = grace.as_secs_f64(),
+                "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"
+            );
+            procs.signal(sig);
+            let kill_at = Instant::now() + grace;
+            stop.kill_at = Some(stop.kill_at.map_or(kill_at, |t| t.min(kill_at)));
+        }
+    }
+
+    /// Handles events that queued up while no task was running, without waiting for more.
+    fn take_pending_events(&mut self) {
+        let mut stop = Stopping::default();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            let event = {
+                let mut next = std::pin::pin!(self.signals.next());
+                match next.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(event) => event,
+                    std::task::Poll::Pending => return,
+                }
+            };
+            self.on_event(event, None, &mut stop, Duration::ZERO);
+        }
+    }
+
+    fn reap(&mut self) {
+        self.exited.extend(process::reap());
+    }
+
+    fn log_finished(&self, task: &Task, outcome: &Outcome, duration: Duration) {
+        let duration_ms = duration.as_millis() as u64;
+        let exit_code = outcome.exit_code();
+        if outcome.is_failure() {
+            tracing::error!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, allow_failure = task.allow_failure, detail = %outcome, "task finished");
+        } else {
+            tracing::info!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, "task finished");
+        }
+    }
+}
+
+fn status_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
+    }
+}
+
+fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
+    let program = task.command.argv()[0].to_owned();
+    let (code, reason) = match err.kind() {
+        std::io::ErrorKind::NotFound => (
+            EXIT_NOT_FOUND,
+            format!("command not found: `{program}`; is it installed and on PATH?"),
+        ),
+        std::io::ErrorKind::PermissionDenied => (
+            EXIT_CANNOT_RUN,
+            format!("permission denied running `{program}`; is it executable (chmod +x)?"),
+        ),
+        _ => (EXIT_CANNOT_RUN, format!("cannot run `{program}`: {err}")),
+    };
+    Outcome::CouldNotStart { code, reason }
+}
