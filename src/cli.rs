@@ -88,7 +88,10 @@ impl Settings {
             .from_iter(vars.filter(|(k, _)| {
                 matches!(
                     k.as_str(),
-                    "RELEASE_TASKS_CONFIG" | "RELEASE_TASKS_ONLY" | "RELEASE_TASKS_SKIP" | "RELEASE_TASKS_LOG_FORMAT"
+                    "RELEASE_TASKS_CONFIG"
+                        | "RELEASE_TASKS_ONLY"
+                        | "RELEASE_TASKS_SKIP"
+                        | "RELEASE_TASKS_LOG_FORMAT"
                 )
             }))
             .map_err(|err| Error::Usage(format!("bad RELEASE_TASKS_* setting: {err}")))?;
@@ -102,11 +105,14 @@ impl Settings {
             })?,
         };
         let list = |flag: Option<Vec<String>>, var: Option<String>| -> Vec<String> {
-            flag.unwrap_or_else(|| var.map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default())
-                .into_iter()
-                .map(|n| n.trim().to_owned())
-                .filter(|n| !n.is_empty())
-                .collect()
+            flag.unwrap_or_else(|| {
+                var.map(|v| v.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default()
+            })
+            .into_iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect()
         };
         Ok(Settings {
             command: cli.command.unwrap_or(Command::Run),
@@ -128,15 +134,23 @@ mod tests {
     use super::*;
 
     fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings> {
-        let cli = Cli::try_parse_from(std::iter::once("release-tasks").chain(args.iter().copied())).expect("args parse");
-        Settings::resolve(cli, vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+        let cli = Cli::try_parse_from(std::iter::once("release-tasks").chain(args.iter().copied()))
+            .expect("args parse");
+        Settings::resolve(
+            cli,
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
     }
 
     #[test]
     fn flags_win_over_variables() {
         let s = resolve(
             &["plan", "--only", "a,b", "-c", "x.toml"],
-            &[("RELEASE_TASKS_ONLY", "c"), ("RELEASE_TASKS_CONFIG", "y.toml"), ("RELEASE_TASKS_SKIP", "d, e")],
+            &[
+                ("RELEASE_TASKS_ONLY", "c"),
+                ("RELEASE_TASKS_CONFIG", "y.toml"),
+                ("RELEASE_TASKS_SKIP", "d, e"),
+            ],
         )
         .unwrap();
         assert_eq!(s.command, Command::Plan);
@@ -147,7 +161,14 @@ mod tests {
 
     #[test]
     fn defaults_and_variables() {
-        let s = resolve(&[], &[("RELEASE_TASKS_LOG_FORMAT", "JSON"), ("RELEASE_TASKS_APP", "ignored")]).unwrap();
+        let s = resolve(
+            &[],
+            &[
+                ("RELEASE_TASKS_LOG_FORMAT", "JSON"),
+                ("RELEASE_TASKS_APP", "ignored"),
+            ],
+        )
+        .unwrap();
         assert_eq!(s.command, Command::Run);
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.config, PathBuf::from("release.toml"));

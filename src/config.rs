@@ -172,12 +172,20 @@ fn read(path: &Path) -> Result<String> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::ConfigMissing { path: path.to_owned() });
+            return Err(Error::ConfigMissing {
+                path: path.to_owned(),
+            });
         }
-        Err(err) => return Err(unreadable(format!("{err}; check the path and its permissions"))),
+        Err(err) => {
+            return Err(unreadable(format!(
+                "{err}; check the path and its permissions"
+            )));
+        }
     };
     if !meta.is_file() {
-        return Err(unreadable("it is not a regular file; pass the path of release.toml itself".into()));
+        return Err(unreadable(
+            "it is not a regular file; pass the path of release.toml itself".into(),
+        ));
     }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(unreadable(format!(
@@ -185,7 +193,8 @@ fn read(path: &Path) -> Result<String> {
             meta.len()
         )));
     }
-    let bytes = std::fs::read(path).map_err(|err| unreadable(format!("{err}; check its permissions")))?;
+    let bytes =
+        std::fs::read(path).map_err(|err| unreadable(format!("{err}; check its permissions")))?;
     String::from_utf8(bytes).map_err(|err| {
         let offset = err.utf8_error().valid_up_to();
         let source = String::from_utf8_lossy(err.as_bytes());
@@ -249,8 +258,14 @@ fn absolute(path: &Path) -> PathBuf {
 fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let before = &source.as_bytes()[..offset.min(source.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let col = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
     (line, col)
 }
 
@@ -266,7 +281,12 @@ impl Validator<'_> {
         self.problems.push(Diagnostic { location, message });
     }
 
-    fn duration(&mut self, value: Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        value: Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -295,7 +315,10 @@ impl Validator<'_> {
         let Some(raw) = raw else { return builtin };
         let shell = match raw.shell {
             Some(shell) if shell.get_ref().trim().is_empty() => {
-                self.report(Some(shell.span()), "`shell` is empty; leave it out to use /bin/sh".into());
+                self.report(
+                    Some(shell.span()),
+                    "`shell` is empty; leave it out to use /bin/sh".into(),
+                );
                 builtin.shell
             }
             Some(shell) => shell.into_inner(),
@@ -306,11 +329,19 @@ impl Validator<'_> {
             grace: self.duration(raw.grace, "grace", builtin.grace),
             shell,
             heartbeat: self.duration(raw.heartbeat, "heartbeat", builtin.heartbeat),
-            release_timeout: self.duration(raw.release_timeout, "release_timeout", builtin.release_timeout),
+            release_timeout: self.duration(
+                raw.release_timeout,
+                "release_timeout",
+                builtin.release_timeout,
+            ),
         }
     }
 
-    fn tasks(&mut self, raw: Vec<(Spanned<String>, Spanned<RawTask>)>, defaults: &Defaults) -> Vec<Task> {
+    fn tasks(
+        &mut self,
+        raw: Vec<(Spanned<String>, Spanned<RawTask>)>,
+        defaults: &Defaults,
+    ) -> Vec<Task> {
         let mut tasks = Vec::with_capacity(raw.len());
         let mut afters = Vec::with_capacity(raw.len());
         for (name, raw_task) in raw {
@@ -329,10 +360,16 @@ impl Validator<'_> {
             afters.push(raw_task.after.clone().unwrap_or_default());
             tasks.push(self.task(name, task_span, raw_task, defaults));
         }
-        self.order(tasks, afters)
+        self.order(tasks, &afters)
     }
 
-    fn task(&mut self, name: String, span: std::ops::Range<usize>, raw: RawTask, defaults: &Defaults) -> Task {
+    fn task(
+        &mut self,
+        name: String,
+        span: std::ops::Range<usize>,
+        raw: RawTask,
+        defaults: &Defaults,
+    ) -> Task {
         let command = match raw.run {
             None => {
                 self.report(
@@ -363,7 +400,10 @@ impl Validator<'_> {
         };
         for key in raw.env.keys() {
             if key.is_empty() || key.contains(['=', '\0']) {
-                self.report(Some(span.clone()), format!("task `{name}`: env name {key:?} is not a valid variable name"));
+                self.report(
+                    Some(span.clone()),
+                    format!("task `{name}`: env name {key:?} is not a valid variable name"),
+                );
             }
         }
         Task {
@@ -387,7 +427,10 @@ impl Validator<'_> {
                 script,
             },
             toml::Value::Array(items) if !items.is_empty() => {
-                let argv: Option<Vec<String>> = items.into_iter().map(|i| i.as_str().map(str::to_owned)).collect();
+                let argv: Option<Vec<String>> = items
+                    .into_iter()
+                    .map(|i| i.as_str().map(str::to_owned))
+                    .collect();
                 match argv {
                     Some(argv) if !argv[0].is_empty() => Command::Exec(argv),
                     _ => {
@@ -400,7 +443,10 @@ impl Validator<'_> {
                 }
             }
             toml::Value::String(_) | toml::Value::Array(_) => {
-                self.report(Some(span), format!("task `{name}`: `run` is empty; give the command to run"));
+                self.report(
+                    Some(span),
+                    format!("task `{name}`: `run` is empty; give the command to run"),
+                );
                 Command::Exec(Vec::new())
             }
             _ => {
@@ -417,7 +463,10 @@ impl Validator<'_> {
         match Gate::from_toml(value.get_ref()) {
             Ok(gate) => Some(gate),
             Err(message) => {
-                self.report(Some(value.span()), format!("task `{name}`: `{key}`: {message}"));
+                self.report(
+                    Some(value.span()),
+                    format!("task `{name}`: `{key}`: {message}"),
+                );
                 None
             }
         }
@@ -425,8 +474,12 @@ impl Validator<'_> {
 
     /// Puts tasks in run order: file order, except that a task waits for every task in its `after`.
     /// Among the tasks that are free to run, the earliest in the file goes first.
-    fn order(&mut self, tasks: Vec<Task>, afters: Vec<Vec<Spanned<String>>>) -> Vec<Task> {
-        let index: HashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    fn order(&mut self, tasks: Vec<Task>, afters: &[Vec<Spanned<String>>]) -> Vec<Task> {
+        let index: HashMap<&str, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
         let mut waits_on = vec![0usize; tasks.len()];
         let mut unblocks: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
         let mut problems = Vec::new();
@@ -436,7 +489,10 @@ impl Validator<'_> {
                 match index.get(dep.get_ref().as_str()) {
                     Some(&j) if j == i => problems.push((
                         dep.span(),
-                        format!("task `{}` lists itself in `after`; remove it", tasks[i].name),
+                        format!(
+                            "task `{}` lists itself in `after`; remove it",
+                            tasks[i].name
+                        ),
                     )),
                     Some(&j) => {
                         if seen.insert(j) {
@@ -450,7 +506,11 @@ impl Validator<'_> {
                             "task `{}`: `after` names `{}`, which is not a task; known tasks: {}",
                             tasks[i].name,
                             dep.get_ref(),
-                            tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                            tasks
+                                .iter()
+                                .map(|t| t.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     )),
                 }
@@ -472,7 +532,9 @@ impl Validator<'_> {
                 .filter(|&i| waits_on[i] > 0)
                 .map(|i| tasks[i].name.as_str())
                 .collect();
-            let first = (0..tasks.len()).find(|&i| waits_on[i] > 0).and_then(|i| afters[i].first());
+            let first = (0..tasks.len())
+                .find(|&i| waits_on[i] > 0)
+                .and_then(|i| afters[i].first());
             problems.push((
                 first.map_or(0..0, Spanned::span),
                 format!(
@@ -492,7 +554,9 @@ impl Validator<'_> {
 fn valid_task_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -563,7 +627,9 @@ mod tests {
 
     #[test]
     fn cycles_and_self_references() {
-        let p = problems("[tasks.a]\nrun = \"x\"\nafter = [\"b\"]\n[tasks.b]\nrun = \"x\"\nafter = [\"a\"]\n");
+        let p = problems(
+            "[tasks.a]\nrun = \"x\"\nafter = [\"b\"]\n[tasks.b]\nrun = \"x\"\nafter = [\"a\"]\n",
+        );
         assert!(p[0].message.contains("cycle among tasks a, b"), "{p:?}");
         let p = problems("[tasks.a]\nrun = \"x\"\nafter = [\"a\"]\n");
         assert!(p[0].message.contains("itself"));
@@ -580,5 +646,53 @@ mod tests {
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\ncé d", 7), (2, 4));
         assert_eq!(line_col("", 0), (1, 1));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(src in "\\PC{0,400}") {
+            let _ = parse_str(&src);
+        }
+
+        #[test]
+        fn arbitrary_task_tables_are_accepted_or_rejected_cleanly(
+            keys in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("run = \"true\"".to_owned()),
+                    proptest::strategy::Just("run = []".to_owned()),
+                    proptest::strategy::Just("run = [\"\"]".to_owned()),
+                    "timeout = \"[0-9a-z ]{0,6}\"",
+                    "grace = \"[0-9]{0,3}(ms|s|m|h|x)?\"",
+                    "when = \"[A-Z_0-9]{0,5}\"",
+                    "when = \\{ env = \"[A-Z]{0,3}\", (equals|in|set) = (\"x\"|true|\\[\"a\"\\]) \\}",
+                    "unless = \\[\"[A-Z]{1,3}\"(, \\{ env = \"[A-Z]{1,3}\" \\})?\\]",
+                    "after = \\[\"t[0-3]\"\\]",
+                    "allow_failure = (true|false|1)",
+                    "[a-z_]{1,8} = 1",
+                ],
+                0..12,
+            ),
+        ) {
+            let mut src = String::new();
+            for (i, key) in keys.iter().enumerate() {
+                if i % 3 == 0 {
+                    src.push_str("[tasks.t");
+                    src.push_str(&(i / 3).to_string());
+                    src.push_str("]\n");
+                }
+                src.push_str(key);
+                src.push('\n');
+            }
+            match parse_str(&src) {
+                Ok(config) => {
+                    for task in &config.tasks {
+                        proptest::prop_assert!(!task.command.argv().is_empty());
+                        proptest::prop_assert!(!task.timeout.is_zero() && !task.grace.is_zero());
+                    }
+                }
+                Err(Error::ConfigInvalid { problems, .. }) => proptest::prop_assert!(!problems.is_empty()),
+                Err(other) => proptest::prop_assert!(false, "unexpected error kind: {other:?}"),
+            }
+        }
     }
 }

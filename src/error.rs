@@ -30,7 +30,10 @@ pub enum Error {
     /// The config file exists but cannot be read (permissions, not UTF-8, too large).
     ConfigUnreadable { path: PathBuf, reason: String },
     /// The config file was read but is not valid: syntax, unknown keys, bad values, a cycle.
-    ConfigInvalid { path: PathBuf, problems: Vec<Diagnostic> },
+    ConfigInvalid {
+        path: PathBuf,
+        problems: Vec<Diagnostic>,
+    },
     /// A gate's variable holds a value release-tasks refuses to guess about (`ture`, `2`).
     GateValue { problems: Vec<String> },
     /// Bad command-line usage, or a bad `RELEASE_TASKS_*` setting.

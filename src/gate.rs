@@ -73,6 +73,7 @@ impl fmt::Display for BadValue {
 }
 
 /// Reads a boolean the strict way: a typo such as `ture` is an error, never a silent `false`.
+#[must_use]
 pub fn parse_bool(value: &str) -> Option<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
@@ -87,9 +88,15 @@ impl Gate {
         let conditions = match value {
             toml::Value::Array(items) => {
                 if items.is_empty() {
-                    return Err("an empty array is not a gate; remove the key to run the task always".into());
+                    return Err(
+                        "an empty array is not a gate; remove the key to run the task always"
+                            .into(),
+                    );
                 }
-                items.iter().map(Condition::from_toml).collect::<Result<_, _>>()?
+                items
+                    .iter()
+                    .map(Condition::from_toml)
+                    .collect::<Result<_, _>>()?
             }
             other => vec![Condition::from_toml(other)?],
         };
@@ -177,14 +184,29 @@ impl Condition {
                 };
                 (parsed, "is true".to_owned())
             }
-            Test::Equals(want) => (value == Some(want), format!("equals {want:?}")),
+            Test::Equals(want) => (
+                value == Some(want),
+                format!("equals {:?}", crate::redact::value(&self.var, want)),
+            ),
             Test::In(set) => (
                 value.is_some_and(|v| set.contains(v)),
-                format!("in {set:?}"),
+                format!(
+                    "in {:?}",
+                    set.iter()
+                        .map(|v| crate::redact::value(&self.var, v))
+                        .collect::<Vec<_>>()
+                ),
             ),
             Test::Set(want) => {
                 let is_set = value.is_some_and(|v| !v.is_empty());
-                (is_set == *want, if *want { "is set".into() } else { "is unset or empty".into() })
+                (
+                    is_set == *want,
+                    if *want {
+                        "is set".into()
+                    } else {
+                        "is unset or empty".into()
+                    },
+                )
             }
         };
         Ok(Reason {
@@ -224,7 +246,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn gate(src: &str) -> Result<Gate, String> {
@@ -259,8 +284,16 @@ mod tests {
     #[test]
     fn table_conditions() {
         let eq = gate("{ env = \"APP_ENV\", equals = \"production\" }").unwrap();
-        assert!(eq.evaluate(&env(&[("APP_ENV", "production")])).unwrap().holds);
-        assert!(!eq.evaluate(&env(&[("APP_ENV", "Production")])).unwrap().holds);
+        assert!(
+            eq.evaluate(&env(&[("APP_ENV", "production")]))
+                .unwrap()
+                .holds
+        );
+        assert!(
+            !eq.evaluate(&env(&[("APP_ENV", "Production")]))
+                .unwrap()
+                .holds
+        );
         let within = gate("{ env = \"APP_ENV\", in = [\"a\", \"b\"] }").unwrap();
         assert!(within.evaluate(&env(&[("APP_ENV", "b")])).unwrap().holds);
         assert!(!within.evaluate(&env(&[])).unwrap().holds);
@@ -274,10 +307,18 @@ mod tests {
     #[test]
     fn arrays_need_every_condition_and_still_check_every_boolean() {
         let g = gate("[\"A\", { env = \"B\", equals = \"x\" }, \"C\"]").unwrap();
-        assert!(g.evaluate(&env(&[("A", "1"), ("B", "x"), ("C", "on")])).unwrap().holds);
+        assert!(
+            g.evaluate(&env(&[("A", "1"), ("B", "x"), ("C", "on")]))
+                .unwrap()
+                .holds
+        );
         let v = g.evaluate(&env(&[("A", "0"), ("B", "x")])).unwrap();
         assert!(!v.holds);
-        assert_eq!(v.reasons.len(), 1, "stops explaining at the first failed condition");
+        assert_eq!(
+            v.reasons.len(),
+            1,
+            "stops explaining at the first failed condition"
+        );
         assert!(g.evaluate(&env(&[("A", "0"), ("C", "ture")])).is_err());
     }
 
@@ -290,13 +331,30 @@ mod tests {
             ("\"\"", "not an environment variable name"),
             ("{ equals = \"x\" }", "needs `env`"),
             ("{ env = \"A\" }", "needs one of"),
-            ("{ env = \"A\", equals = \"x\", set = true }", "more than one"),
+            (
+                "{ env = \"A\", equals = \"x\", set = true }",
+                "more than one",
+            ),
             ("{ env = \"A\", equal = \"x\" }", "unknown key `equal`"),
             ("{ env = \"A\", in = [1] }", "array of strings"),
             ("{ env = \"A\", set = \"yes\" }", "true or false"),
         ] {
             let err = gate(src).unwrap_err();
             assert!(err.contains(needle), "{src}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_value_is_a_verdict_or_a_named_error(value in "\\PC{0,20}") {
+            let g = gate("[\"V\", { env = \"W\", in = [\"a\"] }]").unwrap();
+            match g.evaluate(&env(&[("V", &value), ("W", &value)])) {
+                Ok(v) => proptest::prop_assert_eq!(v.holds, parse_bool(&value) == Some(true) && value == "a"),
+                Err(bad) => {
+                    proptest::prop_assert_eq!(parse_bool(&value), None);
+                    proptest::prop_assert_eq!(bad.var, "V");
+                }
+            }
         }
     }
 }

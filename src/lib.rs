@@ -48,7 +48,8 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
-            print_plan(&plan, settings.log_format).map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
+            print_plan(&plan, settings.log_format)
+                .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
             Ok(0)
         }
         Command::Run => {
@@ -72,7 +73,12 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 
 fn print_plan(plan: &Plan, format: LogFormat) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    let width = plan.steps.iter().map(|s| s.task.name.len()).max().unwrap_or(0);
+    let width = plan
+        .steps
+        .iter()
+        .map(|s| s.task.name.len())
+        .max()
+        .unwrap_or(0);
     for step in &plan.steps {
         let command = redact::urls_in(&step.task.command.to_string());
         match format {

@@ -47,7 +47,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        _: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
         let level = *event.metadata().level();
         let (name, colour) = match level {
             Level::ERROR => ("ERROR", "31"),
@@ -97,7 +102,10 @@ impl Visit for Fields {
 
 /// Appends `value`, quoted and escaped the logfmt way when it holds spaces, quotes or `=`.
 fn push_value(out: &mut String, value: &str) {
-    let plain = !value.is_empty() && !value.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '"' | '=' | '\\'));
+    let plain = !value.is_empty()
+        && !value.contains(|c: char| {
+            c.is_whitespace() || c.is_control() || matches!(c, '"' | '=' | '\\')
+        });
     if plain {
         out.push_str(value);
         return;

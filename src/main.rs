@@ -31,6 +31,8 @@ fn main() {
 fn report_error(err: &Error, format: LogFormat) {
     match format {
         LogFormat::Text => eprintln!("release-tasks: error: {err}"),
-        LogFormat::Json => tracing::error!(error = %err, exit_code = err.exit_code(), "release-tasks stopped"),
+        LogFormat::Json => {
+            tracing::error!(error = %err, exit_code = err.exit_code(), "release-tasks stopped");
+        }
     }
 }

@@ -49,7 +49,9 @@ impl Target {
 /// Writes `bytes` to `target` whole, under the output lock. Errors (a closed pipe) are returned for
 /// the caller to decide; nothing is retried except interrupted and would-block writes.
 pub fn write(target: Target, bytes: &[u8]) -> std::io::Result<()> {
-    let _guard = OUTPUT_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = OUTPUT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
     let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
     let mut rest = bytes;

@@ -46,7 +46,11 @@ impl Plan {
                     "{flag} names {}, not a task in {}; tasks are: {}",
                     unknown.join(", "),
                     config.path.display(),
-                    if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
                 )));
             }
         }
@@ -54,16 +58,25 @@ impl Plan {
         let mut bad_values = Vec::new();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {
-            let mut explain = |key: &str, verdict: Result<Verdict, crate::gate::BadValue>| match verdict {
-                Ok(v) => Some(v),
-                Err(bad) => {
-                    bad_values.push(format!("task `{}`: `{key}`: {bad}", task.name));
-                    None
-                }
-            };
+            let mut explain =
+                |key: &str, verdict: Result<Verdict, crate::gate::BadValue>| match verdict {
+                    Ok(v) => Some(v),
+                    Err(bad) => {
+                        bad_values.push(format!("task `{}`: `{key}`: {bad}", task.name));
+                        None
+                    }
+                };
             let when = task.when.as_ref().map(|g| explain("when", g.evaluate(env)));
-            let unless = task.unless.as_ref().map(|g| explain("unless", g.evaluate(env)));
-            let (run, reason) = decide(task, selection, when.flatten(), unless.flatten());
+            let unless = task
+                .unless
+                .as_ref()
+                .map(|g| explain("unless", g.evaluate(env)));
+            let (run, reason) = decide(
+                task,
+                selection,
+                when.flatten().as_ref(),
+                unless.flatten().as_ref(),
+            );
             steps.push(Step {
                 task: task.clone(),
                 run,
@@ -73,7 +86,9 @@ impl Plan {
         if bad_values.is_empty() {
             Ok(Plan { steps })
         } else {
-            Err(Error::GateValue { problems: bad_values })
+            Err(Error::GateValue {
+                problems: bad_values,
+            })
         }
     }
 
@@ -83,29 +98,40 @@ impl Plan {
     }
 }
 
-fn decide(task: &Task, selection: &Selection, when: Option<Verdict>, unless: Option<Verdict>) -> (bool, String) {
+fn decide(
+    task: &Task,
+    selection: &Selection,
+    when: Option<&Verdict>,
+    unless: Option<&Verdict>,
+) -> (bool, String) {
     if !selection.only.is_empty() && !selection.only.contains(&task.name) {
         return (false, "not in --only".to_owned());
     }
     if selection.skip.contains(&task.name) {
         return (false, "named in --skip".to_owned());
     }
-    let describe = |v: &Verdict| v.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    if let Some(when) = &when {
+    let describe = |v: &Verdict| {
+        v.reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(when) = when {
         if !when.holds {
             return (false, format!("when: {}", describe(when)));
         }
     }
-    if let Some(unless) = &unless {
+    if let Some(unless) = unless {
         if unless.holds {
             return (false, format!("unless: {}", describe(unless)));
         }
     }
     let mut why = Vec::new();
-    if let Some(when) = &when {
+    if let Some(when) = when {
         why.push(format!("when: {}", describe(when)));
     }
-    if let Some(unless) = &unless {
+    if let Some(unless) = unless {
         why.push(format!("unless does not hold: {}", describe(unless)));
     }
     if why.is_empty() {
@@ -124,7 +150,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     const SRC: &str = "[tasks.migrate]\nrun = \"m\"\nwhen = \"RUN_MIGRATIONS\"\n\
@@ -133,31 +162,64 @@ mod tests {
 
     #[test]
     fn gates_decide_and_explain() {
-        let plan = Plan::new(&config(SRC), &env(&[("RUN_MIGRATIONS", "true"), ("APP_ENV", "production")]), &Selection::default()).unwrap();
-        let got: Vec<_> = plan.steps.iter().map(|s| (s.task.name.as_str(), s.run)).collect();
+        let plan = Plan::new(
+            &config(SRC),
+            &env(&[("RUN_MIGRATIONS", "true"), ("APP_ENV", "production")]),
+            &Selection::default(),
+        )
+        .unwrap();
+        let got: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|s| (s.task.name.as_str(), s.run))
+            .collect();
         assert_eq!(got, [("migrate", true), ("seed", false), ("notify", true)]);
-        assert!(plan.steps[0].reason.contains("RUN_MIGRATIONS=\"true\""), "{}", plan.steps[0].reason);
-        assert!(plan.steps[1].reason.starts_with("unless: APP_ENV=\"production\""));
+        assert!(
+            plan.steps[0].reason.contains("RUN_MIGRATIONS=\"true\""),
+            "{}",
+            plan.steps[0].reason
+        );
+        assert!(
+            plan.steps[1]
+                .reason
+                .starts_with("unless: APP_ENV=\"production\"")
+        );
         assert_eq!(plan.steps[2].reason, "no gate");
     }
 
     #[test]
     fn selection_filters_and_rejects_unknown_names() {
-        let sel = Selection { only: vec!["notify".into(), "migrate".into()], skip: vec!["migrate".into()] };
+        let sel = Selection {
+            only: vec!["notify".into(), "migrate".into()],
+            skip: vec!["migrate".into()],
+        };
         let plan = Plan::new(&config(SRC), &env(&[("RUN_MIGRATIONS", "1")]), &sel).unwrap();
         let run: Vec<_> = plan.to_run().map(|s| s.task.name.as_str()).collect();
         assert_eq!(run, ["notify"]);
-        let sel = Selection { only: vec!["migrat".into()], skip: vec![] };
+        let sel = Selection {
+            only: vec!["migrat".into()],
+            skip: vec![],
+        };
         let err = Plan::new(&config(SRC), &env(&[]), &sel).unwrap_err();
-        assert!(err.to_string().contains("migrat") && err.to_string().contains("tasks are: migrate, seed, notify"));
+        assert!(
+            err.to_string().contains("migrat")
+                && err.to_string().contains("tasks are: migrate, seed, notify")
+        );
         assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
     fn bad_values_fail_planning_even_for_deselected_tasks() {
-        let sel = Selection { only: vec!["notify".into()], skip: vec![] };
+        let sel = Selection {
+            only: vec!["notify".into()],
+            skip: vec![],
+        };
         let err = Plan::new(&config(SRC), &env(&[("RUN_MIGRATIONS", "ture")]), &sel).unwrap_err();
         assert_eq!(err.exit_code(), 78);
-        assert!(err.to_string().contains("task `migrate`: `when`: RUN_MIGRATIONS=\"ture\""), "{err}");
+        assert!(
+            err.to_string()
+                .contains("task `migrate`: `when`: RUN_MIGRATIONS=\"ture\""),
+            "{err}"
+        );
     }
 }

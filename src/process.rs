@@ -16,21 +16,18 @@ use nix::unistd::{self, Pid};
 
 use crate::config::Task;
 
-/// Signals whose disposition a task gets back to the default before exec, whatever release-tasks's
-/// parent or release-tasks itself did with them.
-const RESET_SIGNALS: &[Signal] = &[
-    Signal::SIGHUP,
-    Signal::SIGINT,
-    Signal::SIGQUIT,
-    Signal::SIGPIPE,
-    Signal::SIGTERM,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGCHLD,
-    Signal::SIGTSTP,
-    Signal::SIGTTIN,
-    Signal::SIGTTOU,
-];
+/// Puts every signal a program can catch back to its default disposition, whatever release-tasks's
+/// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
+/// Called between fork and exec: async-signal-safe calls only.
+fn reset_signal_dispositions() {
+    let realtime = nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX();
+    for number in (1..32).chain(realtime) {
+        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
+            // SAFETY: SIG_DFL installs no handler code; an invalid number just fails with EINVAL.
+            unsafe { nix::libc::signal(number, nix::libc::SIG_DFL) };
+        }
+    }
+}
 
 /// Makes release-tasks the reaper of every orphan its tasks leave, so that a daemonized process is
 /// still found (and terminated) when its task ends, and no zombie lingers when running as PID 1.
@@ -65,10 +62,7 @@ pub fn spawn(task: &Task) -> io::Result<Spawned> {
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-        for &sig in RESET_SIGNALS {
-            // SAFETY: SIG_DFL installs no handler code.
-            unsafe { signal::signal(sig, SigHandler::SigDfl) }?;
-        }
+        reset_signal_dispositions();
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
         // release-tasks may have died between fork and prctl; then no signal would ever come.
         if unistd::getppid() != parent {
@@ -94,6 +88,7 @@ pub fn spawn(task: &Task) -> io::Result<Spawned> {
 
 /// Collects every child that has exited, without blocking. Orphans adopted as subreaper are reaped
 /// here too, and simply dropped.
+#[must_use]
 pub fn reap() -> Vec<(Pid, WaitStatus)> {
     let mut exited = Vec::new();
     loop {
@@ -161,17 +156,27 @@ impl TaskProcesses {
         };
         let mut found = Vec::new();
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
                 continue;
             };
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };
             // The command name may hold spaces and parentheses; the fields after the last ')' do not.
-            let mut fields = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace();
+            let mut fields = stat
+                .rsplit_once(')')
+                .map_or("", |(_, rest)| rest)
+                .split_whitespace();
             let state = fields.next();
-            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
-            if ppid == Some(me) && state != Some("Z") && !self.exempt.contains(&Pid::from_raw(pid)) {
+            let parent = fields.next().and_then(|p| p.parse::<i32>().ok());
+            if parent == Some(me)
+                && state != Some("Z")
+                && !self.exempt.contains(&Pid::from_raw(pid))
+            {
                 found.push(Pid::from_raw(pid));
             }
         }
@@ -232,7 +237,14 @@ fn guard(pipe: &OwnedFd) -> ! {
     // Out of release-tasks's group and deaf to the signals aimed at it, so that a Ctrl-C or a
     // `kill -TERM -<group>` does not take it down before it has done its job.
     let _ = unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         // SAFETY: SIG_IGN installs no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }

@@ -57,7 +57,9 @@ pub fn url(text: &str) -> String {
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let hidden_user = authority.contains('@');
     let hidden_tail = authority_end < rest.len() && &rest[authority_end..] != "/";
     let mut shown = format!("{scheme}://");
@@ -86,7 +88,9 @@ pub fn urls_in(text: &str) -> String {
             .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
             .map_or(0, |i| i + 1);
         let end = rest[at..]
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ']'))
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ']')
+            })
             .map_or(rest.len(), |i| at + i);
         out.push_str(&rest[..start]);
         out.push_str(&url(&rest[start..end]));
@@ -122,7 +126,12 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name}");
         }
-        for name in ["RUN_MIGRATIONS_DURING_RELEASE", "APP_ENV", "PWD", "RAILS_ENV"] {
+        for name in [
+            "RUN_MIGRATIONS_DURING_RELEASE",
+            "APP_ENV",
+            "PWD",
+            "RAILS_ENV",
+        ] {
             assert!(!is_secret_name(name), "{name}");
         }
     }
@@ -147,7 +156,10 @@ mod tests {
         assert_eq!(value("APP_ENV", "production"), "production");
         assert_eq!(value("API_TOKEN", "abc123"), REDACTED);
         assert_eq!(value("API_TOKEN", ""), "");
-        assert_eq!(value("REDIS", "redis://:pw@h:6379"), "redis://[redacted]@h:6379");
+        assert_eq!(
+            value("REDIS", "redis://:pw@h:6379"),
+            "redis://[redacted]@h:6379"
+        );
     }
 
     #[test]
@@ -161,7 +173,10 @@ mod tests {
 
     #[test]
     fn scrub_hides_every_copy() {
-        let s = scrub("a hunter2 b hunter2", &["hunter2".to_owned(), "x".to_owned()]);
+        let s = scrub(
+            "a hunter2 b hunter2",
+            &["hunter2".to_owned(), "x".to_owned()],
+        );
         assert_eq!(s, "a [redacted] b [redacted]");
     }
 }

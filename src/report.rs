@@ -26,7 +26,10 @@ pub enum Outcome {
     /// Stopped because release-tasks received this signal.
     Interrupted(Signal),
     /// Could not be started; the code is 126 or 127.
-    CouldNotStart { code: i32, reason: String },
+    CouldNotStart {
+        code: i32,
+        reason: String,
+    },
     /// Its gate or the selection said not to run it.
     Skipped(String),
     /// Not started because the release had already failed or was interrupted.
@@ -54,10 +57,9 @@ impl Outcome {
     pub fn exit_code(&self) -> Option<i32> {
         match self {
             Outcome::Succeeded => Some(0),
-            Outcome::Failed(code) => Some(*code),
+            Outcome::Failed(code) | Outcome::CouldNotStart { code, .. } => Some(*code),
             Outcome::Signaled(sig) | Outcome::Interrupted(sig) => Some(128 + *sig as i32),
             Outcome::TimedOut => Some(EXIT_TIMEOUT),
-            Outcome::CouldNotStart { code, .. } => Some(*code),
             Outcome::Skipped(_) | Outcome::NotRun => None,
         }
     }
@@ -65,7 +67,10 @@ impl Outcome {
     /// Whether this outcome fails the task.
     #[must_use]
     pub fn is_failure(&self) -> bool {
-        !matches!(self, Outcome::Succeeded | Outcome::Skipped(_) | Outcome::NotRun)
+        !matches!(
+            self,
+            Outcome::Succeeded | Outcome::Skipped(_) | Outcome::NotRun
+        )
     }
 }
 
@@ -106,7 +111,9 @@ impl Report {
     /// The first task whose failure fails the release.
     #[must_use]
     pub fn failed_task(&self) -> Option<&TaskReport> {
-        self.tasks.iter().find(|t| t.outcome.is_failure() && !t.allow_failure)
+        self.tasks
+            .iter()
+            .find(|t| t.outcome.is_failure() && !t.allow_failure)
     }
 
     /// The release's exit status: 128+N if release-tasks was stopped by signal N, else the first
@@ -144,12 +151,29 @@ impl Report {
         }
         let exit_code = self.exit_code();
         let duration_ms = self.duration.as_millis() as u64;
-        let ran = self.tasks.iter().filter(|t| t.outcome.exit_code().is_some()).count();
+        let ran = self
+            .tasks
+            .iter()
+            .filter(|t| t.outcome.exit_code().is_some())
+            .count();
         if exit_code == 0 {
-            tracing::info!(status = "succeeded", exit_code, duration_ms, tasks_run = ran, "release succeeded");
+            tracing::info!(
+                status = "succeeded",
+                exit_code,
+                duration_ms,
+                tasks_run = ran,
+                "release succeeded"
+            );
         } else {
             let failed_task = self.failed_task().map(|t| t.name.as_str());
-            tracing::error!(status = "failed", exit_code, duration_ms, tasks_run = ran, failed_task, "release failed");
+            tracing::error!(
+                status = "failed",
+                exit_code,
+                duration_ms,
+                tasks_run = ran,
+                failed_task,
+                "release failed"
+            );
         }
     }
 }
@@ -185,7 +209,14 @@ mod tests {
     #[test]
     fn outcome_codes() {
         assert_eq!(Outcome::Signaled(Signal::SIGKILL).exit_code(), Some(137));
-        assert_eq!(Outcome::CouldNotStart { code: 127, reason: String::new() }.exit_code(), Some(127));
+        assert_eq!(
+            Outcome::CouldNotStart {
+                code: 127,
+                reason: String::new()
+            }
+            .exit_code(),
+            Some(127)
+        );
         assert_eq!(Outcome::NotRun.exit_code(), None);
     }
 }

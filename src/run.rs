@@ -23,7 +23,7 @@ use crate::signals::{Event, STOPPING, Signals};
 
 /// How often the clean-up after a task checks whether its leftovers are gone.
 const CLEANUP_POLL: Duration = Duration::from_millis(20);
-/// How long SIGKILLed processes get to vanish and their output to drain before release-tasks moves on.
+/// How long `SIGKILLed` processes get to vanish and their output to drain before release-tasks moves on.
 const AFTER_KILL: Duration = Duration::from_secs(1);
 
 /// Runs the plan and reports what happened. `Err` only for release-tasks's own failures.
@@ -47,7 +47,10 @@ pub async fn run(plan: &Plan, defaults: &Defaults) -> anyhow::Result<Report> {
         let (outcome, duration) = if !step.run {
             tracing::info!(task = %task.name, reason = %step.reason, "task skipped");
             (Outcome::Skipped(step.reason.clone()), Duration::ZERO)
-        } else if stopped || runner.interrupted.is_some() || Instant::now() >= runner.release_deadline {
+        } else if stopped
+            || runner.interrupted.is_some()
+            || Instant::now() >= runner.release_deadline
+        {
             (Outcome::NotRun, Duration::ZERO)
         } else {
             let t0 = Instant::now();
@@ -97,14 +100,16 @@ impl Runner {
         if self.guardian.is_none() {
             match Guardian::start() {
                 Ok(g) => self.guardian = Some(g),
-                Err(err) => tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it");
+                }
             }
         }
         let spawned = match process::spawn(task) {
             Ok(spawned) => spawned,
             Err(err) => {
                 let outcome = could_not_start(task, &err);
-                self.log_finished(task, &outcome, Duration::ZERO);
+                Self::log_finished(task, &outcome, Duration::ZERO);
                 return Ok(outcome);
             }
         };
@@ -181,13 +186,19 @@ impl Runner {
             (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
             (other, _, _) => Outcome::Failed(status_code(other)),
         };
-        self.log_finished(task, &outcome, started.elapsed());
+        Self::log_finished(task, &outcome, started.elapsed());
         Ok(outcome)
     }
 
     /// After the task's main process exited: terminate what it left (TERM, grace, KILL), wait for its
     /// output to end, and never wait past the grace period for a pipe some stray process holds open.
-    async fn clean_up(&mut self, task: &Task, procs: &mut TaskProcesses, pumps: &mut [Pump; 2], stop: &mut Stopping) {
+    async fn clean_up(
+        &mut self,
+        task: &Task,
+        procs: &mut TaskProcesses,
+        pumps: &mut [Pump; 2],
+        stop: &mut Stopping,
+    ) {
         self.reap();
         if procs.alive() && !stop.killed {
             if stop.kill_at.is_none() {
@@ -250,7 +261,13 @@ impl Runner {
 
     /// Acts on one event: reaps on SIGCHLD, forwards signals to the running task, and records a
     /// stopping signal (a second SIGINT or SIGTERM kills the task at once).
-    fn on_event(&mut self, event: Event, procs: Option<&TaskProcesses>, stop: &mut Stopping, grace: Duration) {
+    fn on_event(
+        &mut self,
+        event: Event,
+        procs: Option<&TaskProcesses>,
+        stop: &mut Stopping,
+        grace: Duration,
+    ) {
         let sig = match event {
             Event::Child => return self.reap(),
             Event::Signal(sig) => sig,
@@ -307,7 +324,7 @@ impl Runner {
         self.exited.extend(process::reap());
     }
 
-    fn log_finished(&self, task: &Task, outcome: &Outcome, duration: Duration) {
+    fn log_finished(task: &Task, outcome: &Outcome, duration: Duration) {
         let duration_ms = duration.as_millis() as u64;
         let exit_code = outcome.exit_code();
         if outcome.is_failure() {

@@ -17,7 +17,12 @@ pub enum Event {
 }
 
 /// Signals that stop the release: forwarded, then the release ends with 128+N.
-pub const STOPPING: &[Signal] = &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT];
+pub const STOPPING: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
 /// The installed handlers.
 pub struct Signals {

@@ -1,0 +1,347 @@
+//! Under faults: signals to release-tasks, release-tasks killed, escaped and daemonized processes, PID 1,
+//! heartbeats, the release timeout, output under stress, hostile config.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Test, alive, gone_within, read_pid};
+
+/// A task that reports the signal it gets, then exits with 128+N as a well-behaved program does.
+const TRAPPING: &str = r#"
+[defaults]
+grace = "5s"
+[tasks.migrate]
+run = """
+for s in TERM INT HUP QUIT; do trap "echo got $s; exit 7" $s; done
+trap 'echo got USR1' USR1
+echo $$ > pid
+echo ready
+while true; do sleep 0.05; done
+"""
+[tasks.after]
+run = "touch after"
+"#;
+
+fn forwarded(sig: &str, code: i32) {
+    let t = Test::new().config(TRAPPING);
+    let running = t.spawn();
+    running.wait_for("migrate | ready", Duration::from_secs(10));
+    running.signal(sig);
+    let out = running.wait();
+    out.status(code)
+        .stdout_has(&format!("migrate | got {sig}"))
+        .stderr_has("forwarding it to the task's process group")
+        .stderr_has("summary")
+        .stderr_has("task=after outcome=not-run")
+        .stderr_has("release failed");
+    assert!(!t.path("after").exists(), "no task starts after {sig}");
+}
+
+#[test]
+fn sigterm_is_forwarded_and_the_release_exits_143() {
+    forwarded("TERM", 143);
+}
+
+#[test]
+fn sigint_is_forwarded_and_the_release_exits_130() {
+    forwarded("INT", 130);
+}
+
+#[test]
+fn sighup_and_sigquit_are_forwarded() {
+    forwarded("HUP", 129);
+    forwarded("QUIT", 131);
+}
+
+#[test]
+fn sigusr1_is_forwarded_and_changes_nothing_else() {
+    let t = Test::new().config(
+        r#"
+[tasks.a]
+run = "trap 'echo got USR1; touch usr1' USR1; echo ready; while [ ! -e usr1 ]; do sleep 0.05; done; true"
+[tasks.b]
+run = "touch b"
+"#,
+    );
+    let running = t.spawn();
+    running.wait_for("a | ready", Duration::from_secs(10));
+    running.signal("USR1");
+    running.wait().status(0).stdout_has("a | got USR1");
+    assert!(t.path("b").exists());
+}
+
+#[test]
+fn a_second_sigint_kills_at_once() {
+    let t = Test::new().config(
+        r#"
+[tasks.stubborn]
+run = "trap 'echo ignoring INT' INT; echo ready; while true; do sleep 0.05; done"
+grace = "50s"
+"#,
+    );
+    let running = t.spawn();
+    running.wait_for("stubborn | ready", Duration::from_secs(10));
+    running.signal("INT");
+    running.wait_for("ignoring INT", Duration::from_secs(10));
+    running.signal("INT");
+    let out = running.wait();
+    out.status(130).stderr_has("second stopping signal");
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "waited for the grace period: {:?}",
+        out.elapsed
+    );
+}
+
+#[test]
+fn a_task_that_ignores_the_forwarded_signal_gets_sigkill_after_grace() {
+    let t = Test::new().config(
+        r#"
+[tasks.deaf]
+run = "trap '' TERM; echo $$ > pid; echo ready; while true; do sleep 0.05; done"
+grace = "1s"
+"#,
+    );
+    let running = t.spawn();
+    running.wait_for("deaf | ready", Duration::from_secs(10));
+    running.signal("TERM");
+    let out = running.wait();
+    out.status(143).stderr_has("sending SIGKILL");
+    assert!(!alive(read_pid(&t.path("pid"))));
+}
+
+#[test]
+fn tasks_start_with_default_signal_dispositions_and_an_empty_mask() {
+    // release-tasks started with SIGINT ignored and SIGTERM blocked (as nohup or a careless parent
+    // would): the task must still see both at their defaults.
+    let t = Test::new().config("[tasks.a]\nrun = \"grep -E '^Sig(Blk|Ign)' /proc/self/status\"\n");
+    let script = format!(
+        "trap '' INT; exec python3 -c 'import os,signal; signal.pthread_sigmask(signal.SIG_BLOCK,[signal.SIGTERM]); os.execv(\"{}\", [\"release-tasks\"])'",
+        crate::harness::BIN
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(t.dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    for line in stdout.lines() {
+        let mask = u64::from_str_radix(line.rsplit(['\t', ' ']).next().unwrap(), 16).unwrap();
+        // Signals 32 and 33 belong to the C library's threads implementation, not to programs.
+        let libc_internal = (1u64 << 31) | (1u64 << 32);
+        assert_eq!(
+            mask & !libc_internal,
+            0,
+            "task inherited a signal mask or ignore set: {line}"
+        );
+    }
+}
+
+#[test]
+fn release_tasks_killed_leaves_no_task_process_behind() {
+    let t = Test::new().config(
+        r#"
+[tasks.migrate]
+run = "sleep 300 & echo $! > child; sh -c 'sleep 301 & echo $! > grandchild; wait' & echo ready; wait"
+"#,
+    );
+    let running = t.spawn();
+    running.wait_for("migrate | ready", Duration::from_secs(10));
+    let child = read_pid(&t.path("child"));
+    let grandchild = read_pid(&t.path("grandchild"));
+    running.signal("KILL");
+    running.wait().status(137);
+    assert!(
+        gone_within(child, Duration::from_secs(10)),
+        "child {child} outlived release-tasks"
+    );
+    assert!(
+        gone_within(grandchild, Duration::from_secs(10)),
+        "grandchild {grandchild} outlived release-tasks"
+    );
+}
+
+#[test]
+fn a_prompt_without_a_newline_is_visible_while_its_task_waits() {
+    let t = Test::new().config(
+        "[tasks.ask]\nrun = \"printf 'Continue? [y/N] '; sleep 300\"\ntimeout = \"30s\"\ngrace = \"1s\"\n",
+    );
+    let running = t.spawn();
+    running.wait_for("ask | Continue? [y/N] ", Duration::from_secs(5));
+    running.signal("TERM");
+    running.wait().status(143);
+}
+
+#[test]
+fn a_daemon_that_escaped_with_setsid_is_gone_after_its_task() {
+    let t = Test::new().config(
+        r#"
+[tasks.spring]
+run = "setsid sh -c 'echo $$ > daemon; exec sleep 300' </dev/null >/dev/null 2>&1 & sleep 0.5; echo started"
+grace = "2s"
+[tasks.check]
+run = "echo second task"
+"#,
+    );
+    let out = t.run();
+    out.status(0)
+        .stderr_has("left processes running")
+        .stdout_has("second task");
+    let daemon = read_pid(&t.path("daemon"));
+    assert!(
+        !alive(daemon),
+        "the setsid daemon {daemon} outlived its task"
+    );
+}
+
+#[test]
+fn as_pid_1_orphans_are_reaped_and_no_zombie_lingers() {
+    let probe = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: this machine refuses `unshare --pid --fork --mount-proc`");
+        return;
+    }
+    let t = Test::new().config(
+        r#"
+[tasks.orphans]
+run = "for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; sleep 0.5"
+[tasks.count]
+run = "sleep 0.5; echo pid1=$(cat /proc/1/comm); echo zombies=$(grep -l '^State:.Z' /proc/[0-9]*/status 2>/dev/null | wc -l)"
+"#,
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", crate::harness::BIN])
+        .current_dir(t.dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| pid1=release-tasks"), "{stdout}");
+    assert!(stdout.contains("| zombies=0"), "{stdout}");
+}
+
+#[test]
+fn a_long_task_logs_a_heartbeat() {
+    let t = Test::new().config(
+        "[defaults]\nheartbeat = \"1s\"\n[tasks.slow]\nrun = \"sleep 2.5\"\ntimeout = \"1h\"\n",
+    );
+    t.run()
+        .status(0)
+        .stderr_has("task still running task=slow elapsed=")
+        .stderr_has("timeout_in=");
+}
+
+#[test]
+fn the_release_timeout_bounds_the_whole_release() {
+    let t = Test::new().config(
+        r#"
+[defaults]
+release_timeout = "2s"
+grace = "1s"
+[tasks.one]
+run = "sleep 1.2"
+[tasks.two]
+run = "sleep 30"
+[tasks.three]
+run = "touch three"
+"#,
+    );
+    let out = t.run();
+    out.status(124)
+        .stderr_has("bound=release_timeout")
+        .stderr_has("task=two outcome=timed-out");
+    assert!(out.elapsed < Duration::from_secs(20), "{:?}", out.elapsed);
+    assert!(!t.path("three").exists());
+}
+
+#[test]
+fn merged_stdout_and_stderr_never_mix_mid_line() {
+    let t = Test::new()
+        .config(
+            r#"
+[tasks.a]
+run = "(i=0; while [ $i -lt 3000 ]; do echo out-$i-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; i=$((i+1)); done) & (i=0; while [ $i -lt 3000 ]; do echo err-$i-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb >&2; i=$((i+1)); done); wait"
+"#,
+        )
+        .merged();
+    let out = t.run();
+    out.status(0);
+    let text = out.stdout();
+    let mut seen = 0;
+    for line in text.lines().filter(|l| !l.contains(" INFO ")) {
+        let ok = line.starts_with("a | out-") && line.ends_with(&"a".repeat(46))
+            || line.starts_with("a | err-") && line.ends_with(&"b".repeat(37));
+        assert!(ok, "mixed line: {line:?}");
+        seen += 1;
+    }
+    assert_eq!(seen, 6000);
+}
+
+#[test]
+fn output_written_during_the_grace_period_still_arrives() {
+    let t = Test::new().config(
+        r#"
+[tasks.slow-stop]
+run = "trap 'sleep 0.5; echo cleaned up; exit 1' TERM; echo ready; while true; do sleep 0.05; done"
+timeout = "1s"
+grace = "5s"
+"#,
+    );
+    t.run().status(124).stdout_has("slow-stop | cleaned up");
+}
+
+#[test]
+fn hostile_config_files_get_a_clear_error() {
+    let huge = format!("# {}\n", "x".repeat(2 * 1024 * 1024));
+    Test::new()
+        .config(&huge)
+        .run()
+        .status(78)
+        .stderr_has("over the 1048576-byte limit");
+
+    let deep = format!("a = {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    Test::new()
+        .config(&deep)
+        .run()
+        .status(78)
+        .stderr_has("release.toml");
+
+    let t = Test::new();
+    std::fs::write(t.path("release.toml"), b"[tasks.a]\nrun = \"echo \xff\"\n").unwrap();
+    t.run()
+        .status(78)
+        .stderr_has("line 2, column 13: not valid UTF-8");
+
+    let t = Test::new();
+    std::fs::create_dir(t.path("release.toml")).unwrap();
+    t.run().status(78).stderr_has("not a regular file");
+
+    let mut many = String::from("[tasks.t0]\nrun = \"true\"\n");
+    for i in 1..3000 {
+        many.push_str(
+            &[
+                "[tasks.t",
+                &i.to_string(),
+                "]\nrun = \"true\"\nafter = [\"t",
+                &(i - 1).to_string(),
+                "\"]\n",
+            ]
+            .concat(),
+        );
+    }
+    let out = Test::new().config(&many).args(&["check"]).run();
+    out.status(0).stdout_has("ok, 3000 tasks");
+}

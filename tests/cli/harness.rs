@@ -1,0 +1,326 @@
+//! The `Test` builder: a temp dir with a release.toml, a cleared environment, the real binary, and a
+//! watchdog so that a hang fails the test instead of holding up the suite.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any one run of release-tasks may take before the test fails as hung.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_release-tasks");
+
+pub struct Test {
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    merge_stderr: bool,
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Asserts the exit status, printing everything the run said when it differs.
+    #[track_caller]
+    pub fn status(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit status\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout(),
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn stderr_has(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn stdout_has(&self, needle: &str) -> &Self {
+        assert!(
+            self.stdout().contains(needle),
+            "stdout lacks {needle:?}:\n{}",
+            self.stdout()
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn stdout_lacks(&self, needle: &str) -> &Self {
+        assert!(
+            !self.stdout().contains(needle),
+            "stdout has {needle:?}:\n{}",
+            self.stdout()
+        );
+        self
+    }
+}
+
+impl Test {
+    pub fn new() -> Test {
+        Test {
+            dir: tempfile::tempdir().expect("temp dir"),
+            args: Vec::new(),
+            env: Vec::new(),
+            merge_stderr: false,
+        }
+    }
+
+    /// Writes `release.toml` in the test's directory.
+    pub fn config(self, toml: &str) -> Test {
+        self.file("release.toml", toml)
+    }
+
+    pub fn file(self, name: &str, contents: &str) -> Test {
+        std::fs::write(self.dir.path().join(name), contents).expect("write test file");
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Test {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Test {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends release-tasks's stderr into the same pipe as its stdout, as a log collector does.
+    pub fn merged(mut self) -> Test {
+        self.merge_stderr = true;
+        self
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = if self.merge_stderr {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg("exec \"$0\" \"$@\" 2>&1").arg(BIN);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        cmd.args(&self.args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs release-tasks to the end (or fails the test after the watchdog's limit).
+    pub fn run(&self) -> Output {
+        self.spawn().wait()
+    }
+
+    /// Runs in the same directory and environment with other arguments in place of `args`.
+    pub fn run_with(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command();
+        cmd.args(args);
+        Running::start(cmd).wait()
+    }
+
+    /// Starts release-tasks and returns while it runs, for tests that signal it or read it live.
+    pub fn spawn(&self) -> Running {
+        Running::start(self.command())
+    }
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Running {
+        let mut child = cmd.spawn().expect("spawn release-tasks");
+        let stdout = collect(child.stdout.take().expect("stdout"));
+        let stderr = collect(child.stderr.take().expect("stderr"));
+        Running {
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// A release-tasks process under test.
+pub struct Running {
+    pub child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    started: Instant,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits until stdout+stderr so far contain `needle`; fails the test after `limit`.
+    #[track_caller]
+    pub fn wait_for(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = self.seen();
+            if seen.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not see {needle:?} within {limit:?}; saw:\n{seen}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything printed so far, stdout then stderr.
+    pub fn seen(&self) -> String {
+        let out = self.stdout.lock().expect("lock").clone();
+        let err = self.stderr.lock().expect("lock").clone();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        )
+    }
+
+    pub fn wait(mut self) -> Output {
+        let deadline = self.started + WATCHDOG;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "release-tasks hung for {WATCHDOG:?}; output so far:\n{}",
+                    self.seen()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let elapsed = self.started.elapsed();
+        // The pipes close when release-tasks exits, unless it leaked a process that holds them: wait a
+        // little for the reader threads, then take what they have.
+        let until = Instant::now() + Duration::from_secs(5);
+        while (Arc::strong_count(&self.stdout) > 1 || Arc::strong_count(&self.stderr) > 1)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stdout = self.stdout.lock().expect("lock").clone();
+        let stderr = String::from_utf8_lossy(&self.stderr.lock().expect("lock")).into_owned();
+        Output {
+            code: std::os::unix::process::ExitStatusExt::signal(&status)
+                .map_or(status.code(), |sig| Some(128 + sig)),
+            stdout,
+            stderr,
+            elapsed,
+        }
+    }
+}
+
+fn collect(mut source: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&buf);
+    std::thread::spawn(move || {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while let Ok(n) = source.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("lock").extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Reads a pid a task wrote to a file, waiting briefly for it to appear.
+#[track_caller]
+pub fn read_pid(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(pid) = text.trim().parse() {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no pid in {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits up to `limit` for a process to be gone; returns whether it is.
+pub fn gone_within(pid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Removes `name | ` prefixes (padded or not) from the lines of one task's output.
+pub fn strip_prefix(output: &[u8], name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in output.split_inclusive(|&b| b == b'\n') {
+        let rest = line
+            .strip_prefix(name.as_bytes())
+            .expect("line starts with the task name");
+        let at = rest
+            .windows(3)
+            .position(|w| w == b" | ")
+            .expect("prefix separator");
+        assert!(
+            rest[..at].iter().all(|&b| b == b' '),
+            "padding only between name and separator"
+        );
+        out.extend_from_slice(&rest[at + 3..]);
+    }
+    out
+}

@@ -1,0 +1,6 @@
+//! Integration tests: the real `release-tasks` binary, real processes, temp dirs. One test binary,
+//! so the crate is linked once.
+
+mod core;
+mod faults;
+mod harness;
