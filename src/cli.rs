@@ -40,6 +40,14 @@ pub struct Cli {
     /// Format of release-tasks's own log lines [default: text]
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Write the release report as JSON to this file when the release ends
+    #[arg(long, global = true, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
+    /// Write the release report as `JUnit` XML to this file when the release ends
+    #[arg(long, global = true, value_name = "PATH")]
+    pub junit: Option<PathBuf>,
 }
 
 /// What to do.
@@ -70,6 +78,8 @@ pub struct Settings {
     pub config: PathBuf,
     pub selection: Selection,
     pub log_format: LogFormat,
+    pub report: Option<PathBuf>,
+    pub junit: Option<PathBuf>,
 }
 
 /// The `RELEASE_TASKS_*` variables this module reads.
@@ -79,6 +89,8 @@ struct EnvSettings {
     only: Option<String>,
     skip: Option<String>,
     log_format: Option<String>,
+    report: Option<PathBuf>,
+    junit: Option<PathBuf>,
 }
 
 impl Settings {
@@ -92,6 +104,8 @@ impl Settings {
                         | "RELEASE_TASKS_ONLY"
                         | "RELEASE_TASKS_SKIP"
                         | "RELEASE_TASKS_LOG_FORMAT"
+                        | "RELEASE_TASKS_REPORT"
+                        | "RELEASE_TASKS_JUNIT"
                 )
             }))
             .map_err(|err| Error::Usage(format!("bad RELEASE_TASKS_* setting: {err}")))?;
@@ -125,6 +139,14 @@ impl Settings {
                 skip: list(cli.skip, env.skip),
             },
             log_format,
+            report: cli
+                .report
+                .or(env.report)
+                .filter(|p| !p.as_os_str().is_empty()),
+            junit: cli
+                .junit
+                .or(env.junit)
+                .filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }

@@ -29,6 +29,8 @@ pub struct Config {
     pub defaults: Defaults,
     /// Tasks in run order: file order, with `after` applied.
     pub tasks: Vec<Task>,
+    /// `[require] env`: variables that must be set and not empty before anything runs.
+    pub required_env: Vec<String>,
 }
 
 /// `[defaults]`, with the built-in values filled in.
@@ -65,10 +67,46 @@ pub struct Task {
     pub timeout: Duration,
     pub grace: Duration,
     pub allow_failure: bool,
+    /// When the task runs relative to the release's success or failure.
+    pub on: On,
     /// Extra variables for this task, on top of the inherited environment.
     pub env: BTreeMap<String, String>,
     /// Absolute working directory (a relative `dir` is taken from the config file's directory).
     pub dir: PathBuf,
+}
+
+/// `on`: whether a task runs while the release is succeeding, after it failed, or either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum On {
+    /// Runs only while every task before it succeeded (the default).
+    #[default]
+    Success,
+    /// Runs only after the release has failed (a failure, a timeout or a stopping signal).
+    Failure,
+    /// Runs in both cases: `heroku maintenance:off`, a notification.
+    Always,
+}
+
+impl On {
+    /// Whether a task with this `on` runs, given whether the release has failed so far.
+    #[must_use]
+    pub fn runs(self, release_failed: bool) -> bool {
+        match self {
+            On::Success => !release_failed,
+            On::Failure => release_failed,
+            On::Always => true,
+        }
+    }
+}
+
+impl fmt::Display for On {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            On::Success => "success",
+            On::Failure => "failure",
+            On::Always => "always",
+        })
+    }
 }
 
 /// What a task runs.
@@ -78,15 +116,18 @@ pub enum Command {
     Shell { shell: String, script: String },
     /// `run = ["prog", "arg"]`: exec'd directly, `prog` looked up on PATH.
     Exec(Vec<String>),
+    /// `notify = { url = ... }`: POST the release report to a webhook; runs no process.
+    Notify(Notify),
 }
 
 impl Command {
-    /// The argv that is exec'd.
+    /// The argv that is exec'd (empty for a notify task).
     #[must_use]
     pub fn argv(&self) -> Vec<&str> {
         match self {
             Command::Shell { shell, script } => vec![shell.as_str(), "-c", script.as_str()],
             Command::Exec(argv) => argv.iter().map(String::as_str).collect(),
+            Command::Notify(_) => Vec::new(),
         }
     }
 }
@@ -96,7 +137,84 @@ impl fmt::Display for Command {
         match self {
             Command::Shell { script, .. } => f.write_str(script),
             Command::Exec(argv) => write!(f, "{argv:?}"),
+            Command::Notify(notify) => write!(f, "notify {} ({})", notify.url.raw, notify.format),
         }
+    }
+}
+
+/// A built-in notify task: where and how to POST the release report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify {
+    pub url: Template,
+    pub headers: Vec<(String, Template)>,
+    pub format: NotifyFormat,
+    /// Per request.
+    pub timeout: Duration,
+    /// Further attempts after a connection error or a 5xx answer.
+    pub retries: u32,
+}
+
+/// The body a notify task sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// The release report as JSON.
+    Json,
+    /// `{"text": ...}`, a readable summary for a Slack incoming webhook.
+    Slack,
+}
+
+impl fmt::Display for NotifyFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NotifyFormat::Json => "json",
+            NotifyFormat::Slack => "slack",
+        })
+    }
+}
+
+/// A string with `${VAR}` references, expanded from the environment when the release is planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub raw: String,
+}
+
+impl Template {
+    /// Checks the `${...}` syntax; a `$` not followed by `{` is literal.
+    fn parse(raw: &str) -> Result<Template, String> {
+        let mut rest = raw;
+        while let Some(at) = rest.find("${") {
+            let after = &rest[at + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| "`${` without a closing `}`".to_owned())?;
+            if !crate::gate::is_var_name(&after[..end]) {
+                return Err(format!(
+                    "`${{{}}}` is not a variable reference; write ${{NAME}} with letters, digits and _",
+                    &after[..end]
+                ));
+            }
+            rest = &after[end + 1..];
+        }
+        Ok(Template {
+            raw: raw.to_owned(),
+        })
+    }
+
+    /// Expands every `${VAR}`; an unset variable is an error that names it.
+    pub fn expand(&self, env: &crate::gate::Env) -> Result<String, String> {
+        let mut out = String::with_capacity(self.raw.len());
+        let mut rest = self.raw.as_str();
+        while let Some(at) = rest.find("${") {
+            out.push_str(&rest[..at]);
+            let Some((name, tail)) = rest[at + 2..].split_once('}') else {
+                break;
+            };
+            out.push_str(env.get(name).ok_or_else(|| name.to_owned())?);
+            rest = tail;
+        }
+        out.push_str(rest);
+        Ok(out)
     }
 }
 
@@ -104,8 +222,27 @@ impl fmt::Display for Command {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     defaults: Option<RawDefaults>,
+    require: Option<RawRequire>,
     #[serde(default)]
     tasks: RawTasks,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequire {
+    #[serde(default)]
+    env: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: Spanned<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    format: Option<NotifyFormat>,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +259,8 @@ struct RawDefaults {
 #[serde(deny_unknown_fields)]
 struct RawTask {
     run: Option<Spanned<toml::Value>>,
+    notify: Option<Spanned<RawNotify>>,
+    on: Option<Spanned<String>>,
     when: Option<Spanned<toml::Value>>,
     unless: Option<Spanned<toml::Value>>,
     timeout: Option<Spanned<String>>,
@@ -229,11 +368,13 @@ pub fn parse(path: &Path, source: &str) -> Result<Config> {
     };
     let defaults = v.defaults(raw.defaults);
     let tasks = v.tasks(raw.tasks.0, &defaults);
+    let required_env = v.required_env(raw.require);
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
             defaults,
             tasks,
+            required_env,
         })
     } else {
         Err(invalid(v.problems))
@@ -337,6 +478,24 @@ impl Validator<'_> {
         }
     }
 
+    fn required_env(&mut self, raw: Option<RawRequire>) -> Vec<String> {
+        let mut names = Vec::new();
+        for name in raw.map(|r| r.env).unwrap_or_default() {
+            if crate::gate::is_var_name(name.get_ref()) {
+                names.push(name.into_inner());
+            } else {
+                self.report(
+                    Some(name.span()),
+                    format!(
+                        "[require] env: {:?} is not an environment variable name; use letters, digits and _",
+                        name.get_ref()
+                    ),
+                );
+            }
+        }
+        names
+    }
+
     fn tasks(
         &mut self,
         raw: Vec<(Spanned<String>, Spanned<RawTask>)>,
@@ -370,15 +529,40 @@ impl Validator<'_> {
         raw: RawTask,
         defaults: &Defaults,
     ) -> Task {
-        let command = match raw.run {
-            None => {
+        let command = match (raw.run, raw.notify) {
+            (None, None) => {
                 self.report(
                     Some(span.clone()),
-                    format!("task `{name}` has no `run`; add the command, like run = \"bundle exec rails db:migrate\""),
+                    format!(
+                        "task `{name}` has no `run`; add the command, like run = \"bundle exec rails db:migrate\" (or `notify` for a webhook)"
+                    ),
                 );
                 Command::Exec(Vec::new())
             }
-            Some(run) => self.command(&name, run, defaults),
+            (Some(run), Some(_)) => {
+                self.report(
+                    Some(run.span()),
+                    format!("task `{name}` has both `run` and `notify`; a task does one of them, so split it in two"),
+                );
+                Command::Exec(Vec::new())
+            }
+            (Some(run), None) => self.command(&name, run, defaults),
+            (None, Some(notify)) => self.notify(&name, notify),
+        };
+        let on = match raw.on {
+            None => On::Success,
+            Some(on) => match on.get_ref().as_str() {
+                "success" => On::Success,
+                "failure" => On::Failure,
+                "always" => On::Always,
+                other => {
+                    self.report(
+                        Some(on.span()),
+                        format!("task `{name}`: `on = {other:?}` is not one of \"success\", \"failure\" or \"always\""),
+                    );
+                    On::Success
+                }
+            },
         };
         let when = raw.when.and_then(|g| self.gate(&name, "when", &g));
         let unless = raw.unless.and_then(|g| self.gate(&name, "unless", &g));
@@ -414,6 +598,7 @@ impl Validator<'_> {
             when,
             unless,
             allow_failure: raw.allow_failure,
+            on,
             env: raw.env,
             dir,
         }
@@ -457,6 +642,50 @@ impl Validator<'_> {
                 Command::Exec(Vec::new())
             }
         }
+    }
+
+    fn notify(&mut self, name: &str, raw: Spanned<RawNotify>) -> Command {
+        let raw = raw.into_inner();
+        let url = match Template::parse(raw.url.get_ref()) {
+            Ok(url)
+                if url.raw.starts_with("http://")
+                    || url.raw.starts_with("https://")
+                    || url.raw.starts_with("${") =>
+            {
+                url
+            }
+            Ok(_) => {
+                self.report(
+                    Some(raw.url.span()),
+                    format!("task `{name}`: notify url must start with http:// or https://, or be a ${{VARIABLE}} that holds one"),
+                );
+                Template { raw: String::new() }
+            }
+            Err(message) => {
+                self.report(
+                    Some(raw.url.span()),
+                    format!("task `{name}`: notify url: {message}"),
+                );
+                Template { raw: String::new() }
+            }
+        };
+        let mut headers = Vec::with_capacity(raw.headers.len());
+        for (key, value) in &raw.headers {
+            match Template::parse(value.get_ref()) {
+                Ok(t) => headers.push((key.clone(), t)),
+                Err(message) => self.report(
+                    Some(value.span()),
+                    format!("task `{name}`: notify header {key}: {message}"),
+                ),
+            }
+        }
+        Command::Notify(Notify {
+            url,
+            headers,
+            format: raw.format.unwrap_or(NotifyFormat::Json),
+            timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(10)),
+            retries: raw.retries.unwrap_or(3).min(10),
+        })
     }
 
     fn gate(&mut self, name: &str, key: &str, value: &Spanned<toml::Value>) -> Option<Gate> {

@@ -34,8 +34,9 @@ pub enum Error {
         path: PathBuf,
         problems: Vec<Diagnostic>,
     },
-    /// A gate's variable holds a value release-tasks refuses to guess about (`ture`, `2`).
-    GateValue { problems: Vec<String> },
+    /// The environment is not ready: a gate variable holds a value release-tasks refuses to guess
+    /// about (`ture`, `2`), a `[require] env` variable is missing, or a `${VAR}` is unset.
+    Environment { problems: Vec<String> },
     /// Bad command-line usage, or a bad `RELEASE_TASKS_*` setting.
     Usage(String),
     /// release-tasks itself could not go on (an I/O error, a failed system call).
@@ -50,7 +51,7 @@ impl Error {
             Error::ConfigMissing { .. }
             | Error::ConfigUnreadable { .. }
             | Error::ConfigInvalid { .. }
-            | Error::GateValue { .. } => EXIT_CONFIG,
+            | Error::Environment { .. } => EXIT_CONFIG,
             Error::Usage(_) => EXIT_USAGE,
             Error::Internal(_) => EXIT_INTERNAL,
         }
@@ -89,8 +90,11 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::GateValue { problems } => {
-                write!(f, "invalid gate value; nothing was run")?;
+            Error::Environment { problems } => {
+                write!(
+                    f,
+                    "the environment is not ready for this release; nothing was run"
+                )?;
                 for p in problems {
                     write!(f, "\n  {p}")?;
                 }

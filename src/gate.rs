@@ -218,11 +218,17 @@ impl Condition {
     }
 }
 
-fn check_var(name: &str) -> Result<String, String> {
-    let valid = !name.is_empty()
+/// Whether `name` can be an environment variable's name in a gate: letters, digits and `_`, not
+/// starting with a digit.
+#[must_use]
+pub fn is_var_name(name: &str) -> bool {
+    !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_var(name: &str) -> Result<String, String> {
+    if is_var_name(name) {
         Ok(name.to_owned())
     } else {
         Err(format!(

@@ -8,6 +8,8 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod log;
+pub mod metadata;
+pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod process;
@@ -53,8 +55,15 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Run => {
+            // Open the report files first: a path that cannot be written is found before anything runs.
+            let report_files = open_report_files(settings)?;
             process::become_subreaper();
+            let meta = metadata::Metadata::from_env(env);
             tracing::info!(
+                app = meta.app.as_deref(),
+                version = meta.version.as_deref(),
+                commit = meta.commit.as_deref(),
+                platform = meta.platform,
                 config = %config.path.display(),
                 tasks = config.tasks.len(),
                 to_run = plan.to_run().count(),
@@ -64,9 +73,47 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .enable_all()
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            let report = runtime.block_on(run::run(&plan, &config.defaults))?;
+            let report = runtime.block_on(run::run(&plan, &config.defaults, meta))?;
             report.log_summary();
+            write_reports(report_files, &report);
             Ok(report.exit_code())
+        }
+    }
+}
+
+/// The `--report` and `--junit` files, created (empty) before the release starts.
+struct ReportFiles {
+    json: Option<(std::path::PathBuf, std::fs::File)>,
+    junit: Option<(std::path::PathBuf, std::fs::File)>,
+}
+
+fn open_report_files(settings: &Settings) -> Result<ReportFiles> {
+    let open = |path: Option<&std::path::PathBuf>, flag: &str| -> Result<_> {
+        path.map(|p| {
+            std::fs::File::create(p).map(|f| (p.clone(), f)).map_err(|e| {
+                error::Error::Usage(format!(
+                    "{flag} {}: cannot create the file ({e}); check that its directory exists and is writable",
+                    p.display()
+                ))
+            })
+        })
+        .transpose()
+    };
+    Ok(ReportFiles {
+        json: open(settings.report.as_ref(), "--report")?,
+        junit: open(settings.junit.as_ref(), "--junit")?,
+    })
+}
+
+/// Writes the report files; a failure is logged, since the release itself has already ended.
+fn write_reports(files: ReportFiles, report: &report::Report) {
+    let mut json = report.to_json().to_string();
+    json.push('\n');
+    for (file, contents) in [(files.json, json), (files.junit, report.to_junit())] {
+        if let Some((path, mut file)) = file {
+            if let Err(err) = file.write_all(contents.as_bytes()) {
+                tracing::error!(path = %path.display(), error = %err, "cannot write the report file");
+            }
         }
     }
 }

@@ -4,9 +4,10 @@
 //! Planning is pure and runs before anything starts, so a gate typo stops the release while nothing
 //! has run yet, and `plan` can show exactly what `run` would do.
 
-use crate::config::{Config, Task};
+use crate::config::{Command, Config, Task};
 use crate::error::{Error, Result};
 use crate::gate::{Env, Verdict};
+use crate::notify::Webhook;
 
 /// Which tasks the user picked on the command line (or through `RELEASE_TASKS_ONLY`/`_SKIP`).
 #[derive(Debug, Clone, Default)]
@@ -28,6 +29,8 @@ pub struct Step {
     pub run: bool,
     /// Why it runs or is skipped, for people: the rule, the variable and its (redacted) value.
     pub reason: String,
+    /// For a notify task that runs: its webhook, `${VAR}`s expanded.
+    pub webhook: Option<Webhook>,
 }
 
 impl Plan {
@@ -55,7 +58,18 @@ impl Plan {
             }
         }
 
-        let mut bad_values = Vec::new();
+        let mut bad_values: Vec<String> = config
+            .required_env
+            .iter()
+            .filter(|name| env.get(name.as_str()).is_none_or(String::is_empty))
+            .map(|name| {
+                format!(
+                    "{name} is required by [require] env in {} but is {}; set it in the app's config vars",
+                    config.path.display(),
+                    if env.contains_key(name.as_str()) { "empty" } else { "not set" }
+                )
+            })
+            .collect();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {
             let mut explain =
@@ -77,16 +91,27 @@ impl Plan {
                 when.flatten().as_ref(),
                 unless.flatten().as_ref(),
             );
+            let webhook = match &task.command {
+                Command::Notify(notify) if run => match Webhook::resolve(notify, env) {
+                    Ok(webhook) => Some(webhook),
+                    Err(message) => {
+                        bad_values.push(format!("task `{}`: {message}", task.name));
+                        None
+                    }
+                },
+                _ => None,
+            };
             steps.push(Step {
                 task: task.clone(),
                 run,
                 reason,
+                webhook,
             });
         }
         if bad_values.is_empty() {
             Ok(Plan { steps })
         } else {
-            Err(Error::GateValue {
+            Err(Error::Environment {
                 problems: bad_values,
             })
         }

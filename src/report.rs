@@ -2,9 +2,13 @@
 //! place), and the summary logged at the end.
 
 use std::fmt;
-use std::time::Duration;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::metadata::Metadata;
 
 /// Exit status of a release whose task timed out (as GNU timeout).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -30,6 +34,8 @@ pub enum Outcome {
         code: i32,
         reason: String,
     },
+    /// A notify task whose webhook did not take the report (exit status 1).
+    NotDelivered(String),
     /// Its gate or the selection said not to run it.
     Skipped(String),
     /// Not started because the release had already failed or was interrupted.
@@ -42,7 +48,7 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Succeeded => "succeeded",
-            Outcome::Failed(_) => "failed",
+            Outcome::Failed(_) | Outcome::NotDelivered(_) => "failed",
             Outcome::Signaled(_) => "killed",
             Outcome::TimedOut => "timed-out",
             Outcome::Interrupted(_) => "interrupted",
@@ -60,6 +66,7 @@ impl Outcome {
             Outcome::Failed(code) | Outcome::CouldNotStart { code, .. } => Some(*code),
             Outcome::Signaled(sig) | Outcome::Interrupted(sig) => Some(128 + *sig as i32),
             Outcome::TimedOut => Some(EXIT_TIMEOUT),
+            Outcome::NotDelivered(_) => Some(1),
             Outcome::Skipped(_) | Outcome::NotRun => None,
         }
     }
@@ -83,6 +90,7 @@ impl fmt::Display for Outcome {
             Outcome::TimedOut => f.write_str("timed out"),
             Outcome::Interrupted(sig) => write!(f, "stopped because release-tasks received {sig}"),
             Outcome::CouldNotStart { reason, .. } => write!(f, "could not start: {reason}"),
+            Outcome::NotDelivered(reason) => write!(f, "not delivered: {reason}"),
             Outcome::Skipped(reason) => write!(f, "skipped ({reason})"),
             Outcome::NotRun => f.write_str("not run: the release had already stopped"),
         }
@@ -99,8 +107,10 @@ pub struct TaskReport {
 }
 
 /// The whole release.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Report {
+    pub meta: Metadata,
+    pub started_at: SystemTime,
     pub tasks: Vec<TaskReport>,
     /// Set when release-tasks itself received a stopping signal.
     pub interrupted: Option<Signal>,
@@ -108,6 +118,89 @@ pub struct Report {
 }
 
 impl Report {
+    /// An empty report for a release starting now.
+    #[must_use]
+    pub fn new(meta: Metadata) -> Report {
+        Report {
+            meta,
+            started_at: SystemTime::now(),
+            tasks: Vec::new(),
+            interrupted: None,
+            duration: Duration::ZERO,
+        }
+    }
+
+    /// The report as the JSON document that notify tasks POST and `--report` writes.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        let finished_at = self.started_at + self.duration;
+        let tasks: Vec<serde_json::Value> = self
+            .tasks
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "outcome": t.outcome.label(),
+                    "exit_code": t.outcome.exit_code(),
+                    "duration_ms": t.duration.as_millis() as u64,
+                    "allow_failure": t.allow_failure,
+                    "detail": t.outcome.to_string(),
+                })
+            })
+            .collect();
+        json!({
+            "status": if self.succeeded() { "succeeded" } else { "failed" },
+            "exit_code": self.exit_code(),
+            "app": self.meta.app,
+            "version": self.meta.version,
+            "commit": self.meta.commit,
+            "platform": self.meta.platform,
+            "started_at": humantime::format_rfc3339_millis(self.started_at).to_string(),
+            "finished_at": humantime::format_rfc3339_millis(finished_at).to_string(),
+            "duration_ms": self.duration.as_millis() as u64,
+            "failed_task": self.failed_task().map(|t| t.name.as_str()),
+            "interrupted_by": self.interrupted.map(Signal::as_str),
+            "tasks": tasks,
+        })
+    }
+
+    /// The report as `JUnit` XML: one test case per task, for CI systems that show those.
+    #[must_use]
+    pub fn to_junit(&self) -> String {
+        let failures = self.tasks.iter().filter(|t| t.outcome.is_failure()).count();
+        let skipped = self
+            .tasks
+            .iter()
+            .filter(|t| t.outcome.exit_code().is_none())
+            .count();
+        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        let _ = writeln!(
+            xml,
+            "<testsuites><testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\">",
+            xml_escape(&self.meta.title()),
+            self.tasks.len(),
+            self.duration.as_secs_f64()
+        );
+        for t in &self.tasks {
+            let _ = write!(
+                xml,
+                "  <testcase classname=\"release-tasks\" name=\"{}\" time=\"{:.3}\"",
+                xml_escape(&t.name),
+                t.duration.as_secs_f64()
+            );
+            let detail = xml_escape(&t.outcome.to_string());
+            if t.outcome.is_failure() {
+                let _ = writeln!(xml, "><failure message=\"{detail}\"/></testcase>");
+            } else if t.outcome.exit_code().is_none() {
+                let _ = writeln!(xml, "><skipped message=\"{detail}\"/></testcase>");
+            } else {
+                xml.push_str("/>\n");
+            }
+        }
+        xml.push_str("</testsuite></testsuites>\n");
+        xml
+    }
+
     /// The first task whose failure fails the release.
     #[must_use]
     pub fn failed_task(&self) -> Option<&TaskReport> {
@@ -178,6 +271,22 @@ impl Report {
     }
 }
 
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if c.is_control() && c != '\n' && c != '\t' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +302,7 @@ mod tests {
 
     #[test]
     fn exit_code_is_the_first_required_failure() {
-        let mut r = Report::default();
+        let mut r = Report::new(Metadata::default());
         assert_eq!(r.exit_code(), 0);
         r.tasks.push(task("a", Outcome::Failed(3), true));
         r.tasks.push(task("b", Outcome::Skipped("x".into()), false));
@@ -218,5 +327,24 @@ mod tests {
             Some(127)
         );
         assert_eq!(Outcome::NotRun.exit_code(), None);
+    }
+
+    #[test]
+    fn json_and_junit_renderings() {
+        let mut r = Report::new(Metadata::default());
+        r.tasks.push(task("migrate", Outcome::Failed(3), false));
+        r.tasks
+            .push(task("seed <x>", Outcome::Skipped("off".into()), false));
+        let j = r.to_json();
+        assert_eq!(j["status"], "failed");
+        assert_eq!(j["failed_task"], "migrate");
+        assert_eq!(j["tasks"][0]["exit_code"], 3);
+        assert_eq!(j["tasks"][1]["exit_code"], serde_json::Value::Null);
+        let x = r.to_junit();
+        assert!(
+            x.contains("tests=\"2\" failures=\"1\" skipped=\"1\""),
+            "{x}"
+        );
+        assert!(x.contains("name=\"seed &lt;x&gt;\""), "{x}");
     }
 }

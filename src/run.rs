@@ -14,7 +14,9 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tokio::time::sleep_until;
 
-use crate::config::{Defaults, Task};
+use crate::config::{Defaults, On, Task};
+use crate::metadata::Metadata;
+use crate::notify::Webhook;
 use crate::output::{Pump, Target};
 use crate::plan::Plan;
 use crate::process::{self, Guardian, TaskProcesses};
@@ -27,39 +29,62 @@ const CLEANUP_POLL: Duration = Duration::from_millis(20);
 const AFTER_KILL: Duration = Duration::from_secs(1);
 
 /// Runs the plan and reports what happened. `Err` only for release-tasks's own failures.
-pub async fn run(plan: &Plan, defaults: &Defaults) -> anyhow::Result<Report> {
+pub async fn run(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
         signals: Signals::install()?,
         guardian: None,
         exited: HashMap::new(),
         interrupted: None,
+        stopping_signals: 0,
         release_deadline: started + defaults.release_timeout,
         release_timeout: defaults.release_timeout,
         heartbeat: defaults.heartbeat,
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
-    let mut report = Report::default();
-    let mut stopped = false;
+    let mut report = Report::new(meta);
     for step in &plan.steps {
         runner.take_pending_events();
         let task = &step.task;
-        let (outcome, duration) = if !step.run {
+        let release_failed = report.failed_task().is_some() || runner.interrupted.is_some();
+        let t0 = Instant::now();
+        let outcome = if !step.run {
             tracing::info!(task = %task.name, reason = %step.reason, "task skipped");
-            (Outcome::Skipped(step.reason.clone()), Duration::ZERO)
-        } else if stopped
-            || runner.interrupted.is_some()
-            || Instant::now() >= runner.release_deadline
-        {
-            (Outcome::NotRun, Duration::ZERO)
+            Outcome::Skipped(step.reason.clone())
+        } else if runner.stopping_signals >= 2 {
+            Outcome::NotRun
+        } else if !task.on.runs(release_failed) {
+            if task.on == On::Failure {
+                let reason = "on = \"failure\" and the release has not failed".to_owned();
+                tracing::info!(task = %task.name, reason = %reason, "task skipped");
+                Outcome::Skipped(reason)
+            } else {
+                Outcome::NotRun
+            }
+        } else if !release_failed && Instant::now() >= runner.release_deadline {
+            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+            Outcome::TimedOut
         } else {
-            let t0 = Instant::now();
-            let outcome = runner.run_task(task).await?;
-            (outcome, t0.elapsed())
+            // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
+            // of the release's: they are how the failure gets cleaned up and told.
+            let release_deadline = (!release_failed).then_some(runner.release_deadline);
+            match &step.webhook {
+                Some(webhook) => {
+                    let mut so_far = report.clone();
+                    so_far.duration = started.elapsed();
+                    so_far.interrupted = runner.interrupted;
+                    runner
+                        .run_notify(task, webhook, &so_far, release_deadline)
+                        .await
+                }
+                None => runner.run_task(task, release_deadline).await?,
+            }
         };
-        if outcome.is_failure() && !task.allow_failure {
-            stopped = true;
-        }
+        let duration = if outcome.exit_code().is_some() {
+            t0.elapsed()
+        } else {
+            Duration::ZERO
+        };
         report.tasks.push(TaskReport {
             name: task.name.clone(),
             outcome,
@@ -79,6 +104,8 @@ struct Runner {
     exited: HashMap<Pid, WaitStatus>,
     /// The first stopping signal release-tasks received.
     interrupted: Option<Signal>,
+    /// How many stopping signals arrived; after the second nothing more starts.
+    stopping_signals: u32,
     release_deadline: Instant,
     release_timeout: Duration,
     heartbeat: Duration,
@@ -94,7 +121,11 @@ struct Stopping {
 }
 
 impl Runner {
-    async fn run_task(&mut self, task: &Task) -> anyhow::Result<Outcome> {
+    async fn run_task(
+        &mut self,
+        task: &Task,
+        release_deadline: Option<Instant>,
+    ) -> anyhow::Result<Outcome> {
         let command = crate::redact::urls_in(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
         if self.guardian.is_none() {
@@ -127,7 +158,7 @@ impl Runner {
         ];
 
         let task_deadline = started + task.timeout;
-        let deadline = task_deadline.min(self.release_deadline);
+        let deadline = release_deadline.map_or(task_deadline, |r| task_deadline.min(r));
         let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
         let mut stop = Stopping::default();
         let mut timed_out = false;
@@ -279,7 +310,8 @@ impl Runner {
             }
             return;
         }
-        let again = self.interrupted.is_some() && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
+        self.stopping_signals += 1;
+        let again = self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
         if self.interrupted.is_none() {
             self.interrupted = Some(sig);
         }
@@ -302,6 +334,59 @@ impl Runner {
             let kill_at = Instant::now() + grace;
             stop.kill_at = Some(stop.kill_at.map_or(kill_at, |t| t.min(kill_at)));
         }
+    }
+
+    /// Runs a notify task: the report so far, sent from a helper thread (the HTTP client blocks)
+    /// while the run loop keeps handling signals and the deadline.
+    async fn run_notify(
+        &mut self,
+        task: &Task,
+        webhook: &Webhook,
+        report: &Report,
+        release_deadline: Option<Instant>,
+    ) -> Outcome {
+        tracing::info!(
+            task = %task.name, url = %webhook.shown_url(), format = %webhook.format,
+            retries = webhook.retries, "task started"
+        );
+        let started = Instant::now();
+        let body = webhook.body(report);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let (hook, name) = (webhook.clone(), task.name.clone());
+        let sender = std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || {
+                let _ = tx.send(hook.deliver(&name, &body));
+            });
+        let outcome = if let Err(err) = sender {
+            Outcome::NotDelivered(format!("cannot start the sending thread: {err}"))
+        } else {
+            let task_deadline = started + task.timeout;
+            let deadline = release_deadline.map_or(task_deadline, |r| task_deadline.min(r));
+            let mut stop = Stopping::default();
+            loop {
+                tokio::select! {
+                    biased;
+                    event = self.signals.next() => {
+                        self.on_event(event, None, &mut stop, task.grace);
+                        if let (Some(sig), true) = (self.interrupted, self.stopping_signals >= 2) {
+                            break Outcome::Interrupted(sig);
+                        }
+                    }
+                    result = &mut rx => break match result {
+                        Ok(Ok(status)) => {
+                            tracing::info!(task = %task.name, status, "the webhook took the report");
+                            Outcome::Succeeded
+                        }
+                        Ok(Err(why)) => Outcome::NotDelivered(why),
+                        Err(_) => Outcome::NotDelivered("the sending thread stopped".into()),
+                    },
+                    () = sleep_until(deadline.into()) => break Outcome::TimedOut,
+                }
+            }
+        };
+        Self::log_finished(task, &outcome, started.elapsed());
+        outcome
     }
 
     /// Handles events that queued up while no task was running, without waiting for more.

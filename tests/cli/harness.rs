@@ -57,6 +57,16 @@ impl Output {
     }
 
     #[track_caller]
+    pub fn stderr_lacks(&self, needle: &str) -> &Self {
+        assert!(
+            !self.stderr.contains(needle),
+            "stderr has {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
     pub fn stdout_has(&self, needle: &str) -> &Self {
         assert!(
             self.stdout().contains(needle),

@@ -4,3 +4,5 @@
 mod core;
 mod faults;
 mod harness;
+mod notify;
+mod webhook;

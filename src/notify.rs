@@ -1,0 +1,175 @@
+//! The built-in notify task: the release report `POSTed` to a webhook (JSON, or Slack's `text`), with
+//! retries on connection errors and 5xx answers.
+//!
+//! The URL and header values are credentials (a Slack hook URL is one), so nothing here logs them:
+//! messages show the URL through `redact::url` and scrub the HTTP client's errors.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::config::{Notify, NotifyFormat};
+use crate::gate::Env;
+use crate::redact;
+use crate::report::Report;
+
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// The first wait between attempts; it doubles after each.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A notify task with its `${VAR}`s expanded: ready to send.
+#[derive(Clone)]
+pub struct Webhook {
+    url: String,
+    headers: Vec<(String, String)>,
+    pub format: NotifyFormat,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL or the header values, even in a debug print.
+        f.debug_struct("Webhook")
+            .field("url", &self.shown_url())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    /// Expands the notify task's URL and headers from `env`. The error names what is missing.
+    pub fn resolve(notify: &Notify, env: &Env) -> Result<Webhook, String> {
+        let unset = |var: String, place: &str| {
+            format!("{place} uses ${{{var}}}, which is not set; set it in the app's config vars")
+        };
+        let url = notify.url.expand(env).map_err(|v| unset(v, "notify url"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "notify url {} does not start with http:// or https://",
+                redact::url(&url)
+            ));
+        }
+        let mut headers = Vec::with_capacity(notify.headers.len());
+        for (name, value) in &notify.headers {
+            let value = value
+                .expand(env)
+                .map_err(|v| unset(v, &format!("notify header {name}")))?;
+            headers.push((name.clone(), value));
+        }
+        Ok(Webhook {
+            url,
+            headers,
+            format: notify.format,
+            timeout: notify.timeout,
+            retries: notify.retries,
+        })
+    }
+
+    /// The URL as it may be shown: scheme and host only.
+    #[must_use]
+    pub fn shown_url(&self) -> String {
+        redact::url(&self.url)
+    }
+
+    /// The request body for `report`.
+    #[must_use]
+    pub fn body(&self, report: &Report) -> Vec<u8> {
+        match self.format {
+            NotifyFormat::Json => report.to_json().to_string().into_bytes(),
+            NotifyFormat::Slack => serde_json::json!({ "text": slack_text(report) })
+                .to_string()
+                .into_bytes(),
+        }
+    }
+
+    /// POSTs `body`, retrying connection errors and 5xx answers with backoff. Blocking: call it off
+    /// the run loop's thread. Returns the final HTTP status, or why it was not delivered.
+    pub fn deliver(&self, task: &str, body: &[u8]) -> Result<u16, String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(self.timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("release-tasks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut request = agent
+                .post(&self.url)
+                .header("Content-Type", "application/json");
+            for (name, value) in &self.headers {
+                request = request.header(name.as_str(), value.as_str());
+            }
+            let (retryable, why) = match request.send(body) {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    if (200..300).contains(&status) {
+                        return Ok(status);
+                    }
+                    (status >= 500, format!("the webhook answered HTTP {status}"))
+                }
+                Err(err) => (
+                    true,
+                    format!("cannot reach the webhook: {}", self.scrub(&err.to_string())),
+                ),
+            };
+            if !retryable || attempt > self.retries {
+                let tries = if attempt == 1 {
+                    String::new()
+                } else {
+                    format!(" after {attempt} attempts")
+                };
+                return Err(format!("{why}{tries} ({})", self.shown_url()));
+            }
+            tracing::warn!(
+                task, attempt, url = %self.shown_url(), error = %why,
+                retry_in_ms = backoff.as_millis() as u64,
+                "webhook not reached; retrying"
+            );
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// `text` with the URL and header values hidden (the HTTP client's errors may quote them).
+    fn scrub(&self, text: &str) -> String {
+        let mut secrets: Vec<String> = self.headers.iter().map(|(_, v)| v.clone()).collect();
+        secrets.push(self.url.clone());
+        redact::urls_in(&redact::scrub(text, &secrets))
+    }
+}
+
+/// A readable summary for chat: the release, its status, and each task's outcome.
+fn slack_text(report: &Report) -> String {
+    let title = report.meta.title();
+    let seconds = report.duration.as_secs_f64();
+    let mut text = if report.succeeded() {
+        format!(":white_check_mark: {title} released in {seconds:.1}s")
+    } else {
+        let failed = report.failed_task().map_or_else(
+            || "the release was stopped".to_owned(),
+            |t| format!("task `{}` {}", t.name, t.outcome),
+        );
+        format!(
+            ":x: {title} failed after {seconds:.1}s: {failed} (exit status {})",
+            report.exit_code()
+        )
+    };
+    for t in &report.tasks {
+        let _ = write!(
+            text,
+            "
+• {}: {} ({:.1}s)",
+            t.name,
+            t.outcome,
+            t.duration.as_secs_f64()
+        );
+    }
+    text
+}
