@@ -69,11 +69,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 to_run = plan.to_run().count(),
                 "release started"
             );
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            let report = runtime.block_on(run::run(&plan, &config.defaults, meta))?;
+            let report = run::run_release(&plan, &config.defaults, meta)?;
             report.log_summary();
             write_reports(report_files, &report);
             Ok(report.exit_code())

@@ -8,6 +8,7 @@
 //! visible while its task hangs. Each stream is pumped by its own thread, so a slow reader of
 //! release-tasks's output can never delay a timeout or a signal in the run loop.
 
+use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,7 +24,10 @@ pub const PARTIAL_FLUSH: Duration = Duration::from_millis(200);
 /// The longest piece of one line held in memory; longer lines are written in pieces of this size.
 const MAX_PENDING: usize = 64 * 1024;
 /// Size of one read from a task's pipe.
-const READ_SIZE: usize = 64 * 1024;
+const READ_SIZE: usize = 256 * 1024;
+/// The capacity asked for a task's output pipes: fewer wake-ups for a chatty task (Linux's default
+/// is 64 KiB; a smaller grant is fine).
+const PIPE_SIZE: i32 = 1024 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
 
@@ -70,7 +74,22 @@ pub fn write(target: Target, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Turns a byte stream into prefixed lines. Pure: the pump feeds it and writes what it returns.
+/// Where one piece of output comes from: the pieces of a batch, written in one `writev`, are whole
+/// lines, so nothing is copied on the way through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// The `name | ` prefix.
+    Prefix,
+    /// The partial line held from earlier reads.
+    Pending,
+    /// `data[start..end]` of the chunk just fed.
+    Data(usize, usize),
+    /// A newline added at the end of a stream that ended mid-line.
+    Newline,
+}
+
+/// Splits a byte stream into prefixed lines. Pure: the pump feeds it chunks, writes the pieces it
+/// returns, then calls [`settle`](Lines::settle).
 #[derive(Debug)]
 pub struct Lines {
     prefix: Vec<u8>,
@@ -78,6 +97,11 @@ pub struct Lines {
     at_line_start: bool,
     pending: Vec<u8>,
     pending_since: Option<Instant>,
+    /// Whether the pieces handed out include `Pending` (so it is dropped on `settle`).
+    pending_out: bool,
+    /// Where the unwritten tail of the last chunk starts, and when it was fed.
+    tail_from: usize,
+    fed_at: Option<Instant>,
 }
 
 impl Lines {
@@ -88,45 +112,69 @@ impl Lines {
             at_line_start: true,
             pending: Vec::new(),
             pending_since: None,
+            pending_out: false,
+            tail_from: 0,
+            fed_at: None,
         }
     }
 
-    /// Appends to `out` every complete line in `data` (after what was pending), and keeps the rest.
-    pub fn feed(&mut self, data: &[u8], now: Instant, out: &mut Vec<u8>) {
-        let mut rest = data;
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            self.emit_pending(out);
-            self.start_line(out);
-            out.extend_from_slice(&rest[..=i]);
+    /// Appends to `pieces` every complete line in `data` (after the pending partial line).
+    pub fn feed(&mut self, data: &[u8], now: Instant, pieces: &mut Vec<Piece>) {
+        let mut start = 0;
+        while let Some(i) = memchr::memchr(b'\n', &data[start..]) {
+            let end = start + i + 1;
+            self.start_line(pieces);
+            if !self.pending.is_empty() && !self.pending_out {
+                pieces.push(Piece::Pending);
+                self.pending_out = true;
+            }
+            pieces.push(Piece::Data(start, end));
             self.at_line_start = true;
-            rest = &rest[i + 1..];
+            start = end;
         }
-        if rest.is_empty() {
-            return;
+        self.tail_from = start;
+        self.fed_at = Some(now);
+    }
+
+    /// After the pieces were written: forgets the pending bytes they included and keeps the tail of
+    /// `data` (the chunk last fed, or empty after a flush) as the new partial line.
+    pub fn settle(&mut self, data: &[u8]) {
+        if self.pending_out {
+            self.pending.clear();
+            self.pending_since = None;
+            self.pending_out = false;
         }
-        if self.pending.is_empty() {
-            self.pending_since = Some(now);
+        let tail = data.get(self.tail_from..).unwrap_or_default();
+        if !tail.is_empty() {
+            if self.pending.is_empty() {
+                self.pending_since = self.fed_at;
+            }
+            self.pending.extend_from_slice(tail);
         }
-        self.pending.extend_from_slice(rest);
-        if self.pending.len() >= MAX_PENDING {
-            self.flush(out);
+        self.tail_from = 0;
+    }
+
+    /// Whether the partial line has grown to [`MAX_PENDING`] and must be flushed to bound memory.
+    #[must_use]
+    pub fn over_limit(&self) -> bool {
+        self.pending.len() >= MAX_PENDING
+    }
+
+    /// Appends the pending partial line, if any; the rest of that line will follow unprefixed.
+    pub fn flush(&mut self, pieces: &mut Vec<Piece>) {
+        if !self.pending.is_empty() && !self.pending_out {
+            self.start_line(pieces);
+            pieces.push(Piece::Pending);
+            self.pending_out = true;
         }
     }
 
-    /// Writes out the pending partial line, if any; the rest of that line will follow unprefixed.
-    pub fn flush(&mut self, out: &mut Vec<u8>) {
-        if !self.pending.is_empty() {
-            self.emit_pending(out);
-            self.at_line_start = false;
-        }
-    }
-
-    /// Ends the stream: writes the pending partial line, then a newline if the stream stopped in the
-    /// middle of a line, so that the next line (another task's, a log line) starts on its own.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
-        self.flush(out);
+    /// Ends the stream: the pending partial line, then a newline if the stream stopped in the middle
+    /// of a line, so that the next line (another task's, a log line) starts on its own.
+    pub fn finish(&mut self, pieces: &mut Vec<Piece>) {
+        self.flush(pieces);
         if !self.at_line_start {
-            out.push(b'\n');
+            pieces.push(Piece::Newline);
             self.at_line_start = true;
         }
     }
@@ -137,18 +185,25 @@ impl Lines {
         self.pending_since.map(|t| t + PARTIAL_FLUSH)
     }
 
-    fn emit_pending(&mut self, out: &mut Vec<u8>) {
-        if !self.pending.is_empty() {
-            self.start_line(out);
-            out.append(&mut self.pending);
-            self.at_line_start = false;
-        }
-        self.pending_since = None;
+    /// The bytes of `pieces`, for a `writev` (`data` is the chunk they were fed from).
+    #[must_use]
+    pub fn slices<'a>(&'a self, pieces: &[Piece], data: &'a [u8]) -> Vec<IoSlice<'a>> {
+        pieces
+            .iter()
+            .map(|piece| {
+                IoSlice::new(match *piece {
+                    Piece::Prefix => &self.prefix,
+                    Piece::Pending => &self.pending,
+                    Piece::Data(start, end) => &data[start..end],
+                    Piece::Newline => b"\n",
+                })
+            })
+            .collect()
     }
 
-    fn start_line(&mut self, out: &mut Vec<u8>) {
+    fn start_line(&mut self, pieces: &mut Vec<Piece>) {
         if self.at_line_start {
-            out.extend_from_slice(&self.prefix);
+            pieces.push(Piece::Prefix);
             self.at_line_start = false;
         }
     }
@@ -165,6 +220,7 @@ pub struct Pump {
 impl Pump {
     /// Starts copying `source` to `target`, each line prefixed with `prefix`.
     pub fn start(source: OwnedFd, target: Target, prefix: Vec<u8>) -> std::io::Result<Pump> {
+        let _ = fcntl(&source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         let (stop_read, stop_write) = unistd::pipe2(OFlag::O_CLOEXEC)?;
         let (tx, rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -205,14 +261,10 @@ impl Pump {
 
 fn pump(source: &OwnedFd, stop: &OwnedFd, target: Target, mut lines: Lines) {
     let mut buf = vec![0u8; READ_SIZE];
-    let mut out = Vec::with_capacity(READ_SIZE * 2);
-    let mut sink_open = true;
-    let mut emit = |out: &mut Vec<u8>| {
-        if sink_open && !out.is_empty() && write(target, out).is_err() {
-            // Our own output is gone (a closed pipe): keep draining the task so it never blocks.
-            sink_open = false;
-        }
-        out.clear();
+    let mut sink = Sink {
+        target,
+        open: true,
+        pieces: Vec::new(),
     };
     loop {
         let timeout = match lines.flush_due() {
@@ -230,8 +282,7 @@ fn pump(source: &OwnedFd, stop: &OwnedFd, target: Target, mut lines: Lines) {
             Err(Errno::EINTR) => continue,
             Err(_) => break,
             Ok(0) => {
-                lines.flush(&mut out);
-                emit(&mut out);
+                sink.emit(&mut lines, &[], Lines::flush);
                 continue;
             }
             Ok(_) => {}
@@ -241,26 +292,81 @@ fn pump(source: &OwnedFd, stop: &OwnedFd, target: Target, mut lines: Lines) {
         if readable {
             match unistd::read(source, &mut buf) {
                 Ok(0) => break,
-                Ok(n) => {
-                    lines.feed(&buf[..n], Instant::now(), &mut out);
-                    emit(&mut out);
-                }
+                Ok(n) => sink.feed(&mut lines, &buf[..n]),
                 Err(Errno::EINTR | Errno::EAGAIN) => {}
                 Err(_) => break,
             }
         }
         if stop_now {
-            drain(source, &mut buf, &mut lines, &mut out);
-            emit(&mut out);
+            drain(source, &mut buf, &mut lines, &mut sink);
             break;
         }
     }
-    lines.finish(&mut out);
-    emit(&mut out);
+    sink.emit(&mut lines, &[], Lines::finish);
+}
+
+/// Writes the pieces that [`Lines`] hands out, until our own output turns out to be closed.
+struct Sink {
+    target: Target,
+    open: bool,
+    pieces: Vec<Piece>,
+}
+
+impl Sink {
+    /// Feeds a chunk and writes its complete lines; flushes a partial line that grew too long.
+    fn feed(&mut self, lines: &mut Lines, data: &[u8]) {
+        let now = Instant::now();
+        self.emit(lines, data, |l, p| l.feed(data, now, p));
+        if lines.over_limit() {
+            self.emit(lines, &[], Lines::flush);
+        }
+    }
+
+    /// Collects pieces with `step`, writes them in one locked `writev` batch, then settles `lines`.
+    fn emit(
+        &mut self,
+        lines: &mut Lines,
+        data: &[u8],
+        step: impl FnOnce(&mut Lines, &mut Vec<Piece>),
+    ) {
+        self.pieces.clear();
+        step(lines, &mut self.pieces);
+        if self.open && !self.pieces.is_empty() {
+            let mut slices = lines.slices(&self.pieces, data);
+            if write_vectored(self.target, &mut slices).is_err() {
+                // Our own output is gone (a closed pipe): keep draining the task so it never blocks.
+                self.open = false;
+            }
+        }
+        lines.settle(data);
+    }
+}
+
+/// Writes all of `slices` under the output lock, `IOV_MAX` slices at a time.
+fn write_vectored(target: Target, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let _guard = OUTPUT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+    while !slices.is_empty() {
+        let batch = slices.len().min(IOV_MAX);
+        match nix::sys::uio::writev(fd, &slices[..batch]) {
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::NONE);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reads what is already in the pipe without waiting for more, up to [`FINAL_DRAIN`] bytes.
-fn drain(source: &OwnedFd, buf: &mut [u8], lines: &mut Lines, out: &mut Vec<u8>) {
+fn drain(source: &OwnedFd, buf: &mut [u8], lines: &mut Lines, sink: &mut Sink) {
     if fcntl(source, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
         return;
     }
@@ -269,7 +375,7 @@ fn drain(source: &OwnedFd, buf: &mut [u8], lines: &mut Lines, out: &mut Vec<u8>)
         match unistd::read(source, buf) {
             Ok(n) if n > 0 => {
                 total += n;
-                lines.feed(&buf[..n], Instant::now(), out);
+                sink.feed(lines, &buf[..n]);
             }
             Err(Errno::EINTR) => {}
             _ => break,
@@ -281,20 +387,41 @@ fn drain(source: &OwnedFd, buf: &mut [u8], lines: &mut Lines, out: &mut Vec<u8>)
 mod tests {
     use super::*;
 
-    fn run(chunks: &[&[u8]]) -> Vec<u8> {
-        let mut lines = Lines::new(b"t | ".to_vec());
+    /// Feeds chunks and renders every piece to bytes, as the pump would write them.
+    fn render(lines: &mut Lines, chunks: &[&[u8]], finish: bool) -> Vec<u8> {
         let mut out = Vec::new();
-        for c in chunks {
-            lines.feed(c, Instant::now(), &mut out);
+        let mut pieces = Vec::new();
+        let mut write = |lines: &mut Lines, data: &[u8], pieces: &mut Vec<Piece>| {
+            for slice in lines.slices(pieces, data) {
+                out.extend_from_slice(&slice);
+            }
+            pieces.clear();
+            lines.settle(data);
+        };
+        for chunk in chunks {
+            lines.feed(chunk, Instant::now(), &mut pieces);
+            write(lines, chunk, &mut pieces);
+            if lines.over_limit() {
+                lines.flush(&mut pieces);
+                write(lines, &[], &mut pieces);
+            }
         }
-        lines.finish(&mut out);
+        if finish {
+            lines.finish(&mut pieces);
+            write(lines, &[], &mut pieces);
+        }
         out
+    }
+
+    fn run(chunks: &[&[u8]]) -> Vec<u8> {
+        render(&mut Lines::new(b"t | ".to_vec()), chunks, true)
     }
 
     #[test]
     fn prefixes_each_line_once_across_chunks() {
         assert_eq!(run(&[b"a\nb", b"c\n", b"\n"]), b"t | a\nt | bc\nt | \n");
         assert_eq!(run(&[b"no newline"]), b"t | no newline\n");
+        assert_eq!(run(&[b"x", b"y", b"z\nw"]), b"t | xyz\nt | w\n");
         assert_eq!(run(&[b""]), b"");
     }
 
@@ -315,10 +442,10 @@ mod tests {
         let mut lines = Lines::new(b"t | ".to_vec());
         let mut out = Vec::new();
         for chunk in long.chunks(1000) {
-            lines.feed(chunk, Instant::now(), &mut out);
+            out.extend(render(&mut lines, &[chunk], false));
             assert!(lines.pending.len() < MAX_PENDING);
         }
-        lines.feed(b"\nnext\n", Instant::now(), &mut out);
+        out.extend(render(&mut lines, &[b"\nnext\n"], true));
         let mut want = b"t | ".to_vec();
         want.extend_from_slice(&long);
         want.extend_from_slice(b"\nt | next\n");
@@ -328,14 +455,21 @@ mod tests {
     #[test]
     fn a_flushed_partial_line_is_not_prefixed_twice() {
         let mut lines = Lines::new(b"t | ".to_vec());
-        let mut out = Vec::new();
         let t0 = Instant::now();
-        lines.feed(b"Continue? [y/N] ", t0, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(lines.flush_due(), Some(t0 + PARTIAL_FLUSH));
-        lines.flush(&mut out);
+        let mut pieces = Vec::new();
+        lines.feed(b"Continue? [y/N] ", t0, &mut pieces);
+        assert!(pieces.is_empty());
+        lines.settle(b"Continue? [y/N] ");
+        assert!(lines.flush_due().is_some());
+        let mut out = render(&mut lines, &[], false);
+        lines.flush(&mut pieces);
+        for slice in lines.slices(&pieces, &[]) {
+            out.extend_from_slice(&slice);
+        }
+        pieces.clear();
+        lines.settle(&[]);
         assert_eq!(lines.flush_due(), None);
-        lines.feed(b"y\n", t0, &mut out);
+        out.extend(render(&mut lines, &[b"y\n"], true));
         assert_eq!(out, b"t | Continue? [y/N] y\n");
     }
 }

@@ -142,15 +142,22 @@ impl TaskProcesses {
         signal::killpg(self.pgid, None) != Err(Errno::ESRCH) || !self.escaped().is_empty()
     }
 
-    /// Marks the processes as gone, so that drop sends nothing (the group id may be reused later).
-    pub fn finish(&mut self) {
-        self.finished = !self.alive();
+    /// Records whether anything is still alive (as [`alive`](Self::alive) last found): when nothing
+    /// is, drop sends no signal, since the group id may be reused by then.
+    pub fn finish(&mut self, alive: bool) {
+        self.finished = !alive;
     }
 
     /// Live children of release-tasks other than the exempt ones: with subreaper set, these are
     /// processes that left the task's group and were orphaned.
     fn escaped(&self) -> Vec<Pid> {
         let me = unistd::getpid().as_raw();
+        // Pids are handed out in increasing order, so what the task started has a pid above its
+        // first process's, unless the counter wrapped since; only then is every process a candidate.
+        let first = self.pgid.as_raw();
+        let wrapped = read_small("/proc/sys/kernel/ns_last_pid")
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .is_none_or(|last| last < first);
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -163,7 +170,10 @@ impl TaskProcesses {
             else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            if (pid < first && !wrapped) || self.exempt.contains(&Pid::from_raw(pid)) {
+                continue;
+            }
+            let Some(stat) = read_small(&format!("/proc/{pid}/stat")) else {
                 continue;
             };
             // The command name may hold spaces and parentheses; the fields after the last ')' do not.
@@ -173,15 +183,20 @@ impl TaskProcesses {
                 .split_whitespace();
             let state = fields.next();
             let parent = fields.next().and_then(|p| p.parse::<i32>().ok());
-            if parent == Some(me)
-                && state != Some("Z")
-                && !self.exempt.contains(&Pid::from_raw(pid))
-            {
+            if parent == Some(me) && state != Some("Z") {
                 found.push(Pid::from_raw(pid));
             }
         }
         found
     }
+}
+
+/// Reads a small /proc file in one read (a stat line is well under 1 KiB).
+fn read_small(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 impl Drop for TaskProcesses {

@@ -18,7 +18,7 @@ use crate::config::{Defaults, On, Task};
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::output::{Pump, Target};
-use crate::plan::Plan;
+use crate::plan::{Plan, Step};
 use crate::process::{self, Guardian, TaskProcesses};
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, TaskReport};
 use crate::signals::{Event, STOPPING, Signals};
@@ -29,7 +29,35 @@ const CLEANUP_POLL: Duration = Duration::from_millis(20);
 const AFTER_KILL: Duration = Duration::from_secs(1);
 
 /// Runs the plan and reports what happened. `Err` only for release-tasks's own failures.
-pub async fn run(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
+///
+/// The async runtime and the signal handlers are set up only when some task is to run, so a release
+/// with every gate off costs no more than reading the config (it replaces a shell script that costs
+/// about a millisecond).
+pub fn run_release(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
+    if plan.to_run().next().is_none() {
+        let mut report = Report::new(meta);
+        report.tasks = plan.steps.iter().map(skip).collect();
+        return Ok(report);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    runtime.block_on(run(plan, defaults, meta))
+}
+
+/// The report line of a step whose gate or selection said not to run it.
+fn skip(step: &Step) -> TaskReport {
+    tracing::info!(task = %step.task.name, reason = %step.reason, "task skipped");
+    TaskReport {
+        name: step.task.name.clone(),
+        outcome: Outcome::Skipped(step.reason.clone()),
+        duration: Duration::ZERO,
+        allow_failure: step.task.allow_failure,
+    }
+}
+
+async fn run(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
         signals: Signals::install()?,
@@ -47,11 +75,12 @@ pub async fn run(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Re
         runner.take_pending_events();
         let task = &step.task;
         let release_failed = report.failed_task().is_some() || runner.interrupted.is_some();
+        if !step.run {
+            report.tasks.push(skip(step));
+            continue;
+        }
         let t0 = Instant::now();
-        let outcome = if !step.run {
-            tracing::info!(task = %task.name, reason = %step.reason, "task skipped");
-            Outcome::Skipped(step.reason.clone())
-        } else if runner.stopping_signals >= 2 {
+        let outcome = if runner.stopping_signals >= 2 {
             Outcome::NotRun
         } else if !task.on.runs(release_failed) {
             if task.on == On::Failure {
@@ -231,7 +260,10 @@ impl Runner {
         stop: &mut Stopping,
     ) {
         self.reap();
-        if procs.alive() && !stop.killed {
+        // Scanning for escaped processes reads /proc, so it is done once here and then only while
+        // something is still alive: once nothing of the task's is left, nothing can come back.
+        let mut alive = procs.alive();
+        if alive && !stop.killed {
             if stop.kill_at.is_none() {
                 tracing::warn!(
                     task = %task.name, grace_s = task.grace.as_secs_f64(),
@@ -244,8 +276,6 @@ impl Runner {
         let grace_end = stop.kill_at.unwrap_or_else(|| Instant::now() + task.grace);
         let mut killed_at = stop.killed.then(Instant::now);
         loop {
-            self.reap();
-            let alive = procs.alive();
             let drained = pumps.iter_mut().all(Pump::is_finished);
             if !alive && drained {
                 break;
@@ -261,6 +291,12 @@ impl Runner {
             if killed_at.is_some_and(|t| now >= t + AFTER_KILL) {
                 break;
             }
+            // While something is alive, poll for it to go; otherwise only a deadline can end the wait.
+            let wake = if alive {
+                now + CLEANUP_POLL
+            } else {
+                killed_at.map_or(grace_end, |t| t + AFTER_KILL)
+            };
             let [out, err] = &mut *pumps;
             tokio::select! {
                 biased;
@@ -271,7 +307,11 @@ impl Runner {
                     }
                 }
                 () = async { out.finished().await; err.finished().await; }, if !drained => {}
-                () = tokio::time::sleep(CLEANUP_POLL) => {}
+                () = sleep_until(wake.into()) => {}
+            }
+            if alive {
+                self.reap();
+                alive = procs.alive();
             }
         }
         if !pumps.iter_mut().all(Pump::is_finished) {
@@ -284,10 +324,10 @@ impl Runner {
                 pump.finished().await;
             }
         }
-        if procs.alive() {
+        if alive {
             tracing::error!(task = %task.name, "some of the task's processes survived SIGKILL (stuck in the kernel?)");
         }
-        procs.finish();
+        procs.finish(alive);
     }
 
     /// Acts on one event: reaps on SIGCHLD, forwards signals to the running task, and records a

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Benchmarks release-tasks against what it replaces. Run from anywhere: `bash bench/run.sh`.
+# Needs hyperfine and GNU time (Debian packages `hyperfine` and `time`; installed if missing and root).
+# Prints a Markdown table of results; numbers are for this machine only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq "$2" >/dev/null; }; }
+need hyperfine hyperfine
+[ -x /usr/bin/time ] || need /usr/bin/time time
+
+target=x86_64-unknown-linux-musl
+if rustup target list --installed 2>/dev/null | grep -q "$target" && command -v musl-gcc >/dev/null; then
+  cargo build --release --locked --target "$target" -q
+  bin=$PWD/target/$target/release/release-tasks
+else
+  cargo build --release --locked -q
+  bin=$PWD/target/release/release-tasks
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cp bench/release.toml bench/release-tasks.sh "$work/"
+cd "$work"
+export -n RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE 2>/dev/null || true
+unset RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE
+
+echo "# release-tasks benchmarks"
+echo
+echo "binary: $bin ($(stat -c %s "$bin") bytes)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
+echo
+
+median() { # hyperfine JSON -> median in ms
+  python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["results"][0]["median"]*1000))' "$1"
+}
+run() { # name, command...
+  local name=$1; shift
+  hyperfine -N --warmup 20 --runs "${RUNS:-200}" --export-json "$work/$name.json" "$@" >/dev/null 2>&1
+  median "$work/$name.json"
+}
+
+echo "## Start-up: every gate off"
+a=$(run rt-off "$bin")
+b=$(run sh-off "bash release-tasks.sh")
+echo "release-tasks: ${a} ms; bash release-tasks.sh: ${b} ms; ratio $(python3 -c "print(round($a/$b,2))")"
+echo
+
+echo "## Three trivial tasks (each /bin/true)"
+export RUN_MIGRATIONS_DURING_RELEASE=true SEED_DB_DURING_RELEASE=true CLEAR_CACHE_DURING_RELEASE=true RAILS_CMD=/bin/true
+a=$(run rt-three "$bin")
+b=$(run sh-three "bash release-tasks.sh")
+echo "release-tasks: ${a} ms; bash release-tasks.sh: ${b} ms; ratio $(python3 -c "print(round($a/$b,2))")"
+unset RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE RAILS_CMD
+echo
+
+echo "## Output throughput: ~250 MB of 100-byte lines through one pipe"
+# `yes` is stopped by SIGPIPE when head has enough, which pipefail would count as a failure.
+(yes "$(printf '%099d' 0 | cut -c1-99)" || true) | head -c 250000000 > big.txt
+printf '[tasks.out]\nrun = ["cat", "big.txt"]\n' > throughput.toml
+RUNS=${THROUGHPUT_RUNS:-5}
+hyperfine -N --warmup 1 --runs "$RUNS" --export-json "$work/tp.json" \
+  "sh -c '$bin --config throughput.toml >/dev/null 2>&1'" \
+  "sh -c \"cat big.txt | sed 's/^/out | /' >/dev/null\"" \
+  "sh -c 'cat big.txt | cat >/dev/null'" >/dev/null 2>&1
+python3 - "$work/tp.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+names = ["release-tasks", "sed 's/^/out | /'", "cat"]
+for name, x in zip(names, r):
+    print(f"{name}: {x['median']*1000:.0f} ms ({250/x['median']:.0f} MB/s)")
+print(f"release-tasks / sed: {r[0]['median']/r[1]['median']:.2f}; release-tasks / cat: {r[0]['median']/r[2]['median']:.2f}")
+PY
+echo
+
+echo "## Peak RSS (GNU time, KiB)"
+rss() { /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n1; }
+echo "release-tasks, gates off: $(rss "$bin")"
+echo "bash release-tasks.sh, gates off: $(rss bash release-tasks.sh)"
+echo "release-tasks, 250 MB of output: $(/usr/bin/time -f %M "$bin" --config throughput.toml 2>&1 >/dev/null | tail -n1)"
