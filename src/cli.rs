@@ -59,6 +59,13 @@ pub enum Command {
     Plan,
     /// Validate the config and the gate values (for CI); runs nothing
     Check,
+    /// Write a release.toml for the framework in this directory (Rails, Django, Laravel, Phoenix,
+    /// Node with Prisma, Knex or Sequelize)
+    Init {
+        /// Replace an existing config file
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod init;
 pub mod log;
 pub mod metadata;
 pub mod notify;
@@ -36,8 +37,18 @@ pub fn env_snapshot() -> Env {
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
+    if let Command::Init { force } = settings.command {
+        let written = init::write(&settings.config, force)?;
+        print!("{}", written.message());
+        return Ok(0);
+    }
     let config = config::load(&settings.config)?;
     let plan = Plan::new(&config, env, &settings.selection)?;
+    if settings.command != Command::Run {
+        for missing in &plan.preflight {
+            eprintln!("release-tasks: warning: {missing}; `release-tasks run` would stop here");
+        }
+    }
     match settings.command {
         Command::Check => {
             let runs = plan.to_run().count();
@@ -54,7 +65,13 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
             Ok(0)
         }
+        Command::Init { .. } => unreachable!("init returned above"),
         Command::Run => {
+            if !plan.preflight.is_empty() {
+                return Err(error::Error::Environment {
+                    problems: plan.preflight.clone(),
+                });
+            }
             // Open the report files first: a path that cannot be written is found before anything runs.
             let report_files = open_report_files(settings)?;
             process::become_subreaper();

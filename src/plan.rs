@@ -20,6 +20,9 @@ pub struct Selection {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub steps: Vec<Step>,
+    /// `[require] env` variables that are unset or empty, each with what to do: `run` refuses to
+    /// start with any; `check` and `plan` warn (CI rarely has production's secrets).
+    pub preflight: Vec<String>,
 }
 
 /// One task and its decision.
@@ -58,7 +61,7 @@ impl Plan {
             }
         }
 
-        let mut bad_values: Vec<String> = config
+        let preflight: Vec<String> = config
             .required_env
             .iter()
             .filter(|name| env.get(name.as_str()).is_none_or(String::is_empty))
@@ -70,6 +73,7 @@ impl Plan {
                 )
             })
             .collect();
+        let mut bad_values = Vec::new();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {
             let mut explain =
@@ -109,7 +113,7 @@ impl Plan {
             });
         }
         if bad_values.is_empty() {
-            Ok(Plan { steps })
+            Ok(Plan { steps, preflight })
         } else {
             Err(Error::Environment {
                 problems: bad_values,

@@ -4,5 +4,6 @@
 mod core;
 mod faults;
 mod harness;
+mod init;
 mod notify;
 mod webhook;
