@@ -39,17 +39,30 @@ run() { # name, command...
   median "$work/$name.json"
 }
 
+# A shared machine is noisy: alternate the two commands in rounds and report the medians, and the
+# median of the per-round ratios.
+compare() { # label, command A, command B
+  local label=$1 a=$2 b=$3 ra=() rb=() ratios=()
+  for round in 1 2 3 4 5; do
+    ra+=("$(run "a$round" "$a")")
+    rb+=("$(run "b$round" "$b")")
+    ratios+=("$(python3 -c "print(${ra[-1]} / ${rb[-1]})")")
+  done
+  python3 - "$label" "${ra[*]}" "${rb[*]}" "${ratios[*]}" <<'PY'
+import statistics, sys
+label, a, b, r = sys.argv[1:]
+med = lambda xs: statistics.median(float(x) for x in xs.split())
+print(f"{label}: release-tasks {med(a):.2f} ms, bash release-tasks.sh {med(b):.2f} ms, ratio {med(r):.2f} (median of 5 rounds)")
+PY
+}
+
 echo "## Start-up: every gate off"
-a=$(run rt-off "$bin")
-b=$(run sh-off "bash release-tasks.sh")
-echo "release-tasks: ${a} ms; bash release-tasks.sh: ${b} ms; ratio $(python3 -c "print(round($a/$b,2))")"
+compare "start-up" "$bin" "bash release-tasks.sh"
 echo
 
 echo "## Three trivial tasks (each /bin/true)"
 export RUN_MIGRATIONS_DURING_RELEASE=true SEED_DB_DURING_RELEASE=true CLEAR_CACHE_DURING_RELEASE=true RAILS_CMD=/bin/true
-a=$(run rt-three "$bin")
-b=$(run sh-three "bash release-tasks.sh")
-echo "release-tasks: ${a} ms; bash release-tasks.sh: ${b} ms; ratio $(python3 -c "print(round($a/$b,2))")"
+RUNS=100 compare "three tasks" "$bin" "bash release-tasks.sh"
 unset RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE RAILS_CMD
 echo
 
