@@ -31,6 +31,21 @@ pub struct Config {
     pub tasks: Vec<Task>,
     /// `[require] env`: variables that must be set and not empty before anything runs.
     pub required_env: Vec<String>,
+    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock.
+    pub lock: Option<Lock>,
+}
+
+/// `[lock]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    /// The variable that holds the database URL (the URL itself carries a password).
+    pub url_var: String,
+    /// The lock's name; the app's name when not given.
+    pub key: Option<String>,
+    /// How long a replica waits for the lock before it gives up.
+    pub timeout: Duration,
+    /// Record each release in `release_tasks_runs` and skip one that already succeeded.
+    pub once: bool,
 }
 
 /// `[defaults]`, with the built-in values filled in.
@@ -223,6 +238,7 @@ impl Template {
 struct RawConfig {
     defaults: Option<RawDefaults>,
     require: Option<RawRequire>,
+    lock: Option<Spanned<RawLock>>,
     #[serde(default)]
     tasks: RawTasks,
 }
@@ -232,6 +248,16 @@ struct RawConfig {
 struct RawRequire {
     #[serde(default)]
     env: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLock {
+    postgres: Spanned<String>,
+    key: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    once: bool,
 }
 
 #[derive(Deserialize)]
@@ -369,12 +395,14 @@ pub fn parse(path: &Path, source: &str) -> Result<Config> {
     let defaults = v.defaults(raw.defaults);
     let tasks = v.tasks(raw.tasks.0, &defaults);
     let required_env = v.required_env(raw.require);
+    let lock = raw.lock.and_then(|l| v.lock(l));
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
             defaults,
             tasks,
             required_env,
+            lock,
         })
     } else {
         Err(invalid(v.problems))
@@ -476,6 +504,46 @@ impl Validator<'_> {
                 builtin.release_timeout,
             ),
         }
+    }
+
+    fn lock(&mut self, raw: Spanned<RawLock>) -> Option<Lock> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if !cfg!(feature = "postgres") {
+            self.report(
+                Some(span),
+                "[lock] needs PostgreSQL support, and this release-tasks was built without the `postgres` feature; \
+                 use the default build"
+                    .to_owned(),
+            );
+            return None;
+        }
+        if !crate::gate::is_var_name(raw.postgres.get_ref()) {
+            self.report(
+                Some(raw.postgres.span()),
+                format!(
+                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\"",
+                    crate::redact::urls_in(raw.postgres.get_ref())
+                ),
+            );
+            return None;
+        }
+        let key = match raw.key {
+            Some(key) if key.get_ref().trim().is_empty() => {
+                self.report(
+                    Some(key.span()),
+                    "[lock] key is empty; leave it out to use the app's name".into(),
+                );
+                None
+            }
+            other => other.map(Spanned::into_inner),
+        };
+        Some(Lock {
+            url_var: raw.postgres.into_inner(),
+            key,
+            timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
+            once: raw.once,
+        })
     }
 
     fn required_env(&mut self, raw: Option<RawRequire>) -> Vec<String> {

@@ -12,6 +12,10 @@ pub const EXIT_CONFIG: i32 = 78;
 pub const EXIT_USAGE: i32 = 2;
 /// `EX_SOFTWARE` from sysexits.h: release-tasks itself failed (not a task).
 pub const EXIT_INTERNAL: i32 = 70;
+/// `EX_UNAVAILABLE` from sysexits.h: the `[lock]` database cannot be reached or refuses us; nothing ran.
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// `EX_TEMPFAIL` from sysexits.h: another replica held the release lock past `lock.timeout`; nothing ran.
+pub const EXIT_TEMPFAIL: i32 = 75;
 
 /// One problem found in a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,12 @@ pub enum Error {
     Environment { problems: Vec<String> },
     /// Bad command-line usage, or a bad `RELEASE_TASKS_*` setting.
     Usage(String),
+    /// The `[lock]` database cannot be reached, refuses the login, or fails a query.
+    Database(String),
+    /// Another replica held the release lock for longer than `lock.timeout`.
+    LockTimeout(String),
+    /// A stopping signal arrived before any task started (while waiting for the lock).
+    Interrupted(nix::sys::signal::Signal),
     /// release-tasks itself could not go on (an I/O error, a failed system call).
     Internal(anyhow::Error),
 }
@@ -53,6 +63,9 @@ impl Error {
             | Error::ConfigInvalid { .. }
             | Error::Environment { .. } => EXIT_CONFIG,
             Error::Usage(_) => EXIT_USAGE,
+            Error::Database(_) => EXIT_UNAVAILABLE,
+            Error::LockTimeout(_) => EXIT_TEMPFAIL,
+            Error::Interrupted(sig) => 128 + *sig as i32,
             Error::Internal(_) => EXIT_INTERNAL,
         }
     }
@@ -101,6 +114,12 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Usage(message) => write!(f, "{message}"),
+            Error::Database(message) | Error::LockTimeout(message) => {
+                write!(f, "{message}; nothing was run")
+            }
+            Error::Interrupted(sig) => {
+                write!(f, "received {sig} before any task started; nothing was run")
+            }
             Error::Internal(err) => write!(f, "{err:#}"),
         }
     }

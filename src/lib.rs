@@ -8,6 +8,8 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod init;
+#[cfg(feature = "postgres")]
+pub mod lock;
 pub mod log;
 pub mod metadata;
 pub mod notify;
@@ -86,7 +88,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 to_run = plan.to_run().count(),
                 "release started"
             );
-            let report = run::run_release(&plan, &config.defaults, meta)?;
+            let report = run::run_release(&plan, &config, env, meta)?;
             report.log_summary();
             write_reports(report_files, &report);
             Ok(report.exit_code())

@@ -154,7 +154,7 @@ impl Lines {
         self.tail_from = 0;
     }
 
-    /// Whether the partial line has grown to [`MAX_PENDING`] and must be flushed to bound memory.
+    /// Whether the partial line has grown to `MAX_PENDING` (64 KiB) and must be flushed to bound memory.
     #[must_use]
     pub fn over_limit(&self) -> bool {
         self.pending.len() >= MAX_PENDING

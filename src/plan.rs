@@ -73,6 +73,15 @@ impl Plan {
                 )
             })
             .collect();
+        #[cfg(feature = "postgres")]
+        let preflight = {
+            let mut preflight = preflight;
+            if let Some(lock) = &config.lock {
+                let meta = crate::metadata::Metadata::from_env(env);
+                preflight.extend(crate::lock::preflight(lock, env, &meta));
+            }
+            preflight
+        };
         let mut bad_values = Vec::new();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {

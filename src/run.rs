@@ -14,7 +14,8 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tokio::time::sleep_until;
 
-use crate::config::{Defaults, On, Task};
+use crate::config::{Config, Defaults, On, Task};
+use crate::gate::Env;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::output::{Pump, Target};
@@ -33,7 +34,12 @@ const AFTER_KILL: Duration = Duration::from_secs(1);
 /// The async runtime and the signal handlers are set up only when some task is to run, so a release
 /// with every gate off costs no more than reading the config (it replaces a shell script that costs
 /// about a millisecond).
-pub fn run_release(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
+pub fn run_release(
+    plan: &Plan,
+    config: &Config,
+    env: &Env,
+    meta: Metadata,
+) -> crate::error::Result<Report> {
     if plan.to_run().next().is_none() {
         let mut report = Report::new(meta);
         report.tasks = plan.steps.iter().map(skip).collect();
@@ -43,7 +49,60 @@ pub fn run_release(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-    runtime.block_on(run(plan, defaults, meta))
+    runtime.block_on(async {
+        let signals = Signals::install()
+            .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        #[cfg(feature = "postgres")]
+        if let Some(lock) = &config.lock {
+            return run_locked(plan, config, lock, env, meta, signals).await;
+        }
+        let _ = (config, env);
+        Ok(run(plan, &config.defaults, meta, signals).await?)
+    })
+}
+
+/// The release under `[lock]`: the lock first, then (with `once`) the ledger, the tasks, the outcome
+/// in the ledger, and the unlock, also when the release failed.
+#[cfg(feature = "postgres")]
+async fn run_locked(
+    plan: &Plan,
+    config: &Config,
+    lock: &crate::config::Lock,
+    env: &Env,
+    meta: Metadata,
+    mut signals: Signals,
+) -> crate::error::Result<Report> {
+    let held = crate::lock::acquire(lock, env, &meta, &mut signals).await?;
+    let release = crate::lock::release_id(&meta).unwrap_or_default();
+    if lock.once {
+        if let Some(previous) = held.previous(&release).await? {
+            let reason = format!(
+                "release {release} already completed by {} at {}",
+                previous.holder, previous.finished_at
+            );
+            tracing::info!(lock = %held.name(), release = %release, reason = %reason, "skipping every task");
+            let mut report = Report::new(meta);
+            report.tasks = plan
+                .steps
+                .iter()
+                .map(|step| TaskReport {
+                    name: step.task.name.clone(),
+                    outcome: Outcome::Skipped(reason.clone()),
+                    duration: Duration::ZERO,
+                    allow_failure: step.task.allow_failure,
+                })
+                .collect();
+            held.release().await;
+            return Ok(report);
+        }
+        held.begin(&release).await?;
+    }
+    let report = run(plan, &config.defaults, meta, signals).await;
+    if let (true, Ok(report)) = (lock.once, &report) {
+        held.finish(&release, report).await;
+    }
+    held.release().await;
+    Ok(report?)
 }
 
 /// The report line of a step whose gate or selection said not to run it.
@@ -57,10 +116,15 @@ fn skip(step: &Step) -> TaskReport {
     }
 }
 
-async fn run(plan: &Plan, defaults: &Defaults, meta: Metadata) -> anyhow::Result<Report> {
+async fn run(
+    plan: &Plan,
+    defaults: &Defaults,
+    meta: Metadata,
+    signals: Signals,
+) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
-        signals: Signals::install()?,
+        signals,
         guardian: None,
         exited: HashMap::new(),
         interrupted: None,

@@ -5,5 +5,7 @@ mod core;
 mod faults;
 mod harness;
 mod init;
+#[cfg(feature = "postgres")]
+mod lock;
 mod notify;
 mod webhook;
