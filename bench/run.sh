@@ -30,8 +30,8 @@ echo "binary: $bin ($(stat -c %s "$bin") bytes)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
 echo
 
-median() { # hyperfine JSON -> median in ms
-  python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["results"][0]["median"]*1000))' "$1"
+median() { # hyperfine JSON -> "median min" in ms
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; print("%.3f:%.3f" % (r["median"]*1000, r["min"]*1000))' "$1"
 }
 run() { # name, command...
   local name=$1; shift
@@ -42,17 +42,21 @@ run() { # name, command...
 # A shared machine is noisy: alternate the two commands in rounds and report the medians, and the
 # median of the per-round ratios.
 compare() { # label, command A, command B
-  local label=$1 a=$2 b=$3 ra=() rb=() ratios=()
+  local label=$1 a=$2 b=$3 ra=() rb=()
   for round in 1 2 3 4 5; do
     ra+=("$(run "a$round" "$a")")
     rb+=("$(run "b$round" "$b")")
-    ratios+=("$(python3 -c "print(${ra[-1]} / ${rb[-1]})")")
   done
-  python3 - "$label" "${ra[*]}" "${rb[*]}" "${ratios[*]}" <<'PY'
+  python3 - "$label" "${ra[*]}" "${rb[*]}" <<'PY'
 import statistics, sys
-label, a, b, r = sys.argv[1:]
-med = lambda xs: statistics.median(float(x) for x in xs.split())
-print(f"{label}: release-tasks {med(a):.2f} ms, bash release-tasks.sh {med(b):.2f} ms, ratio {med(r):.2f} (median of 5 rounds)")
+label, a, b = sys.argv[1:]
+a = [tuple(map(float, x.split(":"))) for x in a.split()]
+b = [tuple(map(float, x.split(":"))) for x in b.split()]
+ratios = [x[0] / y[0] for x, y in zip(a, b)]
+med = lambda xs: statistics.median(xs)
+amin, bmin = min(x[1] for x in a), min(y[1] for y in b)
+print(f"{label}: release-tasks {med([x[0] for x in a]):.2f} ms, bash release-tasks.sh {med([y[0] for y in b]):.2f} ms; "
+      f"ratio of medians {med(ratios):.2f} (median of 5 rounds), ratio of minimums {amin / bmin:.2f} ({amin:.2f} / {bmin:.2f} ms)")
 PY
 }
 
