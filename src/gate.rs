@@ -247,16 +247,21 @@ impl fmt::Display for Reason {
     }
 }
 
+/// An environment snapshot from pairs, for the unit tests of the modules that read one.
+#[cfg(test)]
+#[must_use]
+pub fn env_of(pairs: &[(&str, &str)]) -> Env {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use super::env_of as env;
 
     fn gate(src: &str) -> Result<Gate, String> {
         let table: toml::Table = toml::from_str(&format!("g = {src}")).expect("test TOML");

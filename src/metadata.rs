@@ -110,12 +110,7 @@ impl Metadata {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::gate::env_of as env;
 
     #[test]
     fn heroku_dyno_metadata() {

@@ -53,25 +53,7 @@ impl Target {
 /// Writes `bytes` to `target` whole, under the output lock. Errors (a closed pipe) are returned for
 /// the caller to decide; nothing is retried except interrupted and would-block writes.
 pub fn write(target: Target, bytes: &[u8]) -> std::io::Result<()> {
-    let _guard = OUTPUT_LOCK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
-    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        match unistd::write(fd, rest) {
-            Ok(n) => rest = &rest[n..],
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                // Our stdout is a non-blocking file description shared with someone else: wait for room.
-                let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
-                let _ = poll(&mut fds, PollTimeout::NONE);
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(())
+    write_vectored(target, &mut [IoSlice::new(bytes)])
 }
 
 /// Where one piece of output comes from: the pieces of a batch, written in one `writev`, are whole
@@ -356,6 +338,7 @@ fn write_vectored(target: Target, mut slices: &mut [IoSlice<'_>]) -> std::io::Re
             Ok(n) => IoSlice::advance_slices(&mut slices, n),
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => {
+                // Our stdout is a non-blocking file description shared with someone else: wait for room.
                 let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
                 let _ = poll(&mut fds, PollTimeout::NONE);
             }

@@ -187,12 +187,7 @@ mod tests {
         crate::config::parse(Path::new("release.toml"), src).expect("valid test config")
     }
 
-    fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::gate::env_of as env;
 
     const SRC: &str = "[tasks.migrate]\nrun = \"m\"\nwhen = \"RUN_MIGRATIONS\"\n\
         [tasks.seed]\nrun = \"s\"\nunless = { env = \"APP_ENV\", equals = \"production\" }\n\
