@@ -145,6 +145,51 @@ fn tasks_start_with_default_signal_dispositions_and_an_empty_mask() {
 }
 
 #[test]
+fn a_signal_at_any_moment_stops_the_release() {
+    // Before the first task, while it is being spawned, while it runs: the signal is never lost, no
+    // further task starts, and nothing is left running.
+    for delay_ms in [0, 1, 3, 10, 30, 100] {
+        let t = Test::new().config(
+            "[tasks.first]\nrun = \"echo $$ > pid; sleep 5\"\ngrace = \"1s\"\n[tasks.second]\nrun = \"touch second\"\n",
+        );
+        let running = t.spawn();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        running.signal("TERM");
+        let out = running.wait();
+        out.status(143);
+        assert!(out.elapsed < Duration::from_secs(4), "after {delay_ms} ms: took {:?}", out.elapsed);
+        assert!(!t.path("second").exists(), "after {delay_ms} ms: the second task started");
+        if let Ok(pid) = std::fs::read_to_string(t.path("pid")) {
+            let pid: i32 = pid.trim().parse().unwrap();
+            assert!(gone_within(pid, Duration::from_secs(5)), "after {delay_ms} ms: the task survived");
+        }
+    }
+}
+
+#[test]
+fn an_unreadable_config_is_a_clear_error() {
+    // Root reads any file, so the check runs as `nobody` when the tests run as root.
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    if uid != b"0\n" {
+        eprintln!("SKIPPED: needs root to run release-tasks as another user");
+        return;
+    }
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    let dir = t.dir.path();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(t.path("release.toml"), std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", crate::harness::BIN, "check"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("cannot read config file release.toml"), "{stderr}");
+    assert!(stderr.contains("check its permissions"), "{stderr}");
+}
+
+#[test]
 fn release_tasks_killed_leaves_no_task_process_behind() {
     let t = Test::new().config(
         r#"
@@ -249,10 +294,10 @@ fn the_release_timeout_bounds_the_whole_release() {
     let t = Test::new().config(
         r#"
 [defaults]
-release_timeout = "2s"
+release_timeout = "3s"
 grace = "1s"
 [tasks.one]
-run = "sleep 1.2"
+run = "sleep 1"
 [tasks.two]
 run = "sleep 30"
 [tasks.three]
