@@ -56,7 +56,8 @@ pub fn run_release(
         if let Some(lock) = &config.lock {
             return run_locked(plan, config, lock, env, meta, signals).await;
         }
-        let _ = (config, env);
+        #[cfg(not(feature = "postgres"))]
+        let _ = env; // only [lock] reads it
         Ok(run(plan, &config.defaults, meta, signals).await?)
     })
 }

@@ -24,8 +24,7 @@ run = "touch after"
 
 fn forwarded(sig: &str, code: i32) {
     let t = Test::new().config(TRAPPING);
-    let running = t.spawn();
-    running.wait_for("migrate | ready", Duration::from_secs(10));
+    let running = t.spawn_until("migrate | ready");
     running.signal(sig);
     let out = running.wait();
     out.status(code)
@@ -63,8 +62,7 @@ run = "trap 'echo got USR1; touch usr1' USR1; echo ready; while [ ! -e usr1 ]; d
 run = "touch b"
 "#,
     );
-    let running = t.spawn();
-    running.wait_for("a | ready", Duration::from_secs(10));
+    let running = t.spawn_until("a | ready");
     running.signal("USR1");
     running.wait().status(0).stdout_has("a | got USR1");
     assert!(t.path("b").exists());
@@ -79,8 +77,7 @@ run = "trap 'echo ignoring INT' INT; echo ready; while true; do sleep 0.05; done
 grace = "50s"
 "#,
     );
-    let running = t.spawn();
-    running.wait_for("stubborn | ready", Duration::from_secs(10));
+    let running = t.spawn_until("stubborn | ready");
     running.signal("INT");
     running.wait_for("ignoring INT", Duration::from_secs(10));
     running.signal("INT");
@@ -102,8 +99,7 @@ run = "trap '' TERM; echo $$ > pid; echo ready; while true; do sleep 0.05; done"
 grace = "1s"
 "#,
     );
-    let running = t.spawn();
-    running.wait_for("deaf | ready", Duration::from_secs(10));
+    let running = t.spawn_until("deaf | ready");
     running.signal("TERM");
     let out = running.wait();
     out.status(143).stderr_has("sending SIGKILL");
@@ -157,11 +153,21 @@ fn a_signal_at_any_moment_stops_the_release() {
         running.signal("TERM");
         let out = running.wait();
         out.status(143);
-        assert!(out.elapsed < Duration::from_secs(4), "after {delay_ms} ms: took {:?}", out.elapsed);
-        assert!(!t.path("second").exists(), "after {delay_ms} ms: the second task started");
+        assert!(
+            out.elapsed < Duration::from_secs(4),
+            "after {delay_ms} ms: took {:?}",
+            out.elapsed
+        );
+        assert!(
+            !t.path("second").exists(),
+            "after {delay_ms} ms: the second task started"
+        );
         if let Ok(pid) = std::fs::read_to_string(t.path("pid")) {
             let pid: i32 = pid.trim().parse().unwrap();
-            assert!(gone_within(pid, Duration::from_secs(5)), "after {delay_ms} ms: the task survived");
+            assert!(
+                gone_within(pid, Duration::from_secs(5)),
+                "after {delay_ms} ms: the task survived"
+            );
         }
     }
 }
@@ -177,7 +183,11 @@ fn an_unreadable_config_is_a_clear_error() {
     let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
     let dir = t.dir.path();
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(t.path("release.toml"), std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(
+        t.path("release.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
     let out = Command::new("runuser")
         .args(["-u", "nobody", "--", crate::harness::BIN, "check"])
         .current_dir(dir)
@@ -185,7 +195,10 @@ fn an_unreadable_config_is_a_clear_error() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("cannot read config file release.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config file release.toml"),
+        "{stderr}"
+    );
     assert!(stderr.contains("check its permissions"), "{stderr}");
 }
 
@@ -197,8 +210,7 @@ fn release_tasks_killed_leaves_no_task_process_behind() {
 run = "sleep 300 & echo $! > child; sh -c 'sleep 301 & echo $! > grandchild; wait' & echo ready; wait"
 "#,
     );
-    let running = t.spawn();
-    running.wait_for("migrate | ready", Duration::from_secs(10));
+    let running = t.spawn_until("migrate | ready");
     let child = read_pid(&t.path("child"));
     let grandchild = read_pid(&t.path("grandchild"));
     running.signal("KILL");
@@ -218,8 +230,7 @@ fn a_prompt_without_a_newline_is_visible_while_its_task_waits() {
     let t = Test::new().config(
         "[tasks.ask]\nrun = \"printf 'Continue? [y/N] '; sleep 300\"\ntimeout = \"30s\"\ngrace = \"1s\"\n",
     );
-    let running = t.spawn();
-    running.wait_for("ask | Continue? [y/N] ", Duration::from_secs(5));
+    let running = t.spawn_until("ask | Continue? [y/N] ");
     running.signal("TERM");
     running.wait().status(143);
 }

@@ -162,6 +162,14 @@ impl Test {
     pub fn spawn(&self) -> Running {
         Running::start(self.command())
     }
+
+    /// Starts release-tasks and returns once its output shows `needle` (a task saying it is ready).
+    #[track_caller]
+    pub fn spawn_until(&self, needle: &str) -> Running {
+        let running = self.spawn();
+        running.wait_for(needle, Duration::from_secs(20));
+        running
+    }
 }
 
 impl Running {

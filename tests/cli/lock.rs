@@ -105,8 +105,7 @@ fn the_lock_is_released_when_its_holder_is_sigkilled() {
     let tasks = "[tasks.migrate]\nrun = \"echo ran >> rows; [ -e fast ] || { echo $$ > pid; echo ready; sleep 60; }\"\n";
     let t = locked(url, "sigkill", "once = true\ntimeout = \"1m\"", tasks)
         .env("RELEASE_TASKS_VERSION", "v1");
-    let holder = t.spawn();
-    holder.wait_for("| ready", Duration::from_secs(20));
+    let holder = t.spawn_until("| ready");
     let task = read_pid(&t.path("pid"));
     let waiter = t.spawn();
     waiter.wait_for(
@@ -134,8 +133,7 @@ fn a_waiting_replica_gives_up_after_the_lock_timeout() {
     let Some(url) = database_url() else { return };
     let tasks = "[tasks.migrate]\nrun = \"echo ready; sleep 60\"\ngrace = \"1s\"\n";
     let t = locked(url, "timeout", "timeout = \"1s\"", tasks);
-    let holder = t.spawn();
-    holder.wait_for("| ready", Duration::from_secs(20));
+    let holder = t.spawn_until("| ready");
     let out = t.run();
     out.status(75)
         .stderr_has(&format!("pid {} (pid ", holder.pid()))

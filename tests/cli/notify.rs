@@ -215,8 +215,7 @@ fn on_always_runs_after_a_timeout_and_after_sigterm() {
     let t = Test::new().config(
         "[tasks.slow]\nrun = \"echo ready; sleep 30\"\ngrace = \"1s\"\n[tasks.off]\nrun = \"touch off\"\non = \"always\"\n[tasks.never]\nrun = \"touch never\"\n",
     );
-    let running = t.spawn();
-    running.wait_for("| ready", Duration::from_secs(10));
+    let running = t.spawn_until("| ready");
     running.signal("TERM");
     running.wait().status(143);
     assert!(t.path("off").exists());
