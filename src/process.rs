@@ -49,9 +49,15 @@ pub struct Spawned {
 /// signal mask, default signal dispositions, and SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`).
 pub fn spawn(task: &Task) -> io::Result<Spawned> {
     let argv = task.command.argv();
-    let mut command = std::process::Command::new(argv[0]);
+    let Some((program, args)) = argv.split_first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the task has no command to run",
+        ));
+    };
+    let mut command = std::process::Command::new(program);
     command
-        .args(&argv[1..])
+        .args(args)
         .envs(&task.env)
         .current_dir(&task.dir)
         .stdin(Stdio::null())

@@ -42,7 +42,11 @@ pub fn run_release(
 ) -> crate::error::Result<Report> {
     if plan.to_run().next().is_none() {
         let mut report = Report::new(meta);
-        report.tasks = plan.steps.iter().map(skip).collect();
+        report.tasks = plan
+            .steps
+            .iter()
+            .map(|step| skipped(step, &step.reason))
+            .collect();
         return Ok(report);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,12 +90,7 @@ async fn run_locked(
             report.tasks = plan
                 .steps
                 .iter()
-                .map(|step| TaskReport {
-                    name: step.task.name.clone(),
-                    outcome: Outcome::Skipped(reason.clone()),
-                    duration: Duration::ZERO,
-                    allow_failure: step.task.allow_failure,
-                })
+                .map(|step| skipped(step, &reason))
                 .collect();
             held.release().await;
             return Ok(report);
@@ -106,12 +105,12 @@ async fn run_locked(
     Ok(report?)
 }
 
-/// The report line of a step whose gate or selection said not to run it.
-fn skip(step: &Step) -> TaskReport {
-    tracing::info!(task = %step.task.name, reason = %step.reason, "task skipped");
+/// The report line of a step that is not run, and why (its gate, the selection, the ledger).
+fn skipped(step: &Step, reason: &str) -> TaskReport {
+    tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
         name: step.task.name.clone(),
-        outcome: Outcome::Skipped(step.reason.clone()),
+        outcome: Outcome::Skipped(reason.to_owned()),
         duration: Duration::ZERO,
         allow_failure: step.task.allow_failure,
     }
@@ -141,7 +140,7 @@ async fn run(
         let task = &step.task;
         let release_failed = report.failed_task().is_some() || runner.interrupted.is_some();
         if !step.run {
-            report.tasks.push(skip(step));
+            report.tasks.push(skipped(step, &step.reason));
             continue;
         }
         let t0 = Instant::now();
@@ -309,7 +308,8 @@ impl Runner {
             (_, _, Some(sig)) if interrupted_before.is_none() => Outcome::Interrupted(sig),
             (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
             (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
-            (other, _, _) => Outcome::Failed(status_code(other)),
+            // waitpid without WUNTRACED reports only exits and deaths by signal.
+            _ => Outcome::Failed(1),
         };
         Self::log_finished(task, &outcome, started.elapsed());
         Ok(outcome)
@@ -525,16 +525,14 @@ impl Runner {
     }
 }
 
-fn status_code(status: WaitStatus) -> i32 {
-    match status {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-        _ => 1,
-    }
-}
-
 fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
-    let program = task.command.argv()[0].to_owned();
+    let program = task
+        .command
+        .argv()
+        .first()
+        .copied()
+        .unwrap_or_default()
+        .to_owned();
     let (code, reason) = match err.kind() {
         std::io::ErrorKind::NotFound => (
             EXIT_NOT_FOUND,
