@@ -49,7 +49,7 @@ pub struct Spawned {
 /// signal mask, default signal dispositions, and SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`).
 pub fn spawn(task: &Task) -> io::Result<Spawned> {
     let argv = task.command.argv();
-    let Some((program, args)) = argv.split_first() else {
+    let Some((program, arguments)) = argv.split_first() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "the task has no command to run",
@@ -57,7 +57,7 @@ pub fn spawn(task: &Task) -> io::Result<Spawned> {
     };
     let mut command = std::process::Command::new(program);
     command
-        .args(args)
+        .args(arguments)
         .envs(&task.env)
         .current_dir(&task.dir)
         .stdin(Stdio::null())
