@@ -117,11 +117,6 @@ impl Gate {
         }
         Ok(Verdict { holds, reasons })
     }
-
-    /// Every variable this gate reads, for `plan` and the docs.
-    pub fn vars(&self) -> impl Iterator<Item = &str> {
-        self.conditions.iter().map(|c| c.var.as_str())
-    }
 }
 
 impl Condition {
