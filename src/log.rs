@@ -7,6 +7,9 @@
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
+use std::time::Duration;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -126,14 +129,56 @@ fn push_value(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// Writes each formatted event to stderr in one locked write.
+/// Lines for the background writer, once there is one.
+static BACKGROUND: OnceLock<Sender<Message>> = OnceLock::new();
+
+enum Message {
+    Line(Vec<u8>),
+    /// Answered once every line sent before it is written.
+    Flush(SyncSender<()>),
+}
+
+/// From now on, log lines are written by a thread of their own, so that the run loop never waits on
+/// a stalled log reader: a timeout or a signal must be acted on even when nobody reads stderr.
+pub fn write_in_background() {
+    let (tx, rx) = channel::<Message>();
+    let started = std::thread::Builder::new()
+        .name("log".into())
+        .spawn(move || {
+            for message in rx {
+                match message {
+                    // A closed stderr must not stop the release; the line is lost either way.
+                    Message::Line(line) => drop(output::write(Target::Stderr, &line)),
+                    Message::Flush(done) => drop(done.send(())),
+                }
+            }
+        });
+    // Without the thread, lines are written directly, as before the release started.
+    if started.is_ok() {
+        let _ = BACKGROUND.set(tx);
+    }
+}
+
+/// Waits until the log lines sent so far are written, for at most `limit` (stderr may be stalled).
+pub fn flush(limit: Duration) {
+    if let Some(tx) = BACKGROUND.get() {
+        let (done, wait) = sync_channel(1);
+        if tx.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(limit);
+        }
+    }
+}
+
+/// Writes each formatted event to stderr in one locked write (or hands it to the background writer).
 #[derive(Clone, Copy)]
 struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // A closed stderr must not stop the release; the line is lost either way.
-        let _ = output::write(Target::Stderr, buf);
+        match BACKGROUND.get() {
+            Some(tx) => drop(tx.send(Message::Line(buf.to_vec()))),
+            None => drop(output::write(Target::Stderr, buf)),
+        }
         Ok(buf.len())
     }
 

@@ -17,13 +17,18 @@ fn main() {
         }
     };
     release_tasks::log::init(settings.log_format, env.contains_key("NO_COLOR"));
-    let code = match release_tasks::execute(&settings, &env) {
+    let result = release_tasks::execute(&settings, &env);
+    // Log lines may still be on their way to a slow reader: let them out first (an error message must
+    // come after them), waiting a little, never forever.
+    release_tasks::log::flush(std::time::Duration::from_secs(5));
+    let code = match result {
         Ok(code) => code,
         Err(err) => {
             report_error(&err, settings.log_format);
             err.exit_code()
         }
     };
+    release_tasks::log::flush(std::time::Duration::from_secs(5));
     std::process::exit(code);
 }
 

@@ -2,15 +2,16 @@
 //! stdout or stderr.
 //!
 //! Bytes stay bytes (no UTF-8 is assumed), nothing is lost or altered, and memory is bounded for a line
-//! of any length. A stream that ends mid-line gets a newline, so the next line starts on its own. Every write holds one process-wide lock and carries only whole lines (or a flushed
-//! partial one), so a log collector that merges stdout and stderr never sees two lines mixed. A partial
-//! line that waits longer than [`PARTIAL_FLUSH`] is written out, so a prompt like `Continue? [y/N]` is
-//! visible while its task hangs. Each stream is pumped by its own thread, so a slow reader of
-//! release-tasks's output can never delay a timeout or a signal in the run loop.
+//! of any length. A stream that ends mid-line gets a newline, so the next line starts on its own.
+//! Every write carries only whole lines (or a flushed partial one) under a lock shared by everything
+//! that writes to the same pipe, so a log collector that merges stdout and stderr never sees two lines
+//! mixed. A partial line that waits longer than [`PARTIAL_FLUSH`] is written out, so a prompt like
+//! `Continue? [y/N]` is visible while its task hangs. Each stream is pumped by its own thread, so a
+//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -31,8 +32,26 @@ const PIPE_SIZE: i32 = 1024 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
 
-/// Serializes all writes to release-tasks's stdout and stderr (task output and log lines alike).
-static OUTPUT_LOCK: Mutex<()> = Mutex::new(());
+/// Serialize writes to release-tasks's stdout and to its stderr (task output and log lines alike).
+/// When both are the same pipe or file (a log collector's), one lock serves both, so that two lines
+/// never mix; otherwise each has its own, so a stalled stdout does not hold up the log on stderr.
+static OUTPUT_LOCKS: [Mutex<()>; 2] = [Mutex::new(()), Mutex::new(())];
+
+fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
+    static SHARED: OnceLock<bool> = OnceLock::new();
+    let shared = *SHARED.get_or_init(|| {
+        let id = |fd| {
+            // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+            nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
+                .map(|st| (st.st_dev, st.st_ino))
+        };
+        matches!((id(1), id(2)), (Ok(a), Ok(b)) if a == b)
+    });
+    let index = if shared { 0 } else { target.fd() as usize - 1 };
+    OUTPUT_LOCKS[index]
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Where a stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,9 +346,7 @@ impl Sink {
 /// Writes all of `slices` under the output lock, `IOV_MAX` slices at a time.
 fn write_vectored(target: Target, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
     const IOV_MAX: usize = 1024;
-    let _guard = OUTPUT_LOCK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = lock(target);
     // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
     let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
     while !slices.is_empty() {

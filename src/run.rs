@@ -49,6 +49,7 @@ pub fn run_release(
             .collect();
         return Ok(report);
     }
+    crate::log::write_in_background();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -386,7 +387,8 @@ impl Runner {
             );
             for pump in pumps.iter_mut() {
                 pump.stop();
-                pump.finished().await;
+                // A pump blocked writing to a stalled stdout cannot stop; it is left behind.
+                let _ = tokio::time::timeout(AFTER_KILL, pump.finished()).await;
             }
         }
         if alive {

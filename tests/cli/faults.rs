@@ -401,3 +401,41 @@ fn hostile_config_files_get_a_clear_error() {
     let out = Test::new().config(&many).args(&["check"]).run();
     out.status(0).stdout_has("ok, 3000 tasks");
 }
+
+#[test]
+fn a_stalled_stdout_reader_does_not_stop_the_timeout() {
+    // Nobody reads release-tasks's stdout: the task blocks on its output, but the timeout still fires,
+    // the log on stderr still flows, and release-tasks still exits.
+    let t = Test::new().config(
+        "[tasks.chatty]\nrun = \"while true; do echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; done\"\ntimeout = \"1s\"\ngrace = \"1s\"\n",
+    );
+    let mut child = Command::new(crate::harness::BIN)
+        .current_dir(t.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread_stdout = child.stdout.take();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "release-tasks hung on a stalled stdout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(124));
+    let log = log.join().unwrap();
+    assert!(log.contains("task timed out"), "{log}");
+    assert!(log.contains("release failed"), "{log}");
+}
