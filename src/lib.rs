@@ -148,6 +148,19 @@ fn print_plan(plan: &Plan, format: LogFormat) -> std::io::Result<()> {
                 let decision = if step.run { "run " } else { "skip" };
                 writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
                 writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
+                match step.task.on {
+                    config::On::Success => {}
+                    config::On::Failure => writeln!(
+                        out,
+                        "      {:<width$}  only if the release fails (on = \"failure\")",
+                        ""
+                    )?,
+                    config::On::Always => writeln!(
+                        out,
+                        "      {:<width$}  also if the release fails (on = \"always\")",
+                        ""
+                    )?,
+                }
             }
             LogFormat::Json => {
                 let line = serde_json::json!({
@@ -157,6 +170,7 @@ fn print_plan(plan: &Plan, format: LogFormat) -> std::io::Result<()> {
                     "command": command,
                     "timeout_s": step.task.timeout.as_secs(),
                     "allow_failure": step.task.allow_failure,
+                    "on": step.task.on.to_string(),
                 });
                 writeln!(out, "{line}")?;
             }
