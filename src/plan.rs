@@ -20,8 +20,9 @@ pub struct Selection {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// `[require] env` variables that are unset or empty, each with what to do: `run` refuses to
-    /// start with any; `check` and `plan` warn (CI rarely has production's secrets).
+    /// What the environment lacks for `run`: `[require] env` variables, a notify task's `${VAR}`,
+    /// `[lock]` settings; each with what to do. `run` refuses to start with any; `check` and `plan`
+    /// only warn, since CI rarely has production's secrets.
     pub preflight: Vec<String>,
 }
 
@@ -61,7 +62,7 @@ impl Plan {
             }
         }
 
-        let preflight: Vec<String> = config
+        let mut preflight: Vec<String> = config
             .required_env
             .iter()
             .filter(|name| env.get(name.as_str()).is_none_or(String::is_empty))
@@ -74,14 +75,10 @@ impl Plan {
             })
             .collect();
         #[cfg(feature = "postgres")]
-        let preflight = {
-            let mut preflight = preflight;
-            if let Some(lock) = &config.lock {
-                let meta = crate::metadata::Metadata::from_env(env);
-                preflight.extend(crate::lock::preflight(lock, env, &meta));
-            }
-            preflight
-        };
+        if let Some(lock) = &config.lock {
+            let meta = crate::metadata::Metadata::from_env(env);
+            preflight.extend(crate::lock::preflight(lock, env, &meta));
+        }
         let mut bad_values = Vec::new();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {
@@ -108,7 +105,7 @@ impl Plan {
                 Command::Notify(notify) if run => match Webhook::resolve(notify, env) {
                     Ok(webhook) => Some(webhook),
                     Err(message) => {
-                        bad_values.push(format!("task `{}`: {message}", task.name));
+                        preflight.push(format!("task `{}`: {message}", task.name));
                         None
                     }
                 },
