@@ -117,6 +117,15 @@ impl Test {
         self
     }
 
+    /// The value this test gives a variable (the last one set wins, as in the run).
+    pub fn env_var(&self, key: &str) -> Option<String> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
     /// Sends release-tasks's stderr into the same pipe as its stdout, as a log collector does.
     pub fn merged(mut self) -> Test {
         self.merge_stderr = true;
