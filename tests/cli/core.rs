@@ -504,3 +504,23 @@ fn the_repos_own_examples_are_valid() {
             .status(0);
     }
 }
+
+#[test]
+fn colour_only_on_a_terminal_without_no_color() {
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    let on_tty = |no_color: bool| {
+        // `script` gives release-tasks a terminal, as a person running it locally has.
+        let mut cmd = std::process::Command::new("script");
+        cmd.args(["-qec", crate::harness::BIN, "/dev/null"])
+            .current_dir(t.dir.path());
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        } else {
+            cmd.env_remove("NO_COLOR");
+        }
+        String::from_utf8_lossy(&cmd.output().expect("script runs").stdout).into_owned()
+    };
+    assert!(on_tty(false).contains("\x1b[32mINFO"), "{}", on_tty(false));
+    assert!(!on_tty(true).contains('\x1b'));
+    t.run().status(0).stderr_lacks("\x1b[");
+}
