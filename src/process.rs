@@ -222,11 +222,11 @@ pub struct Guardian {
 }
 
 impl Guardian {
-    /// Forks the guardian. Call it while release-tasks has a single thread.
+    /// Forks the guardian, before the first task (so it holds no task's pipes).
     pub fn start() -> io::Result<Guardian> {
         let (read_end, write_end) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: release-tasks is single-threaded here (output threads start after the first spawn),
-        // and the child only makes async-signal-safe system calls before it exits.
+        // SAFETY: other threads may exist (the log writer), so the child touches no lock and allocates
+        // nothing: it only makes async-signal-safe system calls until it exits.
         match unsafe { unistd::fork() }? {
             unistd::ForkResult::Child => {
                 drop(write_end);
