@@ -122,11 +122,14 @@ fn open_report_files(settings: &Settings) -> Result<ReportFiles> {
 
 /// Writes the report files; a failure is logged, since the release itself has already ended.
 fn write_reports(files: ReportFiles, report: &report::Report) {
-    let mut json = report.to_json().to_string();
-    json.push('\n');
-    for (file, contents) in [(files.json, json), (files.junit, report.to_junit())] {
+    let render_json = || format!("{}\n", report.to_json());
+    let outputs: [(_, &dyn Fn() -> String); 2] = [
+        (files.json, &render_json),
+        (files.junit, &|| report.to_junit()),
+    ];
+    for (file, render) in outputs {
         if let Some((path, mut file)) = file {
-            if let Err(err) = file.write_all(contents.as_bytes()) {
+            if let Err(err) = file.write_all(render().as_bytes()) {
                 tracing::error!(path = %path.display(), error = %err, "cannot write the report file");
             }
         }

@@ -144,6 +144,7 @@ pub fn write_in_background() {
     let (tx, rx) = channel::<Message>();
     let started = std::thread::Builder::new()
         .name("log".into())
+        .stack_size(output::SMALL_STACK)
         .spawn(move || {
             for message in rx {
                 match message {

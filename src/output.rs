@@ -32,6 +32,10 @@ const PIPE_SIZE: i32 = 1024 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
 
+/// Stack size of the output and log threads: their buffers live on the heap, and a small stack is
+/// cheaper to set up for every task than the default 2 MiB.
+pub const SMALL_STACK: usize = 128 * 1024;
+
 /// Serialize writes to release-tasks's stdout and to its stderr (task output and log lines alike).
 /// When both are the same pipe or file (a log collector's), one lock serves both, so that two lines
 /// never mix; otherwise each has its own, so a stalled stdout does not hold up the log on stderr.
@@ -226,6 +230,7 @@ impl Pump {
         let (tx, rx) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("output-{target:?}"))
+            .stack_size(SMALL_STACK)
             .spawn(move || {
                 pump(&source, &stop_read, target, Lines::new(prefix));
                 let _ = tx.send(());
