@@ -496,7 +496,11 @@ fn json_logs_are_one_object_per_line_with_fields() {
 #[test]
 fn the_repos_own_examples_are_valid() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for file in ["release.toml", "examples/demo/release.toml"] {
+    for file in [
+        "release.toml",
+        "examples/demo/release.toml",
+        "examples/production/release.toml",
+    ] {
         let path = format!("{root}/{file}");
         Test::new()
             .args(&["check", "--config", &path])
