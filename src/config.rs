@@ -234,7 +234,10 @@ impl Template {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a release.toml: [defaults], [require], [lock] and [tasks.NAME] tables"
+)]
 struct RawConfig {
     defaults: Option<RawDefaults>,
     require: Option<RawRequire>,
@@ -244,14 +247,20 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [require] table, like env = [\"DATABASE_URL\"]"
+)]
 struct RawRequire {
     #[serde(default)]
     env: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [lock] table, like postgres = \"DATABASE_URL\""
+)]
 struct RawLock {
     postgres: Spanned<String>,
     key: Option<Spanned<String>>,
@@ -261,7 +270,10 @@ struct RawLock {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }"
+)]
 struct RawNotify {
     url: Spanned<String>,
     #[serde(default)]
@@ -272,7 +284,10 @@ struct RawNotify {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [defaults] table, like timeout = \"30m\""
+)]
 struct RawDefaults {
     timeout: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
@@ -282,7 +297,10 @@ struct RawDefaults {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a task table, like [tasks.migrate] with run = \"bundle exec rails db:migrate\""
+)]
 struct RawTask {
     run: Option<Spanned<toml::Value>>,
     notify: Option<Spanned<RawNotify>>,
@@ -412,11 +430,22 @@ pub fn parse(path: &Path, source: &str) -> Result<Config> {
 /// Adds a hint to the TOML library's messages where the user's next step is not obvious.
 fn syntax_message(message: &str) -> String {
     let message = message.trim_end();
-    if message.starts_with("unknown field") {
-        format!("{message}; check the spelling against the README's release.toml reference")
+    let hint = if message.starts_with("unknown field") {
+        "check the spelling against the README's release.toml reference"
+    } else if message.ends_with("expected a string") {
+        "put the value in quotes, like \"3000\""
+    } else if message.ends_with("expected a boolean") {
+        "write true or false, without quotes"
+    } else if message.ends_with("expected u32") {
+        "write a whole number, without quotes"
+    } else if message.starts_with("missing field") {
+        "add it; the README's release.toml reference shows each table's keys"
+    } else if message.starts_with("duplicate key") {
+        "each key, and each [tasks.NAME], may appear only once"
     } else {
-        message.to_owned()
-    }
+        return message.to_owned();
+    };
+    format!("{message}; {hint}")
 }
 
 fn absolute(path: &Path) -> PathBuf {

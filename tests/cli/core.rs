@@ -335,6 +335,19 @@ fn config_errors_exit_78_with_file_line_and_a_hint() {
             "unknown key `equal`",
         ),
         ("[default]\ntimeout = \"1m\"\n", "unknown field `default`"),
+        (
+            "[tasks.a]\nrun = \"x\"\nenv = { PORT = 3000 }\n",
+            "release.toml:3:16: invalid type: integer `3000`, expected a string; put the value in quotes",
+        ),
+        (
+            "[tasks.a]\nrun = \"x\"\n[tasks.a]\nrun = \"y\"\n",
+            "duplicate key; each key",
+        ),
+        (
+            "[tasks]\na = 1\n",
+            "expected a task table, like [tasks.migrate]",
+        ),
+        ("[lock]\nkey = \"x\"\n", "missing field `postgres`; add it"),
     ];
     for (config, needle) in cases {
         let t = Test::new().config(&format!(
