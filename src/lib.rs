@@ -39,20 +39,14 @@ pub fn env_snapshot() -> Env {
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
-    if let Command::Init { force } = settings.command {
-        let written = init::write(&settings.config, force)?;
-        print!("{}", written.message());
-        return Ok(0);
-    }
-    let config = config::load(&settings.config)?;
-    let plan = Plan::new(&config, env, &settings.selection)?;
-    if settings.command != Command::Run {
-        for missing in &plan.preflight {
-            eprintln!("release-tasks: warning: {missing}; `release-tasks run` would stop here");
-        }
-    }
     match settings.command {
+        Command::Init { force } => {
+            let written = init::write(&settings.config, force)?;
+            print!("{}", written.message());
+            Ok(0)
+        }
         Command::Check => {
+            let (config, plan) = load(settings, env)?;
             let runs = plan.to_run().count();
             println!(
                 "{}: ok, {} task{} ({runs} would run with this environment)",
@@ -63,15 +57,16 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
+            let (_, plan) = load(settings, env)?;
             print_plan(&plan, settings.log_format)
                 .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
             Ok(0)
         }
-        Command::Init { .. } => unreachable!("init returned above"),
         Command::Run => {
+            let (config, plan) = load(settings, env)?;
             if !plan.preflight.is_empty() {
                 return Err(error::Error::Environment {
-                    problems: plan.preflight.clone(),
+                    problems: plan.preflight,
                 });
             }
             // Open the report files first: a path that cannot be written is found before anything runs.
@@ -94,6 +89,19 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(report.exit_code())
         }
     }
+}
+
+/// Reads the config and plans the release. For `check` and `plan`, what the environment lacks for
+/// `run` is a warning; `run` itself refuses to start with it.
+fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
+    let config = config::load(&settings.config)?;
+    let plan = Plan::new(&config, env, &settings.selection)?;
+    if settings.command != Command::Run {
+        for missing in &plan.preflight {
+            eprintln!("release-tasks: warning: {missing}; `release-tasks run` would stop here");
+        }
+    }
+    Ok((config, plan))
 }
 
 /// The `--report` and `--junit` files, created (empty) before the release starts.
