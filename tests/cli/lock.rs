@@ -220,3 +220,22 @@ fn lock_settings_are_checked_before_anything_runs() {
         .stderr_has("must name the variable that holds the database URL")
         .stderr_lacks(":pw@");
 }
+
+#[test]
+fn sslmode_is_honoured() {
+    let Some(url) = database_url() else { return };
+    let tasks = "[tasks.migrate]\nrun = \"touch ran\"\n";
+    // The test server's certificate is self-signed: verify-full must refuse it...
+    let strict = url.replace("sslmode=require", "sslmode=verify-full");
+    let t = locked(&strict, "verify", "", tasks);
+    t.run()
+        .status(69)
+        .stderr_has("cannot use the database")
+        .stderr_lacks(PASSWORD);
+    assert!(!t.path("ran").exists());
+    // ...while disable connects without TLS, and require (the default URL) with it.
+    let plain = url.replace("sslmode=require", "sslmode=disable");
+    let t = locked(&plain, "plain", "", tasks);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+}
