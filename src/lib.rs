@@ -57,8 +57,9 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
-            let (_, plan) = load(settings, env)?;
-            print_plan(&plan, settings.log_format)
+            let (config, plan) = load(settings, env)?;
+            let app = metadata::Metadata::from_env(env).app;
+            print_plan(&config, &plan, app.as_deref(), settings.log_format)
                 .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
             Ok(0)
         }
@@ -144,8 +145,26 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
     }
 }
 
-fn print_plan(plan: &Plan, format: LogFormat) -> std::io::Result<()> {
+fn print_plan(
+    config: &config::Config,
+    plan: &Plan,
+    app: Option<&str>,
+    format: LogFormat,
+) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
+    if let (Some(lock), LogFormat::Text) = (&config.lock, format) {
+        writeln!(
+            out,
+            "lock  PostgreSQL advisory lock `{}` through {}, waiting up to {}{}",
+            lock.key
+                .as_deref()
+                .or(app)
+                .unwrap_or("<unknown: set [lock] key or RELEASE_TASKS_APP>"),
+            lock.url_var,
+            humantime::format_duration(lock.timeout),
+            if lock.once { "; once per release" } else { "" }
+        )?;
+    }
     let width = plan
         .steps
         .iter()

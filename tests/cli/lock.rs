@@ -205,6 +205,18 @@ fn a_wrong_password_fails_before_any_task_without_showing_it() {
 }
 
 #[test]
+fn plan_shows_the_lock() {
+    let t = Test::new()
+        .config(
+            "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n[tasks.a]\nrun = \"touch ran\"\n",
+        )
+        .env("RELEASE_TASKS_APP", "shop");
+    t.run_with(&["plan"])
+        .status(0)
+        .stdout_has("lock  PostgreSQL advisory lock `shop` through DATABASE_URL, waiting up to 30m; once per release");
+}
+
+#[test]
 fn lock_settings_are_checked_before_anything_runs() {
     let t = Test::new().config(
         "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n[tasks.a]\nrun = \"touch ran\"\n",
