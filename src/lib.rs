@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod guardian;
 pub mod init;
 #[cfg(feature = "postgres")]
 pub mod lock;
@@ -39,9 +40,10 @@ pub fn env_snapshot() -> Env {
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
-    match settings.command {
+    match &settings.command {
+        Command::Guardian { run_id } => guardian::guard(run_id),
         Command::Init { force } => {
-            let written = init::write(&settings.config, force)?;
+            let written = init::write(&settings.config, *force)?;
             print!("{}", written.message());
             Ok(0)
         }

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
 use nix::errno::Errno;
-use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{self, Pid};
 
@@ -46,8 +46,9 @@ pub struct Spawned {
 }
 
 /// Starts a task: its own process group, stdin from /dev/null, stdout and stderr into pipes, an empty
-/// signal mask, default signal dispositions, and SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`).
-pub fn spawn(task: &Task) -> io::Result<Spawned> {
+/// signal mask, default signal dispositions, SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`), and
+/// `RELEASE_TASKS_RUN_ID`, which marks every process it starts as this release's.
+pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
     let argv = task.command.argv();
     let Some((program, arguments)) = argv.split_first() else {
         return Err(io::Error::new(
@@ -59,6 +60,7 @@ pub fn spawn(task: &Task) -> io::Result<Spawned> {
     command
         .args(arguments)
         .envs(&task.env)
+        .env(crate::guardian::RUN_ID_VAR, run_id)
         .current_dir(&task.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -211,85 +213,4 @@ impl Drop for TaskProcesses {
             self.signal(Signal::SIGKILL);
         }
     }
-}
-
-/// A helper process that outlives release-tasks only long enough to SIGKILL the running task's group
-/// when release-tasks is killed (SIGKILL, OOM): `PR_SET_PDEATHSIG` reaches only a task's first
-/// process, not what that process started. It learns group ids through a pipe and acts on its EOF.
-pub struct Guardian {
-    pid: Pid,
-    pipe: OwnedFd,
-}
-
-impl Guardian {
-    /// Forks the guardian, before the first task (so it holds no task's pipes).
-    pub fn start() -> io::Result<Guardian> {
-        let (read_end, write_end) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: other threads may exist (the log writer), so the child touches no lock and allocates
-        // nothing: it only makes async-signal-safe system calls until it exits.
-        match unsafe { unistd::fork() }? {
-            unistd::ForkResult::Child => {
-                drop(write_end);
-                guard(&read_end)
-            }
-            unistd::ForkResult::Parent { child } => Ok(Guardian {
-                pid: child,
-                pipe: write_end,
-            }),
-        }
-    }
-
-    /// The guardian's pid, which is not a task's process.
-    #[must_use]
-    pub fn pid(&self) -> Pid {
-        self.pid
-    }
-
-    /// Tells the guardian about a group to kill (`watch = true`) or to forget.
-    pub fn tell(&self, pgid: Pid, watch: bool) {
-        let value = if watch { pgid.as_raw() } else { -pgid.as_raw() };
-        // A failed write means the guardian is gone; the task still has PR_SET_PDEATHSIG.
-        let _ = unistd::write(&self.pipe, &value.to_ne_bytes());
-    }
-}
-
-/// The guardian's whole life: collect group ids until the pipe closes, then SIGKILL those still listed.
-fn guard(pipe: &OwnedFd) -> ! {
-    // Out of release-tasks's group and deaf to the signals aimed at it, so that a Ctrl-C or a
-    // `kill -TERM -<group>` does not take it down before it has done its job.
-    let _ = unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
-        // SAFETY: SIG_IGN installs no handler code.
-        let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
-    }
-    let mut groups = [0i32; 32];
-    let mut buf = [0u8; 4];
-    loop {
-        match unistd::read(pipe, &mut buf) {
-            Ok(4) => {
-                let value = i32::from_ne_bytes(buf);
-                if value > 0 {
-                    if let Some(slot) = groups.iter_mut().find(|g| **g == 0) {
-                        *slot = value;
-                    }
-                } else if let Some(slot) = groups.iter_mut().find(|g| **g == -value) {
-                    *slot = 0;
-                }
-            }
-            Err(Errno::EINTR) => {}
-            _ => break,
-        }
-    }
-    for &g in groups.iter().filter(|&&g| g > 0) {
-        let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
-    }
-    // SAFETY: _exit skips destructors that belong to the parent's state.
-    unsafe { nix::libc::_exit(0) }
 }

@@ -16,11 +16,12 @@ use tokio::time::sleep_until;
 
 use crate::config::{Config, Defaults, On, Task};
 use crate::gate::Env;
+use crate::guardian::Guardian;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::output::{Pump, Target};
 use crate::plan::{Plan, Step};
-use crate::process::{self, Guardian, TaskProcesses};
+use crate::process::{self, TaskProcesses};
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, TaskReport};
 use crate::signals::{Event, STOPPING, Signals};
 
@@ -130,6 +131,7 @@ async fn run(
         exited: HashMap::new(),
         interrupted: None,
         stopping_signals: 0,
+        run_id: crate::guardian::new_run_id(),
         release_deadline: started + defaults.release_timeout,
         release_timeout: defaults.release_timeout,
         heartbeat: defaults.heartbeat,
@@ -200,6 +202,8 @@ struct Runner {
     interrupted: Option<Signal>,
     /// How many stopping signals arrived; after the second nothing more starts.
     stopping_signals: u32,
+    /// Marks this run's processes for the guardian.
+    run_id: String,
     release_deadline: Instant,
     release_timeout: Duration,
     heartbeat: Duration,
@@ -223,14 +227,14 @@ impl Runner {
         let command = crate::redact::urls_in(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
         if self.guardian.is_none() {
-            match Guardian::start() {
+            match Guardian::start(&self.run_id) {
                 Ok(g) => self.guardian = Some(g),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it");
                 }
             }
         }
-        let spawned = match process::spawn(task) {
+        let spawned = match process::spawn(task, &self.run_id) {
             Ok(spawned) => spawned,
             Err(err) => {
                 let outcome = could_not_start(task, &err);

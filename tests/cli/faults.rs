@@ -207,17 +207,29 @@ fn release_tasks_killed_leaves_no_task_process_behind() {
     let t = Test::new().config(
         r#"
 [tasks.migrate]
-run = "sleep 300 & echo $! > child; sh -c 'sleep 301 & echo $! > grandchild; wait' & echo ready; wait"
+run = """
+sleep 300 & echo $! > child
+sh -c 'sleep 301 & echo $! > grandchild; wait' &
+setsid sh -c 'echo $$ > daemon; exec sleep 302' </dev/null >/dev/null 2>&1 &
+while [ ! -s daemon ]; do sleep 0.01; done
+echo ready
+wait
+"""
 "#,
     );
     let running = t.spawn_until("migrate | ready");
     let child = read_pid(&t.path("child"));
     let grandchild = read_pid(&t.path("grandchild"));
+    let daemon = read_pid(&t.path("daemon"));
     running.signal("KILL");
     running.wait().status(137);
     assert!(
         gone_within(child, Duration::from_secs(10)),
         "child {child} outlived release-tasks"
+    );
+    assert!(
+        gone_within(daemon, Duration::from_secs(10)),
+        "the setsid daemon {daemon} outlived release-tasks"
     );
     assert!(
         gone_within(grandchild, Duration::from_secs(10)),
