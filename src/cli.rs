@@ -51,7 +51,7 @@ pub struct Cli {
 }
 
 /// What to do.
-#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the release: every task whose gates hold, in order (the default)
     Run,
@@ -66,9 +66,6 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Internal: the guardian that release-tasks starts for itself (see src/guardian.rs)
-    #[command(name = "__guardian", hide = true)]
-    Guardian { run_id: String },
 }
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).

@@ -18,7 +18,7 @@ use nix::unistd::{self, Pid};
 
 /// The variable that marks every process of one release run.
 pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
-/// The hidden subcommand that runs the guardian.
+/// The first argument that makes release-tasks the guardian (handled first thing in `main`).
 pub const SUBCOMMAND: &str = "__guardian";
 
 /// The running guardian, as release-tasks sees it.

@@ -40,10 +40,9 @@ pub fn env_snapshot() -> Env {
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
-    match &settings.command {
-        Command::Guardian { run_id } => guardian::guard(run_id),
+    match settings.command {
         Command::Init { force } => {
-            let written = init::write(&settings.config, *force)?;
+            let written = init::write(&settings.config, force)?;
             print!("{}", written.message());
             Ok(0)
         }

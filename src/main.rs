@@ -7,6 +7,16 @@ use release_tasks::cli::{Cli, LogFormat, Settings};
 use release_tasks::error::Error;
 
 fn main() {
+    // The guardian (see guardian.rs) starts with every task run: skip the parsing and set-up it does
+    // not need.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(release_tasks::guardian::SUBCOMMAND)) {
+        let run_id = args
+            .next()
+            .and_then(|a| a.into_string().ok())
+            .unwrap_or_default();
+        release_tasks::guardian::guard(&run_id);
+    }
     let cli = Cli::parse();
     let env = release_tasks::env_snapshot();
     let settings = match Settings::resolve(cli, env.iter().map(|(k, v)| (k.clone(), v.clone()))) {
