@@ -104,17 +104,9 @@ impl Settings {
     /// Merges `cli` over the `RELEASE_TASKS_*` entries of `vars` (flags win).
     pub fn resolve(cli: Cli, vars: impl Iterator<Item = (String, String)>) -> Result<Settings> {
         let env: EnvSettings = envy::prefixed("RELEASE_TASKS_")
-            .from_iter(vars.filter(|(k, _)| {
-                matches!(
-                    k.as_str(),
-                    "RELEASE_TASKS_CONFIG"
-                        | "RELEASE_TASKS_ONLY"
-                        | "RELEASE_TASKS_SKIP"
-                        | "RELEASE_TASKS_LOG_FORMAT"
-                        | "RELEASE_TASKS_REPORT"
-                        | "RELEASE_TASKS_JUNIT"
-                )
-            }))
+            // Other RELEASE_TASKS_* variables (APP, VERSION, COMMIT, RUN_ID) are not settings;
+            // envy ignores them.
+            .from_iter(vars)
             .map_err(|err| Error::Usage(format!("bad RELEASE_TASKS_* setting: {err}")))?;
         let log_format = match (cli.log_format, env.log_format.as_deref()) {
             (Some(format), _) => format,

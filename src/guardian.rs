@@ -115,27 +115,14 @@ pub fn guard(run_id: &str) -> ! {
 
 /// SIGKILLs every process whose environment holds `marker`; returns how many there were.
 fn sweep(marker: &[u8]) -> usize {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
+    let me = std::process::id() as i32;
     let mut killed = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
+    for pid in crate::process::process_ids().filter(|&pid| pid != me) {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
         if environ.split(|&b| b == 0).any(|var| var == marker) {
-            let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             killed += 1;
         }
     }

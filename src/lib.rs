@@ -59,8 +59,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         }
         Command::Plan => {
             let (config, plan) = load(settings, env)?;
-            let app = metadata::Metadata::from_env(env).app;
-            print_plan(&config, &plan, app.as_deref(), settings.log_format)
+            print_plan(&config, &plan, settings.log_format)
                 .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
             Ok(0)
         }
@@ -74,7 +73,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             // Open the report files first: a path that cannot be written is found before anything runs.
             let report_files = open_report_files(settings)?;
             process::become_subreaper();
-            let meta = metadata::Metadata::from_env(env);
+            let meta = plan.meta.clone();
             tracing::info!(
                 app = meta.app.as_deref(),
                 version = meta.version.as_deref(),
@@ -146,12 +145,7 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
     }
 }
 
-fn print_plan(
-    config: &config::Config,
-    plan: &Plan,
-    app: Option<&str>,
-    format: LogFormat,
-) -> std::io::Result<()> {
+fn print_plan(config: &config::Config, plan: &Plan, format: LogFormat) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if let (Some(lock), LogFormat::Text) = (&config.lock, format) {
         writeln!(
@@ -159,7 +153,7 @@ fn print_plan(
             "lock  PostgreSQL advisory lock `{}` through {}, waiting up to {}{}",
             lock.key
                 .as_deref()
-                .or(app)
+                .or(plan.meta.app.as_deref())
                 .unwrap_or("<unknown: set [lock] key or RELEASE_TASKS_APP>"),
             lock.url_var,
             humantime::format_duration(lock.timeout),

@@ -7,6 +7,7 @@
 use crate::config::{Command, Config, Task};
 use crate::error::{Error, Result};
 use crate::gate::{Env, Verdict};
+use crate::metadata::Metadata;
 use crate::notify::Webhook;
 
 /// Which tasks the user picked on the command line (or through `RELEASE_TASKS_ONLY`/`_SKIP`).
@@ -24,6 +25,8 @@ pub struct Plan {
     /// `[lock]` settings; each with what to do. `run` refuses to start with any; `check` and `plan`
     /// only warn, since CI rarely has production's secrets.
     pub preflight: Vec<String>,
+    /// The release's app, version and commit, read from the same environment.
+    pub meta: Metadata,
 }
 
 /// One task and its decision.
@@ -74,9 +77,9 @@ impl Plan {
                 )
             })
             .collect();
+        let meta = Metadata::from_env(env);
         #[cfg(feature = "postgres")]
         if let Some(lock) = &config.lock {
-            let meta = crate::metadata::Metadata::from_env(env);
             preflight.extend(crate::lock::preflight(lock, env, &meta));
         }
         let mut bad_values = Vec::new();
@@ -119,7 +122,11 @@ impl Plan {
             });
         }
         if bad_values.is_empty() {
-            Ok(Plan { steps, preflight })
+            Ok(Plan {
+                steps,
+                preflight,
+                meta,
+            })
         } else {
             Err(Error::Environment {
                 problems: bad_values,

@@ -166,18 +166,8 @@ impl TaskProcesses {
         let wrapped = read_small("/proc/sys/kernel/ns_last_pid")
             .and_then(|s| s.trim().parse::<i32>().ok())
             .is_none_or(|last| last < first);
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
         let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
+        for pid in process_ids() {
             if (pid < first && !wrapped) || self.exempt.contains(&Pid::from_raw(pid)) {
                 continue;
             }
@@ -197,6 +187,15 @@ impl TaskProcesses {
         }
         found
     }
+}
+
+/// The pids of every process in /proc (of this PID namespace).
+pub fn process_ids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
 }
 
 /// Reads a small /proc file in one read (a stat line is well under 1 KiB).
