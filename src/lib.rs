@@ -99,7 +99,16 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let plan = Plan::new(&config, env, &settings.selection)?;
     if settings.command != Command::Run {
         for missing in &plan.preflight {
-            eprintln!("release-tasks: warning: {missing}; `release-tasks run` would stop here");
+            match settings.log_format {
+                LogFormat::Text => {
+                    eprintln!(
+                        "release-tasks: warning: {missing}; `release-tasks run` would stop here"
+                    );
+                }
+                LogFormat::Json => {
+                    tracing::warn!(problem = %missing, "`release-tasks run` would stop here");
+                }
+            }
         }
     }
     Ok((config, plan))

@@ -269,6 +269,28 @@ fn preflight_names_every_missing_variable_before_anything_runs() {
 }
 
 #[test]
+fn check_warns_of_what_run_would_lack_in_the_log_format_asked_for() {
+    let t = Test::new().config("[require]\nenv = [\"DATABASE_URL\"]\n[tasks.a]\nrun = \"true\"\n");
+    t.run_with(&["check"])
+        .status(0)
+        .stderr_has("warning: DATABASE_URL is required by [require] env");
+    let out = t.run_with(&["check", "--log-format", "json"]);
+    out.status(0);
+    let events: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["level"], "WARN");
+    assert!(
+        events[0]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("DATABASE_URL"))
+    );
+}
+
+#[test]
 fn an_unset_webhook_variable_is_an_error_naming_it() {
     let t = Test::new()
         .config(&notify_config("", "touch ran"))
