@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::Lock;
 use crate::error::Error;
@@ -269,21 +269,16 @@ async fn holder_of(client: &Client, key: i64) -> Option<String> {
     row.try_get(0).ok()
 }
 
+/// Connects over TLS as `mode` says; with `sslmode=disable` the config never asks for TLS, so the
+/// connector goes unused.
 async fn connect(
     config: &tokio_postgres::Config,
     mode: TlsMode,
 ) -> Result<Client, tokio_postgres::Error> {
-    let client = if mode == TlsMode::Disable {
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(watch(connection));
-        client
-    } else {
-        let (client, connection) = config
-            .connect(tls::MakeRustls::new(mode == TlsMode::Verify))
-            .await?;
-        tokio::spawn(watch(connection));
-        client
-    };
+    let (client, connection) = config
+        .connect(tls::MakeRustls::new(mode == TlsMode::Verify))
+        .await?;
+    tokio::spawn(watch(connection));
     Ok(client)
 }
 
