@@ -49,6 +49,9 @@ pub enum Error {
     LockTimeout(String),
     /// A stopping signal arrived before any task started (while waiting for the lock).
     Interrupted(nix::sys::signal::Signal),
+    /// `exec`: the release succeeded but its command cannot be started (127 not found, 126 not
+    /// executable).
+    Exec { code: i32, message: String },
     /// release-tasks itself could not go on (an I/O error, a failed system call).
     Internal(anyhow::Error),
 }
@@ -66,6 +69,7 @@ impl Error {
             Error::Database(_) => EXIT_UNAVAILABLE,
             Error::LockTimeout(_) => EXIT_TEMPFAIL,
             Error::Interrupted(sig) => 128 + *sig as i32,
+            Error::Exec { code, .. } => *code,
             Error::Internal(_) => EXIT_INTERNAL,
         }
     }
@@ -113,7 +117,7 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Usage(message) => write!(f, "{message}"),
+            Error::Usage(message) | Error::Exec { message, .. } => write!(f, "{message}"),
             Error::Database(message) | Error::LockTimeout(message) => {
                 write!(f, "{message}; nothing was run")
             }

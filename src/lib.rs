@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod exec;
 pub mod gate;
 pub mod guardian;
 pub mod init;

@@ -1,0 +1,171 @@
+//! `release-tasks exec -- CMD ARGS...`: after a successful release, release-tasks replaces itself with
+//! the app's server through `execve`, so a container entrypoint needs no shell in between.
+//!
+//! The server keeps release-tasks's pid (PID 1 stays PID 1, and the platform's signals reach the
+//! server directly) and gets the environment the tasks saw. It must not inherit anything of
+//! release-tasks's own: this module makes every descriptor above stderr close on exec, empties the
+//! signal mask and puts every disposition back to its default (Rust's runtime ignores SIGPIPE, which
+//! `execve` would otherwise hand on). That no helper process outlives the release (the guardian)
+//! is the run's business (`run.rs`), done before this is called.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+
+use crate::error::Error;
+use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
+
+/// Replaces release-tasks with `argv`, looked up on `PATH` as a shell would, with `env` as its whole
+/// environment. Returns only when that cannot be done, with the error to exit with: 127 when the
+/// program is not found, 126 when it cannot be executed.
+pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
+    let Some(program) = argv.first() else {
+        return Error::Usage(
+            "`exec` needs a command to run after the release: `release-tasks exec -- CMD ARGS...`"
+                .into(),
+        );
+    };
+    let Some(c_argv) = to_cstrings(argv.iter().map(OsString::as_os_str)) else {
+        return Error::Usage("`exec`: a command argument contains a NUL byte".into());
+    };
+    let environ: Vec<OsString> = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            kv
+        })
+        .collect();
+    let Some(environ) = to_cstrings(environ.iter().map(OsString::as_os_str)) else {
+        return Error::Usage("`exec`: an environment variable contains a NUL byte".into());
+    };
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_os_str());
+    let candidates = candidates(Path::new(program), path);
+    prepare_for_exec();
+    let mut last = Errno::ENOENT;
+    for candidate in &candidates {
+        let Some(file) = to_cstrings(std::iter::once(candidate.as_os_str())) else {
+            continue;
+        };
+        // Returns only on failure. EACCES on one PATH entry does not hide the program later on PATH
+        // (execvp's rule); the error reported is the most telling one seen.
+        let Err(err) = nix::unistd::execve(&file[0], &c_argv, &environ);
+        if err != Errno::ENOENT && err != Errno::ENOTDIR {
+            last = err;
+        }
+    }
+    let shown = program.to_string_lossy();
+    if last == Errno::ENOENT {
+        Error::Exec {
+            code: EXIT_NOT_FOUND,
+            message: format!("`exec`: command not found: `{shown}`; is it installed and on PATH?"),
+        }
+    } else {
+        Error::Exec {
+            code: EXIT_CANNOT_RUN,
+            message: format!(
+                "`exec`: cannot run `{shown}`: {}; is it an executable file (chmod +x)?",
+                std::io::Error::from(last)
+            ),
+        }
+    }
+}
+
+/// Where to look for `program`: itself when it names a path, else each `PATH` entry in turn (an
+/// empty entry is the working directory), with the shell's default search path when `PATH` is unset.
+fn candidates(program: &Path, path: Option<&OsStr>) -> Vec<PathBuf> {
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return vec![program.to_path_buf()];
+    }
+    let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    path.as_bytes()
+        .split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() {
+                Path::new(".")
+            } else {
+                Path::new(OsStr::from_bytes(dir))
+            };
+            dir.join(program)
+        })
+        .collect()
+}
+
+fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CString>> {
+    items.map(|s| CString::new(s.as_bytes()).ok()).collect()
+}
+
+/// What the server must not inherit: descriptors other than 0, 1 and 2, a blocked signal, an ignored
+/// one. A signal that arrives from here on kills release-tasks by its default action, as it would
+/// kill the server an instant later.
+fn prepare_for_exec() {
+    close_descriptors_on_exec();
+    for number in 1..=max_signal() {
+        if let Ok(sig) = Signal::try_from(number) {
+            if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                // SAFETY: SIG_DFL installs no handler code.
+                let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
+            }
+        }
+    }
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// The highest signal number to reset (real-time signals included where they exist).
+fn max_signal() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        nix::libc::SIGRTMAX()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        31
+    }
+}
+
+/// Marks every open descriptor above stderr close-on-exec. Listing them (rather than looping to the
+/// descriptor limit) keeps this quick when the limit is a million.
+fn close_descriptors_on_exec() {
+    let dir = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    let fds: Vec<i32> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: setting FD_CLOEXEC changes no memory; a descriptor that was the directory's own
+        // (already closed) just fails with EBADF.
+        unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_name_is_looked_up_on_each_path_entry_in_order() {
+        assert_eq!(
+            candidates(Path::new("puma"), Some(OsStr::new("/a:/b/c::/d"))),
+            ["/a/puma", "/b/c/puma", "./puma", "/d/puma"].map(PathBuf::from)
+        );
+        assert_eq!(
+            candidates(Path::new("./bin/web"), Some(OsStr::new("/a"))),
+            [PathBuf::from("./bin/web")]
+        );
+        assert_eq!(candidates(Path::new("x"), None).len(), 3);
+    }
+}
