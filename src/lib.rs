@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod env_file;
 pub mod error;
 pub mod exec;
 pub mod gate;

@@ -1,0 +1,195 @@
+//! `--env-file`: variables for local runs from `.env` files, as foreman, `heroku local` and dbmate
+//! read them (parsed by dotenvy).
+//!
+//! Only files named on the command line (or in `RELEASE_TASKS_ENV_FILE`) are read: a stray `.env`
+//! left in a slug must never change a production release. The process environment wins over every
+//! file, and between files the first that sets a variable wins. What is loaded joins the environment
+//! snapshot that gates, `[require]` and `${VAR}` read, and the environment every task inherits; each
+//! variable remembers its file, so `plan` can say where a gate's value came from.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Diagnostic, Error, Result};
+
+/// One variable a file set (and the process environment did not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub name: String,
+    pub value: String,
+    /// The file it came from, as named on the command line.
+    pub file: PathBuf,
+}
+
+/// Reads `files` in order; `is_set` tells whether the process environment already has a variable
+/// (then the file's value is not used). A missing file is a usage error (2), a file that cannot be
+/// parsed is a config error (78) with its line and column.
+pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
+    let mut loaded: Vec<Loaded> = Vec::new();
+    for file in files {
+        for (name, value) in parse(file)? {
+            if !is_set(&name) && !loaded.iter().any(|l| l.name == name) {
+                loaded.push(Loaded {
+                    name,
+                    value,
+                    file: file.clone(),
+                });
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// Every `NAME=value` of one file, in file order (a name set twice keeps its first value).
+fn parse(file: &Path) -> Result<Vec<(String, String)>> {
+    let bytes = std::fs::read(file).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            Error::Usage(format!(
+                "--env-file {}: no such file; check the path (it is taken from the current directory)",
+                file.display()
+            ))
+        } else {
+            Error::ConfigUnreadable { path: file.to_path_buf(), reason: err.to_string() }
+        }
+    })?;
+    let text = String::from_utf8(bytes).map_err(|err| {
+        let (line, col) = position(
+            &String::from_utf8_lossy(err.as_bytes()),
+            err.utf8_error().valid_up_to(),
+        );
+        invalid(
+            file,
+            line,
+            col,
+            "the file is not UTF-8 text; save it as UTF-8".into(),
+        )
+    })?;
+    let mut vars = Vec::new();
+    for item in dotenvy::from_read_iter(text.as_bytes()) {
+        match item {
+            Ok(var) => vars.push(var),
+            Err(dotenvy::Error::LineParse(snippet, at)) => {
+                let first = snippet.lines().next().unwrap_or_default();
+                // dotenvy gives the snippet's end for a quote that is never closed: point at its start.
+                let (at, problem) = if at >= snippet.trim_end().len() {
+                    (0, "a quote opened here is never closed")
+                } else {
+                    (at, "cannot parse this line")
+                };
+                let (line, col) = locate(&text, &snippet, at);
+                return Err(invalid(
+                    file,
+                    line,
+                    col,
+                    format!(
+                        "{problem}: `{first}`; write NAME=value, quote a value that has spaces or `#` (NAME=\"a b\"), and close every quote"
+                    ),
+                ));
+            }
+            Err(err) => {
+                return Err(Error::ConfigUnreadable {
+                    path: file.to_path_buf(),
+                    reason: err.to_string(),
+                });
+            }
+        }
+    }
+    Ok(vars)
+}
+
+/// The 1-based line and column, in `text`, of byte `at` of `snippet` (the logical line dotenvy
+/// could not parse, which may span several lines of the file). dotenvy reports only the offset
+/// within its snippet, so the snippet is found in the file to count the lines before it.
+fn locate(text: &str, snippet: &str, at: usize) -> (usize, usize) {
+    let start = text
+        .find(snippet.trim_end_matches(['\n', '\r']))
+        .unwrap_or(0);
+    position(text, start + at.min(snippet.len()))
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn invalid(file: &Path, line: usize, col: usize, message: String) -> Error {
+    Error::ConfigInvalid {
+        path: file.to_path_buf(),
+        problems: vec![Diagnostic {
+            location: Some((line, col)),
+            message,
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_process_environment_wins_then_the_first_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(
+            dir.path(),
+            "a.env",
+            "# comment\nA=from-a\nB=\"from a\"\nexport C=c\n",
+        );
+        let b = write(dir.path(), "b.env", "A=from-b\nD=d\nSHELL_SET=x\n");
+        let loaded = load(&[a.clone(), b.clone()], |name| name == "SHELL_SET").unwrap();
+        let got: Vec<_> = loaded
+            .iter()
+            .map(|l| (l.name.as_str(), l.value.as_str(), l.file.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("A", "from-a", a.clone()),
+                ("B", "from a", a.clone()),
+                ("C", "c", a),
+                ("D", "d", b)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), ".env", "A=1\n\nB=2\nC=\"never closed\nD=4\n");
+        let err = load(&[file], |_| false).unwrap_err();
+        assert_eq!(err.exit_code(), 78);
+        let shown = err.to_string();
+        assert!(
+            shown.contains(".env:4:1: a quote opened here is never closed"),
+            "{shown}"
+        );
+        let file = write(dir.path(), "bad.env", "A=1\nB C=2\n");
+        let shown = load(&[file], |_| false).unwrap_err().to_string();
+        assert!(shown.contains("bad.env:2:"), "{shown}");
+    }
+
+    #[test]
+    fn a_missing_file_is_a_usage_error_that_names_it() {
+        let err = load(&[PathBuf::from("/nonexistent/.env.local")], |_| false).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("/nonexistent/.env.local"));
+    }
+
+    #[test]
+    fn positions_count_characters_and_clamp() {
+        assert_eq!(position("ab\ncdé f", 9), (2, 6));
+        assert_eq!(position("ab", 99), (1, 3));
+        assert_eq!(position("é", 1), (1, 1));
+    }
+}
