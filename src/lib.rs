@@ -23,6 +23,7 @@ pub mod redact;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod tail;
 
 use std::io::Write;
 

@@ -1,0 +1,203 @@
+//! The last lines a task printed, kept for the places people look when a release fails: the JSON
+//! report's `output_tail`, the `release failed` log line, the Slack message and the JUnit file.
+//!
+//! The output pumps feed every byte they forward; this keeps only the last `limit` lines of stdout
+//! and stderr merged in arrival order, each cut at [`MAX_LINE`] bytes, so memory stays bounded
+//! whatever the task prints. Rendering decodes lossily, removes terminal escapes (colours, cursor
+//! moves; a `\r`-redrawn progress line keeps what a terminal would show last) and hides secrets:
+//! the values of secret-looking variables and the credentials of URLs.
+
+use std::collections::VecDeque;
+
+use crate::redact;
+
+/// The longest line kept, in bytes; a longer one is cut and marked with `…`.
+pub const MAX_LINE: usize = 1024;
+
+/// The last lines of one task's output.
+#[derive(Debug, Default)]
+pub struct Tail {
+    limit: usize,
+    lines: VecDeque<Vec<u8>>,
+    /// The unfinished last line of stdout (0) and stderr (1), with whether it was cut.
+    partial: [(Vec<u8>, bool); 2],
+}
+
+impl Tail {
+    /// Keeps the last `limit` lines (none when `limit` is 0).
+    #[must_use]
+    pub fn new(limit: usize) -> Tail {
+        Tail {
+            limit,
+            ..Tail::default()
+        }
+    }
+
+    /// Takes bytes of stream 0 (stdout) or 1 (stderr), as they arrive.
+    pub fn feed(&mut self, stream: usize, mut bytes: &[u8]) {
+        if self.limit == 0 {
+            return;
+        }
+        let stream = stream.min(1);
+        while !bytes.is_empty() {
+            let (line, rest, ended) = match memchr::memchr(b'\n', bytes) {
+                Some(at) => (&bytes[..at], &bytes[at + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let (partial, cut) = &mut self.partial[stream];
+            let room = MAX_LINE.saturating_sub(partial.len());
+            partial.extend_from_slice(&line[..line.len().min(room)]);
+            *cut |= line.len() > room;
+            if ended {
+                self.end_line(stream);
+            }
+            bytes = rest;
+        }
+    }
+
+    /// Ends both streams: an unfinished last line counts as a line.
+    pub fn finish(&mut self) {
+        for stream in 0..2 {
+            if !self.partial[stream].0.is_empty() {
+                self.end_line(stream);
+            }
+        }
+    }
+
+    fn end_line(&mut self, stream: usize) {
+        let (mut line, cut) = std::mem::take(&mut self.partial[stream]);
+        if cut {
+            line.extend_from_slice("…".as_bytes());
+        }
+        if self.lines.len() == self.limit {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+
+    /// The kept lines as text that is safe to show: lossily decoded, without terminal escapes, with
+    /// every value in `secrets` (of four characters or more) and every URL credential hidden.
+    #[must_use]
+    pub fn render(&self, secrets: &[String]) -> Vec<String> {
+        self.lines
+            .iter()
+            .map(|line| {
+                redact::urls_in(&redact::scrub(
+                    &printable(&String::from_utf8_lossy(line)),
+                    secrets,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// What a terminal would show of `line`: escape sequences (CSI such as colours, OSC such as titles
+/// and hyperlinks, and two-byte ones) removed, the text after the last carriage return kept, and
+/// other control characters but tab dropped.
+#[must_use]
+pub fn printable(line: &str) -> String {
+    let line = line.trim_end_matches('\r');
+    let line = line.rsplit('\r').next().unwrap_or(line);
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters and intermediates up to a final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC (and DCS, APC, PM, SOS): up to BEL or ESC \.
+                Some(']' | 'P' | '_' | '^' | 'X') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                            chars.next();
+                            break;
+                        }
+                    }
+                }
+                // Others: intermediates (space to `/`) then one final byte, as `ESC ( B`.
+                Some(' '..='/') => {
+                    for c in chars.by_ref() {
+                        if !(' '..='/').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines_of_both_streams_in_arrival_order() {
+        let mut tail = Tail::new(3);
+        tail.feed(0, b"one\ntw");
+        tail.feed(1, b"err1\n");
+        tail.feed(0, b"o\nthree\nfour");
+        tail.finish();
+        assert_eq!(tail.render(&[]), ["two", "three", "four"]);
+        // Below the limit everything is kept; a limit of 0 keeps nothing.
+        let mut tail = Tail::new(5);
+        tail.feed(1, b"a\n\nb\n");
+        assert_eq!(tail.render(&[]), ["a", "", "b"]);
+        let mut none = Tail::new(0);
+        none.feed(0, b"a\n");
+        none.finish();
+        assert!(none.render(&[]).is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_memory_stays_bounded() {
+        let mut tail = Tail::new(2);
+        for _ in 0..100 {
+            tail.feed(0, &[b'x'; 10_000]);
+        }
+        tail.feed(0, b"\nshort\n");
+        let lines = tail.render(&[]);
+        assert_eq!(lines[0].len(), MAX_LINE + "…".len());
+        assert!(lines[0].ends_with('…'));
+        assert_eq!(lines[1], "short");
+        assert!(tail.partial[0].0.capacity() <= 4 * MAX_LINE);
+    }
+
+    #[test]
+    fn renders_what_a_terminal_shows_without_secrets() {
+        let mut tail = Tail::new(10);
+        tail.feed(
+            0,
+            b"\x1b[31mPG::UndefinedColumn\x1b[0m: column \"x\" does not exist\n\
+              \x1b]8;;http://x\x07link\x1b]8;;\x07 \x1b(Bok\n\
+              10%\r50%\r100%\r\n\
+              password=hunter2-secret \xff\n\
+              postgres://admin:Pw-x@db.internal/app failed\n",
+        );
+        let secrets = vec!["hunter2-secret".to_owned()];
+        assert_eq!(
+            tail.render(&secrets),
+            [
+                "PG::UndefinedColumn: column \"x\" does not exist",
+                "link ok",
+                "100%",
+                "password=[redacted] \u{fffd}",
+                "postgres://[redacted]@db.internal/[redacted] failed",
+            ]
+        );
+    }
+}
