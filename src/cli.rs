@@ -66,6 +66,12 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a completion script for SHELL (e.g. `release-tasks completions bash >
+    /// /etc/bash_completion.d/release-tasks`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).
