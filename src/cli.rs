@@ -66,8 +66,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print a completion script for SHELL (e.g. `release-tasks completions bash >
-    /// /etc/bash_completion.d/release-tasks`)
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell)
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
