@@ -1,16 +1,31 @@
 //! `[lock]`: once per release across replicas, through the database the app already has.
 //!
-//! Before the first task, release-tasks opens one connection and takes a PostgreSQL *session* advisory
-//! lock; it holds it for the whole release and unlocks at the end. If release-tasks dies, its connection
-//! drops and PostgreSQL releases the lock by itself. With `once = true` each release (its version, else
-//! its commit) is recorded in `release_tasks_runs`, so a replica that gets the lock after another one
-//! completed the same release skips every task. TLS goes through rustls and honours `sslmode`.
+//! Before the first task, release-tasks connects, opens a transaction and takes a PostgreSQL
+//! *transaction-level* advisory lock (`pg_try_advisory_xact_lock`); the transaction stays open for the
+//! whole release and its COMMIT is the unlock. Why a transaction and not a session lock: a connection
+//! pooler in transaction mode (`PgBouncer` on Supabase's port 6543, Heroku's and Neon's poolers) hands a
+//! server connection to other clients between transactions, so a session lock taken through it is
+//! neither exclusive nor released; an open transaction pins one server connection, behind a pooler or
+//! not (Flyway does the same). The transaction sets `idle_in_transaction_session_timeout` off for
+//! itself. If release-tasks dies, its connection drops and PostgreSQL releases the lock by itself.
+//! Queries go unprepared (simple or unnamed statements), which poolers also need.
+//!
+//! A replica that finds the lock taken does not keep its connection: it reads who holds the lock,
+//! disconnects, and tries again after a jittered back-off, so a fleet of waiting replicas costs the
+//! database at most a few short connections at a time. A database that is not up yet (refused, not
+//! resolvable, starting up, too many connections) is tried again within `[lock] connect_timeout`.
+//!
+//! With `once = true` each release (its version, else its commit) is recorded in `release_tasks_runs`
+//! (see `ledger.rs`): "running" when it starts, its outcome in the lock's own transaction, so the
+//! outcome becomes visible at the instant the lock is released. A replica that finds the release
+//! completed skips every task. URLs are read by `url.rs`, TLS is `tls.rs`.
 //!
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::config::Lock;
 use crate::error::Error;
@@ -20,22 +35,31 @@ use crate::redact;
 use crate::report::Report;
 use crate::signals::{Event, STOPPING, Signals};
 
+mod ledger;
 mod tls;
+mod url;
 
-/// How often a waiting replica tries the lock again.
-const RETRY: Duration = Duration::from_millis(500);
-/// How long connecting (TCP, TLS, login) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub use ledger::{history, wait};
 
-/// The held lock and its connection. Dropping it closes the connection, which releases the lock.
+/// The first pause before a waiting replica tries the lock again; it grows to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(300);
+const RETRY_MAX: Duration = Duration::from_secs(3);
+/// How long one connection attempt (TCP, TLS, login) may take, unless the URL says `connect_timeout`.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
+
+/// The held lock and its transaction, or a release found completed (nothing held).
 pub struct ReleaseLock {
-    client: Client,
-    key: i64,
+    /// The connection whose open transaction holds the lock; `None` when the release was already
+    /// completed and no lock was needed.
+    client: Option<Client>,
+    completed: Option<PreviousRun>,
     name: String,
-    secrets: Vec<String>,
+    meta: Metadata,
+    db: Database,
 }
 
 /// A completed run of the same release found in the ledger.
+#[derive(Debug, Clone)]
 pub struct PreviousRun {
     pub holder: String,
     pub finished_at: String,
@@ -59,21 +83,36 @@ pub fn release_id(meta: &Metadata) -> Option<String> {
     meta.version.clone().or_else(|| meta.commit.clone())
 }
 
-/// Problems with `[lock]` that can be found before connecting: the variable and, for `once`, the
-/// release's version.
+/// The first of `[lock] postgres`'s variables that is set and not empty, with its value.
+fn chosen_url<'a>(lock: &'a Lock, env: &'a Env) -> Option<(&'a str, &'a str)> {
+    lock.url_vars.iter().find_map(|var| {
+        env.get(var)
+            .filter(|url| !url.is_empty())
+            .map(|url| (var.as_str(), url.as_str()))
+    })
+}
+
+/// Problems with `[lock]` that can be found before connecting: the variables, the URL (its
+/// parameters and certificate files) and, for `once`, the release's version.
 #[must_use]
 pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
     let mut problems = Vec::new();
-    match env.get(&lock.url_var).map(String::as_str) {
-        None | Some("") => problems.push(format!(
+    match chosen_url(lock, env) {
+        None if lock.url_vars.len() == 1 => problems.push(format!(
             "[lock] postgres names {}, which is not set; set it to the database URL",
-            lock.url_var
+            lock.url_vars[0]
         )),
-        Some(url) => {
-            if let Err(err) = connection_config(url) {
+        None => problems.push(format!(
+            "[lock] postgres names {}, none of which is set; set one of them to the database URL",
+            lock.url_vars.join(", ")
+        )),
+        Some((var, url)) => {
+            if let Err(err) =
+                url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
+            {
                 problems.push(format!(
-                    "[lock] {} is not a usable database URL: {err}",
-                    lock.url_var
+                    "[lock] {var} is not a usable database URL: {}",
+                    redact::scrub(&err, &secrets_of(url))
                 ));
             }
         }
@@ -101,59 +140,9 @@ fn lock_name(lock: &Lock, meta: &Metadata) -> String {
         .unwrap_or_default()
 }
 
-/// TLS as the URL's `sslmode` asks: `disable` none; `allow`, `prefer` (the default) and `require`
-/// encrypt without checking the certificate, as libpq does (Heroku's certificates are not signed
-/// by a public authority); `verify-ca` and `verify-full` check it against the Mozilla roots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TlsMode {
-    Disable,
-    Encrypt { required: bool },
-    Verify,
-}
-
-fn connection_config(url: &str) -> Result<(tokio_postgres::Config, TlsMode), String> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut mode = TlsMode::Encrypt { required: false };
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("sslmode", value)) => {
-                mode = match value {
-                    "disable" => TlsMode::Disable,
-                    "allow" | "prefer" => TlsMode::Encrypt { required: false },
-                    "require" => TlsMode::Encrypt { required: true },
-                    "verify-ca" | "verify-full" => TlsMode::Verify,
-                    other => {
-                        return Err(format!(
-                            "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                        ));
-                    }
-                };
-            }
-            _ => kept.push(pair),
-        }
-    }
-    let url = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| redact::urls_in(&e.to_string()))?;
-    config.ssl_mode(match mode {
-        TlsMode::Disable => tokio_postgres::config::SslMode::Disable,
-        TlsMode::Encrypt { required: false } => tokio_postgres::config::SslMode::Prefer,
-        TlsMode::Encrypt { required: true } | TlsMode::Verify => {
-            tokio_postgres::config::SslMode::Require
-        }
-    });
-    config.connect_timeout(CONNECT_TIMEOUT);
-    Ok((config, mode))
-}
-
-/// Who this replica is, as other replicas see it in `pg_stat_activity.application_name`.
-fn application_name() -> String {
+/// Who this replica is, as other replicas see it in `pg_stat_activity.application_name`: the pid
+/// first, because PostgreSQL keeps only 63 bytes (of ASCII) and a long pod name must not cut it.
+fn application_name(from_url: Option<&str>) -> String {
     let host = std::env::var("DYNO")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -163,64 +152,224 @@ fn application_name() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown-host".to_owned());
-    let name = format!("release-tasks {host} pid {}", std::process::id());
-    // PostgreSQL keeps at most 63 bytes of it.
-    name.chars().take(63).collect()
+    let mut name = format!("release-tasks pid {} on {host}", std::process::id());
+    if let Some(extra) = from_url {
+        name = format!("{name} ({extra})");
+    }
+    name.chars()
+        .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+        .take(63)
+        .collect()
 }
 
-/// Connects and takes the lock, waiting up to `lock.timeout` while another replica holds it and
-/// saying who that is. A stopping signal ends the wait.
+/// The database `[lock]` uses: its parsed URL, the TLS connector, and what must not be shown.
+pub(crate) struct Database {
+    var: String,
+    /// The URL reduced to scheme and host, for messages.
+    shown: String,
+    config: tokio_postgres::Config,
+    tls: tls::MakeRustls,
+    secrets: Vec<String>,
+    /// How long a database that refuses connections is tried again.
+    connect_timeout: Duration,
+    /// This replica's `application_name`.
+    me: String,
+}
+
+impl Database {
+    /// The database of the first set variable in `[lock] postgres`.
+    fn open(lock: &Lock, env: &Env) -> Result<Database, Error> {
+        let Some((var, url)) = chosen_url(lock, env) else {
+            return Err(Error::Environment {
+                problems: vec![format!(
+                    "[lock] postgres names {}, none of which is set",
+                    lock.url_vars.join(", ")
+                )],
+            });
+        };
+        let secrets = secrets_of(url);
+        let bad = |e: String| {
+            Error::Database(format!(
+                "[lock] {var} is not a usable database URL: {}",
+                redact::scrub(&e, &secrets)
+            ))
+        };
+        let target = url::parse(url).map_err(bad)?;
+        let tls = tls::MakeRustls::new(&target.tls).map_err(bad)?;
+        let me = application_name(target.application_name.as_deref());
+        let mut config = target.config;
+        config.application_name(&me);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_ATTEMPT);
+        }
+        Ok(Database {
+            var: var.to_owned(),
+            shown: redact::url(url),
+            config,
+            tls,
+            secrets,
+            connect_timeout: lock.connect_timeout,
+            me,
+        })
+    }
+
+    /// One connection attempt.
+    async fn connect_once(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(watch(connection));
+        Ok(client)
+    }
+
+    /// Connects, trying again with back-off while the database is not up yet (refused, not
+    /// resolvable, starting up, too many connections), for up to `[lock] connect_timeout`; each
+    /// failed attempt is logged. A wrong password, an unknown database or a TLS failure fails at once.
+    async fn connect(&self, signals: &mut Signals) -> Result<Client, Error> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(250);
+        for attempt in 1u32.. {
+            let result = tokio::select! {
+                biased;
+                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                result = self.connect_once() => result,
+            };
+            let err = match result {
+                Ok(client) => return Ok(client),
+                Err(err) => err,
+            };
+            let reason = self.scrub(&describe(&err));
+            let left = self.connect_timeout.saturating_sub(started.elapsed());
+            if !is_transient(&err) || left.is_zero() {
+                let hint = if is_transient(&err) {
+                    format!(
+                        " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
+                        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(Error::Database(format!(
+                    "[lock] cannot use the database at {} (from {}): {reason}{hint}",
+                    self.shown, self.var
+                )));
+            }
+            let wait = jittered(pause).min(left);
+            tracing::warn!(
+                url = %self.shown, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64,
+                "the [lock] database is not available yet; trying again"
+            );
+            tokio::select! {
+                biased;
+                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                () = tokio::time::sleep(wait) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        redact::urls_in(&redact::scrub(text, &self.secrets))
+    }
+
+    fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
+        Error::Database(self.scrub(&format!("[lock] {what}: {}", describe(err))))
+    }
+}
+
+/// Whether a failed connection attempt may succeed later: the server is not there yet, is starting,
+/// or has no connection to spare. Login and TLS failures are not.
+fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if let Some(db) = err.as_db_error() {
+        // 57P03 cannot_connect_now (starting up), 53300 too_many_connections, 53400 limit exceeded,
+        // 08xxx connection failures reported by the server (or a pooler in front of it).
+        return matches!(
+            db.code().code(),
+            "57P03" | "53300" | "53400" | "08000" | "08001" | "08004" | "08006"
+        );
+    }
+    // tokio-postgres does not expose its error kinds: these are its messages for a failed TCP
+    // connect or DNS look-up, a connect timeout, and a connection closed during the startup.
+    let text = err.to_string();
+    ["error connecting to server", "timeout waiting for server", "connection closed"]
+        .iter()
+        .any(|m| text.starts_with(m))
+}
+
+/// `base` scaled by a factor between 0.5 and 1.5, so that replicas started together spread out.
+fn jittered(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = (u64::from(nanos) ^ (u64::from(std::process::id()) << 32))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // The top 20 bits, as a fraction of 1.
+    let unit = f64::from((seed >> 44) as u32) / f64::from(1u32 << 20);
+    base.mul_f64(0.5 + unit)
+}
+
+/// Takes the lock, waiting up to `lock.timeout` while another replica holds it and saying who that
+/// is; between tries the connection is closed. With `once`, a release found completed in the ledger
+/// needs no lock. A stopping signal ends the wait.
 pub async fn acquire(
     lock: &Lock,
     env: &Env,
     meta: &Metadata,
     signals: &mut Signals,
 ) -> Result<ReleaseLock, Error> {
-    let url = env.get(&lock.url_var).cloned().unwrap_or_default();
-    let secrets = secrets_of(&url);
-    let scrub = |text: String| redact::urls_in(&redact::scrub(&text, &secrets));
-    let (mut config, mode) =
-        connection_config(&url).map_err(|e| Error::Database(format!("[lock] {e}")))?;
-    let me = application_name();
-    config.application_name(&me);
-    let shown = redact::url(&url);
-    let unavailable = |err: tokio_postgres::Error| {
-        Error::Database(scrub(format!(
-            "[lock] cannot use the database at {shown} (from {}): {}",
-            lock.url_var,
-            describe(&err)
-        )))
-    };
-    let client = tokio::select! {
-        biased;
-        sig = stopping(signals) => return Err(Error::Interrupted(sig)),
-        client = connect(&config, mode) => client.map_err(unavailable)?,
-    };
+    let db = Database::open(lock, env)?;
     let name = lock_name(lock, meta);
     let key = key_for(&name);
+    let release = if lock.once { release_id(meta) } else { None };
     let started = Instant::now();
+    let deadline = started + lock.timeout;
     let mut last_holder: Option<String> = None;
+    let mut pause = RETRY_MIN;
+    let mut ledger_ready = false;
     loop {
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(unavailable)?;
-        if row.get::<_, bool>(0) {
+        let client = db.connect(signals).await?;
+        if let Some(release) = &release {
+            if !ledger_ready {
+                ledger::ensure_table(&client)
+                    .await
+                    .map_err(|e| db.error("cannot create the release_tasks_runs table", &e))?;
+                ledger_ready = true;
+            }
+            let previous = ledger::completed(&client, &name, release)
+                .await
+                .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+            if let Some(previous) = previous {
+                return Ok(ReleaseLock {
+                    client: None,
+                    completed: Some(previous),
+                    name,
+                    meta: meta.clone(),
+                    db,
+                });
+            }
+        }
+        let holder = tokio::select! {
+            biased;
+            sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+            result = try_lock(&client, key) => {
+                result.map_err(|e| db.error("cannot take the release lock", &e))?
+            }
+        };
+        let Some(holder) = holder else {
             if last_holder.is_some() {
                 tracing::info!(lock = %name, waited_s = started.elapsed().as_secs(), "took the release lock");
             } else {
                 tracing::info!(lock = %name, "took the release lock");
             }
             return Ok(ReleaseLock {
-                client,
-                key,
+                client: Some(client),
+                completed: None,
                 name,
-                secrets,
+                meta: meta.clone(),
+                db,
             });
-        }
-        let holder = holder_of(&client, key)
-            .await
-            .unwrap_or_else(|| "another session".to_owned());
+        };
+        // Waiting costs the database no connection.
+        drop(client);
         if last_holder.as_deref() != Some(holder.as_str()) {
             tracing::warn!(
                 lock = %name, holder = %holder, timeout = %humantime::format_duration(lock.timeout),
@@ -228,19 +377,46 @@ pub async fn acquire(
             );
             last_holder = Some(holder.clone());
         }
-        let deadline = started + lock.timeout;
         if Instant::now() >= deadline {
             return Err(Error::LockTimeout(format!(
                 "[lock] {holder} still held the release lock `{name}` after {}; raise [lock] timeout if its releases take longer",
                 humantime::format_duration(lock.timeout)
             )));
         }
+        let wait = jittered(pause).min(deadline.saturating_duration_since(Instant::now()));
         tokio::select! {
             biased;
             sig = stopping(signals) => return Err(Error::Interrupted(sig)),
-            () = tokio::time::sleep(RETRY.min(deadline.saturating_duration_since(Instant::now()))) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        pause = (pause * 3 / 2).min(RETRY_MAX);
     }
+}
+
+/// Opens the lock's transaction and tries the lock: `None` when taken (the transaction stays open),
+/// else who holds it (the transaction is rolled back). A holder that cannot be read (the lock changed
+/// hands between the try and the look) is looked for again before it is called "another session".
+async fn try_lock(client: &Client, key: i64) -> Result<Option<String>, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL statement_timeout = 0",
+        )
+        .await?;
+    for attempt in 1..=3u64 {
+        let row = client
+            .query_typed_one("SELECT pg_try_advisory_xact_lock($1)", &[(&key, Type::INT8)])
+            .await?;
+        if row.try_get::<_, bool>(0)? {
+            return Ok(None);
+        }
+        if let Some(holder) = holder_of(client, key).await? {
+            client.batch_execute("ROLLBACK").await?;
+            return Ok(Some(holder));
+        }
+        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+    }
+    client.batch_execute("ROLLBACK").await?;
+    Ok(Some("another session".to_owned()))
 }
 
 /// Waits for a stopping signal (reaping children that exit meanwhile is not needed: none run yet).
@@ -254,34 +430,20 @@ async fn stopping(signals: &mut Signals) -> nix::sys::signal::Signal {
     }
 }
 
-/// The `application_name` of the session holding the advisory lock `key`, if it can be seen.
-async fn holder_of(client: &Client, key: i64) -> Option<String> {
+/// The `application_name` and backend pid of the session holding the advisory lock `key`, if any.
+async fn holder_of(client: &Client, key: i64) -> Result<Option<String>, tokio_postgres::Error> {
     // An advisory lock on a bigint shows in pg_locks as its high and low halves.
-    let (high, low) = ((key >> 32) as u32, key as u32);
+    let (high, low) = (i64::from((key >> 32) as u32), i64::from(key as u32));
     let row = client
-        .query_opt(
-            "SELECT coalesce(nullif(a.application_name, ''), 'a session') || ' (pid ' || a.pid || ')' \
+        .query_typed_opt(
+            "SELECT coalesce(nullif(a.application_name, ''), 'a session') || ' (backend pid ' || a.pid || ')' \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
                AND l.classid::bigint = $1 AND l.objid::bigint = $2 LIMIT 1",
-            &[&i64::from(high), &i64::from(low)],
+            &[(&high, Type::INT8), (&low, Type::INT8)],
         )
-        .await
-        .ok()??;
-    row.try_get(0).ok()
-}
-
-/// Connects over TLS as `mode` says; with `sslmode=disable` the config never asks for TLS, so the
-/// connector goes unused.
-async fn connect(
-    config: &tokio_postgres::Config,
-    mode: TlsMode,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config
-        .connect(tls::MakeRustls::new(mode == TlsMode::Verify))
         .await?;
-    tokio::spawn(watch(connection));
-    Ok(client)
+    row.map(|r| r.try_get(0)).transpose()
 }
 
 /// Drives the connection; if it drops mid-release the lock is gone, and that must be said loudly.
@@ -317,6 +479,12 @@ fn secrets_of(url: &str) -> Vec<String> {
             secrets.push(password.to_owned());
         }
     }
+    for pair in url.split_once('?').map_or("", |(_, q)| q).split('&') {
+        if let Some(password) = pair.strip_prefix("password=") {
+            secrets.push(password.to_owned());
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
     secrets
 }
 
@@ -327,91 +495,59 @@ impl ReleaseLock {
         &self.name
     }
 
-    /// Creates the ledger if needed and returns the completed run of `release`, if there is one.
+    /// The completed run of `release`, if the ledger has one (read under the lock).
     pub async fn previous(&self, release: &str) -> Result<Option<PreviousRun>, Error> {
-        self.client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS release_tasks_runs (\
-                   lock_key text NOT NULL, \
-                   release text NOT NULL, \
-                   status text NOT NULL, \
-                   holder text NOT NULL, \
-                   started_at timestamptz NOT NULL DEFAULT now(), \
-                   finished_at timestamptz, \
-                   exit_code integer, \
-                   PRIMARY KEY (lock_key, release))",
-            )
+        if let Some(previous) = &self.completed {
+            return Ok(Some(previous.clone()));
+        }
+        let Some(client) = &self.client else {
+            return Ok(None);
+        };
+        ledger::completed(client, &self.name, release)
             .await
-            .map_err(|e| self.error("cannot create the release_tasks_runs table", &e))?;
-        let row = self
-            .client
-            .query_opt(
-                "SELECT holder, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-                 FROM release_tasks_runs WHERE lock_key = $1 AND release = $2 AND status = 'succeeded'",
-                &[&self.name, &release],
-            )
-            .await
-            .map_err(|e| self.error("cannot read release_tasks_runs", &e))?;
-        Ok(row.map(|r| PreviousRun {
-            holder: r.get(0),
-            finished_at: r.get::<_, Option<String>>(1).unwrap_or_default(),
-        }))
+            .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
     }
 
-    /// Records that this replica is running `release` (a failed or abandoned earlier run is replaced).
+    /// Records that this replica is running `release` (a failed or abandoned earlier run is
+    /// replaced). Written through a second, short connection so that it is visible at once (to
+    /// `wait` and `history`) while the lock's transaction stays open.
     pub async fn begin(&self, release: &str) -> Result<(), Error> {
-        self.client
-            .execute(
-                "INSERT INTO release_tasks_runs (lock_key, release, status, holder) VALUES ($1, $2, 'running', $3) \
-                 ON CONFLICT (lock_key, release) DO UPDATE \
-                 SET status = 'running', holder = $3, started_at = now(), finished_at = NULL, exit_code = NULL",
-                &[&self.name, &release, &application_name()],
-            )
+        let client = self
+            .db
+            .connect_once()
             .await
-            .map_err(|e| self.error("cannot record the release in release_tasks_runs", &e))?;
-        Ok(())
+            .map_err(|e| self.db.error("cannot connect to record the release", &e))?;
+        ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
+            .await
+            .map_err(|e| self.db.error("cannot record the release in release_tasks_runs", &e))
     }
 
-    /// Records how `release` ended. A failure to record is logged: the release itself is over.
+    /// Records how `release` ended, in the lock's transaction: the outcome is committed with the
+    /// unlock. A failure to record is logged: the release itself is over.
     pub async fn finish(&self, release: &str, report: &Report) {
+        let Some(client) = &self.client else { return };
         let status = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        let result = self
-            .client
-            .execute(
-                "UPDATE release_tasks_runs SET status = $3, finished_at = now(), exit_code = $4 \
-                 WHERE lock_key = $1 AND release = $2",
-                &[&self.name, &release, &status, &report.exit_code()],
-            )
-            .await;
-        if let Err(err) = result {
-            tracing::error!(error = %self.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
+        if let Err(err) =
+            ledger::finish(client, &self.name, release, status, report.exit_code()).await
+        {
+            tracing::error!(error = %self.db.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
         }
     }
 
-    /// Unlocks and closes the connection.
+    /// Commits the lock's transaction, which releases the lock, and closes the connection.
     pub async fn release(self) {
-        let result = self
-            .client
-            .query_one("SELECT pg_advisory_unlock($1)", &[&self.key])
-            .await;
-        match result {
-            Ok(_) => tracing::info!(lock = %self.name, "released the release lock"),
+        let Some(client) = &self.client else { return };
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => tracing::info!(lock = %self.name, "released the release lock"),
             // Closing the connection (below, on drop) releases it anyway.
             Err(err) => {
-                tracing::warn!(error = %self.error("cannot unlock", &err), "closing the connection instead");
+                tracing::warn!(error = %self.db.error("cannot commit", &err), "closing the connection instead");
             }
         }
-    }
-
-    fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
-        Error::Database(redact::urls_in(&redact::scrub(
-            &format!("[lock] {what}: {}", describe(err)),
-            &self.secrets,
-        )))
     }
 }
 
@@ -426,15 +562,10 @@ mod tests {
     }
 
     #[test]
-    fn sslmode_is_read_and_removed() {
-        let (_, mode) =
-            connection_config("postgres://u:p@h/db?sslmode=require&connect_timeout=5").unwrap();
-        assert_eq!(mode, TlsMode::Encrypt { required: true });
-        let (_, mode) = connection_config("postgres://u:p@h/db").unwrap();
-        assert_eq!(mode, TlsMode::Encrypt { required: false });
-        let (_, mode) = connection_config("postgresql://h/db?sslmode=verify-full").unwrap();
-        assert_eq!(mode, TlsMode::Verify);
-        assert!(connection_config("postgres://h/db?sslmode=sometimes").is_err());
+    fn the_holder_name_keeps_the_pid_within_63_bytes() {
+        let name = application_name(Some(&"x".repeat(80)));
+        assert!(name.starts_with(&format!("release-tasks pid {} on ", std::process::id())));
+        assert!(name.len() <= 63);
     }
 
     #[test]

@@ -136,7 +136,8 @@ fn a_waiting_replica_gives_up_after_the_lock_timeout() {
     let holder = t.spawn_until("| ready");
     let out = t.run();
     out.status(75)
-        .stderr_has(&format!("pid {} (pid ", holder.pid()))
+        .stderr_has(&format!("release-tasks pid {} on ", holder.pid()))
+        .stderr_has("(backend pid ")
         .stderr_has("still held the release lock")
         .stderr_has("raise [lock] timeout")
         .stdout_lacks("ready");
@@ -175,11 +176,13 @@ fn an_unreachable_database_fails_before_any_task() {
     let t = locked(
         &url,
         "unreachable",
-        "",
+        "connect_timeout = \"2s\"",
         "[tasks.migrate]\nrun = \"touch ran\"\n",
     );
     let out = t.run();
     out.status(69)
+        .stderr_has("the [lock] database is not available yet; trying again")
+        .stderr_has("raise [lock] connect_timeout")
         .stderr_has(&format!("cannot use the database at postgres://[redacted]@127.0.0.1:{port}/[redacted] (from DATABASE_URL)"))
         .stderr_has("nothing was run")
         .stderr_lacks(PASSWORD);
