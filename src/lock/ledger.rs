@@ -111,7 +111,8 @@ async fn status_of(
 }
 
 fn is_undefined_table(err: &tokio_postgres::Error) -> bool {
-    err.as_db_error().is_some_and(|db| db.code().code() == "42P01")
+    err.as_db_error()
+        .is_some_and(|db| db.code().code() == "42P01")
 }
 
 /// Records `release` as running by `holder`.
@@ -165,11 +166,7 @@ pub(super) async fn finish(
 }
 
 /// What `wait` and `history` start from: the `[lock]` table, ready to connect.
-fn prepare<'a>(
-    config: &'a Config,
-    plan: &Plan,
-    command: &str,
-) -> Result<&'a crate::config::Lock> {
+fn prepare<'a>(config: &'a Config, plan: &Plan, command: &str) -> Result<&'a crate::config::Lock> {
     let Some(lock) = &config.lock else {
         return Err(Error::ConfigInvalid {
             path: config.path.clone(),
@@ -347,7 +344,10 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
     let duration = |e: &Entry| {
         e.duration_s.map_or_else(
             || "-".to_owned(),
-            |s| humantime::format_duration(Duration::from_secs(s.max(0.0).round() as u64)).to_string(),
+            |s| {
+                humantime::format_duration(Duration::from_secs(s.max(0.0).round() as u64))
+                    .to_string()
+            },
         )
     };
     match format {
@@ -384,7 +384,9 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
                     ]
                 })
                 .collect();
-            let header = ["VERSION", "COMMIT", "STATUS", "STARTED", "DURATION", "HOLDER"];
+            let header = [
+                "VERSION", "COMMIT", "STATUS", "STARTED", "DURATION", "HOLDER",
+            ];
             let mut widths = header.map(str::len);
             for row in &rows {
                 for (w, cell) in widths.iter_mut().zip(row) {

@@ -157,7 +157,13 @@ fn application_name(from_url: Option<&str>) -> String {
         name = format!("{name} ({extra})");
     }
     name.chars()
-        .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(63)
         .collect()
 }
@@ -242,7 +248,9 @@ impl Database {
                 let hint = if is_transient(&err) {
                     format!(
                         " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
-                        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+                        humantime::format_duration(Duration::from_secs(
+                            started.elapsed().as_secs()
+                        ))
                     )
                 } else {
                     String::new()
@@ -290,9 +298,13 @@ fn is_transient(err: &tokio_postgres::Error) -> bool {
     // tokio-postgres does not expose its error kinds: these are its messages for a failed TCP
     // connect or DNS look-up, a connect timeout, and a connection closed during the startup.
     let text = err.to_string();
-    ["error connecting to server", "timeout waiting for server", "connection closed"]
-        .iter()
-        .any(|m| text.starts_with(m))
+    [
+        "error connecting to server",
+        "timeout waiting for server",
+        "connection closed",
+    ]
+    .iter()
+    .any(|m| text.starts_with(m))
 }
 
 /// `base` scaled by a factor between 0.5 and 1.5, so that replicas started together spread out.
@@ -404,7 +416,10 @@ async fn try_lock(client: &Client, key: i64) -> Result<Option<String>, tokio_pos
         .await?;
     for attempt in 1..=3u64 {
         let row = client
-            .query_typed_one("SELECT pg_try_advisory_xact_lock($1)", &[(&key, Type::INT8)])
+            .query_typed_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[(&key, Type::INT8)],
+            )
             .await?;
         if row.try_get::<_, bool>(0)? {
             return Ok(None);
@@ -519,7 +534,10 @@ impl ReleaseLock {
             .map_err(|e| self.db.error("cannot connect to record the release", &e))?;
         ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
             .await
-            .map_err(|e| self.db.error("cannot record the release in release_tasks_runs", &e))
+            .map_err(|e| {
+                self.db
+                    .error("cannot record the release in release_tasks_runs", &e)
+            })
     }
 
     /// Records how `release` ended, in the lock's transaction: the outcome is committed with the

@@ -214,7 +214,11 @@ impl ServerCertVerifier for Verifier {
             return Ok(ServerCertVerified::assertion());
         };
         let cert = ParsedCertificate::try_from(end_entity)?;
-        if !trust.exact.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+        if !trust
+            .exact
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+        {
             rustls::client::verify_server_cert_signed_by_trust_anchor(
                 &cert,
                 &trust.roots,
@@ -258,7 +262,9 @@ impl ServerCertVerifier for Verifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -326,10 +332,17 @@ mod tests {
             0x01, 0x01, 0x0c, 0x03, 0x02, 0x00, 0x00,
         ];
         let hash = end_point_hash(&cert).unwrap();
-        assert_eq!(hash, ring::digest::digest(&ring::digest::SHA384, &cert).as_ref());
+        assert_eq!(
+            hash,
+            ring::digest::digest(&ring::digest::SHA384, &cert).as_ref()
+        );
         let mut sha1 = cert;
         sha1[16] = 0x05;
-        assert_eq!(end_point_hash(&sha1).unwrap().len(), 32, "SHA-1 becomes SHA-256");
+        assert_eq!(
+            end_point_hash(&sha1).unwrap().len(),
+            32,
+            "SHA-1 becomes SHA-256"
+        );
         let mut unknown = cert;
         unknown[16] = 0x0a;
         assert!(end_point_hash(&unknown).is_none());
