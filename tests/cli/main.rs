@@ -7,5 +7,7 @@ mod harness;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
+#[cfg(feature = "postgres")]
+mod lock_servers;
 mod notify;
 mod webhook;
