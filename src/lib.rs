@@ -112,7 +112,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     let plan = Plan::new(&config, env, &settings.selection)?;
-    if settings.command != Command::Run {
+    if matches!(settings.command, Command::Check | Command::Plan) {
         for missing in &plan.preflight {
             match settings.log_format {
                 LogFormat::Text => {

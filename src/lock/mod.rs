@@ -232,7 +232,9 @@ impl Database {
     async fn connect(&self, signals: &mut Signals) -> Result<Client, Error> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(250);
-        for attempt in 1u32.. {
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
             let result = tokio::select! {
                 biased;
                 sig = stopping(signals) => return Err(Error::Interrupted(sig)),
@@ -272,7 +274,6 @@ impl Database {
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
-        unreachable!("the loop returns")
     }
 
     fn scrub(&self, text: &str) -> String {

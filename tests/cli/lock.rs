@@ -198,6 +198,30 @@ fn an_unreachable_database_fails_before_any_task() {
 }
 
 #[test]
+fn a_stop_signal_ends_the_wait_for_a_database_that_is_not_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://release_tasks:{PASSWORD}@127.0.0.1:{port}/release_tasks");
+    let t = locked(
+        &url,
+        "stop-waiting",
+        "",
+        "[tasks.migrate]\nrun = \"touch ran\"\n",
+    );
+    let running = t.spawn();
+    running.wait_for("not available yet", Duration::from_secs(20));
+    running.signal("TERM");
+    let out = running.wait();
+    out.status(143)
+        .stderr_has("received SIGTERM before any task started");
+    assert!(out.elapsed < Duration::from_secs(20), "{:?}", out.elapsed);
+    assert!(!t.path("ran").exists());
+}
+
+#[test]
 fn a_wrong_password_fails_before_any_task_without_showing_it() {
     let Some(url) = database_url() else { return };
     let wrong = url.replace(PASSWORD, "wrong-hunter2");

@@ -1,4 +1,4 @@
-//! `[lock]` on the servers people really have, each started by the project's own scripts: PgBouncer in
+//! `[lock]` on the servers people really have, each started by the project's own scripts: `PgBouncer` in
 //! transaction and in session mode (`scripts/test-pgbouncer`), a server that starts after release-tasks
 //! does, a role limited to 20 connections facing 64 replicas, and apps racing on a fresh database.
 
