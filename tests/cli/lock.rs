@@ -317,6 +317,16 @@ fn urls_as_orms_write_them_are_usable_and_unknown_parameters_are_named() {
     t.run_with(&["check"]).status(0).stderr_lacks("warning");
     t.run().status(0);
     assert!(t.path("ran").exists());
+    // A host list: the first host refuses, the second is the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listed = url.replacen("@127.0.0.1:", &format!("@127.0.0.1:{port},127.0.0.1:"), 1);
+    let t = locked(&listed, "hosts", "", tasks);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
     // check and run agree on a URL that cannot be used, and both name the parameter.
     let typo = format!("{url}&sslmod=verify-full");
     let t = locked(&typo, "typo", "", tasks);
