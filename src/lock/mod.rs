@@ -526,14 +526,34 @@ impl ReleaseLock {
 
     /// Records that this replica is running `release` (a failed or abandoned earlier run is
     /// replaced). Written through a second, short connection so that it is visible at once (to
-    /// `wait` and `history`) while the lock's transaction stays open.
+    /// `wait` and `history`) while the lock's transaction stays open; when the database has no
+    /// connection to spare for it, written in the lock's transaction instead (visible with the outcome).
     pub async fn begin(&self, release: &str) -> Result<(), Error> {
-        let client = self
-            .db
-            .connect_once()
-            .await
-            .map_err(|e| self.db.error("cannot connect to record the release", &e))?;
-        ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
+        let mut pause = Duration::from_millis(200);
+        for _ in 0..3 {
+            match self.db.connect_once().await {
+                Ok(client) => {
+                    return ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
+                        .await
+                        .map_err(|e| {
+                            self.db
+                                .error("cannot record the release in release_tasks_runs", &e)
+                        });
+                }
+                Err(err) if is_transient(&err) => {
+                    tracing::debug!(reason = %self.db.scrub(&describe(&err)), "no second connection for the ledger yet");
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause *= 2;
+                }
+                Err(err) => {
+                    return Err(self.db.error("cannot connect to record the release", &err));
+                }
+            }
+        }
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        ledger::begin(client, &self.name, release, &self.db.me, &self.meta)
             .await
             .map_err(|e| {
                 self.db
