@@ -495,9 +495,15 @@ fn secrets_of(url: &str) -> Vec<String> {
             secrets.push(password.to_owned());
         }
     }
-    for pair in url.split_once('?').map_or("", |(_, q)| q).split('&') {
+    // `?password=` in a URL, `password=` in key=value pairs (quoted or not).
+    for pair in url.split(['&', '?', ' ']) {
         if let Some(password) = pair.strip_prefix("password=") {
-            secrets.push(password.to_owned());
+            secrets.push(password.trim_matches('\'').to_owned());
+        }
+    }
+    if let Ok(target) = url::parse(url) {
+        if let Some(password) = target.config.get_password() {
+            secrets.push(String::from_utf8_lossy(password).into_owned());
         }
     }
     secrets.retain(|s| !s.is_empty());
@@ -611,6 +617,8 @@ mod tests {
     fn passwords_are_scrubbed() {
         let secrets = secrets_of("postgres://app:hunter2@db:5432/app");
         assert_eq!(secrets[1], "hunter2");
+        let keywords = secrets_of("host=db password='p w' user=app");
+        assert!(keywords.iter().any(|s| s == "p w"), "{keywords:?}");
         assert_eq!(
             redact::scrub("login for app with hunter2 failed", &secrets),
             "login for app with [redacted] failed"

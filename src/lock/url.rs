@@ -65,44 +65,25 @@ pub struct Target {
     pub application_name: Option<String>,
 }
 
-/// Reads `url`. The error says which part or parameter is wrong and never contains the password.
+/// Reads `url`: a `postgres://` or `postgresql://` URL, or libpq's `key=value` pairs. The error says
+/// which part or parameter is wrong and never contains the password.
 #[allow(clippy::too_many_lines)] // one arm per libpq parameter reads best as one match
 pub fn parse(url: &str) -> Result<Target, String> {
-    let rest = url
+    let pairs = match url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
-        .ok_or("it must start with postgres:// or postgresql://")?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut config = tokio_postgres::Config::new();
-    let (userinfo, hostlist) = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => (Some(userinfo), hosts),
-        None => (None, authority),
+    {
+        Some(rest) => uri_pairs(rest)?,
+        None if url.contains('=') => keyword_pairs(url)?,
+        None => {
+            return Err(
+                "it must be a postgres:// or postgresql:// URL (or libpq's key=value pairs)".into(),
+            );
+        }
     };
-    if let Some(userinfo) = userinfo {
-        let (user, password) = match userinfo.split_once(':') {
-            Some((user, password)) => (user, Some(password)),
-            None => (userinfo, None),
-        };
-        if !user.is_empty() {
-            config.user(decode(user, "the user name")?);
-        }
-        if let Some(password) = password {
-            config.password(decode(password, "the password")?);
-        }
-    }
+    let mut config = tokio_postgres::Config::new();
     let mut hosts = Vec::new();
-    let mut ports = Vec::new();
-    if !hostlist.is_empty() {
-        for entry in hostlist.split(',') {
-            let (host, port) = split_host_port(entry)?;
-            hosts.push(decode(host, "a host")?);
-            ports.push(port.map(str::to_owned));
-        }
-    }
-    if !path.is_empty() {
-        config.dbname(decode(path, "the database name")?);
-    }
+    let mut ports: Vec<Option<String>> = Vec::new();
     let mut tls = Tls {
         mode: SslMode::Prefer,
         roots: Roots::System,
@@ -110,10 +91,7 @@ pub fn parse(url: &str) -> Result<Target, String> {
     };
     let (mut cert, mut key) = (None, None);
     let mut application_name = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(name, "a parameter name")?;
-        let value = decode(value, &format!("the value of {name}"))?;
+    for (name, value) in pairs {
         let bad = |expected: &str| {
             if name == "password" {
                 format!("parameter password: {expected}")
@@ -122,10 +100,7 @@ pub fn parse(url: &str) -> Result<Target, String> {
             }
         };
         match name.as_str() {
-            "host" => {
-                hosts = value.split(',').map(str::to_owned).collect();
-                ports.resize(ports.len().max(1), None);
-            }
+            "host" => hosts = value.split(',').map(str::to_owned).collect(),
             "port" => ports = value.split(',').map(|p| Some(p.to_owned())).collect(),
             "user" => drop(config.user(value)),
             "password" => drop(config.password(value)),
@@ -255,6 +230,91 @@ pub fn parse(url: &str) -> Result<Target, String> {
     })
 }
 
+/// The parts of a URL after its scheme, as libpq's parameters: user, password, host, port and dbname
+/// first, then the query's parameters (which win).
+fn uri_pairs(rest: &str) -> Result<Vec<(String, String)>, String> {
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostlist) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let mut pairs = Vec::new();
+    if let Some(userinfo) = userinfo {
+        let (user, password) = match userinfo.split_once(':') {
+            Some((user, password)) => (user, Some(password)),
+            None => (userinfo, None),
+        };
+        if !user.is_empty() {
+            pairs.push(("user".to_owned(), decode(user, "the user name")?));
+        }
+        if let Some(password) = password {
+            pairs.push(("password".to_owned(), decode(password, "the password")?));
+        }
+    }
+    if !hostlist.is_empty() {
+        let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+        for entry in hostlist.split(',') {
+            let (host, port) = split_host_port(entry)?;
+            hosts.push(decode(host, "a host")?);
+            ports.push(port.unwrap_or_default().to_owned());
+        }
+        pairs.push(("host".to_owned(), hosts.join(",")));
+        pairs.push(("port".to_owned(), ports.join(",")));
+    }
+    if !path.is_empty() {
+        pairs.push(("dbname".to_owned(), decode(path, "the database name")?));
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(name, "a parameter name")?;
+        let value = decode(value, &format!("the value of {name}"))?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// libpq's `host=db port=5432 password='it''s'` form: values may be single-quoted, with `\'` and `\\`.
+fn keyword_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            name.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(format!("{name} has no =value; write key=value pairs"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(format!("the value of {name} has no closing quote")),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((name, value));
+    }
+}
+
 /// `host`, `host:port`, `[v6]` or `[v6]:port`.
 fn split_host_port(entry: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(rest) = entry.strip_prefix('[') {
@@ -355,6 +415,13 @@ mod tests {
         assert_eq!(t.config.get_channel_binding(), ChannelBinding::Require);
         assert!(parse("postgres://h/db?sslmode=disable&channel_binding=require").is_err());
         assert!(parse("postgres://h/db?sslcert=/c.pem").is_err());
+        let t = parse(
+            "host=db port=6543 user=app password='it\\'s secret' dbname=shop sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(t.config.get_password(), Some(&b"it's secret"[..]));
+        assert_eq!(t.config.get_ports(), [6543]);
+        assert_eq!(t.tls.mode, SslMode::Require);
         let t = parse("postgres://u@%2Fvar%2Frun/db").unwrap();
         assert_eq!(t.config.get_hosts().len(), 1);
         assert!(matches!(t.config.get_hosts()[0], Host::Unix(_)));
