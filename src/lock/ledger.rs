@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use super::{Database, PreviousRun, holder_of, jittered, key_for, lock_name, release_id, stopping};
+use super::{
+    Database, PreviousRun, holder_of, jittered, key_for, lock_name, or_stop, release_id, stopping,
+};
 use crate::cli::LogFormat;
 use crate::config::Config;
 use crate::error::{Diagnostic, Error, Result};
@@ -39,9 +41,13 @@ pub(super) async fn ensure_table(client: &Client) -> Result<(), tokio_postgres::
     if ready {
         return Ok(());
     }
+    // Under the lock, CREATE TABLE IF NOT EXISTS finds a table created meanwhile; the columns of an
+    // older table are added only when missing (ALTER TABLE waits for every open transaction that has
+    // read the table, and everything after it waits too), and not waited for past the lock timeout.
     client
         .batch_execute(&format!(
             "BEGIN; \
+             SET LOCAL lock_timeout = '10s'; \
              SELECT pg_advisory_xact_lock({CREATE_KEY}); \
              CREATE TABLE IF NOT EXISTS release_tasks_runs (\
                lock_key text NOT NULL, \
@@ -54,8 +60,13 @@ pub(super) async fn ensure_table(client: &Client) -> Result<(), tokio_postgres::
                version text, \
                commit text, \
                PRIMARY KEY (lock_key, release)); \
-             ALTER TABLE release_tasks_runs ADD COLUMN IF NOT EXISTS version text, \
-               ADD COLUMN IF NOT EXISTS commit text; \
+             DO $$ BEGIN \
+               IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'release_tasks_runs'::regclass \
+                              AND attname = 'commit' AND NOT attisdropped) THEN \
+                 ALTER TABLE release_tasks_runs ADD COLUMN IF NOT EXISTS version text, \
+                   ADD COLUMN IF NOT EXISTS commit text; \
+               END IF; \
+             END $$; \
              COMMIT"
         ))
         .await
@@ -224,9 +235,12 @@ pub fn wait(config: &Config, plan: &Plan, env: &Env, timeout: Option<Duration>) 
         let mut last = String::new();
         loop {
             let client = db.connect(&mut signals).await?;
-            let status = status_of(&client, &name, &release)
-                .await
-                .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+            let status = or_stop(&mut signals, async {
+                status_of(&client, &name, &release)
+                    .await
+                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))
+            })
+            .await?;
             if let Some(Status {
                 state,
                 holder,
@@ -242,9 +256,12 @@ pub fn wait(config: &Config, plan: &Plan, env: &Env, timeout: Option<Duration>) 
                     return Ok(0);
                 }
             }
-            let holder = holder_of(&client, key_for(&name))
-                .await
-                .map_err(|e| db.error("cannot read who holds the lock", &e))?;
+            let holder = or_stop(&mut signals, async {
+                holder_of(&client, key_for(&name))
+                    .await
+                    .map_err(|e| db.error("cannot read who holds the lock", &e))
+            })
+            .await?;
             drop(client);
             let recorded = status
                 .as_ref()
@@ -304,15 +321,17 @@ pub fn history(
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         let db = Database::open(lock, env)?;
         let client = db.connect(&mut signals).await?;
-        let result = client
-            .query_typed(
-                "SELECT release, version, commit, status, holder, \
+        let limit = i64::from(limit);
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+            [(&name, Type::TEXT), (&limit, Type::INT8)];
+        let query = client.query_typed(
+            "SELECT release, version, commit, status, holder, \
                    to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                    extract(epoch FROM finished_at - started_at)::float8, exit_code \
                  FROM release_tasks_runs WHERE lock_key = $1 ORDER BY started_at DESC LIMIT $2",
-                &[(&name, Type::TEXT), (&i64::from(limit), Type::INT8)],
-            )
-            .await;
+            &params,
+        );
+        let result = or_stop(&mut signals, async { Ok(query.await) }).await?;
         let rows = match result {
             Ok(rows) => rows,
             Err(err) if is_undefined_table(&err) => Vec::new(),

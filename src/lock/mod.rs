@@ -340,17 +340,30 @@ pub async fn acquire(
     let mut ledger_ready = false;
     loop {
         let client = db.connect(signals).await?;
-        if let Some(release) = &release {
-            if !ledger_ready {
-                ledger::ensure_table(&client)
+        // The queries of one try: the ledger (with `once`), then the lock.
+        let one_try = async {
+            if let Some(release) = &release {
+                if !ledger_ready {
+                    ledger::ensure_table(&client)
+                        .await
+                        .map_err(|e| db.error("cannot create the release_tasks_runs table", &e))?;
+                    ledger_ready = true;
+                }
+                let previous = ledger::completed(&client, &name, release)
                     .await
-                    .map_err(|e| db.error("cannot create the release_tasks_runs table", &e))?;
-                ledger_ready = true;
+                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+                if let Some(previous) = previous {
+                    return Ok(Err(previous));
+                }
             }
-            let previous = ledger::completed(&client, &name, release)
+            try_lock(&client, key)
                 .await
-                .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
-            if let Some(previous) = previous {
+                .map(Ok)
+                .map_err(|e| db.error("cannot take the release lock", &e))
+        };
+        let holder = match or_stop(signals, one_try).await? {
+            Ok(holder) => holder,
+            Err(previous) => {
                 return Ok(ReleaseLock {
                     client: None,
                     completed: Some(previous),
@@ -358,13 +371,6 @@ pub async fn acquire(
                     meta: meta.clone(),
                     db,
                 });
-            }
-        }
-        let holder = tokio::select! {
-            biased;
-            sig = stopping(signals) => return Err(Error::Interrupted(sig)),
-            result = try_lock(&client, key) => {
-                result.map_err(|e| db.error("cannot take the release lock", &e))?
             }
         };
         let Some(holder) = holder else {
@@ -433,6 +439,18 @@ async fn try_lock(client: &Client, key: i64) -> Result<Option<String>, tokio_pos
     }
     client.batch_execute("ROLLBACK").await?;
     Ok(Some("another session".to_owned()))
+}
+
+/// `work`, unless a stopping signal comes first: then the work is dropped (its connection closes).
+async fn or_stop<T>(
+    signals: &mut Signals,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        biased;
+        sig = stopping(signals) => Err(Error::Interrupted(sig)),
+        result = work => result,
+    }
 }
 
 /// Waits for a stopping signal (reaping children that exit meanwhile is not needed: none run yet).
@@ -525,8 +543,18 @@ impl ReleaseLock {
         let Some(client) = &self.client else {
             return Ok(None);
         };
-        ledger::completed(client, &self.name, release)
-            .await
+        // Read in a savepoint that is rolled back: the lock's transaction must not keep the table's
+        // lock for the whole release, where it would hold up another app's change to the table and
+        // everyone queued behind that.
+        let read = async {
+            client.batch_execute("SAVEPOINT ledger").await?;
+            let previous = ledger::completed(client, &self.name, release).await?;
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT ledger; RELEASE SAVEPOINT ledger")
+                .await?;
+            Ok(previous)
+        };
+        read.await
             .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
     }
 
