@@ -66,6 +66,19 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Wait until the lock's ledger records this release as completed (for worker and web pods
+    /// that must not start before the release ran; needs once = true in the lock table)
+    Wait {
+        /// Give up (exit 75) after this long [default: the lock's timeout]
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Show the last releases recorded in the lock's ledger
+    History {
+        /// How many releases to show
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+        limit: u32,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell)
     Completions {
         #[arg(value_enum)]

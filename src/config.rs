@@ -38,14 +38,17 @@ pub struct Config {
 /// `[lock]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
-    /// The variable that holds the database URL (the URL itself carries a password).
-    pub url_var: String,
+    /// The variables that may hold the database URL (the URL itself carries a password); the first
+    /// one set wins, so `["DIRECT_URL", "DATABASE_URL"]` prefers the unpooled URL.
+    pub url_vars: Vec<String>,
     /// The lock's name; the app's name when not given.
     pub key: Option<String>,
     /// How long a replica waits for the lock before it gives up.
     pub timeout: Duration,
     /// Record each release in `release_tasks_runs` and skip one that already succeeded.
     pub once: bool,
+    /// How long a database that refuses connections (still starting, too many connections) is tried.
+    pub connect_timeout: Duration,
 }
 
 /// `[defaults]`, with the built-in values filled in.
@@ -262,11 +265,23 @@ struct RawRequire {
     expecting = "a [lock] table, like postgres = \"DATABASE_URL\""
 )]
 struct RawLock {
-    postgres: Spanned<String>,
+    postgres: Spanned<OneOrMany>,
     key: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     once: bool,
+    connect_timeout: Option<Spanned<String>>,
+}
+
+/// `[lock] postgres`: one variable name, or a list of them.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a variable name or a list of them, like \"DATABASE_URL\" or [\"DIRECT_URL\", \"DATABASE_URL\"]"
+)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -432,6 +447,8 @@ fn syntax_message(message: &str) -> String {
     let message = message.trim_end();
     let hint = if message.starts_with("unknown field") {
         "check the spelling against the README's release.toml reference"
+    } else if message.starts_with("invalid type: sequence") {
+        "this key takes one value, not a list; remove the [ ]"
     } else if message.ends_with("expected a string") {
         "put the value in quotes, like \"3000\""
     } else if message.ends_with("expected a boolean") {
@@ -547,12 +564,18 @@ impl Validator<'_> {
             );
             return None;
         }
-        if !crate::gate::is_var_name(raw.postgres.get_ref()) {
+        let vars_span = raw.postgres.span();
+        let url_vars = match raw.postgres.into_inner() {
+            OneOrMany::One(name) => vec![name],
+            OneOrMany::Many(names) => names,
+        };
+        if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
             self.report(
-                Some(raw.postgres.span()),
+                Some(vars_span),
                 format!(
-                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\"",
-                    crate::redact::urls_in(raw.postgres.get_ref())
+                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                     (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
+                    crate::redact::urls_in(&url_vars.join(", "))
                 ),
             );
             return None;
@@ -568,10 +591,15 @@ impl Validator<'_> {
             other => other.map(Spanned::into_inner),
         };
         Some(Lock {
-            url_var: raw.postgres.into_inner(),
+            url_vars,
             key,
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
             once: raw.once,
+            connect_timeout: self.duration(
+                raw.connect_timeout,
+                "connect_timeout",
+                Duration::from_secs(60),
+            ),
         })
     }
 

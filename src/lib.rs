@@ -100,6 +100,21 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             write_reports(report_files, &report);
             Ok(report.exit_code())
         }
+        #[cfg(feature = "postgres")]
+        Command::Wait { timeout } => {
+            let (config, plan) = load(settings, env)?;
+            lock::wait(&config, &plan, env, timeout)
+        }
+        #[cfg(feature = "postgres")]
+        Command::History { limit } => {
+            let (config, plan) = load(settings, env)?;
+            lock::history(&config, &plan, env, limit, settings.log_format)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
+            "wait and history read the [lock] ledger; this release-tasks was built without the `postgres` feature"
+                .into(),
+        )),
     }
 }
 
@@ -108,7 +123,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     let plan = Plan::new(&config, env, &settings.selection)?;
-    if settings.command != Command::Run {
+    if matches!(settings.command, Command::Check | Command::Plan) {
         for missing in &plan.preflight {
             match settings.log_format {
                 LogFormat::Text => {
@@ -175,7 +190,7 @@ fn print_plan(config: &config::Config, plan: &Plan, format: LogFormat) -> std::i
                 .as_deref()
                 .or(plan.meta.app.as_deref())
                 .unwrap_or("<unknown: set [lock] key or RELEASE_TASKS_APP>"),
-            lock.url_var,
+            lock.url_vars.join(" or "),
             humantime::format_duration(lock.timeout),
             if lock.once { "; once per release" } else { "" }
         )?;

@@ -7,6 +7,8 @@ mod harness;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
+#[cfg(feature = "postgres")]
+mod lock_servers;
 mod notify;
 mod platform;
 mod webhook;
