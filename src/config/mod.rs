@@ -9,7 +9,7 @@
 mod raw;
 mod validate;
 
-pub use validate::MAX_DURATION;
+pub use validate::{MAX_DURATION, valid_header_value};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -217,6 +217,14 @@ impl Template {
         Ok(Template {
             raw: raw.to_owned(),
         })
+    }
+
+    /// The names of the variables it refers to, in order.
+    pub fn vars(&self) -> impl Iterator<Item = &str> {
+        self.raw
+            .split("${")
+            .skip(1)
+            .filter_map(|part| part.split_once('}').map(|(name, _)| name))
     }
 
     /// Expands every `${VAR}`; an unset variable is an error that names it.
