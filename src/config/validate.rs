@@ -173,7 +173,7 @@ impl Validator<'_> {
             };
             self.report(
                 Some(key.span()),
-                format!("unknown key `{}` {place}; {hint}", key.get_ref()),
+                format!("unknown field `{}` {place}; {hint}", key.get_ref()),
             );
         }
         found
@@ -797,21 +797,22 @@ mod tests {
         assert_eq!(p.len(), 7, "{text:#?}");
         assert!(
             text[0].starts_with(
-                "Some((3, 1)) unknown key `timout` in task `a`; did you mean `timeout`?"
+                "Some((3, 1)) unknown field `timout` in task `a`; did you mean `timeout`?"
             ),
             "{text:#?}"
         );
         assert!(
-            text[1]
-                .starts_with("Some((6, 1)) unknown key `grase` in task `b`; did you mean `grace`?"),
+            text[1].starts_with(
+                "Some((6, 1)) unknown field `grase` in task `b`; did you mean `grace`?"
+            ),
             "{text:#?}"
         );
         assert!(
-            text[2].contains("unknown key `retires`") && text[2].contains("`retries`"),
+            text[2].contains("unknown field `retires`") && text[2].contains("`retries`"),
             "{text:#?}"
         );
         assert!(
-            text[3].contains("unknown key `zzz` in [defaults]; known keys here: timeout"),
+            text[3].contains("unknown field `zzz` in [defaults]; known keys here: timeout"),
             "{text:#?}"
         );
         assert!(
