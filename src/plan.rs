@@ -78,38 +78,16 @@ impl Plan {
     /// variable that is not UTF-8 (all of them reported at once).
     pub fn new(config: &Config, env: &Env, selection: &Selection) -> Result<Plan> {
         check_selection(config, selection)?;
-        let mut bad_values = Vec::new();
-        let mut text = |var: &str, place: &str| match env.lookup(var) {
-            Ok(value) => value.map(str::to_owned),
-            Err(err) => {
-                bad_values.push(format!("{place}{err}"));
-                None
-            }
-        };
-        for var in METADATA_OVERRIDES {
-            text(var, "");
-        }
+        let mut bad_values = not_text(config, env);
         let mut preflight = Vec::new();
         for name in &config.required_env {
-            match text(name, "[require] env: ") {
+            match env.get(name) {
                 Some(value) if !value.is_empty() => {}
                 value => preflight.push(format!(
                     "{name} is required by [require] env in {} but is {}; set it in the app's config vars",
                     config.path.display(),
                     if value.is_some() { "empty" } else { "not set" }
                 )),
-            }
-        }
-        if let Some(lock) = &config.lock {
-            text(&lock.url_var, "[lock] postgres: ");
-        }
-        for task in &config.tasks {
-            if let Command::Notify(notify) = &task.command {
-                let templates =
-                    std::iter::once(&notify.url).chain(notify.headers.iter().map(|(_, t)| t));
-                for var in templates.flat_map(crate::config::Template::vars) {
-                    text(var, &format!("task `{}`: notify: ", task.name));
-                }
             }
         }
         let meta = Metadata::from_env(env);
@@ -184,6 +162,37 @@ impl Plan {
     pub fn to_run(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().filter(|s| s.run)
     }
+}
+
+/// Every variable the config names (outside gates, which check their own) and the release metadata
+/// overrides, whose value is not UTF-8: each is a problem that names it, so that none is read as unset.
+fn not_text(config: &Config, env: &Env) -> Vec<String> {
+    let mut named: Vec<(String, &str)> = METADATA_OVERRIDES
+        .iter()
+        .map(|var| (String::new(), *var))
+        .collect();
+    named.extend(
+        config
+            .required_env
+            .iter()
+            .map(|var| ("[require] env: ".to_owned(), var.as_str())),
+    );
+    if let Some(lock) = &config.lock {
+        named.push(("[lock] postgres: ".to_owned(), lock.url_var.as_str()));
+    }
+    for task in &config.tasks {
+        if let Command::Notify(notify) = &task.command {
+            let templates =
+                std::iter::once(&notify.url).chain(notify.headers.iter().map(|(_, t)| t));
+            for var in templates.flat_map(crate::config::Template::vars) {
+                named.push((format!("task `{}`: notify: ", task.name), var));
+            }
+        }
+    }
+    named
+        .into_iter()
+        .filter_map(|(place, var)| env.lookup(var).err().map(|err| format!("{place}{err}")))
+        .collect()
 }
 
 fn check_selection(config: &Config, selection: &Selection) -> Result<()> {

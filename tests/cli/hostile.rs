@@ -24,7 +24,7 @@ fn full() -> Stdio {
 
 /// Writes fail with EPIPE: nobody will ever read (as `release-tasks check | true`).
 fn closed_pipe() -> Stdio {
-    let (reader, writer) = std::io::pipe().expect("pipe");
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
     drop(reader);
     writer.into()
 }
@@ -80,10 +80,18 @@ fn run_goes_on_without_its_stdout_and_exits_with_the_release_status() {
     }
 }
 
+/// A config, the arguments, the environment, and the exit status expected.
+type Case = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    i32,
+);
+
 #[test]
 fn error_paths_keep_their_exit_status_when_stderr_is_gone() {
     let gated = "[tasks.a]\nrun = \"touch ran\"\nwhen = \"GO\"\n";
-    let cases: &[(&str, &[&str], &[(&str, &str)], i32)] = &[
+    let cases: &[Case] = &[
         ("[tasks.a]\nrun = \"\"\n", &[], &[], 78),
         (
             "[tasks.a]\nrun = \"\"\n",
@@ -500,11 +508,14 @@ fn config_text(marker: u32) -> impl Strategy<Value = String> {
     );
     let require = proptest::option::weighted(0.1, Just("[require]\nenv = [\"V2\"]\n".to_owned()));
     (defaults, require, proptest::collection::vec(task, 0..4)).prop_map(|(d, r, tasks)| {
-        let tasks: String = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("[tasks.t{i}]\n{t}"))
-            .collect();
+        let mut text = String::new();
+        for (i, t) in tasks.iter().enumerate() {
+            text.push_str("[tasks.t");
+            text.push_str(&i.to_string());
+            text.push_str("]\n");
+            text.push_str(t);
+        }
+        let tasks = text;
         format!("{}{}{tasks}", d.unwrap_or_default(), r.unwrap_or_default())
     })
 }
