@@ -147,7 +147,17 @@ impl Plan {
                 problems: bad_values,
             });
         }
-        let warnings = shell_warning(config, env).into_iter().collect();
+        let mut warnings: Vec<String> = shell_warning(config, env).into_iter().collect();
+        let path = env.get("PATH").map(std::ffi::OsStr::new);
+        for task in &config.tasks {
+            if let Some(dir) = task.program_directory(path) {
+                warnings.push(format!(
+                    "task `{}`: {} is a directory, not a program; `run` would fail with 126",
+                    task.name,
+                    dir.display()
+                ));
+            }
+        }
         Ok(Plan {
             steps,
             preflight,

@@ -135,7 +135,17 @@ pub fn urls_in(text: &str) -> String {
         let after = &rest[at + 3..];
         let token_end = after.find(char::is_whitespace).unwrap_or(after.len());
         let tail = push_authority(&mut out, after, token_end);
-        let path_end = tail.find(ends_url).unwrap_or(tail.len());
+        // Text redacted before (an error message quoting a shown URL) keeps its `/[redacted]`
+        // whole: its `]` is not a closing bracket around the URL.
+        let skip = if tail
+            .strip_prefix('/')
+            .is_some_and(|t| t.starts_with(REDACTED))
+        {
+            1 + REDACTED.len()
+        } else {
+            0
+        };
+        let path_end = tail[skip..].find(ends_url).map_or(tail.len(), |i| skip + i);
         if !tail[..path_end].is_empty() && &tail[..path_end] != "/" {
             out.push('/');
             out.push_str(REDACTED);
@@ -243,6 +253,19 @@ mod tests {
     }
 
     #[test]
+    fn redacting_twice_changes_nothing() {
+        for text in [
+            "at postgres://u:p@127.0.0.1:5432/db (from DATABASE_URL): refused",
+            "'https://hooks.slack.com/services/T/B/X' -d ok",
+            "[postgres://admin:Pw/]@db/app]",
+        ] {
+            let once = urls_in(text);
+            assert_eq!(urls_in(&once), once, "{text}");
+            assert_eq!(urls_in(&url(text)), url(text), "{text}");
+        }
+    }
+
+    #[test]
     fn multibyte_text_around_urls() {
         assert_eq!(
             urls_in("echo «https://example.com»"),
@@ -336,6 +359,7 @@ mod tests {
                 || REDACTED.contains(&password) || host.contains(&password);
             if !elsewhere {
                 proptest::prop_assert!(!shown.contains(&password), "{text:?} -> {shown:?}");
+                proptest::prop_assert_eq!(urls_in(&shown), shown.clone(), "redacting twice changes {:?}", text);
                 proptest::prop_assert!(!url(&url_text).contains(&password), "{url_text:?}");
                 proptest::prop_assert!(!value("DATABASE_URL", &url_text).contains(&password));
                 proptest::prop_assert!(!value("PLAIN", &text).contains(&password));

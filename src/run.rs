@@ -541,7 +541,15 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         ),
         std::io::ErrorKind::PermissionDenied => (
             EXIT_CANNOT_RUN,
-            format!("permission denied running `{program}`; is it executable (chmod +x)?"),
+            match task.program_directory(std::env::var_os("PATH").as_deref()) {
+                Some(dir) => format!(
+                    "`{program}` is a directory ({}), not a program; give the path of the program to run",
+                    dir.display()
+                ),
+                None => {
+                    format!("permission denied running `{program}`; is it executable (chmod +x)?")
+                }
+            },
         ),
         _ => (EXIT_CANNOT_RUN, format!("cannot run `{program}`: {err}")),
     };

@@ -93,6 +93,26 @@ pub struct Task {
     pub dir: PathBuf,
 }
 
+impl Task {
+    /// The directory that the task's program names, if it names one (`run = ["/tmp"]`): exec refuses
+    /// it with "permission denied", which chmod would not fix. `path` is the `PATH` to look a bare
+    /// name up in.
+    #[must_use]
+    pub fn program_directory(&self, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+        let Command::Exec(argv) = &self.command else {
+            return None;
+        };
+        let program = argv.first()?;
+        if program.contains('/') {
+            let at = self.dir.join(program);
+            return at.is_dir().then_some(at);
+        }
+        std::env::split_paths(path?)
+            .map(|dir| dir.join(program))
+            .find(|at| at.is_dir())
+    }
+}
+
 /// `on`: whether a task runs while the release is succeeding, after it failed, or either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum On {

@@ -343,7 +343,6 @@ impl Validator<'_> {
         raw: RawTask,
         defaults: &Defaults,
     ) -> Task {
-        let run_span = raw.run.as_ref().map(Spanned::span);
         let command = match (raw.run, raw.notify) {
             (None, None) => {
                 self.report(
@@ -411,9 +410,6 @@ impl Validator<'_> {
                 );
             }
         }
-        if let Command::Exec(argv) = &command {
-            self.not_a_directory(&name, argv, &dir, run_span);
-        }
         let env = raw
             .env
             .into_iter()
@@ -430,26 +426,6 @@ impl Validator<'_> {
             on,
             env,
             dir,
-        }
-    }
-
-    /// A program given as a path (`run = ["/tmp"]`, `run = ["bin/x"]`) must not be a directory: exec
-    /// refuses one with "permission denied", and chmod would not help.
-    fn not_a_directory(
-        &mut self,
-        name: &str,
-        argv: &[String],
-        dir: &Path,
-        span: Option<std::ops::Range<usize>>,
-    ) {
-        let Some(program) = argv.first().filter(|p| p.contains('/')) else {
-            return;
-        };
-        if dir.join(program).is_dir() {
-            self.report(
-                span,
-                format!("task `{name}`: `{program}` is a directory, not a program; give the path of the program to run"),
-            );
         }
     }
 
@@ -864,10 +840,6 @@ mod tests {
             (
                 "[tasks.a]\nnotify = { url = \"http://h\", headers = { \"X Y\" = \"v\" } }\n",
                 "header name",
-            ),
-            (
-                "[tasks.a]\nrun = [\"/tmp\"]\n",
-                "is a directory, not a program",
             ),
         ] {
             let p = problems(src);

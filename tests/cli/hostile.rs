@@ -281,10 +281,6 @@ fn check_finds_what_run_would_trip_on_halfway() {
             "NUL",
         ),
         (
-            "[tasks.a]\nrun = [\"/tmp\"]\n",
-            "`/tmp` is a directory, not a program",
-        ),
-        (
             "[tasks.n]\nnotify = { url = \"http://127.0.0.1:9/\", headers = { X = \"a\\nb\" } }\n",
             "notify header X",
         ),
@@ -333,6 +329,34 @@ fn a_shell_that_is_not_there_is_a_warning() {
         .run()
         .status(0)
         .stderr_lacks("warning");
+}
+
+#[test]
+fn a_directory_as_a_command_is_named_as_one_not_told_to_chmod() {
+    std::fs::create_dir_all("/tmp").ok();
+    let t = Test::new().config("[tasks.a]\nrun = [\"/tmp\"]\n");
+    let bin = t.path("bin");
+    std::fs::create_dir_all(bin.join("subdir")).expect("dir on PATH");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let t = t.env("PATH", &path);
+    t.run_with(&["check"])
+        .status(0)
+        .stderr_has("task `a`: /tmp is a directory, not a program");
+    t.run()
+        .status(126)
+        .stderr_has("`/tmp` is a directory (/tmp), not a program")
+        .stderr_lacks("chmod");
+    let t = Test::new()
+        .config("[tasks.a]\nrun = [\"subdir\"]\n")
+        .env("PATH", &path);
+    t.run()
+        .status(126)
+        .stderr_has("`subdir` is a directory")
+        .stderr_lacks("chmod");
 }
 
 #[test]
