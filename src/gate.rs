@@ -105,6 +105,11 @@ impl Env {
         self.text.contains_key(name) || self.bytes.contains_key(name)
     }
 
+    /// The variables whose values are UTF-8, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.text.iter()
+    }
+
     /// Sets `name` (for tests and callers that build a snapshot by hand).
     pub fn insert(&mut self, name: String, value: String) {
         self.bytes.remove(&name);

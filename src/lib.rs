@@ -132,6 +132,7 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     }
     Ok((config, plan))
 }
+
 /// The `--report` and `--junit` files, created (empty) before the release starts.
 struct ReportFiles {
     json: Option<(std::path::PathBuf, std::fs::File)>,

@@ -465,4 +465,55 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn skipped_steps_carry_their_reason_as_data() {
+        let sel = Selection {
+            only: vec![],
+            skip: vec!["notify".into()],
+        };
+        let plan = Plan::new(&config(SRC), &env(&[("APP_ENV", "production")]), &sel).unwrap();
+        assert_eq!(
+            plan.steps[0].skip,
+            Some(SkipReason::Gate {
+                gate: "when",
+                variable: "RUN_MIGRATIONS".into(),
+                value: None,
+                needs: "is true".into()
+            })
+        );
+        assert_eq!(
+            plan.steps[1].skip,
+            Some(SkipReason::Gate {
+                gate: "unless",
+                variable: "APP_ENV".into(),
+                value: Some("production".into()),
+                needs: "equals \"production\"".into()
+            })
+        );
+        assert_eq!(plan.steps[2].skip, Some(SkipReason::NamedInSkip));
+        assert_eq!(
+            plan.steps[1].reason,
+            plan.steps[1].skip_reason().to_string()
+        );
+    }
+
+    #[test]
+    fn a_named_variable_that_is_not_utf8_is_refused_not_unset() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let src =
+            "[require]\nenv = [\"DATABASE_URL\"]\n[tasks.n]\nnotify = { url = \"${HOOK}\" }\n";
+        let bad = || OsString::from_vec(b"x\xff".to_vec());
+        for var in ["DATABASE_URL", "HOOK", "RELEASE_TASKS_APP"] {
+            let env = Env::from_os([(var.into(), bad())]);
+            let err = Plan::new(&config(src), &env, &Selection::default()).unwrap_err();
+            assert_eq!(err.exit_code(), 78, "{var}");
+            assert!(
+                err.to_string().contains(var) && err.to_string().contains("not UTF-8"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("not set"), "{err}");
+        }
+    }
 }
