@@ -1,11 +1,16 @@
-//! The command line (clap) and the `RELEASE_TASKS_*` settings (envy), merged so that flags win.
+//! The command line (clap) and the `RELEASE_TASKS_*` settings, merged so that flags win.
+//!
+//! The settings are read from the environment snapshot as bytes: paths (`_CONFIG`, `_REPORT`,
+//! `_JUNIT`) as the operating system gives them, so a path that is not UTF-8 works; the others must be
+//! text, and one that is not UTF-8 is an error that names it, never an unset setting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::gate::Env;
+pub use crate::log::LogFormat;
 use crate::plan::Selection;
 
 /// Run a release phase: env-gated tasks from release.toml, with timeouts, signal forwarding and
@@ -19,7 +24,8 @@ use crate::plan::Selection;
 RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
-(nothing ran); 70 release-tasks itself failed; 2 bad usage."
+(nothing ran); 74 check, plan or init could not write their output; 70 release-tasks itself failed; \
+2 bad usage."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -86,16 +92,6 @@ pub enum Command {
     },
 }
 
-/// How release-tasks writes its own log lines (task output is passed through as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One readable line per event
-    Text,
-    /// One JSON object per line
-    Json,
-}
-
 /// Settings after merging flags over `RELEASE_TASKS_*` variables over defaults.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -107,29 +103,33 @@ pub struct Settings {
     pub junit: Option<PathBuf>,
 }
 
-/// The `RELEASE_TASKS_*` variables this module reads.
-#[derive(Debug, Default, Deserialize)]
-struct EnvSettings {
-    config: Option<PathBuf>,
-    only: Option<String>,
-    skip: Option<String>,
-    log_format: Option<String>,
-    report: Option<PathBuf>,
-    junit: Option<PathBuf>,
-}
-
 impl Settings {
-    /// Merges `cli` over the `RELEASE_TASKS_*` entries of `vars` (flags win).
-    pub fn resolve(cli: Cli, vars: impl Iterator<Item = (String, String)>) -> Result<Settings> {
-        let env: EnvSettings = envy::prefixed("RELEASE_TASKS_")
-            // Other RELEASE_TASKS_* variables (APP, VERSION, COMMIT, RUN_ID) are not settings;
-            // envy ignores them.
-            .from_iter(vars)
-            .map_err(|err| Error::Usage(format!("bad RELEASE_TASKS_* setting: {err}")))?;
-        let log_format = match (cli.log_format, env.log_format.as_deref()) {
+    /// Merges `cli` over the `RELEASE_TASKS_*` variables of `env` (flags win). An empty variable is
+    /// the same as an unset one; so is an empty `--only` or `--skip` list (`--only ''`).
+    pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
+        let mut not_text = Vec::new();
+        let mut text = |name: &str| match env.lookup(name) {
+            Ok(value) => value.filter(|v| !v.is_empty()).map(str::to_owned),
+            Err(err) => {
+                not_text.push(err.to_string());
+                None
+            }
+        };
+        let only = text("RELEASE_TASKS_ONLY");
+        let skip = text("RELEASE_TASKS_SKIP");
+        let log_format = text("RELEASE_TASKS_LOG_FORMAT");
+        if !not_text.is_empty() {
+            return Err(Error::Environment { problems: not_text });
+        }
+        let path = |name: &str| {
+            env.get_os(name)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        };
+        let log_format = match (cli.log_format, log_format) {
             (Some(format), _) => format,
-            (None, None | Some("")) => LogFormat::Text,
-            (None, Some(value)) => LogFormat::from_str(value, true).map_err(|_| {
+            (None, None) => LogFormat::Text,
+            (None, Some(value)) => LogFormat::from_str(&value, true).map_err(|_| {
                 Error::Usage(format!(
                     "RELEASE_TASKS_LOG_FORMAT={value:?} is not a log format; use `text` or `json`"
                 ))
@@ -145,26 +145,52 @@ impl Settings {
             .filter(|n| !n.is_empty())
             .collect()
         };
+        let nonempty = |p: PathBuf| (!p.as_os_str().is_empty()).then_some(p);
+        let report = cli
+            .report
+            .and_then(nonempty)
+            .or_else(|| path("RELEASE_TASKS_REPORT"));
+        let junit = cli
+            .junit
+            .and_then(nonempty)
+            .or_else(|| path("RELEASE_TASKS_JUNIT"));
+        if let (Some(report), Some(junit)) = (&report, &junit) {
+            if same_file(report, junit) {
+                return Err(Error::Usage(format!(
+                    "--report and --junit both name {}; give each report its own file",
+                    report.display()
+                )));
+            }
+        }
         Ok(Settings {
             command: cli.command.unwrap_or(Command::Run),
             config: cli
                 .config
-                .or(env.config.filter(|p| !p.as_os_str().is_empty()))
+                .and_then(nonempty)
+                .or_else(|| path("RELEASE_TASKS_CONFIG"))
                 .unwrap_or_else(|| PathBuf::from("release.toml")),
             selection: Selection {
-                only: list(cli.only, env.only),
-                skip: list(cli.skip, env.skip),
+                only: list(cli.only, only),
+                skip: list(cli.skip, skip),
             },
             log_format,
-            report: cli
-                .report
-                .or(env.report)
-                .filter(|p| !p.as_os_str().is_empty()),
-            junit: cli
-                .junit
-                .or(env.junit)
-                .filter(|p| !p.as_os_str().is_empty()),
+            report,
+            junit,
         })
+    }
+}
+
+/// Whether two paths name one file: the same path once made absolute, or (when both exist) the same
+/// file through a link.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    if absolute(a) == absolute(b) {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -175,10 +201,7 @@ mod tests {
     fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("release-tasks").chain(args.iter().copied()))
             .expect("args parse");
-        Settings::resolve(
-            cli,
-            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
+        Settings::resolve(cli, &crate::gate::env_of(vars))
     }
 
     #[test]
@@ -214,5 +237,45 @@ mod tests {
         let err = resolve(&[], &[("RELEASE_TASKS_LOG_FORMAT", "xml")]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("RELEASE_TASKS_LOG_FORMAT=\"xml\""));
+    }
+
+    #[test]
+    fn empty_only_means_no_selection_from_flag_and_variable_alike() {
+        let s = resolve(&["--only", ""], &[]).unwrap();
+        assert!(s.selection.only.is_empty());
+        let s = resolve(&[], &[("RELEASE_TASKS_ONLY", "")]).unwrap();
+        assert!(s.selection.only.is_empty());
+        let s = resolve(&["--only", " , "], &[("RELEASE_TASKS_ONLY", "x")]).unwrap();
+        assert!(s.selection.only.is_empty(), "a flag, even empty, wins");
+    }
+
+    #[test]
+    fn settings_are_read_as_bytes() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let cli = || Cli::try_parse_from(["release-tasks"]).unwrap();
+        let bytes = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let env = Env::from_os([("RELEASE_TASKS_CONFIG".into(), bytes(b"conf\xff.toml"))]);
+        let s = Settings::resolve(cli(), &env).unwrap();
+        assert_eq!(s.config.as_os_str(), bytes(b"conf\xff.toml"));
+        for name in [
+            "RELEASE_TASKS_ONLY",
+            "RELEASE_TASKS_SKIP",
+            "RELEASE_TASKS_LOG_FORMAT",
+        ] {
+            let env = Env::from_os([(name.into(), bytes(b"a\xff"))]);
+            let err = Settings::resolve(cli(), &env).unwrap_err();
+            assert_eq!(err.exit_code(), 78, "{name}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_two_reports_need_two_files() {
+        let err = resolve(&["--report", "r.xml", "--junit", "./r.xml"], &[]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = resolve(&["--junit", "r.xml"], &[("RELEASE_TASKS_REPORT", "r.xml")]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(resolve(&["--report", "r.json", "--junit", "r.xml"], &[]).is_ok());
     }
 }

@@ -65,14 +65,18 @@ impl Metadata {
     /// and each `RELEASE_TASKS_*` override wins over it.
     #[must_use]
     pub fn from_env(env: &Env) -> Metadata {
+        // Values are only shown, so bytes that are not UTF-8 are shown as U+FFFD rather than taken
+        // for unset (`plan.rs` refuses such bytes in the RELEASE_TASKS_* overrides).
         let get = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| env.get(*n).filter(|v| !v.is_empty()).cloned())
+            names.iter().find_map(|n| {
+                env.get_lossy(n)
+                    .filter(|v| !v.is_empty())
+                    .map(std::borrow::Cow::into_owned)
+            })
         };
         let source = SOURCES
             .iter()
-            .find(|s| env.get(s.marker).is_some_and(|v| !v.is_empty()));
+            .find(|s| env.get_lossy(s.marker).is_some_and(|v| !v.is_empty()));
         let mut meta = Metadata {
             platform: source.map(|s| s.platform),
             app: source.and_then(|s| get(s.app)),
@@ -102,7 +106,8 @@ impl Metadata {
             parts.push(version.clone());
         }
         if let Some(commit) = &self.commit {
-            parts.push(format!("({})", commit.get(..7).unwrap_or(commit)));
+            let short: String = commit.chars().take(7).collect();
+            parts.push(format!("({short})"));
         }
         parts.join(" ")
     }

@@ -4,6 +4,7 @@
 mod core;
 mod faults;
 mod harness;
+mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
