@@ -107,20 +107,8 @@ impl Settings {
     /// Merges `cli` over the `RELEASE_TASKS_*` variables of `env` (flags win). An empty variable is
     /// the same as an unset one; so is an empty `--only` or `--skip` list (`--only ''`).
     pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
-        let mut not_text = Vec::new();
-        let mut text = |name: &str| match env.lookup(name) {
-            Ok(value) => value.filter(|v| !v.is_empty()).map(str::to_owned),
-            Err(err) => {
-                not_text.push(err.to_string());
-                None
-            }
-        };
-        let only = text("RELEASE_TASKS_ONLY");
-        let skip = text("RELEASE_TASKS_SKIP");
-        let log_format = text("RELEASE_TASKS_LOG_FORMAT");
-        if !not_text.is_empty() {
-            return Err(Error::Environment { problems: not_text });
-        }
+        let vars = EnvSettings::read(env)?;
+        let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
         let path = |name: &str| {
             env.get_os(name)
                 .filter(|p| !p.is_empty())
@@ -177,6 +165,41 @@ impl Settings {
             report,
             junit,
         })
+    }
+}
+
+/// The `RELEASE_TASKS_*` settings that are text, read with envy. Paths (`_CONFIG`, `_REPORT`,
+/// `_JUNIT`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
+/// overrides (`_APP`, `_VERSION`, `_COMMIT`) belong to `metadata.rs`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct EnvSettings {
+    only: Option<String>,
+    skip: Option<String>,
+    log_format: Option<String>,
+}
+
+impl EnvSettings {
+    const NAMES: [&str; 3] = ["ONLY", "SKIP", "LOG_FORMAT"];
+
+    /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
+    /// that is not UTF-8 is an error that names its variable (never taken as unset).
+    fn read(env: &Env) -> Result<EnvSettings> {
+        let mut vars = Vec::new();
+        let mut not_text = Vec::new();
+        for name in Self::NAMES {
+            let var = format!("RELEASE_TASKS_{name}");
+            match env.lookup(&var) {
+                Ok(Some(value)) if !value.is_empty() => vars.push((var, value.to_owned())),
+                Ok(_) => {}
+                Err(err) => not_text.push(err.to_string()),
+            }
+        }
+        if !not_text.is_empty() {
+            return Err(Error::Environment { problems: not_text });
+        }
+        envy::prefixed("RELEASE_TASKS_")
+            .from_iter(vars)
+            .map_err(|err| Error::Usage(format!("a RELEASE_TASKS_* setting cannot be read: {err}")))
     }
 }
 
