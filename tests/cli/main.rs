@@ -8,4 +8,5 @@ mod init;
 #[cfg(feature = "postgres")]
 mod lock;
 mod notify;
+mod shell;
 mod webhook;
