@@ -66,6 +66,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).

@@ -42,6 +42,16 @@ pub fn env_snapshot() -> Env {
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
     match settings.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            let mut cli = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "release-tasks", &mut script);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)
+                .and_then(|()| out.flush())
+                .map_err(|e| anyhow::anyhow!("cannot write the completion script: {e}"))?;
+            Ok(0)
+        }
         Command::Init { force } => {
             let written = init::write(&settings.config, force)?;
             print!("{}", written.message());
@@ -85,6 +95,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 to_run = plan.to_run().count(),
                 "release started"
             );
+            metadata::warn_if_fly_stops_first(env, config.defaults.release_timeout);
             let report = run::run_release(&plan, &config, env, meta)?;
             report.log_summary();
             write_reports(report_files, &report);

@@ -8,5 +8,6 @@ mod init;
 #[cfg(feature = "postgres")]
 mod lock;
 mod notify;
+mod platform;
 mod shell;
 mod webhook;
