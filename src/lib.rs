@@ -20,6 +20,7 @@ pub mod process;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod shell;
 pub mod signals;
 
 use std::io::Write;

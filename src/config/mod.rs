@@ -162,13 +162,26 @@ pub enum Command {
 }
 
 impl Command {
-    /// The argv that is exec'd (empty for a notify task).
+    /// The argv that is exec'd (empty for a notify task). A string without shell syntax is exec'd
+    /// directly, as `sh -c` would end up doing (see `shell.rs`).
     #[must_use]
     pub fn argv(&self) -> Vec<&str> {
         match self {
-            Command::Shell { shell, script } => vec![shell.as_str(), "-c", script.as_str()],
+            Command::Shell { shell, script } => {
+                crate::shell::direct_argv(shell, script).unwrap_or_else(|| self.shell_argv())
+            }
             Command::Exec(argv) => argv.iter().map(String::as_str).collect(),
             Command::Notify(_) => Vec::new(),
+        }
+    }
+
+    /// The argv through the shell, even for a string [`argv`](Self::argv) would exec directly: for a
+    /// file without a `#!` line, which only the shell runs (as a script).
+    #[must_use]
+    pub fn shell_argv(&self) -> Vec<&str> {
+        match self {
+            Command::Shell { shell, script } => vec![shell.as_str(), "-c", script.as_str()],
+            _ => self.argv(),
         }
     }
 }

@@ -12,4 +12,5 @@ mod lock;
 mod lock_servers;
 mod notify;
 mod platform;
+mod shell;
 mod webhook;
