@@ -1,11 +1,16 @@
-//! The command line (clap) and the `RELEASE_TASKS_*` settings (envy), merged so that flags win.
+//! The command line (clap) and the `RELEASE_TASKS_*` settings, merged so that flags win.
+//!
+//! The settings are read from the environment snapshot as bytes: paths (`_CONFIG`, `_REPORT`,
+//! `_JUNIT`) as the operating system gives them, so a path that is not UTF-8 works; the others must be
+//! text, and one that is not UTF-8 is an error that names it, never an unset setting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::gate::Env;
+pub use crate::log::LogFormat;
 use crate::plan::Selection;
 
 /// Run a release phase: env-gated tasks from release.toml, with timeouts, signal forwarding and
@@ -19,7 +24,8 @@ use crate::plan::Selection;
 RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
-(nothing ran); 70 release-tasks itself failed; 2 bad usage."
+(nothing ran); 74 check, plan or init could not write their output; 70 release-tasks itself failed; \
+2 bad usage."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -66,16 +72,24 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-}
-
-/// How release-tasks writes its own log lines (task output is passed through as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One readable line per event
-    Text,
-    /// One JSON object per line
-    Json,
+    /// Wait until the lock's ledger records this release as completed (for worker and web pods
+    /// that must not start before the release ran; needs once = true in the lock table)
+    Wait {
+        /// Give up (exit 75) after this long [default: the lock's timeout]
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Show the last releases recorded in the lock's ledger
+    History {
+        /// How many releases to show
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+        limit: u32,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Settings after merging flags over `RELEASE_TASKS_*` variables over defaults.
@@ -89,29 +103,21 @@ pub struct Settings {
     pub junit: Option<PathBuf>,
 }
 
-/// The `RELEASE_TASKS_*` variables this module reads.
-#[derive(Debug, Default, Deserialize)]
-struct EnvSettings {
-    config: Option<PathBuf>,
-    only: Option<String>,
-    skip: Option<String>,
-    log_format: Option<String>,
-    report: Option<PathBuf>,
-    junit: Option<PathBuf>,
-}
-
 impl Settings {
-    /// Merges `cli` over the `RELEASE_TASKS_*` entries of `vars` (flags win).
-    pub fn resolve(cli: Cli, vars: impl Iterator<Item = (String, String)>) -> Result<Settings> {
-        let env: EnvSettings = envy::prefixed("RELEASE_TASKS_")
-            // Other RELEASE_TASKS_* variables (APP, VERSION, COMMIT, RUN_ID) are not settings;
-            // envy ignores them.
-            .from_iter(vars)
-            .map_err(|err| Error::Usage(format!("bad RELEASE_TASKS_* setting: {err}")))?;
-        let log_format = match (cli.log_format, env.log_format.as_deref()) {
+    /// Merges `cli` over the `RELEASE_TASKS_*` variables of `env` (flags win). An empty variable is
+    /// the same as an unset one; so is an empty `--only` or `--skip` list (`--only ''`).
+    pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
+        let vars = EnvSettings::read(env)?;
+        let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
+        let path = |name: &str| {
+            env.get_os(name)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        };
+        let log_format = match (cli.log_format, log_format) {
             (Some(format), _) => format,
-            (None, None | Some("")) => LogFormat::Text,
-            (None, Some(value)) => LogFormat::from_str(value, true).map_err(|_| {
+            (None, None) => LogFormat::Text,
+            (None, Some(value)) => LogFormat::from_str(&value, true).map_err(|_| {
                 Error::Usage(format!(
                     "RELEASE_TASKS_LOG_FORMAT={value:?} is not a log format; use `text` or `json`"
                 ))
@@ -127,26 +133,87 @@ impl Settings {
             .filter(|n| !n.is_empty())
             .collect()
         };
+        let nonempty = |p: PathBuf| (!p.as_os_str().is_empty()).then_some(p);
+        let report = cli
+            .report
+            .and_then(nonempty)
+            .or_else(|| path("RELEASE_TASKS_REPORT"));
+        let junit = cli
+            .junit
+            .and_then(nonempty)
+            .or_else(|| path("RELEASE_TASKS_JUNIT"));
+        if let (Some(report), Some(junit)) = (&report, &junit) {
+            if same_file(report, junit) {
+                return Err(Error::Usage(format!(
+                    "--report and --junit both name {}; give each report its own file",
+                    report.display()
+                )));
+            }
+        }
         Ok(Settings {
             command: cli.command.unwrap_or(Command::Run),
             config: cli
                 .config
-                .or(env.config.filter(|p| !p.as_os_str().is_empty()))
+                .and_then(nonempty)
+                .or_else(|| path("RELEASE_TASKS_CONFIG"))
                 .unwrap_or_else(|| PathBuf::from("release.toml")),
             selection: Selection {
-                only: list(cli.only, env.only),
-                skip: list(cli.skip, env.skip),
+                only: list(cli.only, only),
+                skip: list(cli.skip, skip),
             },
             log_format,
-            report: cli
-                .report
-                .or(env.report)
-                .filter(|p| !p.as_os_str().is_empty()),
-            junit: cli
-                .junit
-                .or(env.junit)
-                .filter(|p| !p.as_os_str().is_empty()),
+            report,
+            junit,
         })
+    }
+}
+
+/// The `RELEASE_TASKS_*` settings that are text, read with envy. Paths (`_CONFIG`, `_REPORT`,
+/// `_JUNIT`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
+/// overrides (`_APP`, `_VERSION`, `_COMMIT`) belong to `metadata.rs`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct EnvSettings {
+    only: Option<String>,
+    skip: Option<String>,
+    log_format: Option<String>,
+}
+
+impl EnvSettings {
+    const NAMES: [&str; 3] = ["ONLY", "SKIP", "LOG_FORMAT"];
+
+    /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
+    /// that is not UTF-8 is an error that names its variable (never taken as unset).
+    fn read(env: &Env) -> Result<EnvSettings> {
+        let mut vars = Vec::new();
+        let mut not_text = Vec::new();
+        for name in Self::NAMES {
+            let var = format!("RELEASE_TASKS_{name}");
+            match env.lookup(&var) {
+                Ok(Some(value)) if !value.is_empty() => vars.push((var, value.to_owned())),
+                Ok(_) => {}
+                Err(err) => not_text.push(err.to_string()),
+            }
+        }
+        if !not_text.is_empty() {
+            return Err(Error::Environment { problems: not_text });
+        }
+        envy::prefixed("RELEASE_TASKS_")
+            .from_iter(vars)
+            .map_err(|err| Error::Usage(format!("a RELEASE_TASKS_* setting cannot be read: {err}")))
+    }
+}
+
+/// Whether two paths name one file: the same path once made absolute, or (when both exist) the same
+/// file through a link.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    if absolute(a) == absolute(b) {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -157,10 +224,7 @@ mod tests {
     fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("release-tasks").chain(args.iter().copied()))
             .expect("args parse");
-        Settings::resolve(
-            cli,
-            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
+        Settings::resolve(cli, &crate::gate::env_of(vars))
     }
 
     #[test]
@@ -196,5 +260,45 @@ mod tests {
         let err = resolve(&[], &[("RELEASE_TASKS_LOG_FORMAT", "xml")]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("RELEASE_TASKS_LOG_FORMAT=\"xml\""));
+    }
+
+    #[test]
+    fn empty_only_means_no_selection_from_flag_and_variable_alike() {
+        let s = resolve(&["--only", ""], &[]).unwrap();
+        assert!(s.selection.only.is_empty());
+        let s = resolve(&[], &[("RELEASE_TASKS_ONLY", "")]).unwrap();
+        assert!(s.selection.only.is_empty());
+        let s = resolve(&["--only", " , "], &[("RELEASE_TASKS_ONLY", "x")]).unwrap();
+        assert!(s.selection.only.is_empty(), "a flag, even empty, wins");
+    }
+
+    #[test]
+    fn settings_are_read_as_bytes() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let cli = || Cli::try_parse_from(["release-tasks"]).unwrap();
+        let bytes = |b: &[u8]| OsString::from_vec(b.to_vec());
+        let env = Env::from_os([("RELEASE_TASKS_CONFIG".into(), bytes(b"conf\xff.toml"))]);
+        let s = Settings::resolve(cli(), &env).unwrap();
+        assert_eq!(s.config.as_os_str(), bytes(b"conf\xff.toml"));
+        for name in [
+            "RELEASE_TASKS_ONLY",
+            "RELEASE_TASKS_SKIP",
+            "RELEASE_TASKS_LOG_FORMAT",
+        ] {
+            let env = Env::from_os([(name.into(), bytes(b"a\xff"))]);
+            let err = Settings::resolve(cli(), &env).unwrap_err();
+            assert_eq!(err.exit_code(), 78, "{name}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_two_reports_need_two_files() {
+        let err = resolve(&["--report", "r.xml", "--junit", "./r.xml"], &[]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = resolve(&["--junit", "r.xml"], &[("RELEASE_TASKS_REPORT", "r.xml")]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(resolve(&["--report", "r.json", "--junit", "r.xml"], &[]).is_ok());
     }
 }

@@ -14,6 +14,9 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERNAL: i32 = 70;
 /// `EX_UNAVAILABLE` from sysexits.h: the `[lock]` database cannot be reached or refuses us; nothing ran.
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// `EX_IOERR` from sysexits.h: `check`, `plan` or `init` could not write their output (a closed pipe,
+/// a full disk).
+pub const EXIT_IOERR: i32 = 74;
 /// `EX_TEMPFAIL` from sysexits.h: another replica held the release lock past `lock.timeout`; nothing ran.
 pub const EXIT_TEMPFAIL: i32 = 75;
 
@@ -52,6 +55,8 @@ pub enum Error {
     /// `exec`: the release succeeded but its command cannot be started (127 not found, 126 not
     /// executable).
     Exec { code: i32, message: String },
+    /// What `check`, `plan` or `init` had to say could not be written to stdout.
+    Output(std::io::Error),
     /// release-tasks itself could not go on (an I/O error, a failed system call).
     Internal(anyhow::Error),
 }
@@ -70,6 +75,7 @@ impl Error {
             Error::LockTimeout(_) => EXIT_TEMPFAIL,
             Error::Interrupted(sig) => 128 + *sig as i32,
             Error::Exec { code, .. } => *code,
+            Error::Output(_) => EXIT_IOERR,
             Error::Internal(_) => EXIT_INTERNAL,
         }
     }
@@ -124,6 +130,10 @@ impl fmt::Display for Error {
             Error::Interrupted(sig) => {
                 write!(f, "received {sig} before any task started; nothing was run")
             }
+            Error::Output(err) => write!(
+                f,
+                "cannot write to stdout: {err}; check that whatever reads it is still reading and has room"
+            ),
             Error::Internal(err) => write!(f, "{err:#}"),
         }
     }

@@ -4,11 +4,124 @@
 //! Evaluation is pure: it reads a map handed to it, never the process environment, so the rules are
 //! tested here without touching global state. Deciding what to *do* with a verdict belongs to `plan.rs`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 
 /// A snapshot of the environment, taken once at start-up.
-pub type Env = BTreeMap<String, String>;
+///
+/// Values are kept as they are: one that is not UTF-8 is never mistaken for an unset variable.
+/// [`Env::lookup`] tells the two apart, and `plan.rs` refuses, before anything runs, any variable
+/// the config or the settings name whose value is not UTF-8; after that, [`Env::get`] is safe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Env {
+    text: BTreeMap<String, String>,
+    /// Variables whose value is not UTF-8 (names that are not UTF-8 cannot be named by a config).
+    bytes: BTreeMap<String, OsString>,
+}
+
+/// A variable holds bytes that are not UTF-8, where release-tasks needs text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotUtf8 {
+    pub var: String,
+    /// The value with each bad byte shown as U+FFFD.
+    pub lossy: String,
+}
+
+impl fmt::Display for NotUtf8 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} holds bytes that are not UTF-8 ({:?}); set it to plain text",
+            self.var,
+            crate::redact::value(&self.var, &self.lossy)
+        )
+    }
+}
+
+impl Env {
+    /// The snapshot of `vars` (the process environment, `std::env::vars_os()`).
+    pub fn from_os(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Env {
+        let mut env = Env::default();
+        for (name, value) in vars {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => {
+                    env.bytes.remove(&name);
+                    env.text.insert(name, value);
+                }
+                Err(value) => {
+                    env.text.remove(&name);
+                    env.bytes.insert(name, value);
+                }
+            }
+        }
+        env
+    }
+
+    /// The value of `name` if it is set and UTF-8. For a variable not yet checked with
+    /// [`lookup`](Env::lookup), `None` may also mean "not UTF-8".
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.text.get(name)
+    }
+
+    /// The value of `name`: `Ok(None)` when unset, an error when it is not UTF-8.
+    pub fn lookup(&self, name: &str) -> Result<Option<&str>, NotUtf8> {
+        if let Some(value) = self.bytes.get(name) {
+            return Err(NotUtf8 {
+                var: name.to_owned(),
+                lossy: value.to_string_lossy().into_owned(),
+            });
+        }
+        Ok(self.text.get(name).map(String::as_str))
+    }
+
+    /// The value of `name` as text, each byte that is not UTF-8 shown as U+FFFD (for values that are
+    /// only shown, such as the platform's release metadata).
+    #[must_use]
+    pub fn get_lossy(&self, name: &str) -> Option<Cow<'_, str>> {
+        match self.text.get(name) {
+            Some(value) => Some(Cow::Borrowed(value)),
+            None => self.bytes.get(name).map(|v| v.to_string_lossy()),
+        }
+    }
+
+    /// The value of `name` as the operating system gave it (for paths).
+    #[must_use]
+    pub fn get_os(&self, name: &str) -> Option<OsString> {
+        match self.text.get(name) {
+            Some(value) => Some(value.into()),
+            None => self.bytes.get(name).cloned(),
+        }
+    }
+
+    /// Whether `name` is set, whatever its value.
+    #[must_use]
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.text.contains_key(name) || self.bytes.contains_key(name)
+    }
+
+    /// The variables whose values are UTF-8, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.text.iter()
+    }
+
+    /// Sets `name` (for tests and callers that build a snapshot by hand).
+    pub fn insert(&mut self, name: String, value: String) {
+        self.bytes.remove(&name);
+        self.text.insert(name, value);
+    }
+}
+
+impl FromIterator<(String, String)> for Env {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Env {
+        Env::from_os(iter.into_iter().map(|(k, v)| (k.into(), v.into())))
+    }
+}
 
 /// All of its conditions must hold for the gate to hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,15 +167,37 @@ pub struct Reason {
     pub holds: bool,
 }
 
-/// A variable holds a value that a boolean gate refuses to guess about.
+/// A variable holds a value that a gate refuses to guess about: not a boolean, or not UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadValue {
     pub var: String,
     pub value: String,
+    /// The value is not UTF-8 (`value` shows it lossily).
+    pub not_utf8: bool,
+}
+
+impl From<NotUtf8> for BadValue {
+    fn from(err: NotUtf8) -> Self {
+        BadValue {
+            var: err.var,
+            value: err.lossy,
+            not_utf8: true,
+        }
+    }
 }
 
 impl fmt::Display for BadValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.not_utf8 {
+            return write!(
+                f,
+                "{}",
+                NotUtf8 {
+                    var: self.var.clone(),
+                    lossy: self.value.clone()
+                }
+            );
+        }
         write!(
             f,
             "{}={:?} is not a boolean; set it to one of true/1/yes/on or false/0/no/off (or unset it)",
@@ -167,24 +302,25 @@ impl Condition {
     }
 
     fn evaluate(&self, env: &Env) -> Result<Reason, BadValue> {
-        let value = env.get(&self.var);
+        let value = env.lookup(&self.var)?;
         let (holds, rule) = match &self.test {
             Test::Truthy => {
                 let parsed = match value {
                     None => false,
                     Some(v) => parse_bool(v).ok_or_else(|| BadValue {
                         var: self.var.clone(),
-                        value: v.clone(),
+                        value: v.to_owned(),
+                        not_utf8: false,
                     })?,
                 };
                 (parsed, "is true".to_owned())
             }
             Test::Equals(want) => (
-                value == Some(want),
+                value == Some(want.as_str()),
                 format!("equals {:?}", crate::redact::value(&self.var, want)),
             ),
             Test::In(set) => (
-                value.is_some_and(|v| set.contains(v)),
+                value.is_some_and(|v| set.iter().any(|s| s == v)),
                 format!(
                     "in {:?}",
                     set.iter()
@@ -206,7 +342,7 @@ impl Condition {
         };
         Ok(Reason {
             var: self.var.clone(),
-            value: value.cloned(),
+            value: value.map(str::to_owned),
             rule,
             holds,
         })
@@ -285,6 +421,28 @@ mod tests {
         let err = g.evaluate(&env(&[("RUN", "ture")])).unwrap_err();
         assert_eq!(err.var, "RUN");
         assert!(err.to_string().contains("\"ture\""));
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_an_error_never_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let env = Env::from_os([
+            ("RUN".into(), OsString::from_vec(b"\xff".to_vec())),
+            ("SKIP".into(), OsString::from_vec(b"tr\xffue".to_vec())),
+        ]);
+        for src in [
+            "\"RUN\"",
+            "{ env = \"RUN\", set = true }",
+            "{ env = \"RUN\", set = false }",
+            "{ env = \"RUN\", equals = \"x\" }",
+            "[\"OTHER\", { env = \"SKIP\", in = [\"a\"] }]",
+        ] {
+            let err = gate(src).unwrap().evaluate(&env).unwrap_err();
+            assert!(err.not_utf8, "{src}");
+            assert!(err.to_string().contains("not UTF-8"), "{src}: {err}");
+        }
+        assert!(env.contains_key("RUN") && env.get("RUN").is_none());
+        assert_eq!(env.lookup("NOPE"), Ok(None));
     }
 
     #[test]

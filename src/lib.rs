@@ -22,48 +22,74 @@ pub mod process;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod shell;
 pub mod signals;
 pub mod tail;
 
 use std::io::Write;
 
-use cli::{Command, LogFormat, Settings};
-use error::Result;
+use cli::{Command, Settings};
+use error::{Error, Result};
 use gate::Env;
+use log::LogFormat;
+use output::Target;
 use plan::Plan;
 
-/// Takes the environment snapshot that every decision is made from. Variables whose name or value
-/// is not UTF-8 cannot be gate variables and are left out (tasks still inherit them).
+/// Takes the environment snapshot that every decision is made from, values as they are (see
+/// [`Env`]: a value that is not UTF-8 is refused where it is used, never taken for unset).
 #[must_use]
 pub fn env_snapshot() -> Env {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
+    Env::from_os(std::env::vars_os())
+}
+
+/// Writes what a command has to say to stdout; a failure (a closed pipe, a full disk) is an error
+/// with its own exit status (74), never a panic.
+fn say(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(Error::Output)
+}
+
+/// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
+/// the exit status still says what happened, so the error is dropped.
+pub fn tell(line: &str) {
+    let _ = output::write(Target::Stderr, line.as_bytes());
 }
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
     match settings.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            let mut cli = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "release-tasks", &mut script);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)
+                .and_then(|()| out.flush())
+                .map_err(|e| anyhow::anyhow!("cannot write the completion script: {e}"))?;
+            Ok(0)
+        }
         Command::Init { force } => {
             let written = init::write(&settings.config, force)?;
-            print!("{}", written.message());
+            say(&written.message())?;
             Ok(0)
         }
         Command::Check => {
             let (config, plan) = load(settings, env)?;
             let runs = plan.to_run().count();
-            println!(
-                "{}: ok, {} task{} ({runs} would run with this environment)",
+            say(&format!(
+                "{}: ok, {} task{} ({runs} would run with this environment)\n",
                 config.path.display(),
                 config.tasks.len(),
                 if config.tasks.len() == 1 { "" } else { "s" }
-            );
+            ))?;
             Ok(0)
         }
         Command::Plan => {
-            let (config, plan) = load(settings, env)?;
-            print_plan(&config, &plan, settings.log_format)
-                .map_err(|e| anyhow::anyhow!("cannot write the plan: {e}"))?;
+            let (_, plan) = load(settings, env)?;
+            let mut out = std::io::stdout().lock();
+            plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
         }
         Command::Run => {
@@ -76,7 +102,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             // Open the report files first: a path that cannot be written is found before anything runs.
             let report_files = open_report_files(settings)?;
             process::become_subreaper();
-            let meta = plan.meta.clone();
+            let meta = &plan.meta;
             tracing::info!(
                 app = meta.app.as_deref(),
                 version = meta.version.as_deref(),
@@ -87,11 +113,27 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 to_run = plan.to_run().count(),
                 "release started"
             );
-            let report = run::run_release(&plan, &config, env, meta)?;
+            metadata::warn_if_fly_stops_first(env, plan.defaults.release_timeout);
+            let report = run::run_release(&plan, env)?;
             report.log_summary();
             write_reports(report_files, &report);
             Ok(report.exit_code())
         }
+        #[cfg(feature = "postgres")]
+        Command::Wait { timeout } => {
+            let (config, plan) = load(settings, env)?;
+            lock::wait(&config, &plan, env, timeout)
+        }
+        #[cfg(feature = "postgres")]
+        Command::History { limit } => {
+            let (config, plan) = load(settings, env)?;
+            lock::history(&config, &plan, env, limit, settings.log_format)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
+            "wait and history read the [lock] ledger; this release-tasks was built without the `postgres` feature"
+                .into(),
+        )),
     }
 }
 
@@ -100,17 +142,22 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     let plan = Plan::new(&config, env, &settings.selection)?;
-    if settings.command != Command::Run {
-        for missing in &plan.preflight {
-            match settings.log_format {
-                LogFormat::Text => {
-                    eprintln!(
-                        "release-tasks: warning: {missing}; `release-tasks run` would stop here"
-                    );
-                }
-                LogFormat::Json => {
-                    tracing::warn!(problem = %missing, "`release-tasks run` would stop here");
-                }
+    // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).
+    let run = !matches!(settings.command, Command::Check | Command::Plan);
+    let preflight = if run { &[][..] } else { &plan.preflight[..] };
+    for warning in &plan.warnings {
+        match settings.log_format {
+            LogFormat::Text if !run => tell(&format!("release-tasks: warning: {warning}\n")),
+            _ => tracing::warn!(problem = %warning, "check the config"),
+        }
+    }
+    for missing in preflight {
+        match settings.log_format {
+            LogFormat::Text => tell(&format!(
+                "release-tasks: warning: {missing}; `release-tasks run` would stop here\n"
+            )),
+            LogFormat::Json => {
+                tracing::warn!(problem = %missing, "`release-tasks run` would stop here");
             }
         }
     }
@@ -155,69 +202,4 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
             }
         }
     }
-}
-
-fn print_plan(config: &config::Config, plan: &Plan, format: LogFormat) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if let (Some(lock), LogFormat::Text) = (&config.lock, format) {
-        writeln!(
-            out,
-            "lock  PostgreSQL advisory lock `{}` through {}, waiting up to {}{}",
-            lock.key
-                .as_deref()
-                .or(plan.meta.app.as_deref())
-                .unwrap_or("<unknown: set [lock] key or RELEASE_TASKS_APP>"),
-            lock.url_var,
-            humantime::format_duration(lock.timeout),
-            if lock.once { "; once per release" } else { "" }
-        )?;
-    }
-    let width = plan
-        .steps
-        .iter()
-        .map(|s| s.task.name.len())
-        .max()
-        .unwrap_or(0);
-    for step in &plan.steps {
-        let command = redact::urls_in(&step.task.command.to_string());
-        match format {
-            LogFormat::Text => {
-                let decision = if step.run { "run " } else { "skip" };
-                writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
-                writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
-                match step.task.on {
-                    config::On::Success => {}
-                    config::On::Failure => writeln!(
-                        out,
-                        "      {:<width$}  only if the release fails (on = \"failure\")",
-                        ""
-                    )?,
-                    config::On::Always => writeln!(
-                        out,
-                        "      {:<width$}  also if the release fails (on = \"always\")",
-                        ""
-                    )?,
-                }
-            }
-            LogFormat::Json => {
-                let line = serde_json::json!({
-                    "task": step.task.name,
-                    "run": step.run,
-                    "reason": step.reason,
-                    "command": command,
-                    "timeout_s": step.task.timeout.as_secs(),
-                    "allow_failure": step.task.allow_failure,
-                    "on": step.task.on.to_string(),
-                });
-                writeln!(out, "{line}")?;
-            }
-        }
-    }
-    if plan.steps.is_empty() {
-        match format {
-            LogFormat::Text => writeln!(out, "no tasks in the config")?,
-            LogFormat::Json => {}
-        }
-    }
-    out.flush()
 }

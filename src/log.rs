@@ -3,7 +3,8 @@
 //! Events carry fields (`task`, `outcome`, `exit_code`, `duration_ms`) rather than sentences with the
 //! values baked in, so the JSON format is structured for free and the text format is
 //! `TIME LEVEL message key=value ...` with logfmt quoting, which both people and log pipelines read.
-//! Lines go through the same lock as task output, so a log line never lands inside a task's line.
+//! Lines go through the same lock as task output, so a log line never lands inside a task's line, and
+//! a log line that cannot be written (stderr closed or full) is dropped: it never stops the release.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -17,8 +18,16 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::cli::LogFormat;
 use crate::output::{self, Target};
+
+/// How release-tasks writes its own log lines (task output is passed through as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event
+    Text,
+    /// One JSON object per line
+    Json,
+}
 
 /// Starts logging in `format`. Colour only when stderr is a terminal and `NO_COLOR` is not set.
 pub fn init(format: LogFormat, no_color: bool) {

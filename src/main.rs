@@ -3,8 +3,9 @@
 
 use clap::Parser;
 
-use release_tasks::cli::{Cli, LogFormat, Settings};
+use release_tasks::cli::{Cli, Settings};
 use release_tasks::error::Error;
+use release_tasks::log::LogFormat;
 
 fn main() {
     // The guardian (see guardian.rs) starts with every task run: skip the parsing and set-up it does
@@ -19,10 +20,10 @@ fn main() {
     }
     let cli = Cli::parse();
     let env = release_tasks::env_snapshot();
-    let settings = match Settings::resolve(cli, env.iter().map(|(k, v)| (k.clone(), v.clone()))) {
+    let settings = match Settings::resolve(cli, &env) {
         Ok(settings) => settings,
         Err(err) => {
-            eprintln!("release-tasks: error: {err}");
+            release_tasks::tell(&format!("release-tasks: error: {err}\n"));
             std::process::exit(err.exit_code());
         }
     };
@@ -42,10 +43,11 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Errors go to stderr: as plain text a person reads, or as one JSON event for a log pipeline.
+/// Errors go to stderr: as plain text a person reads, or as one JSON event for a log pipeline. A
+/// stderr that cannot be written loses the message, never the exit status.
 fn report_error(err: &Error, format: LogFormat) {
     match format {
-        LogFormat::Text => eprintln!("release-tasks: error: {err}"),
+        LogFormat::Text => release_tasks::tell(&format!("release-tasks: error: {err}\n")),
         LogFormat::Json => {
             tracing::error!(error = %err, exit_code = err.exit_code(), "release-tasks stopped");
         }

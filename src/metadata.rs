@@ -1,6 +1,8 @@
 //! Release metadata: which app, which release version, which commit, read from the variables each
 //! platform sets, with `RELEASE_TASKS_APP` / `_VERSION` / `_COMMIT` as overrides.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::gate::Env;
@@ -63,14 +65,18 @@ impl Metadata {
     /// and each `RELEASE_TASKS_*` override wins over it.
     #[must_use]
     pub fn from_env(env: &Env) -> Metadata {
+        // Values are only shown, so bytes that are not UTF-8 are shown as U+FFFD rather than taken
+        // for unset (`plan.rs` refuses such bytes in the RELEASE_TASKS_* overrides).
         let get = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| env.get(*n).filter(|v| !v.is_empty()).cloned())
+            names.iter().find_map(|n| {
+                env.get_lossy(n)
+                    .filter(|v| !v.is_empty())
+                    .map(std::borrow::Cow::into_owned)
+            })
         };
         let source = SOURCES
             .iter()
-            .find(|s| env.get(s.marker).is_some_and(|v| !v.is_empty()));
+            .find(|s| env.get_lossy(s.marker).is_some_and(|v| !v.is_empty()));
         let mut meta = Metadata {
             platform: source.map(|s| s.platform),
             app: source.and_then(|s| get(s.app)),
@@ -100,9 +106,39 @@ impl Metadata {
             parts.push(version.clone());
         }
         if let Some(commit) = &self.commit {
-            parts.push(format!("({})", commit.get(..7).unwrap_or(commit)));
+            let short: String = commit.chars().take(7).collect();
+            parts.push(format!("({short})"));
         }
         parts.join(" ")
+    }
+}
+
+/// How long Fly lets a `release_command` run unless fly.toml raises `[deploy] release_command_timeout`.
+pub const FLY_RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// Whether this is Fly's release command: Fly runs it in a temporary Machine that carries
+/// `RELEASE_COMMAND` (and `FLY_PROCESS_GROUP=fly_app_release_command`) besides `FLY_APP_NAME`.
+#[must_use]
+pub fn is_fly_release_command(env: &Env) -> bool {
+    let set = |name: &str| env.get(name).is_some_and(|v| !v.is_empty());
+    set("FLY_APP_NAME")
+        && (set("RELEASE_COMMAND")
+            || env.get("FLY_PROCESS_GROUP").map(String::as_str) == Some("fly_app_release_command"))
+}
+
+/// Warns at the start of a release when Fly would stop it before `release_timeout` does: then Fly's
+/// kill, not release-tasks, ends an overlong release, and `on = "always"` tasks and the summary
+/// may not get their turn. fly.toml is not in the Machine to read, so the default is what is compared.
+pub fn warn_if_fly_stops_first(env: &Env, release_timeout: Duration) {
+    if is_fly_release_command(env) && release_timeout > FLY_RELEASE_COMMAND_TIMEOUT {
+        tracing::warn!(
+            release_timeout = %humantime::format_duration(release_timeout),
+            fly_release_command_timeout = %humantime::format_duration(FLY_RELEASE_COMMAND_TIMEOUT),
+            "release_timeout is longer than Fly's limit on a release command (5m unless \
+             release_command_timeout in fly.toml's [deploy] raises it): Fly would kill the release \
+             first, without its summary or on = \"always\" tasks; set release_timeout in \
+             release.toml's [defaults] below Fly's limit"
+        );
     }
 }
 
@@ -158,5 +194,26 @@ mod tests {
         assert_eq!(m.platform, Some("dokku"));
         assert_eq!(Metadata::from_env(&env(&[])), Metadata::default());
         assert_eq!(Metadata::default().title(), "release");
+    }
+
+    #[test]
+    fn fly_release_command_is_told_apart_from_the_app_machines() {
+        assert!(is_fly_release_command(&env(&[
+            ("FLY_APP_NAME", "f"),
+            ("RELEASE_COMMAND", "1"),
+        ])));
+        assert!(is_fly_release_command(&env(&[
+            ("FLY_APP_NAME", "f"),
+            ("FLY_PROCESS_GROUP", "fly_app_release_command"),
+        ])));
+        assert!(!is_fly_release_command(&env(&[
+            ("FLY_APP_NAME", "f"),
+            ("FLY_PROCESS_GROUP", "app"),
+        ])));
+        assert!(!is_fly_release_command(&env(&[("RELEASE_COMMAND", "1")])));
+        assert!(!is_fly_release_command(&env(&[
+            ("FLY_APP_NAME", ""),
+            ("RELEASE_COMMAND", "1"),
+        ])));
     }
 }

@@ -145,16 +145,24 @@ impl Webhook {
     }
 }
 
-/// A readable summary for chat: the release, its status, and each task's outcome.
+/// A readable summary for chat: the release, its status, and each task's outcome. Everything taken
+/// from the config, the environment or a task is escaped the way Slack asks (`&`, `<`, `>`), so an
+/// app name or a message holding `<!channel>` is shown, not acted on.
 fn slack_text(report: &Report) -> String {
-    let title = report.meta.title();
+    let title = slack_escape(&report.meta.title());
     let seconds = report.duration.as_secs_f64();
     let mut text = if report.succeeded() {
         format!(":white_check_mark: {title} released in {seconds:.1}s")
     } else {
         let failed = report.failed_task().map_or_else(
             || "the release was stopped".to_owned(),
-            |t| format!("task `{}` {}", t.name, t.outcome),
+            |t| {
+                format!(
+                    "task `{}` {}",
+                    slack_escape(&t.name),
+                    slack_escape(&t.outcome.to_string())
+                )
+            },
         );
         format!(
             ":x: {title} failed after {seconds:.1}s: {failed} (exit status {})",
@@ -164,12 +172,50 @@ fn slack_text(report: &Report) -> String {
     for t in &report.tasks {
         let _ = write!(
             text,
-            "
-• {}: {} ({:.1}s)",
-            t.name,
-            t.outcome,
+            "\n• {}: {} ({:.1}s)",
+            slack_escape(&t.name),
+            slack_escape(&t.outcome.to_string()),
             t.duration.as_secs_f64()
         );
     }
     text
+}
+
+/// Slack's escaping for message text: `&`, `<` and `>` as entities, and nothing else.
+fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod slack_tests {
+    use super::*;
+    use crate::metadata::Metadata;
+    use crate::report::{Outcome, TaskReport};
+
+    #[test]
+    fn slack_text_escapes_what_slack_would_act_on() {
+        let mut report = Report::new(Metadata {
+            app: Some("<!channel> & co".into()),
+            ..Metadata::default()
+        });
+        report.tasks.push(TaskReport {
+            name: "t".into(),
+            outcome: Outcome::NotDelivered("<@U123> said a > b".into()),
+            duration: std::time::Duration::ZERO,
+            allow_failure: false,
+        });
+        let text = slack_text(&report);
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
+        assert!(text.contains("&lt;!channel&gt; &amp; co"), "{text}");
+        assert!(text.contains("&lt;@U123&gt; said a &gt; b"), "{text}");
+    }
 }

@@ -1,23 +1,29 @@
 //! Config + environment snapshot + `--only`/`--skip` -> [`Plan`]: every task in run order, each with a
-//! decision (run or skip) and the reason for it.
+//! decision (run or skip) and the reason for it, plus everything the run needs (defaults, `[lock]`,
+//! release metadata), so that `run` reads nothing but the plan and the environment.
 //!
 //! Planning is pure and runs before anything starts, so a gate typo stops the release while nothing
-//! has run yet, and `plan` can show exactly what `run` would do.
+//! has run yet, and `plan` can show exactly what `run` would do ([`print_plan`]).
 
-use crate::config::{Command, Config, Task};
+use std::io::Write;
+
+use crate::config::{Command, Config, Defaults, Lock, On, Task};
 use crate::error::{Error, Result};
 use crate::gate::{Env, Verdict};
+use crate::log::LogFormat;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
+use crate::report::SkipReason;
 
-/// Which tasks the user picked on the command line (or through `RELEASE_TASKS_ONLY`/`_SKIP`).
+/// Which tasks the user picked on the command line (or through `RELEASE_TASKS_ONLY`/`_SKIP`). An empty
+/// list means no selection: `--only ''` and `RELEASE_TASKS_ONLY=""` are the same as leaving them out.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     pub only: Vec<String>,
     pub skip: Vec<String>,
 }
 
-/// Every task in run order with what will happen to it.
+/// Every task in run order with what will happen to it, and what the run needs besides.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub steps: Vec<Step>,
@@ -25,8 +31,15 @@ pub struct Plan {
     /// `[lock]` settings; each with what to do. `run` refuses to start with any; `check` and `plan`
     /// only warn, since CI rarely has production's secrets.
     pub preflight: Vec<String>,
+    /// What may go wrong but need not: a `shell` that is not there. Shown by `check` and `plan`,
+    /// logged by `run`.
+    pub warnings: Vec<String>,
     /// The release's app, version and commit, read from the same environment.
     pub meta: Metadata,
+    /// `[defaults]`: the release's timeout and heartbeat.
+    pub defaults: Defaults,
+    /// `[lock]`, if the release runs under one.
+    pub lock: Option<Lock>,
 }
 
 /// One task and its decision.
@@ -36,53 +49,54 @@ pub struct Step {
     pub run: bool,
     /// Why it runs or is skipped, for people: the rule, the variable and its (redacted) value.
     pub reason: String,
+    /// Why it is skipped, as data (for the JSON report); `None` when it runs.
+    pub skip: Option<SkipReason>,
     /// For a notify task that runs: its webhook, `${VAR}`s expanded.
     pub webhook: Option<Webhook>,
 }
 
+impl Step {
+    /// Why this step is not run (a step that runs has no skip reason; this gives its sentence).
+    #[must_use]
+    pub fn skip_reason(&self) -> SkipReason {
+        self.skip
+            .clone()
+            .unwrap_or_else(|| SkipReason::Other(self.reason.clone()))
+    }
+}
+
+/// The `RELEASE_TASKS_*` variables that name the release; they must be text when set.
+const METADATA_OVERRIDES: [&str; 3] = [
+    "RELEASE_TASKS_APP",
+    "RELEASE_TASKS_VERSION",
+    "RELEASE_TASKS_COMMIT",
+];
+
 impl Plan {
     /// Decides each task of `config`. Fails on a name in the selection that is not a task, and on any
-    /// gate variable holding a value that is not a boolean (all of them reported at once).
+    /// variable it reads holding a value it refuses: a gate value that is not a boolean, or any named
+    /// variable that is not UTF-8 (all of them reported at once).
     pub fn new(config: &Config, env: &Env, selection: &Selection) -> Result<Plan> {
-        let names: Vec<&str> = config.tasks.iter().map(|t| t.name.as_str()).collect();
-        for (flag, list) in [("--only", &selection.only), ("--skip", &selection.skip)] {
-            let unknown: Vec<&str> = list
-                .iter()
-                .map(String::as_str)
-                .filter(|n| !names.contains(n))
-                .collect();
-            if !unknown.is_empty() {
-                return Err(Error::Usage(format!(
-                    "{flag} names {}, not a task in {}; tasks are: {}",
-                    unknown.join(", "),
-                    config.path.display(),
-                    if names.is_empty() {
-                        "(none)".to_owned()
-                    } else {
-                        names.join(", ")
-                    }
-                )));
-            }
-        }
-
-        let mut preflight: Vec<String> = config
-            .required_env
-            .iter()
-            .filter(|name| env.get(name.as_str()).is_none_or(String::is_empty))
-            .map(|name| {
-                format!(
+        check_selection(config, selection)?;
+        let mut bad_values = not_text(config, env);
+        let mut preflight = Vec::new();
+        for name in &config.required_env {
+            match env.get(name) {
+                Some(value) if !value.is_empty() => {}
+                value => preflight.push(format!(
                     "{name} is required by [require] env in {} but is {}; set it in the app's config vars",
                     config.path.display(),
-                    if env.contains_key(name.as_str()) { "empty" } else { "not set" }
-                )
-            })
-            .collect();
+                    if value.is_some() { "empty" } else { "not set" }
+                )),
+            }
+        }
         let meta = Metadata::from_env(env);
         #[cfg(feature = "postgres")]
         if let Some(lock) = &config.lock {
-            preflight.extend(crate::lock::preflight(lock, env, &meta));
+            if bad_values.is_empty() {
+                preflight.extend(crate::lock::preflight(lock, env, &meta));
+            }
         }
-        let mut bad_values = Vec::new();
         let mut steps = Vec::with_capacity(config.tasks.len());
         for task in &config.tasks {
             let mut explain =
@@ -98,40 +112,60 @@ impl Plan {
                 .unless
                 .as_ref()
                 .map(|g| explain("unless", g.evaluate(env)));
-            let (run, reason) = decide(
+            let (skip, reason) = decide(
                 task,
                 selection,
                 when.flatten().as_ref(),
                 unless.flatten().as_ref(),
             );
+            let run = skip.is_none();
             let webhook = match &task.command {
-                Command::Notify(notify) if run => match Webhook::resolve(notify, env) {
-                    Ok(webhook) => Some(webhook),
-                    Err(message) => {
-                        preflight.push(format!("task `{}`: {message}", task.name));
-                        None
+                Command::Notify(notify) if run && bad_values.is_empty() => {
+                    match Webhook::resolve(notify, env) {
+                        Ok(webhook) => {
+                            bad_values.extend(bad_headers(notify, env, &task.name));
+                            Some(webhook)
+                        }
+                        Err(message) => {
+                            preflight.push(format!("task `{}`: {message}", task.name));
+                            None
+                        }
                     }
-                },
+                }
                 _ => None,
             };
             steps.push(Step {
                 task: task.clone(),
                 run,
                 reason,
+                skip,
                 webhook,
             });
         }
-        if bad_values.is_empty() {
-            Ok(Plan {
-                steps,
-                preflight,
-                meta,
-            })
-        } else {
-            Err(Error::Environment {
+        if !bad_values.is_empty() {
+            return Err(Error::Environment {
                 problems: bad_values,
-            })
+            });
         }
+        let mut warnings: Vec<String> = shell_warning(config, env).into_iter().collect();
+        let path = env.get("PATH").map(std::ffi::OsStr::new);
+        for task in &config.tasks {
+            if let Some(dir) = task.program_directory(path) {
+                warnings.push(format!(
+                    "task `{}`: {} is a directory, not a program; `run` would fail with 126",
+                    task.name,
+                    dir.display()
+                ));
+            }
+        }
+        Ok(Plan {
+            steps,
+            preflight,
+            warnings,
+            meta,
+            defaults: config.defaults.clone(),
+            lock: config.lock.clone(),
+        })
     }
 
     /// The steps that will run.
@@ -140,17 +174,134 @@ impl Plan {
     }
 }
 
+/// Every variable the config names (outside gates, which check their own) and the release metadata
+/// overrides, whose value is not UTF-8: each is a problem that names it, so that none is read as unset.
+fn not_text(config: &Config, env: &Env) -> Vec<String> {
+    let mut named: Vec<(String, &str)> = METADATA_OVERRIDES
+        .iter()
+        .map(|var| (String::new(), *var))
+        .collect();
+    named.extend(
+        config
+            .required_env
+            .iter()
+            .map(|var| ("[require] env: ".to_owned(), var.as_str())),
+    );
+    if let Some(lock) = &config.lock {
+        named.extend(
+            lock.url_vars
+                .iter()
+                .map(|var| ("[lock] postgres: ".to_owned(), var.as_str())),
+        );
+    }
+    for task in &config.tasks {
+        if let Command::Notify(notify) = &task.command {
+            let templates =
+                std::iter::once(&notify.url).chain(notify.headers.iter().map(|(_, t)| t));
+            for var in templates.flat_map(crate::config::Template::vars) {
+                named.push((format!("task `{}`: notify: ", task.name), var));
+            }
+        }
+    }
+    named
+        .into_iter()
+        .filter_map(|(place, var)| env.lookup(var).err().map(|err| format!("{place}{err}")))
+        .collect()
+}
+
+fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
+    let names: Vec<&str> = config.tasks.iter().map(|t| t.name.as_str()).collect();
+    for (flag, list) in [("--only", &selection.only), ("--skip", &selection.skip)] {
+        let unknown: Vec<&str> = list
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !names.contains(n))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::Usage(format!(
+                "{flag} names {}, not a task in {}; tasks are: {}",
+                unknown.join(", "),
+                config.path.display(),
+                if names.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Header values that HTTP would refuse once their `${VAR}`s are expanded (a secret read from a file
+/// often ends in a newline): found now, not as a failed delivery at the end of the release.
+fn bad_headers(notify: &crate::config::Notify, env: &Env, task: &str) -> Vec<String> {
+    notify
+        .headers
+        .iter()
+        .filter(|(_, t)| {
+            t.expand(env)
+                .is_ok_and(|v| !crate::config::valid_header_value(&v))
+        })
+        .map(|(name, t)| {
+            format!(
+                "task `{task}`: notify header {name} has a control character (a trailing newline?) once {} is expanded;                  HTTP does not allow it, so remove it from the variable",
+                t.vars().map(|v| format!("${{{v}}}")).collect::<Vec<_>>().join(", ")
+            )
+        })
+        .collect()
+}
+
+/// A warning when the shell that `run = "..."` tasks need is not there (`run` would fail with 127).
+fn shell_warning(config: &Config, env: &Env) -> Option<String> {
+    let shell = &config.defaults.shell;
+    if !config
+        .tasks
+        .iter()
+        .any(|t| matches!(t.command, Command::Shell { .. }))
+    {
+        return None;
+    }
+    let found = if shell.contains('/') {
+        std::path::Path::new(shell).is_file()
+    } else {
+        env.get("PATH")
+            .is_some_and(|path| std::env::split_paths(path).any(|dir| dir.join(shell).is_file()))
+    };
+    (!found).then(|| {
+        format!(
+            "[defaults] shell {shell:?} does not exist{}; tasks with run = \"...\" would fail with 127",
+            if shell.contains('/') { "" } else { " on PATH" }
+        )
+    })
+}
+
+/// Whether the task runs; if not, why not (as data), and either way the reason for people.
 fn decide(
     task: &Task,
     selection: &Selection,
     when: Option<&Verdict>,
     unless: Option<&Verdict>,
-) -> (bool, String) {
+) -> (Option<SkipReason>, String) {
+    let skip = |reason: SkipReason| {
+        let text = reason.to_string();
+        (Some(reason), text)
+    };
     if !selection.only.is_empty() && !selection.only.contains(&task.name) {
-        return (false, "not in --only".to_owned());
+        return skip(SkipReason::NotInOnly);
     }
     if selection.skip.contains(&task.name) {
-        return (false, "named in --skip".to_owned());
+        return skip(SkipReason::NamedInSkip);
+    }
+    if let Some(when) = when {
+        if !when.holds {
+            return skip(SkipReason::gate("when", when));
+        }
+    }
+    if let Some(unless) = unless {
+        if unless.holds {
+            return skip(SkipReason::gate("unless", unless));
+        }
     }
     let describe = |v: &Verdict| {
         v.reasons
@@ -159,16 +310,6 @@ fn decide(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if let Some(when) = when {
-        if !when.holds {
-            return (false, format!("when: {}", describe(when)));
-        }
-    }
-    if let Some(unless) = unless {
-        if unless.holds {
-            return (false, format!("unless: {}", describe(unless)));
-        }
-    }
     let mut why = Vec::new();
     if let Some(when) = when {
         why.push(format!("when: {}", describe(when)));
@@ -179,7 +320,76 @@ fn decide(
     if why.is_empty() {
         why.push("no gate".to_owned());
     }
-    (true, why.join("; "))
+    (None, why.join("; "))
+}
+
+/// Writes what `release-tasks plan` shows: per task, run or skip and why (text), or one JSON object
+/// per task. Errors are the writer's (a closed or full stdout), for the caller to act on.
+pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::io::Result<()> {
+    if let (Some(lock), LogFormat::Text) = (&plan.lock, format) {
+        writeln!(
+            out,
+            "lock  PostgreSQL advisory lock `{}` through {}, waiting up to {}{}",
+            lock.key
+                .as_deref()
+                .or(plan.meta.app.as_deref())
+                .unwrap_or("<unknown: set [lock] key or RELEASE_TASKS_APP>"),
+            lock.url_vars.join(" or "),
+            humantime::format_duration(lock.timeout),
+            if lock.once { "; once per release" } else { "" }
+        )?;
+    }
+    let width = plan
+        .steps
+        .iter()
+        .map(|s| s.task.name.len())
+        .max()
+        .unwrap_or(0);
+    for step in &plan.steps {
+        let command = crate::redact::urls_in(&step.task.command.to_string());
+        match format {
+            LogFormat::Text => {
+                let decision = if step.run { "run " } else { "skip" };
+                writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
+                writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
+                match step.task.on {
+                    On::Success => {}
+                    On::Failure => writeln!(
+                        out,
+                        "      {:<width$}  only if the release fails (on = \"failure\")",
+                        ""
+                    )?,
+                    On::Always => writeln!(
+                        out,
+                        "      {:<width$}  also if the release fails (on = \"always\")",
+                        ""
+                    )?,
+                }
+            }
+            LogFormat::Json => {
+                let mut line = serde_json::json!({
+                    "task": step.task.name,
+                    "run": step.run,
+                    "reason": step.reason,
+                    "command": command,
+                    "timeout_s": step.task.timeout.as_secs(),
+                    "allow_failure": step.task.allow_failure,
+                    "on": step.task.on.to_string(),
+                });
+                if let Some(skip) = &step.skip {
+                    line["skip"] = skip.to_json();
+                }
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    if plan.steps.is_empty() {
+        match format {
+            LogFormat::Text => writeln!(out, "no tasks in the config")?,
+            LogFormat::Json => {}
+        }
+    }
+    out.flush()
 }
 
 #[cfg(test)]
@@ -258,5 +468,56 @@ mod tests {
                 .contains("task `migrate`: `when`: RUN_MIGRATIONS=\"ture\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn skipped_steps_carry_their_reason_as_data() {
+        let sel = Selection {
+            only: vec![],
+            skip: vec!["notify".into()],
+        };
+        let plan = Plan::new(&config(SRC), &env(&[("APP_ENV", "production")]), &sel).unwrap();
+        assert_eq!(
+            plan.steps[0].skip,
+            Some(SkipReason::Gate {
+                gate: "when",
+                variable: "RUN_MIGRATIONS".into(),
+                value: None,
+                needs: "is true".into()
+            })
+        );
+        assert_eq!(
+            plan.steps[1].skip,
+            Some(SkipReason::Gate {
+                gate: "unless",
+                variable: "APP_ENV".into(),
+                value: Some("production".into()),
+                needs: "equals \"production\"".into()
+            })
+        );
+        assert_eq!(plan.steps[2].skip, Some(SkipReason::NamedInSkip));
+        assert_eq!(
+            plan.steps[1].reason,
+            plan.steps[1].skip_reason().to_string()
+        );
+    }
+
+    #[test]
+    fn a_named_variable_that_is_not_utf8_is_refused_not_unset() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let src =
+            "[require]\nenv = [\"DATABASE_URL\"]\n[tasks.n]\nnotify = { url = \"${HOOK}\" }\n";
+        let bad = || OsString::from_vec(b"x\xff".to_vec());
+        for var in ["DATABASE_URL", "HOOK", "RELEASE_TASKS_APP"] {
+            let env = Env::from_os([(var.into(), bad())]);
+            let err = Plan::new(&config(src), &env, &Selection::default()).unwrap_err();
+            assert_eq!(err.exit_code(), 78, "{var}");
+            assert!(
+                err.to_string().contains(var) && err.to_string().contains("not UTF-8"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("not set"), "{err}");
+        }
     }
 }

@@ -48,8 +48,37 @@ pub struct Spawned {
 /// Starts a task: its own process group, stdin from /dev/null, stdout and stderr into pipes, an empty
 /// signal mask, default signal dispositions, SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`), and
 /// `RELEASE_TASKS_RUN_ID`, which marks every process it starts as this release's.
+///
+/// A `run` string without shell syntax is exec'd directly (see `shell.rs`), with the `PWD` the shell
+/// would have exported; a file without a `#!` line, which exec refuses (`ENOEXEC`) and the shell runs
+/// as a script, falls back to the shell, as does everything when `PATH` is unset (the shell's default
+/// search path differs from exec's).
 pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
+    let through_shell = task.command.shell_argv();
     let argv = task.command.argv();
+    let path_set = task.env.contains_key("PATH") || std::env::var_os("PATH").is_some();
+    if argv != through_shell && path_set {
+        let inherited = task
+            .env
+            .get("PWD")
+            .map(std::ffi::OsString::from)
+            .or_else(|| std::env::var_os("PWD"));
+        let pwd = crate::shell::shell_pwd(&task.dir, inherited.as_deref());
+        match spawn_argv(task, run_id, &argv, pwd.as_deref()) {
+            Err(err) if err.raw_os_error() == Some(nix::libc::ENOEXEC) => {}
+            spawned => return spawned,
+        }
+    }
+    spawn_argv(task, run_id, &through_shell, None)
+}
+
+/// Starts `argv` for `task` as [`spawn`] describes, with `PWD` set when given.
+fn spawn_argv(
+    task: &Task,
+    run_id: &str,
+    argv: &[&str],
+    pwd: Option<&std::path::Path>,
+) -> io::Result<Spawned> {
     let Some((program, arguments)) = argv.split_first() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -66,6 +95,9 @@ pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(pwd) = pwd {
+        command.env("PWD", pwd);
+    }
     let parent = unistd::getpid();
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {

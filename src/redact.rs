@@ -39,43 +39,87 @@ pub fn is_secret_name(name: &str) -> bool {
 /// The form of `value` that may be shown, given the variable it came from.
 #[must_use]
 pub fn value(name: &str, value: &str) -> String {
-    if value.contains("://") {
+    // A value that starts with a scheme is one URL, whatever it holds (a password may hold a space).
+    if is_url(value) {
         url(value)
     } else if is_secret_name(name) && !value.is_empty() {
         REDACTED.to_owned()
     } else {
-        value.to_owned()
+        urls_in(value)
     }
+}
+
+/// Whether `text` starts with a URL scheme and `://`.
+fn is_url(text: &str) -> bool {
+    text.split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme_start(scheme) == 0)
 }
 
 /// A URL reduced to its scheme and host: user, password, path, query and fragment are hidden.
 /// Text that is not a URL is hidden whole.
+///
+/// The credential is found by the URL's structure: everything between `://` and the *last* `@` is
+/// user and password, since a password may itself hold `/`, `?`, `#` or `@` (tokio-postgres and
+/// ureq accept them). A path that holds an `@` is hidden with the credential, which shows less,
+/// never more.
 #[must_use]
 pub fn url(text: &str) -> String {
-    let Some((scheme, rest)) = text.split_once("://") else {
-        return REDACTED.to_owned();
+    match text.split_once("://") {
+        Some((scheme, rest)) if scheme_start(scheme) == 0 => {
+            let mut shown = format!("{scheme}://");
+            let tail = push_authority(&mut shown, rest, rest.len());
+            if !tail.is_empty() && tail != "/" {
+                shown.push('/');
+                shown.push_str(REDACTED);
+            }
+            shown
+        }
+        _ => REDACTED.to_owned(),
+    }
+}
+
+/// Appends the shown form of the authority at the start of `rest` (`[redacted]@host`) and returns
+/// the rest of the URL after it (path, query, fragment). `token_end` bounds the URL: no `@` past it
+/// belongs to this URL's credential.
+fn push_authority<'a>(shown: &mut String, rest: &'a str, token_end: usize) -> &'a str {
+    let after_credential = match rest[..token_end].rfind('@') {
+        Some(at) => {
+            shown.push_str(REDACTED);
+            shown.push('@');
+            at + 1
+        }
+        None => 0,
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let hidden_user = authority.contains('@');
-    let hidden_tail = authority_end < rest.len() && &rest[authority_end..] != "/";
-    let mut shown = format!("{scheme}://");
-    if hidden_user {
-        shown.push_str(REDACTED);
-        shown.push('@');
-    }
-    shown.push_str(host);
-    if hidden_tail {
-        shown.push('/');
-        shown.push_str(REDACTED);
-    }
-    shown
+    let host_end = rest[after_credential..token_end]
+        .find(|c: char| matches!(c, '/' | '?' | '#') || ends_url(c))
+        .map_or(token_end, |i| after_credential + i);
+    shown.push_str(&rest[after_credential..host_end]);
+    &rest[host_end..token_end]
+}
+
+/// Characters that end a URL quoted in text (a shell quote, a bracket around it).
+fn ends_url(c: char) -> bool {
+    matches!(
+        c,
+        '"' | '\'' | '<' | '>' | '`' | ')' | ']' | '»' | '”' | '’'
+    )
+}
+
+/// Where the URL scheme that ends `before` (the text just before a `://`) starts: the byte index
+/// after the last character that cannot be in a scheme (letters, digits, `+`, `-`, `.`).
+fn scheme_start(before: &str) -> usize {
+    before
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |(i, c)| i + c.len_utf8())
 }
 
 /// `text` with every URL in it reduced by [`url`] (for commands and messages that may quote one).
+///
+/// A URL starts at its scheme and ends at whitespace (which no URL holds unencoded); its credential
+/// is everything from `://` to the last `@` before that end, whatever characters it holds. Its path
+/// ends earlier, at a quote or closing bracket, so that the text around it stays readable.
 #[must_use]
 pub fn urls_in(text: &str) -> String {
     if !text.contains("://") {
@@ -84,17 +128,28 @@ pub fn urls_in(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
-        let start = rest[..at]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-            .map_or(0, |i| i + 1);
-        let end = rest[at..]
-            .find(|c: char| {
-                c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ']')
-            })
-            .map_or(rest.len(), |i| at + i);
-        out.push_str(&rest[..start]);
-        out.push_str(&url(&rest[start..end]));
-        rest = &rest[end..];
+        // The scheme is not secret: it goes out with the text before it.
+        out.push_str(&rest[..at + 3]);
+        let after = &rest[at + 3..];
+        let token_end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let tail = push_authority(&mut out, after, token_end);
+        // Text redacted before (an error message quoting a shown URL) keeps its `/[redacted]`
+        // whole: its `]` is not a closing bracket around the URL.
+        let skip = if tail
+            .strip_prefix('/')
+            .is_some_and(|t| t.starts_with(REDACTED))
+        {
+            1 + REDACTED.len()
+        } else {
+            0
+        };
+        let path_end = tail[skip..].find(ends_url).map_or(tail.len(), |i| skip + i);
+        if !tail[..path_end].is_empty() && &tail[..path_end] != "/" {
+            out.push('/');
+            out.push_str(REDACTED);
+        }
+        let consumed = token_end - tail.len() + path_end;
+        rest = &after[consumed..];
     }
     out.push_str(rest);
     out
@@ -169,6 +224,167 @@ mod tests {
             "curl -X POST 'https://hooks.slack.com/[redacted]' -d ok"
         );
         assert_eq!(urls_in("no urls here"), "no urls here");
+    }
+
+    #[test]
+    fn the_credential_ends_at_the_last_at_sign() {
+        for (input, want) in [
+            (
+                "https://deploy:Ab/cd?e#f@hooks.example.com/x",
+                "https://[redacted]@hooks.example.com/[redacted]",
+            ),
+            (
+                "postgres://admin:Pw/x]@db:5432/app",
+                "postgres://[redacted]@db:5432/[redacted]",
+            ),
+            ("redis://u:p@s@s@h", "redis://[redacted]@h"),
+            ("https://h/a@b", "https://[redacted]@b"),
+        ] {
+            assert_eq!(url(input), want, "{input}");
+            assert_eq!(urls_in(input), want, "{input}");
+            assert_eq!(urls_in(&format!("«{input}» ok")), format!("«{want}» ok"));
+        }
+        assert_eq!(
+            urls_in("[postgres://admin:Pw/]@db/app] and 'https://u:p\"q@h/p' x"),
+            "[postgres://[redacted]@db/[redacted]] and 'https://[redacted]@h/[redacted]' x"
+        );
+    }
+
+    #[test]
+    fn redacting_twice_changes_nothing() {
+        for text in [
+            "at postgres://u:p@127.0.0.1:5432/db (from DATABASE_URL): refused",
+            "'https://hooks.slack.com/services/T/B/X' -d ok",
+            "[postgres://admin:Pw/]@db/app]",
+        ] {
+            let once = urls_in(text);
+            assert_eq!(urls_in(&once), once, "{text}");
+            assert_eq!(urls_in(&url(text)), url(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn multibyte_text_around_urls() {
+        assert_eq!(
+            urls_in("echo «https://example.com»"),
+            "echo «https://example.com»"
+        );
+        assert_eq!(urls_in("é://h ü"), "é://h ü");
+        assert_eq!(
+            urls_in("日本https://u:p@h/x"),
+            "日本https://[redacted]@h/[redacted]"
+        );
+        assert_eq!(url("«https://h"), REDACTED);
+    }
+
+    #[test]
+    fn the_scheme_starts_after_the_last_character_a_scheme_cannot_have() {
+        assert_eq!(scheme_start("https"), 0);
+        assert_eq!(scheme_start(""), 0);
+        assert_eq!(scheme_start("x«https"), "x«".len());
+        assert_eq!(scheme_start("(git+ssh"), 1);
+        assert_eq!(scheme_start("a b.c-d"), 2);
+        assert_eq!(scheme_start("é"), 2);
+        assert_eq!(scheme_start("ab:c"), 3);
+        assert!(is_url("git+ssh://h/x"));
+        assert!(!is_url("x y://h"));
+        assert!(!is_url("://h"));
+        assert!(is_url("https://h x"));
+        assert_eq!(url("x y://u:p@h"), REDACTED);
+        assert_eq!(value("DATABASE_URL", "not a url"), REDACTED);
+        assert_eq!(
+            value("DATABASE_URL", "postgres://u:p@h/db"),
+            "postgres://[redacted]@h/[redacted]"
+        );
+        assert_eq!(
+            value("NOTE", "see https://u:p@h/x now"),
+            "see https://[redacted]@h/[redacted] now"
+        );
+    }
+
+    /// A password made of `chars`, as it may appear in a URL: raw or percent-encoded.
+    fn password_strategy() -> impl proptest::strategy::Strategy<Value = (String, bool)> {
+        use proptest::prelude::*;
+        (
+            proptest::collection::vec(
+                prop_oneof![
+                    proptest::char::range('!', '~'),
+                    proptest::char::any().prop_filter("no whitespace", |c| !c.is_whitespace()),
+                    Just('@'),
+                    Just('/'),
+                    Just('?'),
+                    Just('#'),
+                ],
+                4..24,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(chars, encode)| {
+                let raw: String = chars.into_iter().collect();
+                if encode {
+                    let mut out = String::new();
+                    for b in raw.bytes() {
+                        if b.is_ascii_alphanumeric() {
+                            out.push(b as char);
+                        } else {
+                            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("%{b:02X}"));
+                        }
+                    }
+                    (out, true)
+                } else {
+                    (raw, false)
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1000))]
+
+        #[test]
+        fn a_password_never_survives(
+            (password, _encoded) in password_strategy(),
+            user in "[^\\s:@]{0,8}",
+            scheme in "(https?|postgres(ql)?|redis|git\\+ssh)",
+            host in "[a-z0-9.-]{1,12}(:[0-9]{1,5})?",
+            path in "(/[^\\s]{0,12})?",
+            before in "\\PC{0,12}",
+            after in "(\\s\\PC{0,12})?",
+        ) {
+            let url_text = format!("{scheme}://{user}:{password}@{host}{path}");
+            let text = format!("{before}{url_text}{after}");
+            let shown = urls_in(&text);
+            let elsewhere = before.contains(&password) || after.contains(&password)
+                || REDACTED.contains(&password) || host.contains(&password);
+            if !elsewhere {
+                proptest::prop_assert!(!shown.contains(&password), "{text:?} -> {shown:?}");
+                proptest::prop_assert_eq!(urls_in(&shown), shown.clone(), "redacting twice changes {:?}", text);
+                proptest::prop_assert!(!url(&url_text).contains(&password), "{url_text:?}");
+                proptest::prop_assert!(!value("DATABASE_URL", &url_text).contains(&password));
+                proptest::prop_assert!(!value("PLAIN", &text).contains(&password));
+            }
+        }
+
+        #[test]
+        fn a_password_never_survives_in_a_value_that_is_one_url(
+            password in "\\PC{4,20}",
+            user in "\\PC{0,8}",
+            host in "[a-z0-9.-]{1,12}",
+            path in "(/\\PC{0,12})?",
+            name in "(DATABASE_URL|REDIS|HOOK|X)",
+        ) {
+            let text = format!("postgres://{user}:{password}@{host}{path}");
+            if !host.contains(&password) && !REDACTED.contains(&password) && !"postgres://".contains(&password) {
+                proptest::prop_assert!(!url(&text).contains(&password), "{text:?}");
+                proptest::prop_assert!(!value(&name, &text).contains(&password), "{text:?}");
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,60}(://\\PC{0,30})?") {
+            let _ = urls_in(&text);
+            let _ = url(&text);
+            let _ = value("TOKEN", &text);
+        }
     }
 
     #[test]

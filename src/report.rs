@@ -37,7 +37,7 @@ pub enum Outcome {
     /// A notify task whose webhook did not take the report (exit status 1).
     NotDelivered(String),
     /// Its gate or the selection said not to run it.
-    Skipped(String),
+    Skipped(SkipReason),
     /// Not started because the release had already failed or was interrupted.
     NotRun,
 }
@@ -97,6 +97,91 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Why a task was not run, as data: the JSON report carries it as it is, so a program reading the
+/// report need not parse a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A `when` that does not hold, or an `unless` that does: the condition that decided it.
+    Gate {
+        /// `when` or `unless`.
+        gate: &'static str,
+        variable: String,
+        /// The variable's value as it may be shown (redacted when secret); `None` when unset.
+        value: Option<String>,
+        /// The rule, like `is true` or `equals "production"`.
+        needs: String,
+    },
+    /// Not named in `--only`.
+    NotInOnly,
+    /// Named in `--skip`.
+    NamedInSkip,
+    /// `on = "failure"`, and the release has not failed.
+    OnFailure,
+    /// Anything else, as a sentence (the `[lock] once` ledger says the release already ran).
+    Other(String),
+}
+
+impl SkipReason {
+    /// The reason from a gate's verdict: the condition that decided it (the one that failed for
+    /// `when`, the last of those that held for `unless`).
+    #[must_use]
+    pub fn gate(gate: &'static str, verdict: &crate::gate::Verdict) -> SkipReason {
+        let Some(reason) = verdict.reasons.last() else {
+            return SkipReason::Other(format!("{gate}: no condition"));
+        };
+        SkipReason::Gate {
+            gate,
+            variable: reason.var.clone(),
+            value: reason
+                .value
+                .as_ref()
+                .map(|v| crate::redact::value(&reason.var, v)),
+            needs: reason.rule.clone(),
+        }
+    }
+
+    /// The reason as the JSON report's `reason` object.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            SkipReason::Gate {
+                gate,
+                variable,
+                value,
+                needs,
+            } => json!({ "gate": gate, "variable": variable, "value": value, "needs": needs }),
+            SkipReason::NotInOnly => json!({ "selection": "only" }),
+            SkipReason::NamedInSkip => json!({ "selection": "skip" }),
+            SkipReason::OnFailure => json!({ "on": "failure" }),
+            SkipReason::Other(text) => json!({ "text": text }),
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::Gate {
+                gate,
+                variable,
+                value,
+                needs,
+            } => {
+                write!(f, "{gate}: ")?;
+                match value {
+                    None => write!(f, "{variable} is unset")?,
+                    Some(v) => write!(f, "{variable}={v:?}")?,
+                }
+                write!(f, " (needs: {variable} {needs})")
+            }
+            SkipReason::NotInOnly => f.write_str("not in --only"),
+            SkipReason::NamedInSkip => f.write_str("named in --skip"),
+            SkipReason::OnFailure => f.write_str("on = \"failure\" and the release has not failed"),
+            SkipReason::Other(text) => f.write_str(text),
+        }
+    }
+}
+
 /// One task's line in the report.
 #[derive(Debug, Clone)]
 pub struct TaskReport {
@@ -138,14 +223,18 @@ impl Report {
             .tasks
             .iter()
             .map(|t| {
-                json!({
+                let mut task = json!({
                     "name": t.name,
                     "outcome": t.outcome.label(),
                     "exit_code": t.outcome.exit_code(),
                     "duration_ms": t.duration.as_millis() as u64,
                     "allow_failure": t.allow_failure,
                     "detail": t.outcome.to_string(),
-                })
+                });
+                if let Outcome::Skipped(reason) = &t.outcome {
+                    task["reason"] = reason.to_json();
+                }
+                task
             })
             .collect();
         json!({
@@ -271,6 +360,10 @@ impl Report {
     }
 }
 
+/// Escapes `text` for an XML 1.0 attribute: markup characters as entities, and every character XML
+/// 1.0 forbids (controls but tab and newline, lone surrogates cannot occur in a `str`, U+FFFE, U+FFFF)
+/// replaced with U+FFFD. Newlines and tabs are written as character references, so an attribute
+/// keeps them instead of having them normalised to spaces.
 fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -280,11 +373,18 @@ fn xml_escape(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            c if c.is_control() && c != '\n' && c != '\t' => out.push(' '),
-            c => out.push(c),
+            '\n' => out.push_str("&#10;"),
+            '\t' => out.push_str("&#9;"),
+            c if xml_allowed(c) => out.push(c),
+            _ => out.push('\u{fffd}'),
         }
     }
     out
+}
+
+/// XML 1.0's `Char` production: `#x9 | #xA | #xD | [#x20-#xD7FF] | [#xE000-#xFFFD] | [#x10000-#x10FFFF]`.
+fn xml_allowed(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
 }
 
 #[cfg(test)]
@@ -305,7 +405,8 @@ mod tests {
         let mut r = Report::new(Metadata::default());
         assert_eq!(r.exit_code(), 0);
         r.tasks.push(task("a", Outcome::Failed(3), true));
-        r.tasks.push(task("b", Outcome::Skipped("x".into()), false));
+        r.tasks
+            .push(task("b", Outcome::Skipped(SkipReason::NotInOnly), false));
         assert_eq!(r.exit_code(), 0, "allow_failure does not fail the release");
         r.tasks.push(task("c", Outcome::TimedOut, false));
         r.tasks.push(task("d", Outcome::Failed(5), false));
@@ -333,18 +434,56 @@ mod tests {
     fn json_and_junit_renderings() {
         let mut r = Report::new(Metadata::default());
         r.tasks.push(task("migrate", Outcome::Failed(3), false));
-        r.tasks
-            .push(task("seed <x>", Outcome::Skipped("off".into()), false));
+        r.tasks.push(task(
+            "seed <x>",
+            Outcome::Skipped(SkipReason::Gate {
+                gate: "when",
+                variable: "SEED".into(),
+                value: None,
+                needs: "is true".into(),
+            }),
+            false,
+        ));
         let j = r.to_json();
         assert_eq!(j["status"], "failed");
         assert_eq!(j["failed_task"], "migrate");
         assert_eq!(j["tasks"][0]["exit_code"], 3);
         assert_eq!(j["tasks"][1]["exit_code"], serde_json::Value::Null);
+        assert_eq!(
+            j["tasks"][1]["reason"],
+            json!({"gate": "when", "variable": "SEED", "value": null, "needs": "is true"})
+        );
+        assert_eq!(
+            j["tasks"][1]["detail"],
+            "skipped (when: SEED is unset (needs: SEED is true))"
+        );
         let x = r.to_junit();
         assert!(
             x.contains("tests=\"2\" failures=\"1\" skipped=\"1\""),
             "{x}"
         );
         assert!(x.contains("name=\"seed &lt;x&gt;\""), "{x}");
+    }
+
+    #[test]
+    fn junit_has_only_characters_xml_allows() {
+        let mut r = Report::new(Metadata::default());
+        r.tasks.push(task(
+            "t",
+            Outcome::NotDelivered(
+                "a\u{fffe}b\u{ffff}c\u{1}d\u{1b}[31m\u{7f}\u{85}\nnext\ttab\u{10000}".into(),
+            ),
+            false,
+        ));
+        let x = r.to_junit();
+        for bad in ['\u{fffe}', '\u{ffff}', '\u{1}', '\u{1b}'] {
+            assert!(!x.contains(bad), "{bad:?} in {x}");
+        }
+        assert!(
+            x.contains("a\u{fffd}b\u{fffd}c\u{fffd}d\u{fffd}[31m"),
+            "{x}"
+        );
+        assert!(x.contains("&#10;next&#9;tab\u{10000}"), "{x}");
+        assert!(x.chars().all(|c| c == '\n' || xml_allowed(c)));
     }
 }

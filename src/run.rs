@@ -14,7 +14,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tokio::time::sleep_until;
 
-use crate::config::{Config, Defaults, On, Task};
+use crate::config::{Defaults, On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
 use crate::metadata::Metadata;
@@ -22,7 +22,7 @@ use crate::notify::Webhook;
 use crate::output::{Pump, Target};
 use crate::plan::{Plan, Step};
 use crate::process::{self, TaskProcesses};
-use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, TaskReport};
+use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
 use crate::signals::{Event, STOPPING, Signals};
 
 /// How often the clean-up after a task checks whether its leftovers are gone.
@@ -35,18 +35,14 @@ const AFTER_KILL: Duration = Duration::from_secs(1);
 /// The async runtime and the signal handlers are set up only when some task is to run, so a release
 /// with every gate off costs no more than reading the config (it replaces a shell script that costs
 /// about a millisecond).
-pub fn run_release(
-    plan: &Plan,
-    config: &Config,
-    env: &Env,
-    meta: Metadata,
-) -> crate::error::Result<Report> {
+pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
+    let meta = plan.meta.clone();
     if plan.to_run().next().is_none() {
         let mut report = Report::new(meta);
         report.tasks = plan
             .steps
             .iter()
-            .map(|step| skipped(step, &step.reason))
+            .map(|step| skipped(step, step.skip_reason()))
             .collect();
         return Ok(report);
     }
@@ -59,12 +55,12 @@ pub fn run_release(
         let signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         #[cfg(feature = "postgres")]
-        if let Some(lock) = &config.lock {
-            return run_locked(plan, config, lock, env, meta, signals).await;
+        if let Some(lock) = &plan.lock {
+            return run_locked(plan, lock, env, meta, signals).await;
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
-        Ok(run(plan, &config.defaults, meta, signals).await?)
+        Ok(run(plan, &plan.defaults, meta, signals).await?)
     })
 }
 
@@ -73,7 +69,6 @@ pub fn run_release(
 #[cfg(feature = "postgres")]
 async fn run_locked(
     plan: &Plan,
-    config: &Config,
     lock: &crate::config::Lock,
     env: &Env,
     meta: Metadata,
@@ -92,14 +87,14 @@ async fn run_locked(
             report.tasks = plan
                 .steps
                 .iter()
-                .map(|step| skipped(step, &reason))
+                .map(|step| skipped(step, SkipReason::Other(reason.clone())))
                 .collect();
             held.release().await;
             return Ok(report);
         }
         held.begin(&release).await?;
     }
-    let report = run(plan, &config.defaults, meta, signals).await;
+    let report = run(plan, &plan.defaults, meta, signals).await;
     if let (true, Ok(report)) = (lock.once, &report) {
         held.finish(&release, report).await;
     }
@@ -108,11 +103,11 @@ async fn run_locked(
 }
 
 /// The report line of a step that is not run, and why (its gate, the selection, the ledger).
-fn skipped(step: &Step, reason: &str) -> TaskReport {
+fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
         name: step.task.name.clone(),
-        outcome: Outcome::Skipped(reason.to_owned()),
+        outcome: Outcome::Skipped(reason),
         duration: Duration::ZERO,
         allow_failure: step.task.allow_failure,
     }
@@ -143,7 +138,7 @@ async fn run(
         let task = &step.task;
         let release_failed = report.failed_task().is_some() || runner.interrupted.is_some();
         if !step.run {
-            report.tasks.push(skipped(step, &step.reason));
+            report.tasks.push(skipped(step, step.skip_reason()));
             continue;
         }
         let t0 = Instant::now();
@@ -151,7 +146,7 @@ async fn run(
             Outcome::NotRun
         } else if !task.on.runs(release_failed) {
             if task.on == On::Failure {
-                let reason = "on = \"failure\" and the release has not failed".to_owned();
+                let reason = SkipReason::OnFailure;
                 tracing::info!(task = %task.name, reason = %reason, "task skipped");
                 Outcome::Skipped(reason)
             } else {
@@ -546,7 +541,15 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         ),
         std::io::ErrorKind::PermissionDenied => (
             EXIT_CANNOT_RUN,
-            format!("permission denied running `{program}`; is it executable (chmod +x)?"),
+            match task.program_directory(std::env::var_os("PATH").as_deref()) {
+                Some(dir) => format!(
+                    "`{program}` is a directory ({}), not a program; give the path of the program to run",
+                    dir.display()
+                ),
+                None => {
+                    format!("permission denied running `{program}`; is it executable (chmod +x)?")
+                }
+            },
         ),
         _ => (EXIT_CANNOT_RUN, format!("cannot run `{program}`: {err}")),
     };

@@ -306,7 +306,7 @@ fn config_errors_exit_78_with_file_line_and_a_hint() {
     let cases = [
         (
             "[tasks.a]\nrun = \"true\"\ntimout = \"5m\"\n",
-            "release.toml:3:1: unknown field `timout`",
+            "release.toml:3:1: unknown field `timout` in task `a`; did you mean `timeout`?",
         ),
         ("[tasks.a]\nrun = \"true\n", "release.toml:2:"),
         (

@@ -16,6 +16,8 @@ pub struct Test {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Variables whose values are bytes, not necessarily UTF-8.
+    env_bytes: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     merge_stderr: bool,
 }
 
@@ -93,6 +95,7 @@ impl Test {
             dir: tempfile::tempdir().expect("temp dir"),
             args: Vec::new(),
             env: Vec::new(),
+            env_bytes: Vec::new(),
             merge_stderr: false,
         }
     }
@@ -114,6 +117,14 @@ impl Test {
 
     pub fn env(mut self, key: &str, value: &str) -> Test {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets a variable to arbitrary bytes (for values that are not UTF-8).
+    pub fn env_bytes(mut self, key: &str, value: &[u8]) -> Test {
+        use std::os::unix::ffi::OsStringExt;
+        self.env_bytes
+            .push((key.into(), std::ffi::OsString::from_vec(value.to_vec())));
         self
     }
 
@@ -149,6 +160,7 @@ impl Test {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env_bytes.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -165,6 +177,27 @@ impl Test {
         let mut cmd = self.command();
         cmd.args(args);
         Running::start(cmd).wait()
+    }
+
+    /// Runs with `args`, stdout and stderr going where the caller says (`/dev/full`, a pipe nobody
+    /// reads); returns the exit status as the shell would show it.
+    pub fn run_into(&self, args: &[&str], stdout: Stdio, stderr: Stdio) -> Option<i32> {
+        let mut cmd = self.command();
+        cmd.args(args).stdout(stdout).stderr(stderr);
+        let mut child = cmd.spawn().expect("spawn release-tasks");
+        let deadline = Instant::now() + WATCHDOG;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("release-tasks hung for {WATCHDOG:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::os::unix::process::ExitStatusExt::signal(&status)
+            .map_or(status.code(), |sig| Some(128 + sig))
     }
 
     /// Starts release-tasks and returns while it runs, for tests that signal it or read it live.

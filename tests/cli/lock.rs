@@ -1,6 +1,8 @@
 //! `[lock]` against a real PostgreSQL server (started by `scripts/test-postgres`, TLS on): exactly once
-//! across 8 concurrent replicas, the lock freed when its holder is killed with SIGKILL, a bounded wait, and
-//! clear, password-free errors for an unreachable database or a wrong password.
+//! across 8 concurrent replicas, the lock freed when its holder is killed with SIGKILL, a bounded wait,
+//! clear, password-free errors for an unreachable database or a wrong password; URLs as ORMs write them,
+//! `sslrootcert`, channel binding, a list of variables, `wait` and `history`. Poolers, slow starts and
+//! crowds are in `lock_servers.rs`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use crate::harness::{Test, alive, read_pid};
 
 /// The URL of the test server, or `None` (the test is skipped) when no server can be had here.
-fn database_url() -> Option<&'static str> {
+pub fn database_url() -> Option<&'static str> {
     static URL: OnceLock<Option<String>> = OnceLock::new();
     let url = URL.get_or_init(|| {
         if let Ok(url) = std::env::var("RELEASE_TASKS_TEST_DATABASE_URL") {
@@ -41,7 +43,7 @@ fn database_url() -> Option<&'static str> {
 }
 
 /// A test dir whose release is named uniquely, so that tests running at once do not share a lock.
-fn locked(url: &str, app: &str, lock: &str, tasks: &str) -> Test {
+pub fn locked(url: &str, app: &str, lock: &str, tasks: &str) -> Test {
     Test::new()
         .config(&format!(
             "[lock]\npostgres = \"DATABASE_URL\"\n{lock}\n{tasks}"
@@ -132,11 +134,18 @@ fn the_lock_is_released_when_its_holder_is_sigkilled() {
 fn a_waiting_replica_gives_up_after_the_lock_timeout() {
     let Some(url) = database_url() else { return };
     let tasks = "[tasks.migrate]\nrun = \"echo ready; sleep 60\"\ngrace = \"1s\"\n";
-    let t = locked(url, "timeout", "timeout = \"1s\"", tasks);
+    // A 60-character host name: the holder's name keeps its pid within PostgreSQL's 63 bytes.
+    let host = format!(
+        "pod-myapp-release-migrations-7d9f8b6c5d-x2k4q-{}",
+        "h".repeat(14)
+    );
+    assert_eq!(host.len(), 60);
+    let t = locked(url, "timeout", "timeout = \"1s\"", tasks).env("HOSTNAME", &host);
     let holder = t.spawn_until("| ready");
     let out = t.run();
     out.status(75)
-        .stderr_has(&format!("pid {} (pid ", holder.pid()))
+        .stderr_has(&format!("release-tasks pid {} on ", holder.pid()))
+        .stderr_has("(backend pid ")
         .stderr_has("still held the release lock")
         .stderr_has("raise [lock] timeout")
         .stdout_lacks("ready");
@@ -175,14 +184,40 @@ fn an_unreachable_database_fails_before_any_task() {
     let t = locked(
         &url,
         "unreachable",
-        "",
+        "connect_timeout = \"2s\"",
         "[tasks.migrate]\nrun = \"touch ran\"\n",
     );
     let out = t.run();
     out.status(69)
+        .stderr_has("the [lock] database is not available yet; trying again")
+        .stderr_has("raise [lock] connect_timeout")
         .stderr_has(&format!("cannot use the database at postgres://[redacted]@127.0.0.1:{port}/[redacted] (from DATABASE_URL)"))
         .stderr_has("nothing was run")
         .stderr_lacks(PASSWORD);
+    assert!(!t.path("ran").exists());
+}
+
+#[test]
+fn a_stop_signal_ends_the_wait_for_a_database_that_is_not_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://release_tasks:{PASSWORD}@127.0.0.1:{port}/release_tasks");
+    let t = locked(
+        &url,
+        "stop-waiting",
+        "",
+        "[tasks.migrate]\nrun = \"touch ran\"\n",
+    );
+    let running = t.spawn();
+    running.wait_for("not available yet", Duration::from_secs(20));
+    running.signal("TERM");
+    let out = running.wait();
+    out.status(143)
+        .stderr_has("received SIGTERM before any task started");
+    assert!(out.elapsed < Duration::from_secs(20), "{:?}", out.elapsed);
     assert!(!t.path("ran").exists());
 }
 
@@ -250,4 +285,250 @@ fn sslmode_is_honoured() {
     let t = locked(&plain, "plain", "", tasks);
     t.run().status(0);
     assert!(t.path("ran").exists());
+}
+
+/// A second URL for the same database through a name the certificate does not carry.
+fn via_localhost(url: &str) -> String {
+    url.replace("@127.0.0.1:", "@localhost:")
+}
+
+/// The test server's own certificate (see scripts/test-postgres), or `None` when it is not there.
+fn server_certificate() -> Option<String> {
+    let dir = std::env::var("RELEASE_TASKS_TEST_PG_DIR")
+        .unwrap_or_else(|_| "/tmp/release-tasks-test-pg".to_owned());
+    let path = format!("{dir}.crt");
+    if std::path::Path::new(&path).exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the sslrootcert tests, but {path} is missing"
+    );
+    eprintln!("SKIPPED: no {path} (the certificate written by scripts/test-postgres)");
+    None
+}
+
+#[test]
+fn urls_as_orms_write_them_are_usable_and_unknown_parameters_are_named() {
+    let Some(url) = database_url() else { return };
+    let tasks = "[tasks.migrate]\nrun = \"touch ran\"\n";
+    let prisma = format!("{url}&schema=public&pgbouncer=true&connection_limit=1&pool_timeout=5");
+    let t = locked(&prisma, "prisma", "", tasks);
+    t.run_with(&["check"]).status(0).stderr_lacks("warning");
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    // A host list: the first host refuses, the second is the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listed = url.replacen("@127.0.0.1:", &format!("@127.0.0.1:{port},127.0.0.1:"), 1);
+    let t = locked(&listed, "hosts", "", tasks);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    // check and run agree on a URL that cannot be used, and both name the parameter.
+    let typo = format!("{url}&sslmod=verify-full");
+    let t = locked(&typo, "typo", "", tasks);
+    t.run_with(&["check"])
+        .status(0)
+        .stderr_has("DATABASE_URL is not a usable database URL: parameter sslmod is not one")
+        .stderr_lacks(PASSWORD);
+    t.run()
+        .status(78)
+        .stderr_has("parameter sslmod is not one")
+        .stderr_lacks(PASSWORD);
+    assert!(!t.path("ran").exists());
+}
+
+#[test]
+fn sslrootcert_checks_the_servers_own_certificate() {
+    let Some(url) = database_url() else { return };
+    let Some(cert) = server_certificate() else {
+        return;
+    };
+    let tasks = "[tasks.migrate]\nrun = \"touch ran\"\n";
+    // The certificate is self-signed and a CA itself (what `openssl req -x509` makes), issued for
+    // 127.0.0.1: accepted as its own root.
+    let full = url.replace(
+        "sslmode=require",
+        &format!("sslmode=verify-full&sslrootcert={cert}"),
+    );
+    let t = locked(&full, "rootcert", "", tasks);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    // verify-ca does not check the host name (libpq's rule), verify-full does.
+    let ca = via_localhost(&url.replace(
+        "sslmode=require",
+        &format!("sslmode=verify-ca&sslrootcert={cert}"),
+    ));
+    locked(&ca, "rootcert-ca", "", tasks).run().status(0);
+    let t = locked(&via_localhost(&full), "rootcert-name", "", tasks);
+    t.run().status(69).stderr_has("TLS").stderr_lacks(PASSWORD);
+    assert!(!t.path("ran").exists());
+    // Another CA's certificate does not vouch for the server.
+    let other = format!("{}/other.crt", t.path("").display());
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(t.path("other.key"))
+        .args(["-out", &other])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let wrong = url.replace(
+        "sslmode=require",
+        &format!("sslmode=verify-full&sslrootcert={other}"),
+    );
+    locked(&wrong, "rootcert-other", "", tasks).run().status(69);
+    let missing = url.replace(
+        "sslmode=require",
+        "sslmode=verify-ca&sslrootcert=/nonexistent.crt",
+    );
+    locked(&missing, "rootcert-missing", "", tasks)
+        .run()
+        .status(78)
+        .stderr_has("sslrootcert=/nonexistent.crt: cannot read the certificates");
+}
+
+#[test]
+fn channel_binding_is_used_when_required() {
+    let Some(url) = database_url() else { return };
+    let tasks = "[tasks.migrate]\nrun = \"touch ran\"\n";
+    // Neon's default URL: the server offers SCRAM-SHA-256-PLUS over TLS.
+    let neon = format!("{url}&channel_binding=require");
+    let t = locked(&neon, "binding", "", tasks);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    let plain = url.replace("sslmode=require", "sslmode=disable&channel_binding=require");
+    locked(&plain, "binding-plain", "", tasks)
+        .run()
+        .status(78)
+        .stderr_has("channel_binding=require needs TLS");
+    let off = format!("{url}&channel_binding=disable");
+    locked(&off, "binding-off", "", tasks).run().status(0);
+}
+
+#[test]
+fn the_first_set_variable_of_a_list_wins() {
+    let Some(url) = database_url() else { return };
+    let config =
+        |app: &str| {
+            Test::new()
+            .config(
+                "[lock]\npostgres = [\"DIRECT_URL\", \"DATABASE_URL\"]\nconnect_timeout = \"1s\"\n\
+                 [tasks.migrate]\nrun = \"touch ran\"\n",
+            )
+            .env("RELEASE_TASKS_APP", &format!("{app}-{}", std::process::id()))
+        };
+    // Only DATABASE_URL set: it is used.
+    let t = config("list").env("DATABASE_URL", url);
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    // DIRECT_URL set: it wins, even over a working DATABASE_URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = config("list-direct").env("DATABASE_URL", url).env(
+        "DIRECT_URL",
+        &format!("postgres://u:{PASSWORD}@127.0.0.1:{port}/db"),
+    );
+    t.run().status(69).stderr_has("(from DIRECT_URL)");
+    assert!(!t.path("ran").exists());
+    config("list-none")
+        .run()
+        .status(78)
+        .stderr_has("[lock] postgres names DIRECT_URL, DATABASE_URL, none of which is set");
+    // A list where one value is expected says so.
+    Test::new()
+        .config(
+            "[lock]\npostgres = \"DATABASE_URL\"\nkey = [\"a\", \"b\"]\n[tasks.a]\nrun = \"x\"\n",
+        )
+        .run()
+        .status(78)
+        .stderr_has("takes one value, not a list");
+}
+
+#[test]
+fn wait_returns_once_the_release_completed_and_times_out_on_a_missing_one() {
+    let Some(url) = database_url() else { return };
+    let tasks = "[tasks.migrate]\nrun = \"touch ran\"\n";
+    let release = || locked(url, "wait", "once = true", tasks).env("RELEASE_TASKS_VERSION", "v7");
+    let waiting = release().args(&["wait", "--timeout", "60s"]);
+    let mut waiter = waiting.spawn();
+    waiter.wait_for(
+        "waiting for the release to complete",
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiter.child.try_wait().unwrap().is_none(),
+        "wait returned before the release ran"
+    );
+    let t = release();
+    t.run().status(0);
+    assert!(t.path("ran").exists());
+    let out = waiter.wait();
+    out.status(0)
+        .stderr_has("ledger=\"not recorded yet\"")
+        .stderr_has("the release completed; done waiting")
+        .stdout_lacks("ran");
+    // A release nobody runs: 75 after --timeout, saying what the ledger holds.
+    let missing = locked(url, "wait", "once = true", tasks).env("RELEASE_TASKS_VERSION", "v8");
+    let out = missing.run_with(&["wait", "--timeout", "2s"]);
+    out.status(75)
+        .stderr_has("release v8 of `wait-")
+        .stderr_has("was not completed within 2s (it is not recorded yet");
+    assert!(out.elapsed < Duration::from_secs(20), "{:?}", out.elapsed);
+    // Without once, there is no ledger to wait for.
+    locked(url, "wait", "", tasks)
+        .run_with(&["wait"])
+        .status(78)
+        .stderr_has("add once = true to [lock]");
+}
+
+#[test]
+fn history_shows_the_last_releases() {
+    let Some(url) = database_url() else { return };
+    let tasks = "[tasks.migrate]\nrun = \"test $RELEASE_TASKS_VERSION != v3\"\n";
+    for (version, code) in [("v1", 0), ("v2", 0), ("v3", 1)] {
+        locked(url, "history", "once = true", tasks)
+            .env("RELEASE_TASKS_VERSION", version)
+            .env("RELEASE_TASKS_COMMIT", &format!("abc{version}"))
+            .run()
+            .status(code);
+    }
+    let t = locked(url, "history", "", tasks);
+    let out = t.run_with(&["history", "-n", "2"]);
+    out.status(0);
+    let text = out.stdout();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("VERSION  COMMIT  STATUS"), "{text}");
+    assert!(lines[1].starts_with("v3       abcv3   failed"), "{text}");
+    assert!(lines[2].starts_with("v2       abcv2   succeeded"), "{text}");
+    assert!(lines[1].contains("release-tasks pid "), "{text}");
+    let out = t.run_with(&["history", "--log-format", "json"]);
+    out.status(0);
+    let rows: Vec<serde_json::Value> = out
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["failed", "succeeded", "succeeded"]);
+    assert_eq!(rows[2]["version"], "v1");
+    assert_eq!(rows[2]["commit"], "abcv1");
+    assert_eq!(rows[0]["exit_code"], 1);
 }

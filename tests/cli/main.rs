@@ -4,8 +4,13 @@
 mod core;
 mod faults;
 mod harness;
+mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
+#[cfg(feature = "postgres")]
+mod lock_servers;
 mod notify;
+mod platform;
+mod shell;
 mod webhook;

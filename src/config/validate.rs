@@ -1,406 +1,37 @@
-//! `release.toml` -> [`Config`]: raw serde structs first, then validation into typed values.
-//!
-//! The raw structs mirror the file (unknown keys are rejected, positions are kept with
-//! `toml::Spanned`); [`load`] turns them into a `Config` in which durations are `Duration`s, gates are
-//! [`Gate`]s, commands are argv vectors and tasks are already in run order. Every problem found is
-//! reported at once, with its line and column, before anything runs. After this module no code looks
-//! at raw strings from the file.
+//! Validation: the serde mirror (`raw.rs`) -> the typed [`Config`], with every problem in the file
+//! reported at once, whatever its kind: unknown keys (with a "did you mean" where one is close), bad
+//! durations (out of range included), empty commands, NUL bytes, header names and values HTTP refuses,
+//! an `after` that names no task or makes a cycle. A problem here is found by `check`, so `run` never
+//! trips on it halfway through a release.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde::de::{MapAccess, Visitor};
 use toml::Spanned;
 
+use super::raw::{
+    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema,
+};
+use super::{Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
 use crate::error::{Diagnostic, Error, Result};
 use crate::gate::Gate;
 
-/// The largest config file accepted; a release.toml is a few kilobytes, and a bigger one is a mistake.
-const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-
-/// The validated configuration of one release.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Where the file was read from (for messages).
-    pub path: PathBuf,
-    pub defaults: Defaults,
-    /// Tasks in run order: file order, with `after` applied.
-    pub tasks: Vec<Task>,
-    /// `[require] env`: variables that must be set and not empty before anything runs.
-    pub required_env: Vec<String>,
-    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock.
-    pub lock: Option<Lock>,
-}
-
-/// `[lock]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lock {
-    /// The variable that holds the database URL (the URL itself carries a password).
-    pub url_var: String,
-    /// The lock's name; the app's name when not given.
-    pub key: Option<String>,
-    /// How long a replica waits for the lock before it gives up.
-    pub timeout: Duration,
-    /// Record each release in `release_tasks_runs` and skip one that already succeeded.
-    pub once: bool,
-}
-
-/// `[defaults]`, with the built-in values filled in.
-#[derive(Debug, Clone)]
-pub struct Defaults {
-    pub timeout: Duration,
-    pub grace: Duration,
-    pub shell: String,
-    /// How often a long task logs that it is still running.
-    pub heartbeat: Duration,
-    /// A bound on the whole release, below the platform's own (Heroku stops a release phase at 1 h).
-    pub release_timeout: Duration,
-}
-
-impl Default for Defaults {
-    fn default() -> Self {
-        Defaults {
-            timeout: Duration::from_secs(30 * 60),
-            grace: Duration::from_secs(10),
-            shell: "/bin/sh".to_owned(),
-            heartbeat: Duration::from_secs(60),
-            release_timeout: Duration::from_secs(55 * 60),
-        }
-    }
-}
-
-/// One `[tasks.NAME]` entry, validated.
-#[derive(Debug, Clone)]
-pub struct Task {
-    pub name: String,
-    pub command: Command,
-    pub when: Option<Gate>,
-    pub unless: Option<Gate>,
-    pub timeout: Duration,
-    pub grace: Duration,
-    pub allow_failure: bool,
-    /// When the task runs relative to the release's success or failure.
-    pub on: On,
-    /// Extra variables for this task, on top of the inherited environment.
-    pub env: BTreeMap<String, String>,
-    /// Absolute working directory (a relative `dir` is taken from the config file's directory).
-    pub dir: PathBuf,
-}
-
-/// `on`: whether a task runs while the release is succeeding, after it failed, or either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum On {
-    /// Runs only while every task before it succeeded (the default).
-    #[default]
-    Success,
-    /// Runs only after the release has failed (a failure, a timeout or a stopping signal).
-    Failure,
-    /// Runs in both cases: `heroku maintenance:off`, a notification.
-    Always,
-}
-
-impl On {
-    /// Whether a task with this `on` runs, given whether the release has failed so far.
-    #[must_use]
-    pub fn runs(self, release_failed: bool) -> bool {
-        match self {
-            On::Success => !release_failed,
-            On::Failure => release_failed,
-            On::Always => true,
-        }
-    }
-}
-
-impl fmt::Display for On {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            On::Success => "success",
-            On::Failure => "failure",
-            On::Always => "always",
-        })
-    }
-}
-
-/// What a task runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// `run = "..."`: run through `[shell, "-c", script]`.
-    Shell { shell: String, script: String },
-    /// `run = ["prog", "arg"]`: exec'd directly, `prog` looked up on PATH.
-    Exec(Vec<String>),
-    /// `notify = { url = ... }`: POST the release report to a webhook; runs no process.
-    Notify(Notify),
-}
-
-impl Command {
-    /// The argv that is exec'd (empty for a notify task).
-    #[must_use]
-    pub fn argv(&self) -> Vec<&str> {
-        match self {
-            Command::Shell { shell, script } => vec![shell.as_str(), "-c", script.as_str()],
-            Command::Exec(argv) => argv.iter().map(String::as_str).collect(),
-            Command::Notify(_) => Vec::new(),
-        }
-    }
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Command::Shell { script, .. } => f.write_str(script),
-            Command::Exec(argv) => write!(f, "{argv:?}"),
-            Command::Notify(notify) => write!(f, "notify {} ({})", notify.url.raw, notify.format),
-        }
-    }
-}
-
-/// A built-in notify task: where and how to POST the release report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notify {
-    pub url: Template,
-    pub headers: Vec<(String, Template)>,
-    pub format: NotifyFormat,
-    /// Per request.
-    pub timeout: Duration,
-    /// Further attempts after a connection error or a 5xx answer.
-    pub retries: u32,
-}
-
-/// The body a notify task sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NotifyFormat {
-    /// The release report as JSON.
-    Json,
-    /// `{"text": ...}`, a readable summary for a Slack incoming webhook.
-    Slack,
-}
-
-impl fmt::Display for NotifyFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            NotifyFormat::Json => "json",
-            NotifyFormat::Slack => "slack",
-        })
-    }
-}
-
-/// A string with `${VAR}` references, expanded from the environment when the release is planned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
-    pub raw: String,
-}
-
-impl Template {
-    /// Checks the `${...}` syntax; a `$` not followed by `{` is literal.
-    fn parse(raw: &str) -> Result<Template, String> {
-        let mut rest = raw;
-        while let Some(at) = rest.find("${") {
-            let after = &rest[at + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| "`${` without a closing `}`".to_owned())?;
-            if !crate::gate::is_var_name(&after[..end]) {
-                return Err(format!(
-                    "`${{{}}}` is not a variable reference; write ${{NAME}} with letters, digits and _",
-                    &after[..end]
-                ));
-            }
-            rest = &after[end + 1..];
-        }
-        Ok(Template {
-            raw: raw.to_owned(),
-        })
-    }
-
-    /// Expands every `${VAR}`; an unset variable is an error that names it.
-    pub fn expand(&self, env: &crate::gate::Env) -> Result<String, String> {
-        let mut out = String::with_capacity(self.raw.len());
-        let mut rest = self.raw.as_str();
-        while let Some(at) = rest.find("${") {
-            out.push_str(&rest[..at]);
-            let Some((name, tail)) = rest[at + 2..].split_once('}') else {
-                break;
-            };
-            out.push_str(env.get(name).ok_or_else(|| name.to_owned())?);
-            rest = tail;
-        }
-        out.push_str(rest);
-        Ok(out)
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a release.toml: [defaults], [require], [lock] and [tasks.NAME] tables"
-)]
-struct RawConfig {
-    defaults: Option<RawDefaults>,
-    require: Option<RawRequire>,
-    lock: Option<Spanned<RawLock>>,
-    #[serde(default)]
-    tasks: RawTasks,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a [require] table, like env = [\"DATABASE_URL\"]"
-)]
-struct RawRequire {
-    #[serde(default)]
-    env: Vec<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a [lock] table, like postgres = \"DATABASE_URL\""
-)]
-struct RawLock {
-    postgres: Spanned<String>,
-    key: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    #[serde(default)]
-    once: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }"
-)]
-struct RawNotify {
-    url: Spanned<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, Spanned<String>>,
-    format: Option<NotifyFormat>,
-    timeout: Option<Spanned<String>>,
-    retries: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a [defaults] table, like timeout = \"30m\""
-)]
-struct RawDefaults {
-    timeout: Option<Spanned<String>>,
-    grace: Option<Spanned<String>>,
-    shell: Option<Spanned<String>>,
-    heartbeat: Option<Spanned<String>>,
-    release_timeout: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a task table, like [tasks.migrate] with run = \"bundle exec rails db:migrate\""
-)]
-struct RawTask {
-    run: Option<Spanned<toml::Value>>,
-    notify: Option<Spanned<RawNotify>>,
-    on: Option<Spanned<String>>,
-    when: Option<Spanned<toml::Value>>,
-    unless: Option<Spanned<toml::Value>>,
-    timeout: Option<Spanned<String>>,
-    grace: Option<Spanned<String>>,
-    after: Option<Vec<Spanned<String>>>,
-    #[serde(default)]
-    allow_failure: bool,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    dir: Option<Spanned<String>>,
-}
-
-/// The `[tasks]` table in file order (a plain map would sort the names).
-#[derive(Default)]
-struct RawTasks(Vec<(Spanned<String>, Spanned<RawTask>)>);
-
-impl<'de> Deserialize<'de> for RawTasks {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct InOrder;
-        impl<'de> Visitor<'de> for InOrder {
-            type Value = RawTasks;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a table of tasks, like [tasks.migrate]")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTasks, A::Error> {
-                let mut tasks = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    tasks.push(entry);
-                }
-                Ok(RawTasks(tasks))
-            }
-        }
-        deserializer.deserialize_map(InOrder)
-    }
-}
-
-/// Reads and validates the config file at `path`.
-pub fn load(path: &Path) -> Result<Config> {
-    let source = read(path)?;
-    parse(path, &source)
-}
-
-fn read(path: &Path) -> Result<String> {
-    let unreadable = |reason: String| Error::ConfigUnreadable {
-        path: path.to_owned(),
-        reason,
-    };
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::ConfigMissing {
-                path: path.to_owned(),
-            });
-        }
-        Err(err) => {
-            return Err(unreadable(format!(
-                "{err}; check the path and its permissions"
-            )));
-        }
-    };
-    if !meta.is_file() {
-        return Err(unreadable(
-            "it is not a regular file; pass the path of release.toml itself".into(),
-        ));
-    }
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(unreadable(format!(
-            "it is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file; is this the right file?",
-            meta.len()
-        )));
-    }
-    let bytes =
-        std::fs::read(path).map_err(|err| unreadable(format!("{err}; check its permissions")))?;
-    String::from_utf8(bytes).map_err(|err| {
-        let offset = err.utf8_error().valid_up_to();
-        let source = String::from_utf8_lossy(err.as_bytes());
-        let (line, col) = line_col(&source, offset);
-        unreadable(format!(
-            "line {line}, column {col}: not valid UTF-8; TOML files must be UTF-8, so re-save it as UTF-8"
-        ))
-    })
-}
+/// The longest duration accepted anywhere in the file: far beyond any release (Heroku stops one at an
+/// hour), and far from where adding it to the clock could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Parses and validates config text; `path` is used for messages and to resolve `dir`.
-pub fn parse(path: &Path, source: &str) -> Result<Config> {
+pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let invalid = |problems| Error::ConfigInvalid {
         path: path.to_owned(),
         problems,
     };
-    let raw: RawConfig = toml::from_str(source).map_err(|err| {
-        let location = err.span().map(|span| line_col(source, span.start));
-        invalid(vec![Diagnostic {
-            location,
-            message: syntax_message(err.message()),
-        }])
-    })?;
+    let syntax = |err: toml::de::Error| Diagnostic {
+        location: err.span().map(|span| line_col(source, span.start)),
+        message: syntax_message(err.message()),
+    };
+    let doc: Node = toml::from_str(source).map_err(|err| invalid(vec![syntax(err)]))?;
     let base = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -409,6 +40,15 @@ pub fn parse(path: &Path, source: &str) -> Result<Config> {
         source,
         base: absolute(&base),
         problems: Vec::new(),
+    };
+    v.unknown_keys(&doc, &Schema::new());
+    // A value of the wrong type stops serde; the unknown keys found above are still reported with it.
+    let raw: RawConfig = match toml::from_str(source) {
+        Ok(raw) => raw,
+        Err(err) => {
+            v.problems.push(syntax(err));
+            return Err(invalid(v.problems));
+        }
     };
     let defaults = v.defaults(raw.defaults);
     let tasks = v.tasks(raw.tasks.0, &defaults);
@@ -432,6 +72,8 @@ fn syntax_message(message: &str) -> String {
     let message = message.trim_end();
     let hint = if message.starts_with("unknown field") {
         "check the spelling against the README's release.toml reference"
+    } else if message.starts_with("invalid type: sequence") {
+        "this key takes one value, not a list; remove the [ ]"
     } else if message.ends_with("expected a string") {
         "put the value in quotes, like \"3000\""
     } else if message.ends_with("expected a boolean") {
@@ -453,7 +95,7 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// 1-based line and column of a byte offset.
-fn line_col(source: &str, offset: usize) -> (usize, usize) {
+pub(super) fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let before = &source.as_bytes()[..offset.min(source.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let line_start = before
@@ -479,6 +121,68 @@ impl Validator<'_> {
         self.problems.push(Diagnostic { location, message });
     }
 
+    /// Reports every key the file has that release-tasks does not know, each where it is, with the
+    /// closest known key when one is near enough to be a typo.
+    fn unknown_keys(&mut self, doc: &Node, schema: &Schema) {
+        let Node::Table(root) = doc else { return };
+        for (key, value) in self.unknown_in(root, schema.root, "at the top level") {
+            let kind = match key.as_str() {
+                "defaults" => schema.defaults,
+                "require" => schema.require,
+                "lock" => schema.lock,
+                "tasks" => {
+                    if let Node::Table(tasks) = value.get_ref() {
+                        for (name, task) in tasks {
+                            let Node::Table(task) = task.get_ref() else {
+                                continue;
+                            };
+                            let place = format!("in task `{}`", name.get_ref());
+                            for (key, value) in self.unknown_in(task, schema.task, &place) {
+                                if key == "notify" {
+                                    if let Node::Table(notify) = value.get_ref() {
+                                        let place =
+                                            format!("in task `{}`'s notify", name.get_ref());
+                                        let _ = self.unknown_in(notify, schema.notify, &place);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Node::Table(table) = value.get_ref() {
+                let _ = self.unknown_in(table, kind, &format!("in [{key}]"));
+            }
+        }
+    }
+
+    /// Reports the keys of `table` that are not in `known`; returns the known ones, to look inside.
+    fn unknown_in<'t>(
+        &mut self,
+        table: &'t [(Spanned<String>, Spanned<Node>)],
+        known: &[&str],
+        place: &str,
+    ) -> Vec<(&'t String, &'t Spanned<Node>)> {
+        let mut found = Vec::new();
+        for (key, value) in table {
+            if known.contains(&key.get_ref().as_str()) {
+                found.push((key.get_ref(), value));
+                continue;
+            }
+            let hint = match closest(key.get_ref(), known) {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => format!("known keys here: {}", known.join(", ")),
+            };
+            self.report(
+                Some(key.span()),
+                format!("unknown field `{}` {place}; {hint}", key.get_ref()),
+            );
+        }
+        found
+    }
+
     fn duration(
         &mut self,
         value: Option<Spanned<String>>,
@@ -491,6 +195,16 @@ impl Validator<'_> {
                 self.report(
                     Some(value.span()),
                     format!("`{key}` is zero; give a positive duration like \"30s\" or \"15m\""),
+                );
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.report(
+                    Some(value.span()),
+                    format!(
+                        "`{key} = {:?}` is longer than the maximum of 30 days; give a shorter duration like \"15m\" or \"2h\"",
+                        value.get_ref()
+                    ),
                 );
                 default
             }
@@ -516,6 +230,13 @@ impl Validator<'_> {
                 self.report(
                     Some(shell.span()),
                     "`shell` is empty; leave it out to use /bin/sh".into(),
+                );
+                builtin.shell
+            }
+            Some(shell) if shell.get_ref().contains('\0') => {
+                self.report(
+                    Some(shell.span()),
+                    "`shell` contains a NUL byte; give the shell's path, like \"/bin/bash\"".into(),
                 );
                 builtin.shell
             }
@@ -547,12 +268,18 @@ impl Validator<'_> {
             );
             return None;
         }
-        if !crate::gate::is_var_name(raw.postgres.get_ref()) {
+        let vars_span = raw.postgres.span();
+        let url_vars = match raw.postgres.into_inner() {
+            OneOrMany::One(name) => vec![name],
+            OneOrMany::Many(names) => names,
+        };
+        if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
             self.report(
-                Some(raw.postgres.span()),
+                Some(vars_span),
                 format!(
-                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\"",
-                    crate::redact::urls_in(raw.postgres.get_ref())
+                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                     (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
+                    crate::redact::urls_in(&url_vars.join(", "))
                 ),
             );
             return None;
@@ -568,10 +295,15 @@ impl Validator<'_> {
             other => other.map(Spanned::into_inner),
         };
         Some(Lock {
-            url_var: raw.postgres.into_inner(),
+            url_vars,
             key,
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
             once: raw.once,
+            connect_timeout: self.duration(
+                raw.connect_timeout,
+                "connect_timeout",
+                Duration::from_secs(60),
+            ),
         })
     }
 
@@ -679,14 +411,25 @@ impl Validator<'_> {
                 path
             }
         };
-        for key in raw.env.keys() {
+        for (key, value) in &raw.env {
             if key.is_empty() || key.contains(['=', '\0']) {
                 self.report(
                     Some(span.clone()),
                     format!("task `{name}`: env name {key:?} is not a valid variable name"),
                 );
             }
+            if value.get_ref().contains('\0') {
+                self.report(
+                    Some(value.span()),
+                    format!("task `{name}`: env {key} contains a NUL byte, which no process can receive; remove it"),
+                );
+            }
         }
+        let env = raw
+            .env
+            .into_iter()
+            .map(|(k, v)| (k, v.into_inner()))
+            .collect();
         Task {
             timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
             grace: self.duration(raw.grace, "grace", defaults.grace),
@@ -696,7 +439,7 @@ impl Validator<'_> {
             unless,
             allow_failure: raw.allow_failure,
             on,
-            env: raw.env,
+            env,
             dir,
         }
     }
@@ -704,6 +447,13 @@ impl Validator<'_> {
     fn command(&mut self, name: &str, run: Spanned<toml::Value>, defaults: &Defaults) -> Command {
         let span = run.span();
         match run.into_inner() {
+            toml::Value::String(script) if script.contains('\0') => {
+                self.report(
+                    Some(span),
+                    format!("task `{name}`: `run` contains a NUL byte, which no process can receive; remove it"),
+                );
+                Command::Exec(Vec::new())
+            }
             toml::Value::String(script) if !script.trim().is_empty() => Command::Shell {
                 shell: defaults.shell.clone(),
                 script,
@@ -714,6 +464,13 @@ impl Validator<'_> {
                     .map(|i| i.as_str().map(str::to_owned))
                     .collect();
                 match argv {
+                    Some(argv) if argv.iter().any(|a| a.contains('\0')) => {
+                        self.report(
+                            Some(span),
+                            format!("task `{name}`: an item of `run` contains a NUL byte, which no process can receive; remove it"),
+                        );
+                        Command::Exec(Vec::new())
+                    }
                     Some(argv) if !argv[0].is_empty() => Command::Exec(argv),
                     _ => {
                         self.report(
@@ -744,6 +501,13 @@ impl Validator<'_> {
     fn notify(&mut self, name: &str, raw: Spanned<RawNotify>) -> Command {
         let raw = raw.into_inner();
         let url = match Template::parse(raw.url.get_ref()) {
+            Ok(_) if !valid_header_value(raw.url.get_ref()) || raw.url.get_ref().contains(' ') => {
+                self.report(
+                    Some(raw.url.span()),
+                    format!("task `{name}`: notify url has a space or a control character (a newline?); remove it"),
+                );
+                Template { raw: String::new() }
+            }
             Ok(url)
                 if url.raw.starts_with("http://")
                     || url.raw.starts_with("https://")
@@ -768,6 +532,19 @@ impl Validator<'_> {
         };
         let mut headers = Vec::with_capacity(raw.headers.len());
         for (key, value) in &raw.headers {
+            if !valid_header_name(key) {
+                self.report(
+                    Some(value.span()),
+                    format!("task `{name}`: notify header name {key:?} is not a valid HTTP header name; use letters, digits and -"),
+                );
+            }
+            if !valid_header_value(value.get_ref()) {
+                self.report(
+                    Some(value.span()),
+                    format!("task `{name}`: notify header {key} has a control character (a newline?) that HTTP does not allow in a header value; remove it"),
+                );
+                continue;
+            }
             match Template::parse(value.get_ref()) {
                 Ok(t) => headers.push((key.clone(), t)),
                 Err(message) => self.report(
@@ -877,6 +654,52 @@ impl Validator<'_> {
     }
 }
 
+/// The known key nearest to `key`, if it is close enough to be a typo of it.
+fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let key = key.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (edit_distance(&key, k), *k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, counting characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Whether `value` can be sent as an HTTP header value: no control characters but tab (a trailing
+/// newline from a secret made with `echo > file` is the usual culprit), no DEL.
+#[must_use]
+pub fn valid_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// Whether `name` is an HTTP header name (an RFC 9110 token).
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 fn valid_task_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -888,6 +711,7 @@ fn valid_task_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse;
 
     fn parse_str(src: &str) -> Result<Config> {
         parse(Path::new("release.toml"), src)
@@ -949,6 +773,93 @@ mod tests {
         assert!(p[0].message.contains("timout"), "{}", p[0].message);
         let p = problems("[tasks.a]\nrun = \"x\n");
         assert_eq!(p[0].location.map(|l| l.0), Some(2));
+    }
+
+    #[test]
+    fn unknown_keys_come_with_every_other_problem() {
+        let p = problems(
+            "[tasks.a]\nrun = \"x\"\ntimout = \"5m\"\n[tasks.b]\nrun = \"x\"\ngrase = \"1s\"\n\
+             [tasks.c]\nrun = \"\"\nafter = [\"nope\"]\n[defaults]\nzzz = 1\n[tasks.d]\nrun = \"x\"\nnotify = { url = \"http://h\", retires = 1 }\n",
+        );
+        let text: Vec<String> = p
+            .iter()
+            .map(|d| format!("{:?} {}", d.location, d.message))
+            .collect();
+        assert_eq!(p.len(), 7, "{text:#?}");
+        assert!(
+            text[0].starts_with(
+                "Some((3, 1)) unknown field `timout` in task `a`; did you mean `timeout`?"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].starts_with(
+                "Some((6, 1)) unknown field `grase` in task `b`; did you mean `grace`?"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            text[2].contains("unknown field `retires`") && text[2].contains("`retries`"),
+            "{text:#?}"
+        );
+        assert!(
+            text[3].contains("unknown field `zzz` in [defaults]; known keys here: timeout"),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("`run` is empty")),
+            "{text:#?}"
+        );
+        assert!(text.iter().any(|t| t.contains("`nope`")), "{text:#?}");
+        assert!(
+            text.iter().any(|t| t.contains("both `run` and `notify`")),
+            "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        for key in ["timeout", "grace", "heartbeat", "release_timeout"] {
+            for value in ["500000000000y", "18446744073709551615s", "31days"] {
+                let p = problems(&format!("[defaults]\n{key} = \"{value}\"\n"));
+                assert!(
+                    p[0].message.contains("30 days") || p[0].message.contains("not a duration"),
+                    "{key}={value}: {p:?}"
+                );
+            }
+            assert!(parse_str(&format!("[defaults]\n{key} = \"30days\"\n")).is_ok());
+        }
+        let p = problems(
+            "[tasks.a]\nrun = \"x\"\ntimeout = \"18446744073709551615s\"\ngrace = \"999999h\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter().all(|d| d.message.contains("maximum of 30 days")),
+            "{p:?}"
+        );
+        let p = problems("[tasks.a]\nnotify = { url = \"http://h\", timeout = \"40days\" }\n");
+        assert!(p[0].message.contains("30 days"), "{p:?}");
+    }
+
+    #[test]
+    fn what_run_would_trip_on_is_found_here() {
+        for (src, needle) in [
+            ("[tasks.a]\nrun = \"echo a\\u0000b\"\n", "NUL"),
+            ("[tasks.a]\nrun = [\"echo\", \"a\\u0000\"]\n", "NUL"),
+            ("[tasks.a]\nrun = \"x\"\nenv = { A = \"\\u0000\" }\n", "NUL"),
+            ("[defaults]\nshell = \"/bin/sh\\u0000\"\n", "NUL"),
+            (
+                "[tasks.a]\nnotify = { url = \"http://h\", headers = { X = \"v\\n\" } }\n",
+                "control character",
+            ),
+            (
+                "[tasks.a]\nnotify = { url = \"http://h\", headers = { \"X Y\" = \"v\" } }\n",
+                "header name",
+            ),
+        ] {
+            let p = problems(src);
+            assert!(p.iter().any(|d| d.message.contains(needle)), "{src}: {p:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,233 @@
+//! The serde mirror of `release.toml`: structs shaped like the file, with `toml::Spanned` positions,
+//! and a spanned tree of the whole document that the validator walks to find unknown keys.
+//!
+//! Unknown keys are not rejected here (serde would stop at the first one and hide every other
+//! problem); `validate.rs` finds them all, with the key lists taken from these structs themselves, so a
+//! field added here is known there without a second list to keep in step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use toml::Spanned;
+
+use super::NotifyFormat;
+
+#[derive(Deserialize)]
+#[serde(expecting = "a release.toml: [defaults], [require], [lock] and [tasks.NAME] tables")]
+pub(super) struct RawConfig {
+    pub(super) defaults: Option<RawDefaults>,
+    pub(super) require: Option<RawRequire>,
+    pub(super) lock: Option<Spanned<RawLock>>,
+    #[serde(default)]
+    pub(super) tasks: RawTasks,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a [require] table, like env = [\"DATABASE_URL\"]")]
+pub(super) struct RawRequire {
+    #[serde(default)]
+    pub(super) env: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\"")]
+pub(super) struct RawLock {
+    pub(super) postgres: Spanned<OneOrMany>,
+    pub(super) key: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) once: bool,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+}
+
+/// `[lock] postgres`: one variable name, or a list of them.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a variable name or a list of them, like \"DATABASE_URL\" or [\"DIRECT_URL\", \"DATABASE_URL\"]"
+)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }")]
+pub(super) struct RawNotify {
+    pub(super) url: Spanned<String>,
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, Spanned<String>>,
+    pub(super) format: Option<NotifyFormat>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) retries: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "a [defaults] table, like timeout = \"30m\"")]
+pub(super) struct RawDefaults {
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) grace: Option<Spanned<String>>,
+    pub(super) shell: Option<Spanned<String>>,
+    pub(super) heartbeat: Option<Spanned<String>>,
+    pub(super) release_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    expecting = "a task table, like [tasks.migrate] with run = \"bundle exec rails db:migrate\""
+)]
+pub(super) struct RawTask {
+    pub(super) run: Option<Spanned<toml::Value>>,
+    pub(super) notify: Option<Spanned<RawNotify>>,
+    pub(super) on: Option<Spanned<String>>,
+    pub(super) when: Option<Spanned<toml::Value>>,
+    pub(super) unless: Option<Spanned<toml::Value>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) grace: Option<Spanned<String>>,
+    pub(super) after: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) allow_failure: bool,
+    #[serde(default)]
+    pub(super) env: BTreeMap<String, Spanned<String>>,
+    pub(super) dir: Option<Spanned<String>>,
+}
+
+/// The `[tasks]` table in file order (a plain map would sort the names).
+#[derive(Default)]
+pub(super) struct RawTasks(pub(super) Vec<(Spanned<String>, Spanned<RawTask>)>);
+
+impl<'de> Deserialize<'de> for RawTasks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> Visitor<'de> for InOrder {
+            type Value = RawTasks;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of tasks, like [tasks.migrate]")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTasks, A::Error> {
+                let mut tasks = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    tasks.push(entry);
+                }
+                Ok(RawTasks(tasks))
+            }
+        }
+        deserializer.deserialize_map(InOrder)
+    }
+}
+
+/// The whole document as a tree whose keys and values keep their positions, for the unknown-key
+/// pass (`toml::Value` forgets where each key was).
+pub(super) enum Node {
+    Table(Vec<(Spanned<String>, Spanned<Node>)>),
+    /// An array: gates and argv, whose items the validator checks itself.
+    Array,
+    /// A string, number, boolean or date: nothing below it to check.
+    Scalar,
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NodeVisitor;
+        impl<'de> Visitor<'de> for NodeVisitor {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Node::Array)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Node::Table(entries))
+            }
+        }
+        deserializer.deserialize_any(NodeVisitor)
+    }
+}
+
+/// The keys a derived `Deserialize` struct accepts, asked of the derive itself: it hands them to
+/// `deserialize_struct`, which this deserializer records before refusing to go on.
+pub(super) fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Recorder<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Recorder<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("only the field names are wanted"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("only the field names are wanted"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Recorder(&mut fields));
+    fields
+}
+
+/// Which keys each kind of table in the file may have.
+pub(super) struct Schema {
+    pub(super) root: &'static [&'static str],
+    pub(super) defaults: &'static [&'static str],
+    pub(super) require: &'static [&'static str],
+    pub(super) lock: &'static [&'static str],
+    pub(super) task: &'static [&'static str],
+    pub(super) notify: &'static [&'static str],
+}
+
+impl Schema {
+    pub(super) fn new() -> Schema {
+        Schema {
+            root: fields_of::<RawConfig>(),
+            defaults: fields_of::<RawDefaults>(),
+            require: fields_of::<RawRequire>(),
+            lock: fields_of::<RawLock>(),
+            task: fields_of::<RawTask>(),
+            notify: fields_of::<RawNotify>(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_lists_come_from_the_structs() {
+        let schema = Schema::new();
+        assert_eq!(schema.root, ["defaults", "require", "lock", "tasks"]);
+        assert!(schema.task.contains(&"timeout") && schema.task.contains(&"notify"));
+        assert!(schema.lock.contains(&"postgres"));
+    }
+}

@@ -1,0 +1,655 @@
+//! `[lock]`: once per release across replicas, through the database the app already has.
+//!
+//! Before the first task, release-tasks connects, opens a transaction and takes a PostgreSQL
+//! *transaction-level* advisory lock (`pg_try_advisory_xact_lock`); the transaction stays open for the
+//! whole release and its COMMIT is the unlock. Why a transaction and not a session lock: a connection
+//! pooler in transaction mode (`PgBouncer` on Supabase's port 6543, Heroku's and Neon's poolers) hands a
+//! server connection to other clients between transactions, so a session lock taken through it is
+//! neither exclusive nor released; an open transaction pins one server connection, behind a pooler or
+//! not (Flyway does the same). The transaction sets `idle_in_transaction_session_timeout` off for
+//! itself. If release-tasks dies, its connection drops and PostgreSQL releases the lock by itself.
+//! Queries go unprepared (simple or unnamed statements), which poolers also need.
+//!
+//! A replica that finds the lock taken does not keep its connection: it reads who holds the lock,
+//! disconnects, and tries again after a jittered back-off, so a fleet of waiting replicas costs the
+//! database at most a few short connections at a time. A database that is not up yet (refused, not
+//! resolvable, starting up, too many connections) is tried again within `[lock] connect_timeout`.
+//!
+//! With `once = true` each release (its version, else its commit) is recorded in `release_tasks_runs`
+//! (see `ledger.rs`): "running" when it starts, its outcome in the lock's own transaction, so the
+//! outcome becomes visible at the instant the lock is released. A replica that finds the release
+//! completed skips every task. URLs are read by `url.rs`, TLS is `tls.rs`.
+//!
+//! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use crate::config::Lock;
+use crate::error::Error;
+use crate::gate::Env;
+use crate::metadata::Metadata;
+use crate::redact;
+use crate::report::Report;
+use crate::signals::{Event, STOPPING, Signals};
+
+mod ledger;
+mod tls;
+mod url;
+
+pub use ledger::{history, wait};
+
+/// The first pause before a waiting replica tries the lock again; it grows to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(300);
+const RETRY_MAX: Duration = Duration::from_secs(3);
+/// How long one connection attempt (TCP, TLS, login) may take, unless the URL says `connect_timeout`.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
+
+/// The held lock and its transaction, or a release found completed (nothing held).
+pub struct ReleaseLock {
+    /// The connection whose open transaction holds the lock; `None` when the release was already
+    /// completed and no lock was needed.
+    client: Option<Client>,
+    completed: Option<PreviousRun>,
+    name: String,
+    meta: Metadata,
+    db: Database,
+}
+
+/// A completed run of the same release found in the ledger.
+#[derive(Debug, Clone)]
+pub struct PreviousRun {
+    pub holder: String,
+    pub finished_at: String,
+}
+
+/// The lock key for a name: FNV-1a 64 of `release-tasks:` + name, so that two apps on one database
+/// (or an app and its staging) do not share a lock unless they share a key.
+#[must_use]
+pub fn key_for(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"release-tasks:".iter().chain(name.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// Which release the ledger records: the version, else the commit. `None` when neither is known.
+#[must_use]
+pub fn release_id(meta: &Metadata) -> Option<String> {
+    meta.version.clone().or_else(|| meta.commit.clone())
+}
+
+/// The first of `[lock] postgres`'s variables that is set and not empty, with its value.
+fn chosen_url<'a>(lock: &'a Lock, env: &'a Env) -> Option<(&'a str, &'a str)> {
+    lock.url_vars.iter().find_map(|var| {
+        env.get(var)
+            .filter(|url| !url.is_empty())
+            .map(|url| (var.as_str(), url.as_str()))
+    })
+}
+
+/// Problems with `[lock]` that can be found before connecting: the variables, the URL (its
+/// parameters and certificate files) and, for `once`, the release's version.
+#[must_use]
+pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
+    let mut problems = Vec::new();
+    match chosen_url(lock, env) {
+        None if lock.url_vars.len() == 1 => problems.push(format!(
+            "[lock] postgres names {}, which is not set; set it to the database URL",
+            lock.url_vars[0]
+        )),
+        None => problems.push(format!(
+            "[lock] postgres names {}, none of which is set; set one of them to the database URL",
+            lock.url_vars.join(", ")
+        )),
+        Some((var, url)) => {
+            if let Err(err) =
+                url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
+            {
+                problems.push(format!(
+                    "[lock] {var} is not a usable database URL: {}",
+                    redact::scrub(&err, &secrets_of(url))
+                ));
+            }
+        }
+    }
+    if lock.key.is_none() && meta.app.is_none() {
+        problems.push(
+            "[lock] has no key and the app's name is unknown; set `key` in [lock] or RELEASE_TASKS_APP".into(),
+        );
+    }
+    if lock.once && release_id(meta).is_none() {
+        problems.push(
+            "[lock] once = true needs to know which release this is; set RELEASE_TASKS_VERSION (or enable Heroku's \
+             runtime-dyno-metadata)"
+                .into(),
+        );
+    }
+    problems
+}
+
+/// The lock's name: `key`, else the app's name.
+fn lock_name(lock: &Lock, meta: &Metadata) -> String {
+    lock.key
+        .clone()
+        .or_else(|| meta.app.clone())
+        .unwrap_or_default()
+}
+
+/// Who this replica is, as other replicas see it in `pg_stat_activity.application_name`: the pid
+/// first, because PostgreSQL keeps only 63 bytes (of ASCII) and a long pod name must not cut it.
+fn application_name(from_url: Option<&str>) -> String {
+    let host = std::env::var("DYNO")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let mut name = format!("release-tasks pid {} on {host}", std::process::id());
+    if let Some(extra) = from_url {
+        name = format!("{name} ({extra})");
+    }
+    name.chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(63)
+        .collect()
+}
+
+/// The database `[lock]` uses: its parsed URL, the TLS connector, and what must not be shown.
+pub(crate) struct Database {
+    var: String,
+    /// The URL reduced to scheme and host, for messages.
+    shown: String,
+    config: tokio_postgres::Config,
+    tls: tls::MakeRustls,
+    secrets: Vec<String>,
+    /// How long a database that refuses connections is tried again.
+    connect_timeout: Duration,
+    /// This replica's `application_name`.
+    me: String,
+}
+
+impl Database {
+    /// The database of the first set variable in `[lock] postgres`.
+    fn open(lock: &Lock, env: &Env) -> Result<Database, Error> {
+        let Some((var, url)) = chosen_url(lock, env) else {
+            return Err(Error::Environment {
+                problems: vec![format!(
+                    "[lock] postgres names {}, none of which is set",
+                    lock.url_vars.join(", ")
+                )],
+            });
+        };
+        let secrets = secrets_of(url);
+        let bad = |e: String| {
+            Error::Database(format!(
+                "[lock] {var} is not a usable database URL: {}",
+                redact::scrub(&e, &secrets)
+            ))
+        };
+        let target = url::parse(url).map_err(bad)?;
+        let tls = tls::MakeRustls::new(&target.tls).map_err(bad)?;
+        let me = application_name(target.application_name.as_deref());
+        let mut config = target.config;
+        config.application_name(&me);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_ATTEMPT);
+        }
+        Ok(Database {
+            var: var.to_owned(),
+            shown: redact::url(url),
+            config,
+            tls,
+            secrets,
+            connect_timeout: lock.connect_timeout,
+            me,
+        })
+    }
+
+    /// One connection attempt.
+    async fn connect_once(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(watch(connection));
+        Ok(client)
+    }
+
+    /// Connects, trying again with back-off while the database is not up yet (refused, not
+    /// resolvable, starting up, too many connections), for up to `[lock] connect_timeout`; each
+    /// failed attempt is logged. A wrong password, an unknown database or a TLS failure fails at once.
+    async fn connect(&self, signals: &mut Signals) -> Result<Client, Error> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(250);
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let result = tokio::select! {
+                biased;
+                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                result = self.connect_once() => result,
+            };
+            let err = match result {
+                Ok(client) => return Ok(client),
+                Err(err) => err,
+            };
+            let reason = self.scrub(&describe(&err));
+            let left = self.connect_timeout.saturating_sub(started.elapsed());
+            if !is_transient(&err) || left.is_zero() {
+                let hint = if is_transient(&err) {
+                    format!(
+                        " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
+                        humantime::format_duration(Duration::from_secs(
+                            started.elapsed().as_secs()
+                        ))
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(Error::Database(format!(
+                    "[lock] cannot use the database at {} (from {}): {reason}{hint}",
+                    self.shown, self.var
+                )));
+            }
+            let wait = jittered(pause).min(left);
+            tracing::warn!(
+                url = %self.shown, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64,
+                "the [lock] database is not available yet; trying again"
+            );
+            tokio::select! {
+                biased;
+                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                () = tokio::time::sleep(wait) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        redact::urls_in(&redact::scrub(text, &self.secrets))
+    }
+
+    fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
+        Error::Database(self.scrub(&format!("[lock] {what}: {}", describe(err))))
+    }
+}
+
+/// Whether a failed connection attempt may succeed later: the server is not there yet, is starting,
+/// or has no connection to spare. Login and TLS failures are not.
+fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if let Some(db) = err.as_db_error() {
+        // 57P03 cannot_connect_now (starting up), 53300 too_many_connections, 53400 limit exceeded,
+        // 08xxx connection failures reported by the server (or a pooler in front of it).
+        return matches!(
+            db.code().code(),
+            "57P03" | "53300" | "53400" | "08000" | "08001" | "08004" | "08006"
+        );
+    }
+    // tokio-postgres does not expose its error kinds: these are its messages for a failed TCP
+    // connect or DNS look-up, a connect timeout, and a connection closed during the startup.
+    let text = err.to_string();
+    [
+        "error connecting to server",
+        "timeout waiting for server",
+        "connection closed",
+    ]
+    .iter()
+    .any(|m| text.starts_with(m))
+}
+
+/// `base` scaled by a factor between 0.5 and 1.5, so that replicas started together spread out.
+fn jittered(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = (u64::from(nanos) ^ (u64::from(std::process::id()) << 32))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // The top 20 bits, as a fraction of 1.
+    let unit = f64::from((seed >> 44) as u32) / f64::from(1u32 << 20);
+    base.mul_f64(0.5 + unit)
+}
+
+/// Takes the lock, waiting up to `lock.timeout` while another replica holds it and saying who that
+/// is; between tries the connection is closed. With `once`, a release found completed in the ledger
+/// needs no lock. A stopping signal ends the wait.
+pub async fn acquire(
+    lock: &Lock,
+    env: &Env,
+    meta: &Metadata,
+    signals: &mut Signals,
+) -> Result<ReleaseLock, Error> {
+    let db = Database::open(lock, env)?;
+    let name = lock_name(lock, meta);
+    let key = key_for(&name);
+    let release = if lock.once { release_id(meta) } else { None };
+    let started = Instant::now();
+    let deadline = started + lock.timeout;
+    let mut last_holder: Option<String> = None;
+    let mut pause = RETRY_MIN;
+    let mut ledger_ready = false;
+    loop {
+        let client = db.connect(signals).await?;
+        // The queries of one try: the ledger (with `once`), then the lock.
+        let one_try = async {
+            if let Some(release) = &release {
+                if !ledger_ready {
+                    ledger::ensure_table(&client)
+                        .await
+                        .map_err(|e| db.error("cannot create the release_tasks_runs table", &e))?;
+                    ledger_ready = true;
+                }
+                let previous = ledger::completed(&client, &name, release)
+                    .await
+                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+                if let Some(previous) = previous {
+                    return Ok(Err(previous));
+                }
+            }
+            try_lock(&client, key)
+                .await
+                .map(Ok)
+                .map_err(|e| db.error("cannot take the release lock", &e))
+        };
+        let holder = match or_stop(signals, one_try).await? {
+            Ok(holder) => holder,
+            Err(previous) => {
+                return Ok(ReleaseLock {
+                    client: None,
+                    completed: Some(previous),
+                    name,
+                    meta: meta.clone(),
+                    db,
+                });
+            }
+        };
+        let Some(holder) = holder else {
+            if last_holder.is_some() {
+                tracing::info!(lock = %name, waited_s = started.elapsed().as_secs(), "took the release lock");
+            } else {
+                tracing::info!(lock = %name, "took the release lock");
+            }
+            return Ok(ReleaseLock {
+                client: Some(client),
+                completed: None,
+                name,
+                meta: meta.clone(),
+                db,
+            });
+        };
+        // Waiting costs the database no connection.
+        drop(client);
+        if last_holder.as_deref() != Some(holder.as_str()) {
+            tracing::warn!(
+                lock = %name, holder = %holder, timeout = %humantime::format_duration(lock.timeout),
+                "another replica holds the release lock; waiting"
+            );
+            last_holder = Some(holder.clone());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::LockTimeout(format!(
+                "[lock] {holder} still held the release lock `{name}` after {}; raise [lock] timeout if its releases take longer",
+                humantime::format_duration(lock.timeout)
+            )));
+        }
+        let wait = jittered(pause).min(deadline.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            biased;
+            sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+            () = tokio::time::sleep(wait) => {}
+        }
+        pause = (pause * 3 / 2).min(RETRY_MAX);
+    }
+}
+
+/// Opens the lock's transaction and tries the lock: `None` when taken (the transaction stays open),
+/// else who holds it (the transaction is rolled back). A holder that cannot be read (the lock changed
+/// hands between the try and the look) is looked for again before it is called "another session".
+async fn try_lock(client: &Client, key: i64) -> Result<Option<String>, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL statement_timeout = 0",
+        )
+        .await?;
+    for attempt in 1..=3u64 {
+        let row = client
+            .query_typed_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[(&key, Type::INT8)],
+            )
+            .await?;
+        if row.try_get::<_, bool>(0)? {
+            return Ok(None);
+        }
+        if let Some(holder) = holder_of(client, key).await? {
+            client.batch_execute("ROLLBACK").await?;
+            return Ok(Some(holder));
+        }
+        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+    }
+    client.batch_execute("ROLLBACK").await?;
+    Ok(Some("another session".to_owned()))
+}
+
+/// `work`, unless a stopping signal comes first: then the work is dropped (its connection closes).
+async fn or_stop<T>(
+    signals: &mut Signals,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        biased;
+        sig = stopping(signals) => Err(Error::Interrupted(sig)),
+        result = work => result,
+    }
+}
+
+/// Waits for a stopping signal (reaping children that exit meanwhile is not needed: none run yet).
+async fn stopping(signals: &mut Signals) -> nix::sys::signal::Signal {
+    loop {
+        if let Event::Signal(sig) = signals.next().await {
+            if STOPPING.contains(&sig) {
+                return sig;
+            }
+        }
+    }
+}
+
+/// The `application_name` and backend pid of the session holding the advisory lock `key`, if any.
+async fn holder_of(client: &Client, key: i64) -> Result<Option<String>, tokio_postgres::Error> {
+    // An advisory lock on a bigint shows in pg_locks as its high and low halves.
+    let (high, low) = (i64::from((key >> 32) as u32), i64::from(key as u32));
+    let row = client
+        .query_typed_opt(
+            "SELECT coalesce(nullif(a.application_name, ''), 'a session') || ' (backend pid ' || a.pid || ')' \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.classid::bigint = $1 AND l.objid::bigint = $2 LIMIT 1",
+            &[(&high, Type::INT8), (&low, Type::INT8)],
+        )
+        .await?;
+    row.map(|r| r.try_get(0)).transpose()
+}
+
+/// Drives the connection; if it drops mid-release the lock is gone, and that must be said loudly.
+async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(err) = connection.await {
+        tracing::error!(
+            error = %describe(&err),
+            "lost the [lock] database connection; PostgreSQL released the lock, so another replica may start the release"
+        );
+    }
+}
+
+/// The driver's message with its cause, which is where "password authentication failed" lives.
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(err) {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
+    }
+}
+
+/// The URL and its password, to scrub from anything the driver says.
+fn secrets_of(url: &str) -> Vec<String> {
+    let mut secrets = vec![url.to_owned()];
+    if let Some(auth) = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(auth, _)| auth)
+    {
+        if let Some((_, password)) = auth.split_once(':') {
+            secrets.push(password.to_owned());
+        }
+    }
+    // `?password=` in a URL, `password=` in key=value pairs (quoted or not).
+    for pair in url.split(['&', '?', ' ']) {
+        if let Some(password) = pair.strip_prefix("password=") {
+            secrets.push(password.trim_matches('\'').to_owned());
+        }
+    }
+    if let Ok(target) = url::parse(url) {
+        if let Some(password) = target.config.get_password() {
+            secrets.push(String::from_utf8_lossy(password).into_owned());
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    secrets
+}
+
+impl ReleaseLock {
+    /// The lock's name, for messages.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The completed run of `release`, if the ledger has one (read under the lock).
+    pub async fn previous(&self, release: &str) -> Result<Option<PreviousRun>, Error> {
+        if let Some(previous) = &self.completed {
+            return Ok(Some(previous.clone()));
+        }
+        let Some(client) = &self.client else {
+            return Ok(None);
+        };
+        // Read in a savepoint that is rolled back: the lock's transaction must not keep the table's
+        // lock for the whole release, where it would hold up another app's change to the table and
+        // everyone queued behind that.
+        let read = async {
+            client.batch_execute("SAVEPOINT ledger").await?;
+            let previous = ledger::completed(client, &self.name, release).await?;
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT ledger; RELEASE SAVEPOINT ledger")
+                .await?;
+            Ok(previous)
+        };
+        read.await
+            .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
+    }
+
+    /// Records that this replica is running `release` (a failed or abandoned earlier run is
+    /// replaced). Written through a second, short connection so that it is visible at once (to
+    /// `wait` and `history`) while the lock's transaction stays open; when the database has no
+    /// connection to spare for it, written in the lock's transaction instead (visible with the outcome).
+    pub async fn begin(&self, release: &str) -> Result<(), Error> {
+        let mut pause = Duration::from_millis(200);
+        for _ in 0..3 {
+            match self.db.connect_once().await {
+                Ok(client) => {
+                    return ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
+                        .await
+                        .map_err(|e| {
+                            self.db
+                                .error("cannot record the release in release_tasks_runs", &e)
+                        });
+                }
+                Err(err) if is_transient(&err) => {
+                    tracing::debug!(reason = %self.db.scrub(&describe(&err)), "no second connection for the ledger yet");
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause *= 2;
+                }
+                Err(err) => {
+                    return Err(self.db.error("cannot connect to record the release", &err));
+                }
+            }
+        }
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        ledger::begin(client, &self.name, release, &self.db.me, &self.meta)
+            .await
+            .map_err(|e| {
+                self.db
+                    .error("cannot record the release in release_tasks_runs", &e)
+            })
+    }
+
+    /// Records how `release` ended, in the lock's transaction: the outcome is committed with the
+    /// unlock. A failure to record is logged: the release itself is over.
+    pub async fn finish(&self, release: &str, report: &Report) {
+        let Some(client) = &self.client else { return };
+        let status = if report.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        if let Err(err) =
+            ledger::finish(client, &self.name, release, status, report.exit_code()).await
+        {
+            tracing::error!(error = %self.db.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
+        }
+    }
+
+    /// Commits the lock's transaction, which releases the lock, and closes the connection.
+    pub async fn release(self) {
+        let Some(client) = &self.client else { return };
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => tracing::info!(lock = %self.name, "released the release lock"),
+            // Closing the connection (below, on drop) releases it anyway.
+            Err(err) => {
+                tracing::warn!(error = %self.db.error("cannot commit", &err), "closing the connection instead");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        assert_eq!(key_for("shop"), key_for("shop"));
+        assert_ne!(key_for("shop"), key_for("shop-staging"));
+    }
+
+    #[test]
+    fn the_holder_name_keeps_the_pid_within_63_bytes() {
+        let name = application_name(Some(&"x".repeat(80)));
+        assert!(name.starts_with(&format!("release-tasks pid {} on ", std::process::id())));
+        assert!(name.len() <= 63);
+    }
+
+    #[test]
+    fn passwords_are_scrubbed() {
+        let secrets = secrets_of("postgres://app:hunter2@db:5432/app");
+        assert_eq!(secrets[1], "hunter2");
+        let keywords = secrets_of("host=db password='p w' user=app");
+        assert!(keywords.iter().any(|s| s == "p w"), "{keywords:?}");
+        assert_eq!(
+            redact::scrub("login for app with hunter2 failed", &secrets),
+            "login for app with [redacted] failed"
+        );
+    }
+}
