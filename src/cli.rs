@@ -54,6 +54,11 @@ pub struct Cli {
     /// Write the release report as `JUnit` XML to this file when the release ends
     #[arg(long, global = true, value_name = "PATH")]
     pub junit: Option<PathBuf>,
+
+    /// Read variables from this .env file for a local run (repeatable; the environment wins, then
+    /// the first file that sets a variable)
+    #[arg(long = "env-file", global = true, value_name = "PATH")]
+    pub env_files: Vec<PathBuf>,
 }
 
 /// What to do.
@@ -101,6 +106,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub report: Option<PathBuf>,
     pub junit: Option<PathBuf>,
+    /// The `.env` files to read, in order (none unless named).
+    pub env_files: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -150,7 +157,13 @@ impl Settings {
                 )));
             }
         }
+        let env_files = if cli.env_files.is_empty() {
+            path("RELEASE_TASKS_ENV_FILE").into_iter().collect()
+        } else {
+            cli.env_files
+        };
         Ok(Settings {
+            env_files,
             command: cli.command.unwrap_or(Command::Run),
             config: cli
                 .config

@@ -19,6 +19,8 @@ pub struct Env {
     text: BTreeMap<String, String>,
     /// Variables whose value is not UTF-8 (names that are not UTF-8 cannot be named by a config).
     bytes: BTreeMap<String, OsString>,
+    /// Where a variable that did not come from the process environment came from (a `.env` file).
+    sources: BTreeMap<String, String>,
 }
 
 /// A variable holds bytes that are not UTF-8, where release-tasks needs text.
@@ -99,6 +101,19 @@ impl Env {
         }
     }
 
+    /// Sets `name` from somewhere other than the process environment, remembering where (shown as
+    /// "(from SOURCE)" wherever a gate's reason shows the value).
+    pub fn insert_from(&mut self, name: String, value: String, source: String) {
+        self.sources.insert(name.clone(), source);
+        self.insert(name, value);
+    }
+
+    /// Where `name`'s value came from, when not from the process environment.
+    #[must_use]
+    pub fn source(&self, name: &str) -> Option<&str> {
+        self.sources.get(name).map(String::as_str)
+    }
+
     /// Whether `name` is set, whatever its value.
     #[must_use]
     pub fn contains_key(&self, name: &str) -> bool {
@@ -165,6 +180,8 @@ pub struct Reason {
     pub value: Option<String>,
     pub rule: String,
     pub holds: bool,
+    /// Where the value came from when not from the process environment (a `.env` file).
+    pub source: Option<String>,
 }
 
 /// A variable holds a value that a gate refuses to guess about: not a boolean, or not UTF-8.
@@ -345,6 +362,7 @@ impl Condition {
             value: value.map(str::to_owned),
             rule,
             holds,
+            source: env.source(&self.var).map(str::to_owned),
         })
     }
 }
@@ -373,6 +391,9 @@ impl fmt::Display for Reason {
         match &self.value {
             None => write!(f, "{} is unset", self.var)?,
             Some(v) => write!(f, "{}={:?}", self.var, crate::redact::value(&self.var, v))?,
+        }
+        if let Some(source) = &self.source {
+            write!(f, " (from {source})")?;
         }
         write!(f, " (needs: {} {})", self.var, self.rule)
     }

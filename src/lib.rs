@@ -42,6 +42,21 @@ pub fn env_snapshot() -> Env {
     Env::from_os(std::env::vars_os())
 }
 
+/// Reads the `--env-file` files (none unless named) into `env` and into the process environment,
+/// which every task inherits and `exec` hands on. The process environment wins over the files.
+///
+/// Call it before any thread starts: it changes the process environment.
+pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
+    let loaded = env_file::load(&settings.env_files, |name| env.contains_key(name))?;
+    for var in loaded {
+        // SAFETY: called from `main` before any thread is started (see above), so nothing reads
+        // the environment concurrently.
+        unsafe { std::env::set_var(&var.name, &var.value) };
+        env.insert_from(var.name, var.value, var.file.display().to_string());
+    }
+    Ok(())
+}
+
 /// Writes what a command has to say to stdout; a failure (a closed pipe, a full disk) is an error
 /// with its own exit status (74), never a panic.
 fn say(text: &str) -> Result<()> {

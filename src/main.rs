@@ -19,8 +19,10 @@ fn main() {
         release_tasks::guardian::guard(&run_id);
     }
     let cli = Cli::parse();
-    let env = release_tasks::env_snapshot();
-    let settings = match Settings::resolve(cli, &env) {
+    let mut env = release_tasks::env_snapshot();
+    let settings = match Settings::resolve(cli, &env)
+        .and_then(|settings| release_tasks::load_env_files(&settings, &mut env).map(|()| settings))
+    {
         Ok(settings) => settings,
         Err(err) => {
             release_tasks::tell(&format!("release-tasks: error: {err}\n"));

@@ -483,7 +483,8 @@ mod tests {
                 gate: "when",
                 variable: "RUN_MIGRATIONS".into(),
                 value: None,
-                needs: "is true".into()
+                needs: "is true".into(),
+                source: None,
             })
         );
         assert_eq!(
@@ -492,7 +493,8 @@ mod tests {
                 gate: "unless",
                 variable: "APP_ENV".into(),
                 value: Some("production".into()),
-                needs: "equals \"production\"".into()
+                needs: "equals \"production\"".into(),
+                source: None,
             })
         );
         assert_eq!(plan.steps[2].skip, Some(SkipReason::NamedInSkip));

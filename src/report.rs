@@ -110,6 +110,8 @@ pub enum SkipReason {
         value: Option<String>,
         /// The rule, like `is true` or `equals "production"`.
         needs: String,
+        /// Where the value came from when not from the process environment (a `.env` file).
+        source: Option<String>,
     },
     /// Not named in `--only`.
     NotInOnly,
@@ -137,6 +139,7 @@ impl SkipReason {
                 .as_ref()
                 .map(|v| crate::redact::value(&reason.var, v)),
             needs: reason.rule.clone(),
+            source: reason.source.clone(),
         }
     }
 
@@ -149,7 +152,15 @@ impl SkipReason {
                 variable,
                 value,
                 needs,
-            } => json!({ "gate": gate, "variable": variable, "value": value, "needs": needs }),
+                source,
+            } => {
+                let mut reason =
+                    json!({ "gate": gate, "variable": variable, "value": value, "needs": needs });
+                if let Some(source) = source {
+                    reason["source"] = json!(source);
+                }
+                reason
+            }
             SkipReason::NotInOnly => json!({ "selection": "only" }),
             SkipReason::NamedInSkip => json!({ "selection": "skip" }),
             SkipReason::OnFailure => json!({ "on": "failure" }),
@@ -166,11 +177,15 @@ impl fmt::Display for SkipReason {
                 variable,
                 value,
                 needs,
+                source,
             } => {
                 write!(f, "{gate}: ")?;
                 match value {
                     None => write!(f, "{variable} is unset")?,
                     Some(v) => write!(f, "{variable}={v:?}")?,
+                }
+                if let Some(source) = source {
+                    write!(f, " (from {source})")?;
                 }
                 write!(f, " (needs: {variable} {needs})")
             }
@@ -441,6 +456,7 @@ mod tests {
                 variable: "SEED".into(),
                 value: None,
                 needs: "is true".into(),
+                source: None,
             }),
             false,
         ));

@@ -1,6 +1,7 @@
 //! Integration tests: the real `release-tasks` binary, real processes, temp dirs. One test binary,
 //! so the crate is linked once.
 
+mod adoption;
 mod core;
 mod faults;
 mod harness;
