@@ -21,6 +21,7 @@ pub mod redact;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod supervisor;
 
 use std::io::Write;
 

@@ -18,7 +18,7 @@ use crate::gate::Env;
 use crate::metadata::Metadata;
 use crate::redact;
 use crate::report::Report;
-use crate::signals::{Event, STOPPING, Signals};
+use crate::signals::Signals;
 
 /// How often a waiting replica tries the lock again.
 const RETRY: Duration = Duration::from_millis(500);
@@ -191,7 +191,7 @@ pub async fn acquire(
     };
     let client = tokio::select! {
         biased;
-        sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+        sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
         client = connect(&config, mode) => client.map_err(unavailable)?,
     };
     let name = lock_name(lock, meta);
@@ -235,19 +235,8 @@ pub async fn acquire(
         }
         tokio::select! {
             biased;
-            sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
             () = tokio::time::sleep(RETRY.min(deadline.saturating_duration_since(Instant::now()))) => {}
-        }
-    }
-}
-
-/// Waits for a stopping signal (reaping children that exit meanwhile is not needed: none run yet).
-async fn stopping(signals: &mut Signals) -> nix::sys::signal::Signal {
-    loop {
-        if let Event::Signal(sig) = signals.next().await {
-            if STOPPING.contains(&sig) {
-                return sig;
-            }
         }
     }
 }
