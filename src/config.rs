@@ -513,7 +513,11 @@ impl Validator<'_> {
         let span = value.as_ref().map(Spanned::span);
         let heartbeat = self.duration(value, "heartbeat", default);
         if heartbeat < Duration::from_secs(1) {
-            self.report(span, "`heartbeat` is under a second; give at least \"1s\", like \"30s\" or \"1m\"".into());
+            self.report(
+                span,
+                "`heartbeat` is under a second; give at least \"1s\", like \"30s\" or \"1m\""
+                    .into(),
+            );
         }
         heartbeat
     }

@@ -326,15 +326,18 @@ impl Runner {
             retries = webhook.retries, "task started"
         );
         let started = Instant::now();
-        let supervisor = match Supervisor::notify(&task.name, task.grace, webhook, webhook.body(report)) {
-            Ok(supervisor) => supervisor,
-            Err(err) => {
-                return Ok(Ran {
-                    outcome: Outcome::NotDelivered(format!("cannot start the sending thread: {err}")),
-                    cut_by_release: false,
-                });
-            }
-        };
+        let supervisor =
+            match Supervisor::notify(&task.name, task.grace, webhook, webhook.body(report)) {
+                Ok(supervisor) => supervisor,
+                Err(err) => {
+                    return Ok(Ran {
+                        outcome: Outcome::NotDelivered(format!(
+                            "cannot start the sending thread: {err}"
+                        )),
+                        cut_by_release: false,
+                    });
+                }
+            };
         let deadline = self.deadline(task, started, release_deadline);
         let done = self.supervise(task, supervisor, &deadline, started).await;
         let Ended::Notify(result) = done.ended else {
@@ -429,11 +432,14 @@ impl Runner {
                 Some(sup) if sup.forward(sig) => {
                     tracing::info!(signal = %sig, task = %sup.task(), "forwarded to task {}", sup.task());
                 }
-                _ => tracing::info!(signal = %sig, "received signal; no task process is running to forward it to"),
+                _ => {
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to")
+                }
             },
             Event::Stop(sig) => {
                 self.stopping_signals += 1;
-                let again = self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
+                let again =
+                    self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
                 self.interrupted.get_or_insert(sig);
                 let Some(sup) = sup else {
                     tracing::warn!(signal = %sig, "received signal; no further task will start");

@@ -40,9 +40,13 @@ pub const MAX_REAP_POLL: Duration = Duration::from_millis(500);
 enum Termination {
     Running,
     /// Asked to stop; SIGKILL (or, for a delivery, giving up on its thread) is due at `kill_at`.
-    Terminating { kill_at: Instant },
+    Terminating {
+        kill_at: Instant,
+    },
     /// SIGKILL was sent at `at`.
-    Killed { at: Instant },
+    Killed {
+        at: Instant,
+    },
 }
 
 /// What the supervisor runs.
@@ -133,7 +137,6 @@ impl Supervisor {
         let (hook, name, theirs) = (webhook.clone(), task.to_owned(), Arc::clone(&cancel));
         let thread = std::thread::Builder::new()
             .name("notify".into())
-            .stack_size(crate::output::SMALL_STACK * 2)
             .spawn(move || {
                 let _ = tx.send(hook.deliver(&name, &body, &theirs, grace));
             })?;
@@ -276,7 +279,8 @@ impl Supervisor {
                 }
                 Child::Notify(n) => {
                     let result = (&mut n.done).await;
-                    n.result = Some(result.unwrap_or_else(|_| Err("the sending thread stopped".into())));
+                    n.result =
+                        Some(result.unwrap_or_else(|_| Err("the sending thread stopped".into())));
                 }
             }
         }
