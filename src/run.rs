@@ -227,7 +227,7 @@ struct Deadline {
 /// How a task that was started went.
 struct Ran {
     outcome: Outcome,
-    /// Whether release_timeout (not the task's own timeout) cut it off.
+    /// Whether `release_timeout` (not the task's own timeout) cut it off.
     cut_by_release: bool,
 }
 
@@ -430,10 +430,10 @@ impl Runner {
             },
             Event::Forward(sig) => match sup {
                 Some(sup) if sup.forward(sig) => {
-                    tracing::info!(signal = %sig, task = %sup.task(), "forwarded to task {}", sup.task());
+                    tracing::info!(signal = %sig, task = %sup.task(), "signal forwarded to the task");
                 }
                 _ => {
-                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to")
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
                 }
             },
             Event::Stop(sig) => {

@@ -232,6 +232,7 @@ impl Supervisor {
 
     /// Passes `sig` on to the task's processes; returns whether any process was there to get it
     /// (a delivery has none).
+    #[must_use = "whether a process got the signal decides what the log says"]
     pub fn forward(&self, sig: Signal) -> bool {
         match &self.child {
             Child::Command(c) if c.procs.alive() => {
@@ -317,12 +318,8 @@ impl Supervisor {
                 if c.grace_end.is_none() {
                     // First look: scanning for escaped processes reads /proc, so it is done once here
                     // and then only while something is alive; once nothing is, nothing comes back.
-                    c.status = c.status.or_else(|| {
-                        process::reap()
-                            .into_iter()
-                            .find(|(p, _)| *p == c.pid)
-                            .map(|(_, s)| s)
-                    });
+                    // The main process's status is in hand; what else exited were orphans.
+                    let _ = process::reap();
                     c.alive = c.procs.alive();
                     let grace_end = match state {
                         Termination::Terminating { kill_at } => kill_at,

@@ -598,3 +598,16 @@ on = "always"
     assert!(t.path("off").exists(), "the always task did not run");
     assert!(!t.path("next").exists());
 }
+
+#[test]
+fn a_forwarded_signal_is_logged_with_the_task_that_got_it() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"trap 'touch usr1' USR1; echo ready; while [ ! -e usr1 ]; do sleep 0.05; done; true\"\n",
+    );
+    let running = t.spawn_until("a | ready");
+    running.signal("USR1");
+    running
+        .wait()
+        .status(0)
+        .stderr_has("signal forwarded to the task signal=SIGUSR1 task=a");
+}
