@@ -51,7 +51,8 @@ fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
         };
         matches!((id(1), id(2)), (Ok(a), Ok(b)) if a == b)
     });
-    let index = if shared { 0 } else { target.fd() as usize - 1 };
+    // stdout (and a test's file) use the first lock; stderr the second unless it is stdout's file.
+    let index = usize::from(!shared && target == Target::Stderr);
     OUTPUT_LOCKS[index]
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -62,6 +63,9 @@ fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
 pub enum Target {
     Stdout,
     Stderr,
+    /// A file a unit test reads back (it shares stdout's lock).
+    #[cfg(test)]
+    Fd(RawFd),
 }
 
 impl Target {
@@ -69,6 +73,8 @@ impl Target {
         match self {
             Target::Stdout => 1,
             Target::Stderr => 2,
+            #[cfg(test)]
+            Target::Fd(fd) => fd,
         }
     }
 }
@@ -476,5 +482,118 @@ mod tests {
         assert_eq!(lines.flush_due(), None);
         out.extend(render(&mut lines, &[b"y\n"], true));
         assert_eq!(out, b"t | Continue? [y/N] y\n");
+    }
+    #[test]
+    fn only_a_partial_line_of_the_limit_must_be_flushed() {
+        let mut lines = Lines::new(b"t | ".to_vec());
+        let mut pieces = Vec::new();
+        lines.feed(b"short", Instant::now(), &mut pieces);
+        lines.settle(b"short");
+        assert!(!lines.over_limit());
+        let long = vec![b'x'; MAX_PENDING];
+        lines.feed(&long, Instant::now(), &mut pieces);
+        lines.settle(&long);
+        assert!(lines.over_limit());
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A file for a pump to write to, and the target that writes there.
+    fn output_file() -> (tempfile::NamedTempFile, Target) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&file));
+        (file, target)
+    }
+
+    #[test]
+    fn a_pump_finishes_only_when_every_writer_has_closed_its_stream() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        unistd::write(&write, b"a\n").expect("write");
+        let rt = runtime();
+        let early = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(300), pump.finished()).await
+        });
+        assert!(early.is_err(), "finished while a writer held the stream");
+        assert!(!pump.is_finished());
+        drop(write);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pump.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "never finished after the stream ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), pump.finished()).await })
+            .expect("finished at once once it is known to be");
+        assert_eq!(std::fs::read(file.path()).expect("read"), b"t | a\n");
+    }
+
+    #[test]
+    fn a_stopped_pump_ends_though_a_writer_still_holds_the_stream() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        unistd::write(&write, b"whole\npartial").expect("write");
+        pump.stop();
+        runtime()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), pump.finished()).await
+            })
+            .expect("a stopped pump ends");
+        assert!(pump.is_finished());
+        assert_eq!(
+            std::fs::read(file.path()).expect("read"),
+            b"t | whole\nt | partial\n"
+        );
+        drop(write);
+    }
+
+    #[test]
+    fn what_is_in_the_pipe_when_told_to_stop_is_still_written() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        // More than one read's worth waits in the pipe, so the final drain must read the rest.
+        fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).expect("a 1 MiB pipe");
+        let line = [b"x".repeat(63), b"\n".to_vec()].concat();
+        let count = 2 * READ_SIZE / line.len() + 7;
+        for _ in 0..count {
+            unistd::write(&write, &line).expect("write");
+        }
+        let (stop_read, stop_write) = unistd::pipe().expect("pipe");
+        drop(stop_write);
+        pump(&read, &stop_read, target, Lines::new(b"t | ".to_vec()));
+        let out = std::fs::read(file.path()).expect("read");
+        assert_eq!(out.len(), count * (line.len() + 4));
+    }
+
+    #[test]
+    fn the_final_drain_is_bounded_while_a_leftover_keeps_writing() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let chatty = std::thread::spawn(move || {
+            let chunk = [b"y".repeat(64 * 1024 - 1), b"\n".to_vec()].concat();
+            let until = Instant::now() + Duration::from_secs(10);
+            // Ends with EPIPE once the pump's side is closed (the test binary ignores SIGPIPE).
+            while Instant::now() < until && unistd::write(&write, &chunk).is_ok() {}
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let (stop_read, stop_write) = unistd::pipe().expect("pipe");
+        drop(stop_write);
+        let started = Instant::now();
+        pump(&read, &stop_read, target, Lines::new(b"t | ".to_vec()));
+        let took = started.elapsed();
+        drop(read);
+        chatty.join().expect("writer");
+        assert!(took < Duration::from_secs(5), "drained for {took:?}");
+        let out = std::fs::metadata(file.path()).expect("stat").len() as usize;
+        assert!(out <= 2 * (2 * READ_SIZE + FINAL_DRAIN), "{out} bytes");
     }
 }

@@ -380,16 +380,22 @@ impl Runner {
                 () = sup.ended() => {}
                 () = sleep_until(deadline.at.into()), if !terminating => {
                     timed_out = Some(deadline.bound);
+                    let action = if sup.is_process() {
+                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
+                    } else {
+                        "task timed out; cancelling the webhook delivery"
+                    };
                     tracing::error!(
                         task = %task.name, bound = deadline.bound,
                         limit = %humantime::format_duration(deadline.limit),
-                        grace_s = task.grace.as_secs_f64(),
-                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
+                        grace_s = task.grace.as_secs_f64(), "{action}"
                     );
                     sup.begin(Signal::SIGTERM);
                 }
                 () = sleep_until(kill_due.unwrap_or(far).into()), if kill_due.is_some() => {
-                    tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
+                    if sup.is_process() {
+                        tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
+                    }
                     sup.kill();
                 }
                 () = sleep_until(next_beat.into()), if !terminating => {
@@ -450,7 +456,7 @@ impl Runner {
                         tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
                         sup.kill();
                     }
-                } else if sup.pid().is_some() {
+                } else if sup.is_process() {
                     tracing::warn!(
                         signal = %sig, grace_s = sup.grace().as_secs_f64(),
                         "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"

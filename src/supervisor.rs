@@ -165,6 +165,12 @@ impl Supervisor {
         self.grace
     }
 
+    /// Whether the task is a process (and not a webhook delivery).
+    #[must_use]
+    pub fn is_process(&self) -> bool {
+        matches!(self.child, Child::Command(_))
+    }
+
     /// The main process's pid (its process group's id), for a command task.
     #[must_use]
     pub fn pid(&self) -> Option<Pid> {
@@ -189,9 +195,7 @@ impl Supervisor {
         match &mut self.child {
             Child::Command(c) => {
                 c.procs.signal(sig);
-                if sig != Signal::SIGCONT {
-                    c.procs.signal(Signal::SIGCONT);
-                }
+                c.procs.signal(Signal::SIGCONT);
             }
             Child::Notify(n) => n.cancel.cancel(),
         }
@@ -303,15 +307,21 @@ impl Supervisor {
         let state = self.state;
         match &mut self.child {
             Child::Notify(n) => {
-                // A delivery that returned is ending its thread now; one that did not is stuck in a
-                // connect (bounded by the grace, and failing once done) and is left to it.
-                if let Some(thread) = n.thread.take() {
-                    if n.result.is_some() || thread.is_finished() {
-                        let _ = thread.join();
-                    } else {
+                // A delivery that returned is ending its thread now. One that was given up on gets a
+                // moment to see its cancellation; one stuck in a connect (bounded by the grace, and
+                // failing once done) is left to it.
+                let Some(thread) = n.thread.take_if(|t| n.result.is_some() || t.is_finished())
+                else {
+                    let waited = killed_at.is_some_and(|at| now >= at + AFTER_KILL);
+                    if !waited && n.thread.is_some() {
+                        return Some(now + CLEANUP_POLL);
+                    }
+                    if n.thread.take().is_some() {
                         tracing::warn!(task = %task, "the webhook delivery did not end within the grace period; not waiting for it");
                     }
-                }
+                    return None;
+                };
+                let _ = thread.join();
                 None
             }
             Child::Command(c) => {
