@@ -7,7 +7,9 @@
 //! that writes to the same pipe, so a log collector that merges stdout and stderr never sees two lines
 //! mixed. A partial line that waits longer than [`PARTIAL_FLUSH`] is written out, so a prompt like
 //! `Continue? [y/N]` is visible while its task hangs. Each stream is pumped by its own thread, so a
-//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop.
+//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop. A
+//! task's supervisor (`supervisor.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
+//! them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};

@@ -31,8 +31,10 @@ use crate::process::{self, TaskProcesses};
 const CLEANUP_POLL: Duration = Duration::from_millis(20);
 /// How long `SIGKILLed` processes get to vanish and their output to drain before release-tasks moves on.
 const AFTER_KILL: Duration = Duration::from_secs(1);
-/// The first and the longest wait between two `waitpid` polls while a task's main process runs.
+/// The first wait between two `waitpid` polls while a task's main process runs; it doubles up to
+/// [`MAX_REAP_POLL`].
 const FIRST_REAP_POLL: Duration = Duration::from_millis(50);
+/// The longest wait between two `waitpid` polls: how late a task's end is seen if SIGCHLD is lost.
 pub const MAX_REAP_POLL: Duration = Duration::from_millis(500);
 
 /// Where a task is in being ended.
@@ -66,8 +68,6 @@ struct Command {
     alive: bool,
     /// When the clean-up stops waiting for leftovers with SIGKILL (the end of the grace).
     grace_end: Option<Instant>,
-    /// When SIGKILL was sent (or the grace ended with nothing alive but a pipe held open).
-    cut_at: Option<Instant>,
 }
 
 struct Notify {
@@ -120,7 +120,6 @@ impl Supervisor {
                 reap_poll: FIRST_REAP_POLL,
                 alive: true,
                 grace_end: None,
-                cut_at: None,
             }),
         })
     }
@@ -336,43 +335,58 @@ impl Supervisor {
                         _ => now + grace,
                     };
                     c.grace_end = Some(grace_end);
-                    c.cut_at = killed_at.map(|_| now);
-                    if c.alive && c.cut_at.is_none() {
-                        if state == Termination::Running {
+                    match state {
+                        // What was killed before gets its full time to vanish and drain from here.
+                        Termination::Killed { .. } => self.state = Termination::Killed { at: now },
+                        _ if !c.alive => {}
+                        Termination::Running => {
                             tracing::warn!(
                                 task = %task, grace_s = grace.as_secs_f64(),
                                 "the task exited but left processes running; sending them SIGTERM, SIGKILL after the grace period"
                             );
                             self.state = Termination::Terminating { kill_at: grace_end };
+                            c.procs.signal(Signal::SIGTERM);
+                            c.procs.signal(Signal::SIGCONT);
                         }
-                        c.procs.signal(Signal::SIGTERM);
-                        c.procs.signal(Signal::SIGCONT);
+                        Termination::Terminating { .. } => {
+                            c.procs.signal(Signal::SIGTERM);
+                            c.procs.signal(Signal::SIGCONT);
+                        }
                     }
-                }
-                if c.cut_at.is_none() {
-                    c.cut_at = killed_at;
                 }
                 let drained = c.pumps.iter_mut().all(Pump::is_finished);
                 if !c.alive && drained {
                     return None;
                 }
                 let grace_end = c.grace_end.unwrap_or(now);
-                if c.cut_at.is_none() && now >= grace_end {
-                    if c.alive {
-                        tracing::warn!(task = %task, "grace period over; sending SIGKILL to what the task left running");
-                        c.procs.signal(Signal::SIGKILL);
+                let cut_at = match self.state {
+                    Termination::Killed { at } => at,
+                    _ if now >= grace_end => {
+                        // With nothing alive, only a pipe held open by an outsider is waited for;
+                        // the grace is over for it too.
+                        if c.alive {
+                            tracing::warn!(task = %task, "grace period over; sending SIGKILL to what the task left running");
+                            c.procs.signal(Signal::SIGKILL);
+                        }
                         self.state = Termination::Killed { at: now };
+                        now
                     }
-                    c.cut_at = Some(now);
-                }
-                if c.cut_at.is_some_and(|t| now >= t + AFTER_KILL) {
+                    _ => {
+                        return Some(if c.alive {
+                            now + CLEANUP_POLL
+                        } else {
+                            grace_end
+                        });
+                    }
+                };
+                if now >= cut_at + AFTER_KILL {
                     return None;
                 }
                 // While something is alive, poll for it to go; otherwise only a deadline ends the wait.
                 Some(if c.alive {
                     now + CLEANUP_POLL
                 } else {
-                    c.cut_at.map_or(grace_end, |t| t + AFTER_KILL)
+                    cut_at + AFTER_KILL
                 })
             }
         }
