@@ -145,7 +145,8 @@ async fn run(
             continue;
         }
         let failed = report.failed_task().is_some() || runner.interrupted.is_some();
-        // An expired release_timeout fails the release like anything else: what follows a failure
+        // An expired release_timeout fails the release like anything else, through the task it cut
+        // off or the next on = "success" task, which cannot start; what follows a failure
         // (on = "failure" and "always") still runs, on its own timeout.
         let expired = Instant::now() >= runner.release_deadline;
         let t0 = Instant::now();
@@ -155,7 +156,7 @@ async fn run(
         } else if task.on == On::Success && !failed && expired {
             tracing::error!(task = %task.name, "release_timeout reached before the task could start");
             Outcome::TimedOut
-        } else if !task.on.runs(failed || expired) {
+        } else if !task.on.runs(failed) {
             if task.on == On::Failure {
                 let reason = "on = \"failure\" and the release has not failed".to_owned();
                 tracing::info!(task = %task.name, reason = %reason, "task skipped");

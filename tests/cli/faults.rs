@@ -585,6 +585,9 @@ run = "sleep 30"
 allow_failure = true
 [tasks.next]
 run = "touch next"
+[tasks.rollback]
+run = "touch rollback"
+on = "failure"
 [tasks.off]
 run = "touch off"
 on = "always"
@@ -596,6 +599,7 @@ on = "always"
         .stderr_has("task=off outcome=succeeded")
         .stderr_lacks("before the task could start");
     assert!(t.path("off").exists(), "the always task did not run");
+    assert!(t.path("rollback").exists(), "the failure task did not run");
     assert!(!t.path("next").exists());
 }
 
