@@ -498,6 +498,17 @@ mod tests {
         assert!(lines.over_limit());
     }
 
+    #[test]
+    fn a_partial_line_is_due_a_flush_after_it_waited_its_time() {
+        let mut lines = Lines::new(b"t | ".to_vec());
+        let mut pieces = Vec::new();
+        assert_eq!(lines.flush_due(), None);
+        let t0 = Instant::now();
+        lines.feed(b"Continue? ", t0, &mut pieces);
+        lines.settle(b"Continue? ");
+        assert_eq!(lines.flush_due(), Some(t0 + PARTIAL_FLUSH));
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
