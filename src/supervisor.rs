@@ -292,12 +292,11 @@ impl Supervisor {
 
     /// After the main process exited (or the delivery was cut short): ends what the task left
     /// behind and waits for its output, in steps, so that the run loop keeps handling signals
-    /// meanwhile. Call [`settle_step`](Self::settle_step) until it
-    /// returns `None`, awaiting [`settle_wait`](Self::settle_wait) between calls; then
-    /// [`finish`](Self::finish).
+    /// meanwhile. Call [`settle_step`](Self::settle_step) until it returns `None`, awaiting
+    /// [`settle_wait`](Self::settle_wait) until the moment it returns; then [`finish`](Self::finish).
     pub fn settle_step(&mut self) -> Option<Instant> {
         let now = Instant::now();
-        let task = self.task.clone();
+        let task = &self.task;
         let grace = self.grace;
         let killed_at = match self.state {
             Termination::Killed { at } => Some(at),
