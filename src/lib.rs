@@ -22,6 +22,7 @@ pub mod report;
 pub mod run;
 pub mod shell;
 pub mod signals;
+pub mod supervisor;
 
 use std::io::Write;
 
