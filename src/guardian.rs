@@ -16,8 +16,8 @@ use std::process::Stdio;
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::{self, Pid};
 
-/// The variable that marks every process of one release run.
-pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
+use crate::process::RUN_ID_VAR;
+
 /// The first argument that makes release-tasks the guardian (handled first thing in `main`).
 pub const SUBCOMMAND: &str = "__guardian";
 

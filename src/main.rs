@@ -8,6 +8,9 @@ use release_tasks::error::Error;
 use release_tasks::log::LogFormat;
 
 fn main() {
+    // Before anything else (and before any thread exists, since a signal mask is per thread): a
+    // parent that blocked or ignored SIGTERM or SIGCHLD must not leave release-tasks deaf or hung.
+    release_tasks::signals::reset_inherited();
     // The guardian (see guardian.rs) starts with every task run: skip the parsing and set-up it does
     // not need.
     let mut args = std::env::args_os().skip(1);

@@ -1,10 +1,13 @@
 //! The built-in notify task: the release report `POSTed` to a webhook (JSON, or Slack's `text`), with
-//! retries on connection errors and 5xx answers.
+//! retries on connection errors and 5xx answers. A delivery runs on a thread the task's supervisor
+//! owns and can be cancelled through [`Cancel`] at any point, so a stop signal or the task's deadline
+//! ends it within the grace and nothing is sent after its task has ended.
 //!
 //! The URL and header values are credentials (a Slack hook URL is one), so nothing here logs them:
 //! messages show the URL through `redact::url` and scrub the HTTP client's errors.
 
 use std::fmt::Write as _;
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::config::{Notify, NotifyFormat};
@@ -88,14 +91,28 @@ impl Webhook {
 
     /// POSTs `body`, retrying connection errors and 5xx answers with backoff. Blocking: call it off
     /// the run loop's thread. Returns the final HTTP status, or why it was not delivered.
-    pub fn deliver(&self, task: &str, body: &[u8]) -> Result<u16, String> {
+    ///
+    /// `cancel` ends it from another thread: no attempt starts after that, a backoff wait ends at
+    /// once, and a request in flight has its connection shut down. A connect in progress cannot be
+    /// interrupted, so it is bounded by `connect_bound` (the task's grace), after which it fails too.
+    pub fn deliver(
+        &self,
+        task: &str,
+        body: &[u8],
+        cancel: &Cancel,
+        connect_bound: Duration,
+    ) -> Result<u16, String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(self.timeout))
+            .timeout_connect(Some(self.timeout.min(connect_bound)))
             .http_status_as_error(false)
             .max_redirects(0)
             .user_agent(concat!("release-tasks/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        if !cancel.register(&agent) {
+            return Err(CANCELLED.into());
+        }
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         loop {
@@ -119,6 +136,9 @@ impl Webhook {
                     format!("cannot reach the webhook: {}", self.scrub(&err.to_string())),
                 ),
             };
+            if cancel.is_cancelled() {
+                return Err(CANCELLED.into());
+            }
             if !retryable || attempt > self.retries {
                 let tries = if attempt == 1 {
                     String::new()
@@ -132,7 +152,9 @@ impl Webhook {
                 retry_in_ms = backoff.as_millis() as u64,
                 "webhook not reached; retrying"
             );
-            std::thread::sleep(backoff);
+            if cancel.sleep(backoff) {
+                return Err(CANCELLED.into());
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -142,6 +164,67 @@ impl Webhook {
         let mut secrets: Vec<String> = self.headers.iter().map(|(_, v)| v.clone()).collect();
         secrets.push(self.url.clone());
         redact::urls_in(&redact::scrub(text, &secrets))
+    }
+}
+
+/// Why a cancelled delivery ended (the run loop reports the stop or the timeout that caused it).
+const CANCELLED: &str = "the delivery was cancelled";
+
+/// Ends a delivery running on another thread: set once, seen by every later check, and it wakes
+/// the backoff wait and shuts down the connection of a request in flight.
+#[derive(Default)]
+pub struct Cancel {
+    state: Mutex<CancelState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    /// The delivery's HTTP client, whose shutdown closes its connections.
+    agent: Option<ureq::Agent>,
+}
+
+impl Cancel {
+    fn state(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Cancels the delivery; later calls do nothing more.
+    pub fn cancel(&self) {
+        let agent = {
+            let mut state = self.state();
+            state.cancelled = true;
+            state.agent.take()
+        };
+        self.wake.notify_all();
+        if let Some(agent) = agent {
+            agent.shutdown();
+        }
+    }
+
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.state().cancelled
+    }
+
+    /// Hands over the client to shut down on cancel; false if already cancelled.
+    fn register(&self, agent: &ureq::Agent) -> bool {
+        let mut state = self.state();
+        if !state.cancelled {
+            state.agent = Some(agent.clone());
+        }
+        !state.cancelled
+    }
+
+    /// Waits `duration` unless cancelled first; returns whether it was cancelled.
+    fn sleep(&self, duration: Duration) -> bool {
+        let state = self.state();
+        let (state, _) = self
+            .wake
+            .wait_timeout_while(state, duration, |s| !s.cancelled)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.cancelled
     }
 }
 

@@ -7,7 +7,9 @@
 //! that writes to the same pipe, so a log collector that merges stdout and stderr never sees two lines
 //! mixed. A partial line that waits longer than [`PARTIAL_FLUSH`] is written out, so a prompt like
 //! `Continue? [y/N]` is visible while its task hangs. Each stream is pumped by its own thread, so a
-//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop.
+//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop. A
+//! task's supervisor (`supervisor.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
+//! them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -51,7 +53,8 @@ fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
         };
         matches!((id(1), id(2)), (Ok(a), Ok(b)) if a == b)
     });
-    let index = if shared { 0 } else { target.fd() as usize - 1 };
+    // stdout (and a test's file) use the first lock; stderr the second unless it is stdout's file.
+    let index = usize::from(!shared && target == Target::Stderr);
     OUTPUT_LOCKS[index]
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -62,6 +65,9 @@ fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
 pub enum Target {
     Stdout,
     Stderr,
+    /// A file a unit test reads back (it shares stdout's lock).
+    #[cfg(test)]
+    Fd(RawFd),
 }
 
 impl Target {
@@ -69,6 +75,8 @@ impl Target {
         match self {
             Target::Stdout => 1,
             Target::Stderr => 2,
+            #[cfg(test)]
+            Target::Fd(fd) => fd,
         }
     }
 }
@@ -476,5 +484,141 @@ mod tests {
         assert_eq!(lines.flush_due(), None);
         out.extend(render(&mut lines, &[b"y\n"], true));
         assert_eq!(out, b"t | Continue? [y/N] y\n");
+    }
+    #[test]
+    fn only_a_partial_line_of_the_limit_must_be_flushed() {
+        let mut lines = Lines::new(b"t | ".to_vec());
+        let mut pieces = Vec::new();
+        lines.feed(b"short", Instant::now(), &mut pieces);
+        lines.settle(b"short");
+        assert!(!lines.over_limit());
+        let long = vec![b'x'; MAX_PENDING];
+        lines.feed(&long, Instant::now(), &mut pieces);
+        lines.settle(&long);
+        assert!(lines.over_limit());
+    }
+
+    #[test]
+    fn a_partial_line_is_due_a_flush_after_it_waited_its_time() {
+        let mut lines = Lines::new(b"t | ".to_vec());
+        let mut pieces = Vec::new();
+        assert_eq!(lines.flush_due(), None);
+        let t0 = Instant::now();
+        lines.feed(b"Continue? ", t0, &mut pieces);
+        lines.settle(b"Continue? ");
+        assert_eq!(lines.flush_due(), Some(t0 + PARTIAL_FLUSH));
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A file for a pump to write to, and the target that writes there.
+    fn output_file() -> (tempfile::NamedTempFile, Target) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&file));
+        (file, target)
+    }
+
+    #[test]
+    fn a_pump_finishes_only_when_every_writer_has_closed_its_stream() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        unistd::write(&write, b"a\n").expect("write");
+        let rt = runtime();
+        let early = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(300), pump.finished()).await
+        });
+        assert!(early.is_err(), "finished while a writer held the stream");
+        assert!(!pump.is_finished());
+        drop(write);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pump.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "never finished after the stream ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), pump.finished()).await })
+            .expect("finished at once once it is known to be");
+        assert_eq!(std::fs::read(file.path()).expect("read"), b"t | a\n");
+    }
+
+    #[test]
+    fn a_stopped_pump_ends_though_a_writer_still_holds_the_stream() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        unistd::write(&write, b"whole\npartial").expect("write");
+        pump.stop();
+        runtime()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), pump.finished()).await
+            })
+            .expect("a stopped pump ends");
+        assert!(pump.is_finished());
+        assert_eq!(
+            std::fs::read(file.path()).expect("read"),
+            b"t | whole\nt | partial\n"
+        );
+        drop(write);
+    }
+
+    /// Runs a pump on `source` until it ends by itself, as if told to stop before it began; fails
+    /// the test if it has not ended within a few seconds.
+    fn pump_stopped(source: OwnedFd, target: Target) {
+        let (stop_read, stop_write) = unistd::pipe().expect("pipe");
+        drop(stop_write);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            pump(&source, &stop_read, target, Lines::new(b"t | ".to_vec()));
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the pump ended");
+    }
+
+    /// 64-byte lines, so that byte counts tell how many were written.
+    fn line() -> Vec<u8> {
+        [b"x".repeat(63), b"\n".to_vec()].concat()
+    }
+
+    #[test]
+    fn what_is_in_the_pipe_when_told_to_stop_is_still_written() {
+        let (file, target) = output_file();
+        let (read, write) = unistd::pipe().expect("pipe");
+        // More than one read's worth waits in the pipe, so the final drain must read the rest, up
+        // to the end of the stream (its writer has gone).
+        fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).expect("a 1 MiB pipe");
+        let count = 2 * READ_SIZE / line().len() + 7;
+        for _ in 0..count {
+            unistd::write(&write, &line()).expect("write");
+        }
+        drop(write);
+        pump_stopped(read, target);
+        let out = std::fs::read(file.path()).expect("read");
+        assert_eq!(out.len(), count * (line().len() + 4));
+    }
+
+    #[test]
+    fn the_final_drain_is_bounded_while_there_is_more_to_read() {
+        // A file never runs dry like a pipe a leftover keeps filling: the drain must stop at its
+        // bound, after the one read of the pump's loop.
+        let source = tempfile::NamedTempFile::new().expect("temp file");
+        let total = 4 * FINAL_DRAIN / line().len();
+        std::fs::write(source.path(), line().repeat(total)).expect("write");
+        let (file, target) = output_file();
+        pump_stopped(
+            std::fs::File::open(source.path()).expect("open").into(),
+            target,
+        );
+        let out = std::fs::read(file.path()).expect("read");
+        let lines = (READ_SIZE + FINAL_DRAIN) / line().len();
+        assert_eq!(out.len(), lines * (line().len() + 4));
     }
 }

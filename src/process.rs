@@ -1,8 +1,10 @@
-//! Processes: spawning a task in its own process group, signalling everything a task started, reaping,
-//! and the guardian that kills a task's group if release-tasks itself is killed.
+//! Processes: spawning a task in its own process group, signalling everything a task started (its
+//! group and what escaped it), reaping, and becoming the subreaper that finds escaped processes.
 //!
-//! This is the one place that makes process system calls. It knows nothing of deadlines or of what a
-//! signal means to the release: `run.rs` decides when to call what.
+//! This is the one place that makes process system calls for tasks. It knows nothing of deadlines or
+//! of what a signal means to the release: the task's supervisor (`supervisor.rs`) calls it, on
+//! `run.rs`'s word. The guardian (`guardian.rs`) uses its process listing and finds a run's processes
+//! by [`RUN_ID_VAR`], which is defined here because every task gets it here.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -15,6 +17,9 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{self, Pid};
 
 use crate::config::Task;
+
+/// The variable that marks every process of one release run.
+pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
 
 /// Puts every signal a program can catch back to its default disposition, whatever release-tasks's
 /// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
@@ -89,7 +94,7 @@ fn spawn_argv(
     command
         .args(arguments)
         .envs(&task.env)
-        .env(crate::guardian::RUN_ID_VAR, run_id)
+        .env(RUN_ID_VAR, run_id)
         .current_dir(&task.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

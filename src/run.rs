@@ -1,17 +1,18 @@
-//! Executes a [`Plan`]: one task at a time, each under a select loop over its exit, its deadline, the
-//! release's deadline, a heartbeat and the signals release-tasks receives.
+//! Executes a [`Plan`]: one task at a time, each under a select loop over its end, its deadline, a
+//! heartbeat and the signals release-tasks receives.
 //!
-//! Processes are handled through `process.rs`, output through `output.rs`; this module decides *when*:
-//! SIGTERM at the deadline, SIGKILL a grace period later, forwarding of signals, clean-up of what a task
-//! leaves behind, and that nothing starts after a failure.
+//! This module is policy only: which deadline applies to a task (its own `timeout` or what is left of
+//! `release_timeout`, computed once when it starts), what a signal means (a stop ends the task and
+//! the release, a forwarded one only reaches the task's processes), which tasks still run after a
+//! failure, and which outcome follows. The mechanism (spawning, signalling a process group with
+//! SIGTERM + SIGCONT then SIGKILL, reaping, output pumps, cancelling a webhook delivery, cleaning up
+//! what a task leaves) belongs to the task's [`Supervisor`], which the run loop asks and tells.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use nix::unistd::Pid;
 use tokio::time::sleep_until;
 
 use crate::config::{Defaults, On, Task};
@@ -19,16 +20,14 @@ use crate::gate::Env;
 use crate::guardian::Guardian;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
-use crate::output::{Pump, Target};
 use crate::plan::{Plan, Step};
-use crate::process::{self, TaskProcesses};
+use crate::process;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
-use crate::signals::{Event, STOPPING, Signals};
+use crate::signals::{Event, Signals};
+use crate::supervisor::{Ended, Supervisor};
 
-/// How often the clean-up after a task checks whether its leftovers are gone.
-const CLEANUP_POLL: Duration = Duration::from_millis(20);
-/// How long `SIGKILLed` processes get to vanish and their output to drain before release-tasks moves on.
-const AFTER_KILL: Duration = Duration::from_secs(1);
+/// The shortest heartbeat; the config validator refuses less, and this keeps the loop honest anyway.
+const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Runs the plan and reports what happened. `Err` only for release-tasks's own failures.
 ///
@@ -38,13 +37,7 @@ const AFTER_KILL: Duration = Duration::from_secs(1);
 pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
     let meta = plan.meta.clone();
     if plan.to_run().next().is_none() {
-        let mut report = Report::new(meta);
-        report.tasks = plan
-            .steps
-            .iter()
-            .map(|step| skipped(step, step.skip_reason()))
-            .collect();
-        return Ok(report);
+        return Ok(all_skipped(plan, None, meta));
     }
     crate::log::write_in_background();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,12 +76,7 @@ async fn run_locked(
                 previous.holder, previous.finished_at
             );
             tracing::info!(lock = %held.name(), release = %release, reason = %reason, "skipping every task");
-            let mut report = Report::new(meta);
-            report.tasks = plan
-                .steps
-                .iter()
-                .map(|step| skipped(step, SkipReason::Other(reason.clone())))
-                .collect();
+            let report = all_skipped(plan, Some(&reason), meta);
             held.release().await;
             return Ok(report);
         }
@@ -100,6 +88,22 @@ async fn run_locked(
     }
     held.release().await;
     Ok(report?)
+}
+
+/// The report of a release in which no task runs: each step skipped for `reason`, or for its own
+/// (its gate, the selection) when there is none.
+fn all_skipped(plan: &Plan, reason: Option<&str>, meta: Metadata) -> Report {
+    let mut report = Report::new(meta);
+    report.tasks = plan
+        .steps
+        .iter()
+        .map(|step| {
+            let why =
+                reason.map_or_else(|| step.skip_reason(), |r| SkipReason::Other(r.to_owned()));
+            skipped(step, why)
+        })
+        .collect();
+    report
 }
 
 /// The report line of a step that is not run, and why (its gate, the selection, the ledger).
@@ -123,28 +127,35 @@ async fn run(
     let mut runner = Runner {
         signals,
         guardian: None,
-        exited: HashMap::new(),
         interrupted: None,
         stopping_signals: 0,
         run_id: crate::guardian::new_run_id(),
         release_deadline: started + defaults.release_timeout,
         release_timeout: defaults.release_timeout,
-        heartbeat: defaults.heartbeat,
+        heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
     let mut report = Report::new(meta);
     for step in &plan.steps {
         runner.take_pending_events();
         let task = &step.task;
-        let release_failed = report.failed_task().is_some() || runner.interrupted.is_some();
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
             continue;
         }
+        let failed = report.failed_task().is_some() || runner.interrupted.is_some();
+        // An expired release_timeout fails the release like anything else, through the task it cut
+        // off or the next on = "success" task, which cannot start; what follows a failure
+        // (on = "failure" and "always") still runs, on its own timeout.
+        let expired = Instant::now() >= runner.release_deadline;
         let t0 = Instant::now();
+        let mut allow_failure = task.allow_failure;
         let outcome = if runner.stopping_signals >= 2 {
             Outcome::NotRun
-        } else if !task.on.runs(release_failed) {
+        } else if task.on == On::Success && !failed && expired {
+            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+            Outcome::TimedOut
+        } else if !task.on.runs(failed) {
             if task.on == On::Failure {
                 let reason = SkipReason::OnFailure;
                 tracing::info!(task = %task.name, reason = %reason, "task skipped");
@@ -152,24 +163,26 @@ async fn run(
             } else {
                 Outcome::NotRun
             }
-        } else if !release_failed && Instant::now() >= runner.release_deadline {
-            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
-            Outcome::TimedOut
         } else {
             // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
             // of the release's: they are how the failure gets cleaned up and told.
-            let release_deadline = (!release_failed).then_some(runner.release_deadline);
-            match &step.webhook {
+            let release_deadline = (!(failed || expired)).then_some(runner.release_deadline);
+            let ran = match &step.webhook {
                 Some(webhook) => {
                     let mut so_far = report.clone();
                     so_far.duration = started.elapsed();
                     so_far.interrupted = runner.interrupted;
                     runner
                         .run_notify(task, webhook, &so_far, release_deadline)
-                        .await
+                        .await?
                 }
                 None => runner.run_task(task, release_deadline).await?,
-            }
+            };
+            // A task cut off by release_timeout is the release's failure, which allow_failure does not
+            // excuse: the release did not finish in time.
+            allow_failure &= !ran.cut_by_release;
+            Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+            ran.outcome
         };
         let duration = if outcome.exit_code().is_some() {
             t0.elapsed()
@@ -180,7 +193,7 @@ async fn run(
             name: task.name.clone(),
             outcome,
             duration,
-            allow_failure: task.allow_failure,
+            allow_failure,
         });
     }
     report.interrupted = runner.interrupted;
@@ -191,8 +204,6 @@ async fn run(
 struct Runner {
     signals: Signals,
     guardian: Option<Guardian>,
-    /// Exit statuses reaped but not yet claimed.
-    exited: HashMap<Pid, WaitStatus>,
     /// The first stopping signal release-tasks received.
     interrupted: Option<Signal>,
     /// How many stopping signals arrived; after the second nothing more starts.
@@ -205,20 +216,52 @@ struct Runner {
     name_width: usize,
 }
 
-/// What the run loop has done to a task's processes so far.
-#[derive(Default)]
-struct Stopping {
-    /// When SIGKILL follows the SIGTERM (or forwarded signal) already sent.
-    kill_at: Option<Instant>,
-    killed: bool,
+/// The deadline that applies to one task, decided once when it starts.
+struct Deadline {
+    at: Instant,
+    /// Which setting it comes from (`timeout` or `release_timeout`), and that setting's value.
+    bound: &'static str,
+    limit: Duration,
+}
+
+/// How a task that was started went.
+struct Ran {
+    outcome: Outcome,
+    /// Whether `release_timeout` (not the task's own timeout) cut it off.
+    cut_by_release: bool,
+}
+
+/// How the run loop left a supervised task.
+struct Supervised {
+    ended: Ended,
+    timed_out: Option<&'static str>,
+    /// The stopping signal that arrived while this task ran, if it was the release's first.
+    interrupted: Option<Signal>,
 }
 
 impl Runner {
+    /// `min(task timeout, what is left of release_timeout)` from `started`, and which one it is.
+    fn deadline(&self, task: &Task, started: Instant, release: Option<Instant>) -> Deadline {
+        let own = started + task.timeout;
+        match release {
+            Some(release) if release < own => Deadline {
+                at: release,
+                bound: "release_timeout",
+                limit: self.release_timeout,
+            },
+            _ => Deadline {
+                at: own,
+                bound: "timeout",
+                limit: task.timeout,
+            },
+        }
+    }
+
     async fn run_task(
         &mut self,
         task: &Task,
         release_deadline: Option<Instant>,
-    ) -> anyhow::Result<Outcome> {
+    ) -> anyhow::Result<Ran> {
         let command = crate::redact::urls_in(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
         if self.guardian.is_none() {
@@ -232,272 +275,203 @@ impl Runner {
         let spawned = match process::spawn(task, &self.run_id) {
             Ok(spawned) => spawned,
             Err(err) => {
-                let outcome = could_not_start(task, &err);
-                Self::log_finished(task, &outcome, Duration::ZERO);
-                return Ok(outcome);
+                return Ok(Ran {
+                    outcome: could_not_start(task, &err),
+                    cut_by_release: false,
+                });
             }
         };
         let started = Instant::now();
         let pid = spawned.pid;
         let exempt = self.guardian.iter().map(Guardian::pid).collect();
-        let mut procs = TaskProcesses::new(pid, exempt);
+        let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
+        let supervisor = Supervisor::command(&task.name, task.grace, spawned, exempt, &prefix)?;
         if let Some(g) = &self.guardian {
             g.tell(pid, true);
         }
-        let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
-        let mut pumps = [
-            Pump::start(spawned.stdout, Target::Stdout, prefix.clone())?,
-            Pump::start(spawned.stderr, Target::Stderr, prefix)?,
-        ];
-
-        let task_deadline = started + task.timeout;
-        let deadline = release_deadline.map_or(task_deadline, |r| task_deadline.min(r));
-        let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
-        let mut stop = Stopping::default();
-        let mut timed_out = false;
-        let interrupted_before = self.interrupted;
-        let mut next_beat = started + self.heartbeat;
-        let status = loop {
-            if let Some(status) = self.exited.remove(&pid) {
-                break status;
-            }
-            tokio::select! {
-                biased;
-                event = self.signals.next() => self.on_event(event, Some(&procs), &mut stop, task.grace),
-                () = sleep_until(deadline.into()), if !timed_out && stop.kill_at.is_none() => {
-                    timed_out = true;
-                    let (bound, limit) = if deadline < task_deadline {
-                        ("release_timeout", self.release_timeout)
-                    } else {
-                        ("timeout", task.timeout)
-                    };
-                    tracing::error!(
-                        task = %task.name, bound, limit = %humantime::format_duration(limit),
-                        grace_s = task.grace.as_secs_f64(),
-                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
-                    );
-                    procs.signal(Signal::SIGTERM);
-                    stop.kill_at = Some(Instant::now() + task.grace);
-                }
-                () = sleep_until(stop.kill_at.unwrap_or(far).into()), if stop.kill_at.is_some() && !stop.killed => {
-                    tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
-                    procs.signal(Signal::SIGKILL);
-                    stop.killed = true;
-                }
-                () = sleep_until(next_beat.into()) => {
-                    let elapsed = started.elapsed();
-                    tracing::info!(
-                        task = %task.name,
-                        elapsed = %humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
-                        timeout_in = %humantime::format_duration(Duration::from_secs(deadline.saturating_duration_since(Instant::now()).as_secs())),
-                        "task still running"
-                    );
-                    next_beat += self.heartbeat;
-                }
-            }
-        };
-        self.clean_up(task, &mut procs, &mut pumps, &mut stop).await;
+        let deadline = self.deadline(task, started, release_deadline);
+        let done = self.supervise(task, supervisor, &deadline, started).await;
         if let Some(g) = &self.guardian {
             g.tell(pid, false);
         }
-        self.exited.clear();
-
-        let outcome = match (status, timed_out, self.interrupted) {
-            (_, true, _) => Outcome::TimedOut,
+        let Ended::Command(status) = done.ended else {
+            unreachable!("a command task ends as a command");
+        };
+        let outcome = match (status, done.timed_out, done.interrupted) {
+            (_, Some(_), _) => Outcome::TimedOut,
             (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
-            (_, _, Some(sig)) if interrupted_before.is_none() => Outcome::Interrupted(sig),
+            (_, _, Some(sig)) => Outcome::Interrupted(sig),
             (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
             (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
             // waitpid without WUNTRACED reports only exits and deaths by signal.
             _ => Outcome::Failed(1),
         };
-        Self::log_finished(task, &outcome, started.elapsed());
-        Ok(outcome)
+        Ok(Ran {
+            outcome,
+            cut_by_release: done.timed_out == Some("release_timeout"),
+        })
     }
 
-    /// After the task's main process exited: terminate what it left (TERM, grace, KILL), wait for its
-    /// output to end, and never wait past the grace period for a pipe some stray process holds open.
-    async fn clean_up(
-        &mut self,
-        task: &Task,
-        procs: &mut TaskProcesses,
-        pumps: &mut [Pump; 2],
-        stop: &mut Stopping,
-    ) {
-        self.reap();
-        // Scanning for escaped processes reads /proc, so it is done once here and then only while
-        // something is still alive: once nothing of the task's is left, nothing can come back.
-        let mut alive = procs.alive();
-        if alive && !stop.killed {
-            if stop.kill_at.is_none() {
-                tracing::warn!(
-                    task = %task.name, grace_s = task.grace.as_secs_f64(),
-                    "the task exited but left processes running; sending them SIGTERM, SIGKILL after the grace period"
-                );
-                stop.kill_at = Some(Instant::now() + task.grace);
-            }
-            procs.signal(Signal::SIGTERM);
-        }
-        let grace_end = stop.kill_at.unwrap_or_else(|| Instant::now() + task.grace);
-        let mut killed_at = stop.killed.then(Instant::now);
-        loop {
-            let drained = pumps.iter_mut().all(Pump::is_finished);
-            if !alive && drained {
-                break;
-            }
-            let now = Instant::now();
-            if killed_at.is_none() && now >= grace_end {
-                if alive {
-                    tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to what the task left running");
-                    procs.signal(Signal::SIGKILL);
-                }
-                killed_at = Some(now);
-            }
-            if killed_at.is_some_and(|t| now >= t + AFTER_KILL) {
-                break;
-            }
-            // While something is alive, poll for it to go; otherwise only a deadline can end the wait.
-            let wake = if alive {
-                now + CLEANUP_POLL
-            } else {
-                killed_at.map_or(grace_end, |t| t + AFTER_KILL)
-            };
-            let [out, err] = &mut *pumps;
-            tokio::select! {
-                biased;
-                event = self.signals.next() => {
-                    self.on_event(event, Some(procs), stop, task.grace);
-                    if stop.killed && killed_at.is_none() {
-                        killed_at = Some(Instant::now());
-                    }
-                }
-                () = async { out.finished().await; err.finished().await; }, if !drained => {}
-                () = sleep_until(wake.into()) => {}
-            }
-            if alive {
-                self.reap();
-                alive = procs.alive();
-            }
-        }
-        if !pumps.iter_mut().all(Pump::is_finished) {
-            tracing::warn!(
-                task = %task.name,
-                "a process outside the task's process group still holds its output open; not waiting for it"
-            );
-            for pump in pumps.iter_mut() {
-                pump.stop();
-                // A pump blocked writing to a stalled stdout cannot stop; it is left behind.
-                let _ = tokio::time::timeout(AFTER_KILL, pump.finished()).await;
-            }
-        }
-        if alive {
-            tracing::error!(task = %task.name, "some of the task's processes survived SIGKILL (stuck in the kernel?)");
-        }
-        procs.finish(alive);
-    }
-
-    /// Acts on one event: reaps on SIGCHLD, forwards signals to the running task, and records a
-    /// stopping signal (a second SIGINT or SIGTERM kills the task at once).
-    fn on_event(
-        &mut self,
-        event: Event,
-        procs: Option<&TaskProcesses>,
-        stop: &mut Stopping,
-        grace: Duration,
-    ) {
-        let sig = match event {
-            Event::Child => return self.reap(),
-            Event::Signal(sig) => sig,
-        };
-        if !STOPPING.contains(&sig) {
-            tracing::info!(signal = %sig, "forwarding signal to the running task");
-            if let Some(procs) = procs {
-                procs.signal(sig);
-            }
-            return;
-        }
-        self.stopping_signals += 1;
-        let again = self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
-        if self.interrupted.is_none() {
-            self.interrupted = Some(sig);
-        }
-        let Some(procs) = procs else {
-            tracing::warn!(signal = %sig, "received signal; no further task will start");
-            return;
-        };
-        if again {
-            if !stop.killed {
-                tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
-                procs.signal(Signal::SIGKILL);
-                stop.killed = true;
-            }
-        } else {
-            tracing::warn!(
-                signal = %sig, grace_s = grace.as_secs_f64(),
-                "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"
-            );
-            procs.signal(sig);
-            let kill_at = Instant::now() + grace;
-            stop.kill_at = Some(stop.kill_at.map_or(kill_at, |t| t.min(kill_at)));
-        }
-    }
-
-    /// Runs a notify task: the report so far, sent from a helper thread (the HTTP client blocks)
-    /// while the run loop keeps handling signals and the deadline.
+    /// Runs a notify task: the report so far, sent from the supervisor's delivery thread while the
+    /// run loop keeps handling signals and the deadline, either of which cancels the delivery.
     async fn run_notify(
         &mut self,
         task: &Task,
         webhook: &Webhook,
         report: &Report,
         release_deadline: Option<Instant>,
-    ) -> Outcome {
+    ) -> anyhow::Result<Ran> {
         tracing::info!(
             task = %task.name, url = %webhook.shown_url(), format = %webhook.format,
             retries = webhook.retries, "task started"
         );
         let started = Instant::now();
-        let body = webhook.body(report);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let (hook, name) = (webhook.clone(), task.name.clone());
-        let sender = std::thread::Builder::new()
-            .name("notify".into())
-            .spawn(move || {
-                let _ = tx.send(hook.deliver(&name, &body));
-            });
-        let outcome = if let Err(err) = sender {
-            Outcome::NotDelivered(format!("cannot start the sending thread: {err}"))
-        } else {
-            let task_deadline = started + task.timeout;
-            let deadline = release_deadline.map_or(task_deadline, |r| task_deadline.min(r));
-            let mut stop = Stopping::default();
-            loop {
-                tokio::select! {
-                    biased;
-                    event = self.signals.next() => {
-                        self.on_event(event, None, &mut stop, task.grace);
-                        if let (Some(sig), true) = (self.interrupted, self.stopping_signals >= 2) {
-                            break Outcome::Interrupted(sig);
-                        }
+        let supervisor =
+            match Supervisor::notify(&task.name, task.grace, webhook, webhook.body(report)) {
+                Ok(supervisor) => supervisor,
+                Err(err) => {
+                    return Ok(Ran {
+                        outcome: Outcome::NotDelivered(format!(
+                            "cannot start the sending thread: {err}"
+                        )),
+                        cut_by_release: false,
+                    });
+                }
+            };
+        let deadline = self.deadline(task, started, release_deadline);
+        let done = self.supervise(task, supervisor, &deadline, started).await;
+        let Ended::Notify(result) = done.ended else {
+            unreachable!("a notify task ends as a notify task");
+        };
+        let outcome = match (result, done.timed_out, done.interrupted) {
+            (_, Some(_), _) => Outcome::TimedOut,
+            (Ok(status), _, _) => {
+                tracing::info!(task = %task.name, status, "the webhook took the report");
+                Outcome::Succeeded
+            }
+            (Err(_), _, Some(sig)) => Outcome::Interrupted(sig),
+            (Err(why), _, _) => Outcome::NotDelivered(why),
+        };
+        Ok(Ran {
+            outcome,
+            cut_by_release: done.timed_out == Some("release_timeout"),
+        })
+    }
+
+    /// The select loop over one task: its end, its deadline (SIGTERM + SIGCONT), SIGKILL after the
+    /// grace, the heartbeat, and signals; then the clean-up of what it left, still handling signals.
+    async fn supervise(
+        &mut self,
+        task: &Task,
+        mut sup: Supervisor,
+        deadline: &Deadline,
+        started: Instant,
+    ) -> Supervised {
+        let interrupted_before = self.interrupted;
+        let mut timed_out = None;
+        let mut next_beat = started + self.heartbeat;
+        let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
+        while !sup.has_ended() {
+            let kill_due = sup.kill_due();
+            let terminating = sup.terminating();
+            tokio::select! {
+                biased;
+                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
+                () = sup.ended() => {}
+                () = sleep_until(deadline.at.into()), if !terminating => {
+                    timed_out = Some(deadline.bound);
+                    let action = if sup.is_process() {
+                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
+                    } else {
+                        "task timed out; cancelling the webhook delivery"
+                    };
+                    tracing::error!(
+                        task = %task.name, bound = deadline.bound,
+                        limit = %humantime::format_duration(deadline.limit),
+                        grace_s = task.grace.as_secs_f64(), "{action}"
+                    );
+                    sup.begin(Signal::SIGTERM);
+                }
+                () = sleep_until(kill_due.unwrap_or(far).into()), if kill_due.is_some() => {
+                    if sup.is_process() {
+                        tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
                     }
-                    result = &mut rx => break match result {
-                        Ok(Ok(status)) => {
-                            tracing::info!(task = %task.name, status, "the webhook took the report");
-                            Outcome::Succeeded
-                        }
-                        Ok(Err(why)) => Outcome::NotDelivered(why),
-                        Err(_) => Outcome::NotDelivered("the sending thread stopped".into()),
-                    },
-                    () = sleep_until(deadline.into()) => break Outcome::TimedOut,
+                    sup.kill();
+                }
+                () = sleep_until(next_beat.into()), if !terminating => {
+                    tracing::info!(
+                        task = %task.name,
+                        elapsed = %humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                        timeout_in = %humantime::format_duration(whole_seconds_up(deadline.at.saturating_duration_since(Instant::now()))),
+                        "task still running"
+                    );
+                    next_beat += self.heartbeat;
                 }
             }
-        };
-        Self::log_finished(task, &outcome, started.elapsed());
-        outcome
+        }
+        while let Some(until) = sup.settle_step() {
+            tokio::select! {
+                biased;
+                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
+                () = sup.settle_wait(until) => {}
+            }
+        }
+        let interrupted = self.interrupted.filter(|_| interrupted_before.is_none());
+        Supervised {
+            ended: sup.finish().await,
+            timed_out,
+            interrupted,
+        }
+    }
+
+    /// Acts on one event: reaps on SIGCHLD, forwards a signal to the running task's processes, and
+    /// records a stopping signal, which begins ending the running task (a second SIGINT or SIGTERM
+    /// kills it at once).
+    fn on_event(&mut self, event: Event, sup: Option<&mut Supervisor>) {
+        match event {
+            Event::Child => match sup {
+                Some(sup) => sup.reap(),
+                // Between tasks only orphans exit; collecting them is all there is to do.
+                None => drop(process::reap()),
+            },
+            Event::Forward(sig) => match sup {
+                Some(sup) if sup.forward(sig) => {
+                    tracing::info!(signal = %sig, task = %sup.task(), "signal forwarded to the task");
+                }
+                _ => {
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
+                }
+            },
+            Event::Stop(sig) => {
+                self.stopping_signals += 1;
+                let again =
+                    self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
+                self.interrupted.get_or_insert(sig);
+                let Some(sup) = sup else {
+                    tracing::warn!(signal = %sig, "received signal; no further task will start");
+                    return;
+                };
+                if again {
+                    if !sup.killed() {
+                        tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
+                        sup.kill();
+                    }
+                } else if sup.is_process() {
+                    tracing::warn!(
+                        signal = %sig, grace_s = sup.grace().as_secs_f64(),
+                        "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"
+                    );
+                    sup.begin(sig);
+                } else {
+                    tracing::warn!(signal = %sig, task = %sup.task(), "received signal; cancelling the webhook delivery; no further task will start");
+                    sup.begin(sig);
+                }
+            }
+        }
     }
 
     /// Handles events that queued up while no task was running, without waiting for more.
     fn take_pending_events(&mut self) {
-        let mut stop = Stopping::default();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         loop {
             let event = {
@@ -507,23 +481,24 @@ impl Runner {
                     std::task::Poll::Pending => return,
                 }
             };
-            self.on_event(event, None, &mut stop, Duration::ZERO);
+            self.on_event(event, None);
         }
     }
 
-    fn reap(&mut self) {
-        self.exited.extend(process::reap());
-    }
-
-    fn log_finished(task: &Task, outcome: &Outcome, duration: Duration) {
+    fn log_finished(task: &Task, outcome: &Outcome, allow_failure: bool, duration: Duration) {
         let duration_ms = duration.as_millis() as u64;
         let exit_code = outcome.exit_code();
         if outcome.is_failure() {
-            tracing::error!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, allow_failure = task.allow_failure, detail = %outcome, "task finished");
+            tracing::error!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, allow_failure, detail = %outcome, "task finished");
         } else {
             tracing::info!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, "task finished");
         }
     }
+}
+
+/// `d` in whole seconds, rounded up: "timeout in 0s" must not appear while time is left.
+fn whole_seconds_up(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {

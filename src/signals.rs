@@ -1,63 +1,98 @@
-//! Signals as events: every signal release-tasks handles arrives here as an [`Event`] for the run
-//! loop's `select!`, instead of being acted on inside a handler.
+//! Signals as events: every signal release-tasks handles arrives here, is classified once (a stop, a
+//! signal to forward, a child to reap) and is handed to the run loop's `select!` as an [`Event`],
+//! instead of being acted on inside a handler or re-decided by each consumer.
 //!
-//! The handlers are installed once, before the first task is spawned, so a signal that arrives while a
-//! task is being spawned is held until the loop asks for it, never lost.
+//! It also owns the start-up hygiene that makes those signals arrive at all ([`reset_inherited`]): a
+//! parent may have blocked or ignored them, and a blocked SIGTERM or SIGCHLD would leave release-tasks
+//! deaf or waiting forever. The handlers are installed once, before the first task is spawned, so a
+//! signal that arrives while a task is being spawned is held until the loop asks for it, never lost.
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Something that happened to release-tasks.
+/// Something that happened to release-tasks, already classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A child changed state: time to reap.
     Child,
-    /// A signal to forward (and, for stopping signals, to act on).
-    Signal(Signal),
+    /// A signal that stops the release (SIGTERM, SIGINT, SIGHUP, SIGQUIT): the running task gets it,
+    /// no further task starts, and release-tasks exits 128+N.
+    Stop(Signal),
+    /// A signal passed on to the running task, if a process runs, and otherwise of no consequence.
+    Forward(Signal),
 }
 
-/// Signals that stop the release: forwarded, then the release ends with 128+N.
-pub const STOPPING: &[Signal] = &[
+/// Signals that stop the release.
+const STOPPING: [Signal; 4] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
     Signal::SIGQUIT,
 ];
+/// Signals that are only passed on.
+const FORWARDED: [Signal; 2] = [Signal::SIGUSR1, Signal::SIGUSR2];
+
+/// Undoes what release-tasks's parent may have left that would keep its signals from arriving: every
+/// signal it handles is unblocked, and SIGCHLD (ignored, children would be reaped by the kernel and
+/// their exit statuses lost) and the stopping signals go back to their default disposition until the
+/// handlers are installed. Called first thing in `main`, before any thread exists, so every thread
+/// inherits the clean mask (a mask is per thread). Like tini, which does the same for its children.
+pub fn reset_inherited() {
+    let mut handled = SigSet::empty();
+    for sig in STOPPING.iter().chain(&FORWARDED).chain(&[Signal::SIGCHLD]) {
+        handled.add(*sig);
+        // An ignored stopping signal would be replaced by the handler anyway; SIGCHLD must not stay
+        // ignored even in the window before. SAFETY: SIG_DFL installs no handler code.
+        let _ = unsafe { signal::signal(*sig, SigHandler::SigDfl) };
+    }
+    let _ = signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled), None);
+}
 
 /// The installed handlers.
 pub struct Signals {
     child: tokio::signal::unix::Signal,
-    forwarded: Vec<(Signal, tokio::signal::unix::Signal)>,
+    handled: Vec<(Event, tokio::signal::unix::Signal)>,
 }
 
 impl Signals {
     /// Installs handlers for SIGCHLD, the stopping signals, SIGUSR1 and SIGUSR2. Needs a runtime.
     pub fn install() -> std::io::Result<Signals> {
-        let mut forwarded = Vec::new();
-        for &sig in STOPPING.iter().chain(&[Signal::SIGUSR1, Signal::SIGUSR2]) {
-            forwarded.push((sig, signal(SignalKind::from_raw(sig as i32))?));
+        let mut handled = Vec::new();
+        let stops = STOPPING.iter().map(|&s| (s, Event::Stop(s)));
+        let forwards = FORWARDED.iter().map(|&s| (s, Event::Forward(s)));
+        for (sig, event) in stops.chain(forwards) {
+            handled.push((event, signal(SignalKind::from_raw(sig as i32))?));
         }
         Ok(Signals {
             child: signal(SignalKind::child())?,
-            forwarded,
+            handled,
         })
     }
 
     /// The next event. Cancel-safe: an event not taken stays queued for the next call.
     pub async fn next(&mut self) -> Event {
         let child = &mut self.child;
-        let forwarded = &mut self.forwarded;
+        let handled = &mut self.handled;
         std::future::poll_fn(|cx| {
             if child.poll_recv(cx).is_ready() {
                 return std::task::Poll::Ready(Event::Child);
             }
-            for (sig, stream) in forwarded.iter_mut() {
+            for (event, stream) in handled.iter_mut() {
                 if stream.poll_recv(cx).is_ready() {
-                    return std::task::Poll::Ready(Event::Signal(*sig));
+                    return std::task::Poll::Ready(*event);
                 }
             }
             std::task::Poll::Pending
         })
         .await
+    }
+
+    /// The next stopping signal, ignoring everything else (for waits before any task runs).
+    pub async fn next_stop(&mut self) -> Signal {
+        loop {
+            if let Event::Stop(sig) = self.next().await {
+                return sig;
+            }
+        }
     }
 }

@@ -222,6 +222,20 @@ impl Validator<'_> {
         }
     }
 
+    /// `heartbeat`, at least a second: more often would flood the log and busy the run loop.
+    fn heartbeat(&mut self, value: Option<Spanned<String>>, default: Duration) -> Duration {
+        let span = value.as_ref().map(Spanned::span);
+        let heartbeat = self.duration(value, "heartbeat", default);
+        if heartbeat < Duration::from_secs(1) {
+            self.report(
+                span,
+                "`heartbeat` is under a second; give at least \"1s\", like \"30s\" or \"1m\""
+                    .into(),
+            );
+        }
+        heartbeat
+    }
+
     fn defaults(&mut self, raw: Option<RawDefaults>) -> Defaults {
         let builtin = Defaults::default();
         let Some(raw) = raw else { return builtin };
@@ -247,7 +261,7 @@ impl Validator<'_> {
             timeout: self.duration(raw.timeout, "timeout", builtin.timeout),
             grace: self.duration(raw.grace, "grace", builtin.grace),
             shell,
-            heartbeat: self.duration(raw.heartbeat, "heartbeat", builtin.heartbeat),
+            heartbeat: self.heartbeat(raw.heartbeat, builtin.heartbeat),
             release_timeout: self.duration(
                 raw.release_timeout,
                 "release_timeout",

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use super::{
-    Database, PreviousRun, holder_of, jittered, key_for, lock_name, or_stop, release_id, stopping,
-};
+use super::{Database, PreviousRun, holder_of, jittered, key_for, lock_name, or_stop, release_id};
 use crate::cli::LogFormat;
 use crate::config::Config;
 use crate::error::{Diagnostic, Error, Result};
@@ -286,7 +284,7 @@ pub fn wait(config: &Config, plan: &Plan, env: &Env, timeout: Option<Duration>) 
             }
             tokio::select! {
                 biased;
-                sig = stopping(&mut signals) => return Err(Error::Interrupted(sig)),
+                sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
                 () = tokio::time::sleep(jittered(pause).min(left)) => {}
             }
             pause = (pause * 3 / 2).min(Duration::from_secs(5));

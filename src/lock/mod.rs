@@ -33,7 +33,7 @@ use crate::gate::Env;
 use crate::metadata::Metadata;
 use crate::redact;
 use crate::report::Report;
-use crate::signals::{Event, STOPPING, Signals};
+use crate::signals::Signals;
 
 mod ledger;
 mod tls;
@@ -237,7 +237,7 @@ impl Database {
             attempt = attempt.saturating_add(1);
             let result = tokio::select! {
                 biased;
-                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
                 result = self.connect_once() => result,
             };
             let err = match result {
@@ -269,7 +269,7 @@ impl Database {
             );
             tokio::select! {
                 biased;
-                sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+                sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
                 () = tokio::time::sleep(wait) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(5));
@@ -405,7 +405,7 @@ pub async fn acquire(
         let wait = jittered(pause).min(deadline.saturating_duration_since(Instant::now()));
         tokio::select! {
             biased;
-            sig = stopping(signals) => return Err(Error::Interrupted(sig)),
+            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
             () = tokio::time::sleep(wait) => {}
         }
         pause = (pause * 3 / 2).min(RETRY_MAX);
@@ -448,19 +448,8 @@ async fn or_stop<T>(
 ) -> Result<T, Error> {
     tokio::select! {
         biased;
-        sig = stopping(signals) => Err(Error::Interrupted(sig)),
+        sig = signals.next_stop() => Err(Error::Interrupted(sig)),
         result = work => result,
-    }
-}
-
-/// Waits for a stopping signal (reaping children that exit meanwhile is not needed: none run yet).
-async fn stopping(signals: &mut Signals) -> nix::sys::signal::Signal {
-    loop {
-        if let Event::Signal(sig) = signals.next().await {
-            if STOPPING.contains(&sig) {
-                return sig;
-            }
-        }
     }
 }
 

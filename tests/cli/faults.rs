@@ -451,3 +451,167 @@ fn a_stalled_stdout_reader_does_not_stop_the_timeout() {
     assert!(log.contains("task timed out"), "{log}");
     assert!(log.contains("release failed"), "{log}");
 }
+
+/// Starts release-tasks in `t`'s directory through a parent that blocked SIGTERM, SIGINT and SIGCHLD
+/// before exec (some supervisors and language runtimes do), with its output in files.
+fn spawn_with_signals_blocked(t: &Test) -> std::process::Child {
+    let script = "import os, signal, sys\n\
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD])\n\
+        os.execv(sys.argv[1], sys.argv[1:])\n";
+    Command::new("python3")
+        .args(["-c", script, crate::harness::BIN])
+        .current_dir(t.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(t.path("stdout")).unwrap())
+        .stderr(std::fs::File::create(t.path("stderr")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits up to `limit` for `child` to exit; kills it and fails the test if it does not.
+#[track_caller]
+fn exit_within(child: &mut std::process::Child, limit: Duration, t: &Test) -> i32 {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return std::os::unix::process::ExitStatusExt::signal(&status)
+                .map_or_else(|| status.code().unwrap(), |sig| 128 + sig);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "release-tasks did not exit within {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(t.path("stderr")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn signals_blocked_by_the_parent_neither_deafen_nor_hang_release_tasks() {
+    // With SIGCHLD blocked, a fast task is still reaped at once (not at its timeout, not never).
+    let t = Test::new().config("[tasks.fast]\nrun = \"echo hello\"\ntimeout = \"20s\"\n");
+    let mut child = spawn_with_signals_blocked(&t);
+    assert_eq!(exit_within(&mut child, Duration::from_secs(10), &t), 0);
+    let stdout = std::fs::read_to_string(t.path("stdout")).unwrap();
+    assert!(stdout.contains("fast | hello"), "{stdout}");
+
+    // With SIGTERM blocked, SIGTERM still stops the release.
+    let t = Test::new().config(
+        "[tasks.slow]\nrun = \"echo ready; sleep 30\"\ngrace = \"1s\"\n[tasks.after]\nrun = \"touch after\"\n",
+    );
+    let mut child = spawn_with_signals_blocked(&t);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(t.path("stdout")).is_ok_and(|s| s.contains("| ready")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(exit_within(&mut child, Duration::from_secs(10), &t), 143);
+    assert!(!t.path("after").exists());
+}
+
+#[test]
+fn a_stopped_task_gets_sigcont_and_runs_its_trap_on_timeout() {
+    let t = Test::new().config(
+        r#"
+[tasks.frozen]
+run = "trap 'echo trapped; exit 3' TERM; echo ready; kill -STOP $$; echo resumed without a signal"
+timeout = "1s"
+grace = "20s"
+"#,
+    );
+    let out = t.run();
+    out.status(124).stdout_has("frozen | trapped");
+    assert!(
+        out.elapsed < Duration::from_secs(10),
+        "the stopped task waited for SIGKILL: {:?}",
+        out.elapsed
+    );
+}
+
+#[test]
+fn a_heartbeat_under_a_second_is_a_config_error() {
+    Test::new()
+        .config("[defaults]\nheartbeat = \"1ns\"\n[tasks.a]\nrun = \"true\"\n")
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("`heartbeat` is under a second; give at least \"1s\"");
+}
+
+#[test]
+fn the_heartbeat_rounds_up_and_stops_at_the_timeout() {
+    let t = Test::new().config(
+        r#"
+[defaults]
+heartbeat = "1s"
+[tasks.slow]
+run = "trap 'sleep 2.5; exit 1' TERM; while true; do sleep 0.05; done"
+timeout = "2500ms"
+grace = "10s"
+"#,
+    );
+    let out = t.run();
+    out.status(124)
+        .stderr_has("task still running task=slow")
+        .stderr_lacks("timeout_in=0s");
+    let after_timeout = out.stderr.split("task timed out").nth(1).unwrap();
+    assert!(
+        !after_timeout.contains("still running"),
+        "heartbeat after the timeout's SIGTERM:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_expired_release_timeout_still_runs_the_always_task() {
+    let t = Test::new().config(
+        r#"
+[defaults]
+release_timeout = "2s"
+grace = "1s"
+[tasks.slow]
+run = "sleep 30"
+allow_failure = true
+[tasks.next]
+run = "touch next"
+[tasks.rollback]
+run = "touch rollback"
+on = "failure"
+[tasks.off]
+run = "touch off"
+on = "always"
+"#,
+    );
+    let out = t.run();
+    out.status(124)
+        .stderr_has("bound=release_timeout")
+        .stderr_has("task=off outcome=succeeded")
+        .stderr_lacks("before the task could start");
+    assert!(t.path("off").exists(), "the always task did not run");
+    assert!(t.path("rollback").exists(), "the failure task did not run");
+    assert!(!t.path("next").exists());
+}
+
+#[test]
+fn a_forwarded_signal_is_logged_with_the_task_that_got_it() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"trap 'touch usr1' USR1; echo ready; while [ ! -e usr1 ]; do sleep 0.05; done; true\"\n",
+    );
+    let running = t.spawn_until("a | ready");
+    running.signal("USR1");
+    running
+        .wait()
+        .status(0)
+        .stderr_has("signal forwarded to the task signal=SIGUSR1 task=a");
+}

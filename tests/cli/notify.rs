@@ -358,3 +358,75 @@ on = "always"
         .run();
     out.status(78).stderr_has("API_TOKEN=\"[redacted]\"");
 }
+
+#[test]
+fn sigterm_during_a_hung_webhook_ends_the_notify_task_within_the_grace() {
+    let server = Server::start(&[200], Duration::from_secs(60));
+    let t = heroku(
+        Test::new().config(&format!(
+            "[defaults]\ngrace = \"2s\"\n{}[tasks.off]\nrun = \"touch off\"\non = \"always\"\n",
+            notify_config("", "true")
+        )),
+        &server,
+    );
+    let running = t.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.received().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request came:\n{}",
+            running.seen()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // No process runs during a notify task: SIGUSR1 reaches nobody, and the log does not pretend.
+    running.signal("USR1");
+    running.wait_for("no task process is running", Duration::from_secs(10));
+    running.signal("TERM");
+    let sent = std::time::Instant::now();
+    let out = running.wait();
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} after SIGTERM:\n{}",
+        out.stderr
+    );
+    out.status(143)
+        .stderr_has("cancelling the webhook delivery")
+        .stderr_has("task=notify outcome=interrupted")
+        .stderr_lacks("retrying")
+        .stderr_lacks("signal forwarded");
+    assert!(t.path("off").exists(), "the always task did not run");
+    assert_eq!(server.received().len(), 1);
+}
+
+#[test]
+fn a_timed_out_notify_task_sends_nothing_more() {
+    let server = Server::start(&[503], Duration::ZERO);
+    let t = heroku(
+        Test::new().config(&format!(
+            "{}timeout = \"1s\"\n[tasks.later]\nrun = \"sleep 5\"\non = \"always\"\n",
+            notify_config(", retries = 6", "true")
+        )),
+        &server,
+    );
+    let running = t.spawn_until("task=notify outcome=timed-out");
+    std::thread::sleep(Duration::from_millis(300));
+    let at_timeout = server.received().len();
+    let out = running.wait();
+    out.status(124);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(at_timeout >= 1);
+    assert_eq!(
+        server.received().len(),
+        at_timeout,
+        "requests after the notify task timed out:\n{}",
+        out.stderr
+    );
+    let after = out
+        .stderr
+        .split("task=notify outcome=timed-out")
+        .nth(1)
+        .unwrap();
+    assert!(!after.contains("retrying"), "{}", out.stderr);
+}
