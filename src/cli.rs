@@ -62,10 +62,22 @@ pub struct Cli {
 }
 
 /// What to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the release: every task whose gates hold, in order (the default)
     Run,
+    /// Run the release, then, only if it succeeded, replace release-tasks with COMMAND (same pid,
+    /// no shell in between): for container entrypoints, `release-tasks exec -- puma`
+    Exec {
+        /// The program to start after the release, and its arguments
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Show, per task, whether it would run and why; runs nothing
     Plan,
     /// Validate the config and the gate values (for CI); runs nothing

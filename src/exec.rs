@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow};
 
 use crate::error::Error;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
@@ -48,6 +48,7 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_os_str());
     let candidates = candidates(Path::new(program), path);
+    wait_for_children(CHILDREN_GONE);
     prepare_for_exec();
     let mut last = Errno::ENOENT;
     for candidate in &candidates {
@@ -74,6 +75,32 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
                 "`exec`: cannot run `{shown}`: {}; is it an executable file (chmod +x)?",
                 std::io::Error::from(last)
             ),
+        }
+    }
+}
+
+/// How long the release's last helper processes get to exit before the command starts anyway.
+const CHILDREN_GONE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until release-tasks has no child left: the guardian ends once the release closed its pipe,
+/// and must be gone before the server takes over this pid (a guardian still sweeping could take the
+/// server for a leftover of the release). Every task's processes were reaped by the run already.
+fn wait_for_children(limit: std::time::Duration) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                tracing::warn!(
+                    "a helper process of the release is still running; starting the command anyway"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
         }
     }
 }
@@ -107,26 +134,57 @@ fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CString
 /// kill the server an instant later.
 fn prepare_for_exec() {
     close_descriptors_on_exec();
-    for number in 1..=max_signal() {
+    reset_dispositions();
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// Puts every signal's disposition back to the default. On Linux this goes to the kernel directly:
+/// the C library refuses to touch the signals it reserves for itself (32 and 33 in glibc, 32 to 34
+/// in musl), yet an ignored one of those would still be handed on through exec.
+#[cfg(target_os = "linux")]
+fn reset_dispositions() {
+    /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: nix::libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: nix::libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for number in 1..=64 {
+        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
+            // SAFETY: installs the default action, no handler code; the kernel only reads `default`,
+            // and a number it does not know fails with EINVAL, which is ignored.
+            unsafe {
+                nix::libc::syscall(
+                    nix::libc::SYS_rt_sigaction,
+                    number,
+                    &raw const default,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
+    }
+}
+
+/// Puts every signal's disposition back to the default.
+#[cfg(not(target_os = "linux"))]
+fn reset_dispositions() {
+    use nix::sys::signal::{SigHandler, Signal};
+    for number in 1..32 {
         if let Ok(sig) = Signal::try_from(number) {
             if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
                 // SAFETY: SIG_DFL installs no handler code.
                 let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
             }
         }
-    }
-    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-}
-
-/// The highest signal number to reset (real-time signals included where they exist).
-fn max_signal() -> i32 {
-    #[cfg(target_os = "linux")]
-    {
-        nix::libc::SIGRTMAX()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        31
     }
 }
 

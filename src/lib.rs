@@ -75,11 +75,11 @@ pub fn tell(line: &str) {
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
-    match settings.command {
+    match &settings.command {
         Command::Completions { shell } => {
             let mut script = Vec::new();
             let mut cli = <cli::Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cli, "release-tasks", &mut script);
+            clap_complete::generate(*shell, &mut cli, "release-tasks", &mut script);
             let mut out = std::io::stdout().lock();
             out.write_all(&script)
                 .and_then(|()| out.flush())
@@ -87,7 +87,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Init { force } => {
-            let written = init::write(&settings.config, force)?;
+            let written = init::write(&settings.config, *force)?;
             say(&written.message())?;
             Ok(0)
         }
@@ -108,42 +108,26 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
         }
-        Command::Run => {
-            let (config, plan) = load(settings, env)?;
-            if !plan.preflight.is_empty() {
-                return Err(error::Error::Environment {
-                    problems: plan.preflight,
-                });
+        Command::Run => run(settings, env),
+        Command::Exec { command } => {
+            let status = run(settings, env)?;
+            if status != 0 {
+                return Ok(status);
             }
-            // Open the report files first: a path that cannot be written is found before anything runs.
-            let report_files = open_report_files(settings)?;
-            process::become_subreaper();
-            let meta = &plan.meta;
-            tracing::info!(
-                app = meta.app.as_deref(),
-                version = meta.version.as_deref(),
-                commit = meta.commit.as_deref(),
-                platform = meta.platform,
-                config = %config.path.display(),
-                tasks = config.tasks.len(),
-                to_run = plan.to_run().count(),
-                "release started"
-            );
-            metadata::warn_if_fly_stops_first(env, plan.defaults.release_timeout);
-            let report = run::run_release(&plan, env)?;
-            report.log_summary();
-            write_reports(report_files, &report);
-            Ok(report.exit_code())
+            tracing::info!(command = %redact::urls_in(&shown_command(command)), "release succeeded; starting the command");
+            // What release-tasks still has to say must be out before it is replaced.
+            log::flush(std::time::Duration::from_secs(5));
+            Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]
         Command::Wait { timeout } => {
             let (config, plan) = load(settings, env)?;
-            lock::wait(&config, &plan, env, timeout)
+            lock::wait(&config, &plan, env, *timeout)
         }
         #[cfg(feature = "postgres")]
         Command::History { limit } => {
             let (config, plan) = load(settings, env)?;
-            lock::history(&config, &plan, env, limit, settings.log_format)
+            lock::history(&config, &plan, env, *limit, settings.log_format)
         }
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
@@ -151,6 +135,51 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .into(),
         )),
     }
+}
+
+/// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
+fn run(settings: &Settings, env: &Env) -> Result<i32> {
+    let (config, plan) = load(settings, env)?;
+    if !plan.preflight.is_empty() {
+        return Err(error::Error::Environment {
+            problems: plan.preflight,
+        });
+    }
+    // Open the report files first: a path that cannot be written is found before anything runs.
+    let report_files = open_report_files(settings)?;
+    process::become_subreaper();
+    let meta = &plan.meta;
+    tracing::info!(
+        app = meta.app.as_deref(),
+        version = meta.version.as_deref(),
+        commit = meta.commit.as_deref(),
+        platform = meta.platform,
+        config = %config.path.display(),
+        tasks = config.tasks.len(),
+        to_run = plan.to_run().count(),
+        "release started"
+    );
+    metadata::warn_if_fly_stops_first(env, plan.defaults.release_timeout);
+    let report = run::run_release(&plan, env)?;
+    report.log_summary();
+    write_reports(report_files, &report);
+    Ok(report.exit_code())
+}
+
+/// A command line as one string for a log line (lossily, each argument quoted when it needs it).
+fn shown_command(command: &[std::ffi::OsString]) -> String {
+    command
+        .iter()
+        .map(|arg| {
+            let arg = arg.to_string_lossy();
+            if arg.is_empty() || arg.contains(char::is_whitespace) {
+                format!("{arg:?}")
+            } else {
+                arg.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Reads the config and plans the release. For `check` and `plan`, what the environment lacks for

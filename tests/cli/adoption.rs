@@ -105,3 +105,140 @@ fn plan_says_where_a_gate_value_came_from_and_hides_secrets() {
         .stdout_has("API_TOKEN=\"[redacted]\" (from .env)")
         .stdout_lacks("s3cr3t");
 }
+
+/// `exec` after a successful release: the command is release-tasks's own process (same pid, and
+/// /proc/PID/exe now names the command), with the tasks' environment (an `--env-file` included),
+/// no blocked or ignored signal even when release-tasks's parent left some, and no descriptor but
+/// 0, 1 and 2 (`ls` opens 3 itself to read the directory).
+#[test]
+fn exec_replaces_release_tasks_with_a_clean_command() {
+    let t = Test::new()
+        .config("[tasks.migrate]\nrun = \"echo migrated\"\n")
+        .file("app.env", "FROM_FILE=seen-by-the-server\n");
+    let out = t
+        .args(&[
+            "--env-file",
+            "app.env",
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "printenv FROM_FILE; printenv RELEASE_TASKS_RUN_ID || echo no-run-id",
+        ])
+        .run();
+    out.status(0)
+        .stdout_has("migrate | migrated\n")
+        .stdout_has("\nseen-by-the-server\nno-run-id\n");
+
+    // Same pid, the command's executable, a clean signal state, no stray descriptors: started by a
+    // parent that blocked SIGUSR1 and ignored SIGHUP (and Rust's runtime ignores SIGPIPE).
+    let t = Test::new().config("[tasks.migrate]\nrun = \"echo migrated\"\n");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import os, signal\n\
+             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n\
+             signal.signal(signal.SIGHUP, signal.SIG_IGN)\n\
+             print('pid', os.getpid(), flush=True)\n\
+             os.execv({bin:?}, [{bin:?}, 'exec', '--', 'cat', '/proc/self/status'])\n",
+                bin = crate::harness::BIN
+            ),
+        ])
+        .current_dir(t.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .expect("the helper printed its pid");
+    assert!(
+        stdout.contains(&format!("\nPid:\t{pid}\n")),
+        "not the same pid:\n{stdout}"
+    );
+    assert!(stdout.contains("\nName:\tcat\n"), "{stdout}");
+    assert!(
+        stdout.contains("\nSigBlk:\t0000000000000000\n"),
+        "a blocked signal was handed on:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("\nSigIgn:\t0000000000000000\n"),
+        "an ignored signal was handed on:\n{stdout}"
+    );
+
+    // Descriptors: `ls` itself opens 3 to read the directory; anything above is a leak.
+    let out = Test::new()
+        .config("[tasks.migrate]\nrun = \"echo migrated\"\n")
+        .args(&["exec", "--", "ls", "/proc/self/fd"])
+        .run();
+    out.status(0);
+    let fds: Vec<String> = out
+        .stdout()
+        .lines()
+        .filter(|l| !l.contains('|'))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{}", out.stdout());
+}
+
+#[test]
+fn exec_checks_the_process_after_the_exec() {
+    // While the command runs, /proc/PID/exe of release-tasks's pid is the command, and release-tasks
+    // left no child behind (the guardian is gone before the exec).
+    let t = Test::new()
+        .config("[tasks.migrate]\nrun = \"echo migrated\"\n")
+        .args(&["exec", "--", "sleep", "30"]);
+    let running = t.spawn_until("migrate | migrated");
+    let pid = running.pid();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe.file_name().is_some_and(|n| n == "sleep") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {exe:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    assert_eq!(children.trim(), "", "children left to the command");
+    running.signal("TERM");
+    assert_eq!(
+        running.wait().code,
+        Some(143),
+        "sleep dies of SIGTERM: the signal reached it directly"
+    );
+}
+
+#[test]
+fn exec_does_not_start_the_command_after_a_failed_release() {
+    let t = Test::new()
+        .config("[tasks.migrate]\nrun = [\"sh\", \"-c\", \"exit 3\"]\n")
+        .args(&["exec", "--", "touch", "started"]);
+    t.run().status(3);
+    assert!(!t.path("started").exists());
+}
+
+#[test]
+fn exec_of_a_missing_command_is_127_and_needs_a_command() {
+    Test::new()
+        .config("[tasks.migrate]\nrun = \"true\"\n")
+        .args(&["exec", "--", "no-such-server-anywhere", "-p", "3000"])
+        .run()
+        .status(127)
+        .stderr_has("no-such-server-anywhere");
+    Test::new()
+        .config("[tasks.migrate]\nrun = \"true\"\n")
+        .args(&["exec"])
+        .run()
+        .status(2);
+}
