@@ -261,6 +261,20 @@ fn slack_text(report: &Report) -> String {
             t.duration.as_secs_f64()
         );
     }
+    // Where the failure is explained: the failed task's last lines, in a code block (a line of
+    // backticks inside would end the block early, so they are shown as look-alikes).
+    if let Some(failed) = report.failed_task().filter(|t| !t.output_tail.is_empty()) {
+        let lines = failed
+            .output_tail
+            .join("\n")
+            .replace("```", "`\u{200b}`\u{200b}`");
+        let _ = write!(
+            text,
+            "\nLast lines of `{}`:\n```\n{}\n```",
+            slack_escape(&failed.name),
+            slack_escape(&lines)
+        );
+    }
     text
 }
 
@@ -295,8 +309,10 @@ mod slack_tests {
             outcome: Outcome::NotDelivered("<@U123> said a > b".into()),
             duration: std::time::Duration::ZERO,
             allow_failure: false,
+            output_tail: vec!["PG::UndefinedColumn <b> ``` & more".into()],
         });
         let text = slack_text(&report);
+        assert!(text.contains("Last lines of `t`:\n```\nPG::UndefinedColumn &lt;b&gt; `\u{200b}`\u{200b}` &amp; more\n```"), "{text}");
         assert!(!text.contains('<') && !text.contains('>'), "{text}");
         assert!(text.contains("&lt;!channel&gt; &amp; co"), "{text}");
         assert!(text.contains("&lt;@U123&gt; said a &gt; b"), "{text}");

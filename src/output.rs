@@ -13,7 +13,7 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -21,6 +21,8 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd;
 use tokio::sync::oneshot;
+
+use crate::tail::Tail;
 
 /// How long a partial line may wait for the rest of it before it is written as it is.
 pub const PARTIAL_FLUSH: Duration = Duration::from_millis(200);
@@ -231,8 +233,14 @@ pub struct Pump {
 }
 
 impl Pump {
-    /// Starts copying `source` to `target`, each line prefixed with `prefix`.
-    pub fn start(source: OwnedFd, target: Target, prefix: Vec<u8>) -> std::io::Result<Pump> {
+    /// Starts copying `source` to `target`, each line prefixed with `prefix`, and feeding what
+    /// passes to `tail` (the task's last lines, for the report).
+    pub fn start(
+        source: OwnedFd,
+        target: Target,
+        prefix: Vec<u8>,
+        tail: Option<Arc<Mutex<Tail>>>,
+    ) -> std::io::Result<Pump> {
         let _ = fcntl(&source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         let (stop_read, stop_write) = unistd::pipe2(OFlag::O_CLOEXEC)?;
         let (tx, rx) = oneshot::channel();
@@ -240,7 +248,7 @@ impl Pump {
             .name(format!("output-{target:?}"))
             .stack_size(SMALL_STACK)
             .spawn(move || {
-                pump(&source, &stop_read, target, Lines::new(prefix));
+                pump(&source, &stop_read, target, Lines::new(prefix), tail);
                 let _ = tx.send(());
             })?;
         Ok(Pump {
@@ -273,12 +281,19 @@ impl Pump {
     }
 }
 
-fn pump(source: &OwnedFd, stop: &OwnedFd, target: Target, mut lines: Lines) {
+fn pump(
+    source: &OwnedFd,
+    stop: &OwnedFd,
+    target: Target,
+    mut lines: Lines,
+    tail: Option<Arc<Mutex<Tail>>>,
+) {
     let mut buf = vec![0u8; READ_SIZE];
     let mut sink = Sink {
         target,
         open: true,
         pieces: Vec::new(),
+        tail,
     };
     loop {
         let timeout = match lines.flush_due() {
@@ -324,11 +339,19 @@ struct Sink {
     target: Target,
     open: bool,
     pieces: Vec<Piece>,
+    /// Where the task's last lines are kept, fed with every chunk that passes.
+    tail: Option<Arc<Mutex<Tail>>>,
 }
 
 impl Sink {
     /// Feeds a chunk and writes its complete lines; flushes a partial line that grew too long.
     fn feed(&mut self, lines: &mut Lines, data: &[u8]) {
+        if let Some(tail) = &self.tail {
+            let stream = usize::from(self.target != Target::Stdout);
+            tail.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .feed(stream, data);
+        }
         let now = Instant::now();
         self.emit(lines, data, |l, p| l.feed(data, now, p));
         if lines.over_limit() {
@@ -527,7 +550,7 @@ mod tests {
     fn a_pump_finishes_only_when_every_writer_has_closed_its_stream() {
         let (file, target) = output_file();
         let (read, write) = unistd::pipe().expect("pipe");
-        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec(), None).expect("pump");
         unistd::write(&write, b"a\n").expect("write");
         let rt = runtime();
         let early = rt.block_on(async {
@@ -553,7 +576,7 @@ mod tests {
     fn a_stopped_pump_ends_though_a_writer_still_holds_the_stream() {
         let (file, target) = output_file();
         let (read, write) = unistd::pipe().expect("pipe");
-        let mut pump = Pump::start(read, target, b"t | ".to_vec()).expect("pump");
+        let mut pump = Pump::start(read, target, b"t | ".to_vec(), None).expect("pump");
         unistd::write(&write, b"whole\npartial").expect("write");
         pump.stop();
         runtime()
@@ -576,7 +599,7 @@ mod tests {
         drop(stop_write);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            pump(&source, &stop_read, target, Lines::new(b"t | ".to_vec()));
+            pump(&source, &stop_read, target, Lines::new(b"t | ".to_vec()), None);
             let _ = tx.send(());
         });
         rx.recv_timeout(Duration::from_secs(10))

@@ -204,6 +204,8 @@ pub struct TaskReport {
     pub outcome: Outcome,
     pub duration: Duration,
     pub allow_failure: bool,
+    /// The last lines of the task's stdout and stderr, merged, ready to show (see `tail.rs`).
+    pub output_tail: Vec<String>,
 }
 
 /// The whole release.
@@ -249,6 +251,9 @@ impl Report {
                 if let Outcome::Skipped(reason) = &t.outcome {
                     task["reason"] = reason.to_json();
                 }
+                if t.outcome.exit_code().is_some() {
+                    task["output_tail"] = json!(t.output_tail);
+                }
                 task
             })
             .collect();
@@ -293,12 +298,32 @@ impl Report {
                 t.duration.as_secs_f64()
             );
             let detail = xml_escape(&t.outcome.to_string());
+            // The failure's body says what happened and ends with the task's last line; the whole
+            // tail goes to <system-out>, which GitLab and Jenkins show beside the test case.
+            let out = if t.output_tail.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "<system-out>{}</system-out>",
+                    xml_escape(&(t.output_tail.join("\n") + "\n"))
+                )
+            };
             if t.outcome.is_failure() {
-                let _ = writeln!(xml, "><failure message=\"{detail}\"/></testcase>");
+                let mut body = format!("task `{}` {}", t.name, t.outcome);
+                if let Some(last) = t.output_tail.last() {
+                    let _ = write!(body, "\nlast line: {last}");
+                }
+                let _ = writeln!(
+                    xml,
+                    "><failure message=\"{detail}\">{}</failure>{out}</testcase>",
+                    xml_escape(&body)
+                );
             } else if t.outcome.exit_code().is_none() {
                 let _ = writeln!(xml, "><skipped message=\"{detail}\"/></testcase>");
-            } else {
+            } else if out.is_empty() {
                 xml.push_str("/>\n");
+            } else {
+                let _ = writeln!(xml, ">{out}</testcase>");
             }
         }
         xml.push_str("</testsuite></testsuites>\n");
@@ -362,13 +387,18 @@ impl Report {
                 "release succeeded"
             );
         } else {
-            let failed_task = self.failed_task().map(|t| t.name.as_str());
+            let failed = self.failed_task();
+            let failed_task = failed.map(|t| t.name.as_str());
+            let last_line = failed
+                .and_then(|t| t.output_tail.last())
+                .map(String::as_str);
             tracing::error!(
                 status = "failed",
                 exit_code,
                 duration_ms,
                 tasks_run = ran,
                 failed_task,
+                last_line,
                 "release failed"
             );
         }
@@ -408,6 +438,7 @@ mod tests {
 
     fn task(name: &str, outcome: Outcome, allow_failure: bool) -> TaskReport {
         TaskReport {
+            output_tail: Vec::new(),
             name: name.into(),
             outcome,
             duration: Duration::ZERO,

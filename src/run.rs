@@ -9,6 +9,7 @@
 //! what a task leaves) belongs to the task's [`Supervisor`], which the run loop asks and tells.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -25,6 +26,7 @@ use crate::process;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
 use crate::signals::{Event, Signals};
 use crate::supervisor::{Ended, Supervisor};
+use crate::tail::Tail;
 
 /// The shortest heartbeat; the config validator refuses less, and this keeps the loop honest anyway.
 const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -53,7 +55,14 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
-        Ok(run(plan, &plan.defaults, meta, signals).await?)
+        Ok(run(
+            plan,
+            &plan.defaults,
+            meta,
+            signals,
+            crate::tail::secrets(env.iter()),
+        )
+        .await?)
     })
 }
 
@@ -82,7 +91,14 @@ async fn run_locked(
         }
         held.begin(&release).await?;
     }
-    let report = run(plan, &plan.defaults, meta, signals).await;
+    let report = run(
+        plan,
+        &plan.defaults,
+        meta,
+        signals,
+        crate::tail::secrets(env.iter()),
+    )
+    .await;
     if let (true, Ok(report)) = (lock.once, &report) {
         held.finish(&release, report).await;
     }
@@ -110,6 +126,7 @@ fn all_skipped(plan: &Plan, reason: Option<&str>, meta: Metadata) -> Report {
 fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
+        output_tail: Vec::new(),
         name: step.task.name.clone(),
         outcome: Outcome::Skipped(reason),
         duration: Duration::ZERO,
@@ -122,9 +139,12 @@ async fn run(
     defaults: &Defaults,
     meta: Metadata,
     signals: Signals,
+    secrets: Vec<String>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
+        tail_lines: defaults.tail_lines,
+        secrets,
         signals,
         guardian: None,
         interrupted: None,
@@ -150,6 +170,7 @@ async fn run(
         let expired = Instant::now() >= runner.release_deadline;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
+        let mut output_tail = Vec::new();
         let outcome = if runner.stopping_signals >= 2 {
             Outcome::NotRun
         } else if task.on == On::Success && !failed && expired {
@@ -182,6 +203,7 @@ async fn run(
             // excuse: the release did not finish in time.
             allow_failure &= !ran.cut_by_release;
             Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+            output_tail = ran.output_tail;
             ran.outcome
         };
         let duration = if outcome.exit_code().is_some() {
@@ -194,6 +216,7 @@ async fn run(
             outcome,
             duration,
             allow_failure,
+            output_tail,
         });
     }
     report.interrupted = runner.interrupted;
@@ -214,6 +237,10 @@ struct Runner {
     release_timeout: Duration,
     heartbeat: Duration,
     name_width: usize,
+    /// How many last lines of each task's output to keep for the report.
+    tail_lines: usize,
+    /// Values hidden wherever a task's output is shown again (see `tail.rs`).
+    secrets: Vec<String>,
 }
 
 /// The deadline that applies to one task, decided once when it starts.
@@ -227,6 +254,8 @@ struct Deadline {
 /// How a task that was started went.
 struct Ran {
     outcome: Outcome,
+    /// The task's last output lines, ready to show.
+    output_tail: Vec<String>,
     /// Whether `release_timeout` (not the task's own timeout) cut it off.
     cut_by_release: bool,
 }
@@ -277,6 +306,7 @@ impl Runner {
             Err(err) => {
                 return Ok(Ran {
                     outcome: could_not_start(task, &err),
+                    output_tail: Vec::new(),
                     cut_by_release: false,
                 });
             }
@@ -285,7 +315,9 @@ impl Runner {
         let pid = spawned.pid;
         let exempt = self.guardian.iter().map(Guardian::pid).collect();
         let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
-        let supervisor = Supervisor::command(&task.name, task.grace, spawned, exempt, &prefix)?;
+        let tail = Arc::new(Mutex::new(Tail::new(self.tail_lines)));
+        let supervisor =
+            Supervisor::command(&task.name, task.grace, spawned, exempt, &prefix, &tail)?;
         if let Some(g) = &self.guardian {
             g.tell(pid, true);
         }
@@ -306,8 +338,16 @@ impl Runner {
             // waitpid without WUNTRACED reports only exits and deaths by signal.
             _ => Outcome::Failed(1),
         };
+        let output_tail = {
+            let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
+            tail.finish();
+            let mut secrets = self.secrets.clone();
+            secrets.extend(crate::tail::secrets(task.env.iter()));
+            tail.render(&secrets)
+        };
         Ok(Ran {
             outcome,
+            output_tail,
             cut_by_release: done.timed_out == Some("release_timeout"),
         })
     }
@@ -334,6 +374,7 @@ impl Runner {
                         outcome: Outcome::NotDelivered(format!(
                             "cannot start the sending thread: {err}"
                         )),
+                        output_tail: Vec::new(),
                         cut_by_release: false,
                     });
                 }
@@ -354,6 +395,7 @@ impl Runner {
         };
         Ok(Ran {
             outcome,
+            output_tail: Vec::new(),
             cut_by_release: done.timed_out == Some("release_timeout"),
         })
     }

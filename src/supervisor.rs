@@ -13,7 +13,7 @@
 //! main process runs, [`ended`](Supervisor::ended) also polls `waitpid` on a bounded period, so a
 //! lost or blocked SIGCHLD delays the end of a task by at most [`MAX_REAP_POLL`], never forever.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tokio::time::sleep_until;
 use crate::notify::{Cancel, Webhook};
 use crate::output::{Pump, Target};
 use crate::process::{self, TaskProcesses};
+use crate::tail::Tail;
 
 /// How often the clean-up after a task checks whether its leftovers are gone.
 const CLEANUP_POLL: Duration = Duration::from_millis(20);
@@ -100,13 +101,24 @@ impl Supervisor {
         spawned: process::Spawned,
         exempt: Vec<Pid>,
         prefix: &[u8],
+        tail: &Arc<Mutex<Tail>>,
     ) -> std::io::Result<Supervisor> {
         let pid = spawned.pid;
         // Owned before the pumps start, so a failure to start them still kills the group on drop.
         let procs = TaskProcesses::new(pid, exempt);
         let pumps = [
-            Pump::start(spawned.stdout, Target::Stdout, prefix.to_vec())?,
-            Pump::start(spawned.stderr, Target::Stderr, prefix.to_vec())?,
+            Pump::start(
+                spawned.stdout,
+                Target::Stdout,
+                prefix.to_vec(),
+                Some(tail.clone()),
+            )?,
+            Pump::start(
+                spawned.stderr,
+                Target::Stderr,
+                prefix.to_vec(),
+                Some(tail.clone()),
+            )?,
         ];
         Ok(Supervisor {
             task: task.to_owned(),

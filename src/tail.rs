@@ -91,6 +91,14 @@ impl Tail {
     }
 }
 
+/// The values to hide in shown output: those of variables whose names look secret (four characters
+/// or more, as `redact::scrub` needs), from an environment snapshot or a task's own `env`.
+pub fn secrets<'a>(vars: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<String> {
+    vars.filter(|(name, value)| redact::is_secret_name(name) && value.len() >= 4)
+        .map(|(_, value)| value.clone())
+        .collect()
+}
+
 /// What a terminal would show of `line`: escape sequences (CSI such as colours, OSC such as titles
 /// and hyperlinks, and two-byte ones) removed, the text after the last carriage return kept, and
 /// other control characters but tab dropped.

@@ -64,6 +64,8 @@ pub struct Defaults {
     pub heartbeat: Duration,
     /// A bound on the whole release, below the platform's own (Heroku stops a release phase at 1 h).
     pub release_timeout: Duration,
+    /// How many of a task's last output lines the report, the log and the notifications show.
+    pub tail_lines: usize,
 }
 
 impl Default for Defaults {
@@ -74,6 +76,7 @@ impl Default for Defaults {
             shell: "/bin/sh".to_owned(),
             heartbeat: Duration::from_secs(60),
             release_timeout: Duration::from_secs(55 * 60),
+            tail_lines: 20,
         }
     }
 }

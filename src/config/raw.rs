@@ -72,6 +72,7 @@ pub(super) struct RawDefaults {
     pub(super) shell: Option<Spanned<String>>,
     pub(super) heartbeat: Option<Spanned<String>>,
     pub(super) release_timeout: Option<Spanned<String>>,
+    pub(super) tail_lines: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

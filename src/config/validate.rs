@@ -67,6 +67,9 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     }
 }
 
+/// The most output lines a task's tail may keep (`[defaults] tail_lines`).
+pub const MAX_TAIL_LINES: usize = 1000;
+
 /// Adds a hint to the TOML library's messages where the user's next step is not obvious.
 fn syntax_message(message: &str) -> String {
     let message = message.trim_end();
@@ -267,6 +270,22 @@ impl Validator<'_> {
                 "release_timeout",
                 builtin.release_timeout,
             ),
+            tail_lines: self.tail_lines(raw.tail_lines, builtin.tail_lines),
+        }
+    }
+
+    /// `tail_lines`, at most [`MAX_TAIL_LINES`]: each kept line may take a kilobyte per task.
+    fn tail_lines(&mut self, value: Option<Spanned<u32>>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(n) if *n.get_ref() as usize > MAX_TAIL_LINES => {
+                self.report(
+                    Some(n.span()),
+                    format!("`tail_lines` = {} is more than {MAX_TAIL_LINES}; the full output is in the log", n.get_ref()),
+                );
+                default
+            }
+            Some(n) => *n.get_ref() as usize,
         }
     }
 

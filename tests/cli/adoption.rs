@@ -242,3 +242,99 @@ fn exec_of_a_missing_command_is_127_and_needs_a_command() {
         .run()
         .status(2);
 }
+
+/// A failing task whose error is on stderr among many lines, in colour, with a secret in it.
+const FAILING: &str = r#"
+[defaults]
+tail_lines = 3
+
+[tasks.migrate]
+run = ["sh", "fail.sh"]
+env = { API_TOKEN = "tok-s3cr3t-value" }
+"#;
+
+const FAIL_SH: &str = "for i in 1 2 3 4 5; do echo step $i; done\n\
+    printf '\\033[31mPG::UndefinedColumn: column \"x\" does not exist\\033[0m (token %s)\\n' \"$API_TOKEN\" >&2\n\
+    exit 3\n";
+
+#[test]
+fn the_failure_is_in_the_report_the_log_and_junit() {
+    let t = Test::new().config(FAILING).file("fail.sh", FAIL_SH).args(&[
+        "--report",
+        "report.json",
+        "--junit",
+        "junit.xml",
+    ]);
+    let out = t.run();
+    out.status(3)
+        .stderr_has("release failed")
+        .stderr_has("failed_task=migrate")
+        .stderr_has(
+            "last_line=\"PG::UndefinedColumn: column \\\"x\\\" does not exist (token [redacted])\"",
+        );
+    out.stderr_lacks("\"x\\\" does not exist (token tok-s3cr3t-value)");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["tasks"][0]["output_tail"],
+        serde_json::json!([
+            "step 4",
+            "step 5",
+            "PG::UndefinedColumn: column \"x\" does not exist (token [redacted])"
+        ])
+    );
+    // JUnit, read by a real XML parser: the failure's body names the last line, <system-out> has
+    // the tail.
+    let junit = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as ET\n\
+             case = ET.parse(sys.argv[1]).getroot().find('testsuite/testcase')\n\
+             print(case.find('failure').text)\n\
+             print('---')\n\
+             print(case.find('system-out').text, end='')",
+            t.path("junit.xml").to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&junit.stdout);
+    assert!(
+        junit.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&junit.stderr)
+    );
+    assert_eq!(
+        text,
+        "task `migrate` failed with exit code 3\n\
+         last line: PG::UndefinedColumn: column \"x\" does not exist (token [redacted])\n\
+         ---\n\
+         step 4\nstep 5\nPG::UndefinedColumn: column \"x\" does not exist (token [redacted])\n"
+    );
+    assert!(
+        !std::fs::read_to_string(t.path("junit.xml"))
+            .unwrap()
+            .contains("s3cr3t")
+    );
+}
+
+#[test]
+fn the_slack_message_shows_the_failed_tasks_last_lines() {
+    let server = crate::webhook::Server::start(&[200], std::time::Duration::ZERO);
+    let config = format!(
+        "{FAILING}\n[tasks.notify]\nnotify = {{ url = \"http://127.0.0.1:{}/hook\", format = \"slack\" }}\non = \"always\"\n",
+        server.port
+    );
+    Test::new()
+        .config(&config)
+        .file("fail.sh", FAIL_SH)
+        .run()
+        .status(3);
+    let received = server.received();
+    let text = received[0].json()["text"].as_str().unwrap().to_owned();
+    assert!(
+        text.contains(
+            "Last lines of `migrate`:\n```\nstep 4\nstep 5\nPG::UndefinedColumn: column \"x\" does not exist (token [redacted])\n```"
+        ),
+        "{text}"
+    );
+}
