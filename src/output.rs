@@ -30,6 +30,7 @@ const MAX_PENDING: usize = 64 * 1024;
 const READ_SIZE: usize = 256 * 1024;
 /// The capacity asked for a task's output pipes: fewer wake-ups for a chatty task (Linux's default
 /// is 64 KiB; a smaller grant is fine).
+#[cfg(target_os = "linux")]
 const PIPE_SIZE: i32 = 1024 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
@@ -233,8 +234,8 @@ pub struct Pump {
 impl Pump {
     /// Starts copying `source` to `target`, each line prefixed with `prefix`.
     pub fn start(source: OwnedFd, target: Target, prefix: Vec<u8>) -> std::io::Result<Pump> {
-        let _ = fcntl(&source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-        let (stop_read, stop_write) = unistd::pipe2(OFlag::O_CLOEXEC)?;
+        enlarge_pipe(&source);
+        let (stop_read, stop_write) = cloexec_pipe()?;
         let (tx, rx) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("output-{target:?}"))
@@ -271,6 +272,35 @@ impl Pump {
     pub fn stop(&mut self) {
         self.stop = None;
     }
+}
+
+/// Asks for a larger pipe; a smaller grant (or none) only costs wake-ups.
+#[cfg(target_os = "linux")]
+fn enlarge_pipe(source: &OwnedFd) {
+    let _ = fcntl(source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+}
+
+/// macOS sizes a pipe by itself (up to 64 KiB as it fills): nothing to ask for.
+#[cfg(not(target_os = "linux"))]
+fn enlarge_pipe(_source: &OwnedFd) {}
+
+/// A pipe that no task inherits: a task holding the stop pipe's write end would keep the pump from
+/// ever being told to stop.
+#[cfg(target_os = "linux")]
+fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    unistd::pipe2(OFlag::O_CLOEXEC)
+}
+
+/// Without `pipe2`, close-on-exec is set just after `pipe`. Tasks are spawned from the thread that
+/// starts pumps, so no fork falls between the two calls.
+#[cfg(not(target_os = "linux"))]
+fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::FdFlag;
+    let (read, write) = unistd::pipe()?;
+    for fd in [&read, &write] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
+    Ok((read, write))
 }
 
 fn pump(source: &OwnedFd, stop: &OwnedFd, target: Target, mut lines: Lines) {
@@ -588,6 +618,8 @@ mod tests {
         [b"x".repeat(63), b"\n".to_vec()].concat()
     }
 
+    // Needs a 1 MiB pipe, which only Linux grants.
+    #[cfg(target_os = "linux")]
     #[test]
     fn what_is_in_the_pipe_when_told_to_stop_is_still_written() {
         let (file, target) = output_file();
