@@ -1,6 +1,8 @@
 //! The `release-tasks` binary: parse the command line, start logging, run, and exit with the status
 //! the library derived.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 use release_tasks::cli::{Cli, Settings};
@@ -30,7 +32,10 @@ fn main() {
             std::process::exit(err.exit_code());
         }
     };
-    release_tasks::log::init(settings.log_format, env.contains_key("NO_COLOR"));
+    // Lossily, so that a NO_COLOR that is not UTF-8 still counts as set.
+    let colour =
+        release_tasks::log::colour(|name| env.get_lossy(name), std::io::stderr().is_terminal());
+    release_tasks::log::init(settings.log_format, colour);
     let result = release_tasks::execute(&settings, &env);
     // Log lines may still be on their way to a slow reader: let them out first (an error message must
     // come after them), waiting a little, never forever.
