@@ -36,6 +36,7 @@ fn main() {
     let colour =
         release_tasks::log::colour(|name| env.get_lossy(name), std::io::stderr().is_terminal());
     release_tasks::log::init(settings.log_format, colour);
+    release_tasks::output::set_format(settings.output_format);
     let result = release_tasks::execute(&settings, &env);
     // Log lines may still be on their way to a slow reader: let them out first (an error message must
     // come after them), waiting a little, never forever.

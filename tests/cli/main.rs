@@ -3,6 +3,7 @@
 
 mod core;
 mod faults;
+mod formats;
 mod harness;
 mod hostile;
 mod init;
