@@ -339,10 +339,11 @@ impl Lines {
         }
     }
 
-    /// After a batch as large as a read, gives back what its JSON took beyond the usual.
+    /// After a batch of escapes or U+FFFDs (up to six bytes of JSON for one byte read), gives back
+    /// what its JSON took beyond what a full read of plain text needs.
     fn shrink(&mut self) {
         if let LineFormat::Json { out, .. } = &mut self.format {
-            if out.capacity() > 4 * MAX_PENDING {
+            if out.capacity() > 2 * (READ_SIZE + MAX_PENDING) {
                 *out = Vec::new();
             }
         }
