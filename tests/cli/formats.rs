@@ -89,6 +89,19 @@ fn the_output_format_is_a_setting_of_its_own() {
         .status(0)
         .stdout_has("migrate | one\n")
         .stderr_has("seed    | seeded\n");
+    // A bad setting beside JSON logs is a JSON event.
+    let out = Test::new()
+        .config(TASKS)
+        .env("RELEASE_TASKS_OUTPUT_FORMAT", "yaml")
+        .env("RELEASE_TASKS_LOG_FORMAT", "json")
+        .run();
+    out.status(2);
+    let events = json_lines(&out.stderr);
+    assert!(
+        events[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("RELEASE_TASKS_OUTPUT_FORMAT"))
+    );
     // The flag wins over the variable; a bad value names the variable.
     Test::new()
         .config(TASKS)
