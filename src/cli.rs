@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::error::{Error, Result};
 use crate::gate::Env;
 pub use crate::log::LogFormat;
+pub use crate::output::OutputFormat;
 use crate::plan::Selection;
 
 /// Run a release phase: env-gated tasks from release.toml, with timeouts, signal forwarding and
@@ -21,7 +22,7 @@ use crate::plan::Selection;
     version,
     about,
     after_help = "Put `release: release-tasks` in your Procfile. Every option can also be set with a \
-RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT); flags win.\n\n\
+RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT, _OUTPUT_FORMAT); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
 (nothing ran); 74 check, plan or init could not write their output; 70 release-tasks itself failed; \
@@ -46,6 +47,11 @@ pub struct Cli {
     /// Format of release-tasks's own log lines [default: text]
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Format of the tasks' output lines: `json` makes each one {"task", "stream", "line"}
+    /// [default: text]
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub output_format: Option<OutputFormat>,
 
     /// Write the release report as JSON to this file when the release ends
     #[arg(long, global = true, value_name = "PATH")]
@@ -116,6 +122,7 @@ pub struct Settings {
     pub config: PathBuf,
     pub selection: Selection,
     pub log_format: LogFormat,
+    pub output_format: OutputFormat,
     pub report: Option<PathBuf>,
     pub junit: Option<PathBuf>,
     /// The `.env` files to read, in order (none unless named).
@@ -128,6 +135,15 @@ impl Settings {
     pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
         let vars = EnvSettings::read(env)?;
         let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
+        let output_format = match (cli.output_format, vars.output_format) {
+            (Some(format), _) => format,
+            (None, None) => OutputFormat::Text,
+            (None, Some(value)) => OutputFormat::from_str(&value, true).map_err(|_| {
+                Error::Usage(format!(
+                    "RELEASE_TASKS_OUTPUT_FORMAT={value:?} is not an output format; use `text` or `json`"
+                ))
+            })?,
+        };
         let path = |name: &str| {
             env.get_os(name)
                 .filter(|p| !p.is_empty())
@@ -187,6 +203,7 @@ impl Settings {
                 skip: list(cli.skip, skip),
             },
             log_format,
+            output_format,
             report,
             junit,
         })
@@ -201,10 +218,11 @@ struct EnvSettings {
     only: Option<String>,
     skip: Option<String>,
     log_format: Option<String>,
+    output_format: Option<String>,
 }
 
 impl EnvSettings {
-    const NAMES: [&str; 3] = ["ONLY", "SKIP", "LOG_FORMAT"];
+    const NAMES: [&str; 4] = ["ONLY", "SKIP", "LOG_FORMAT", "OUTPUT_FORMAT"];
 
     /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
     /// that is not UTF-8 is an error that names its variable (never taken as unset).

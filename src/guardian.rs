@@ -7,6 +7,10 @@
 //! closes (release-tasks is gone, however it ended), it SIGKILLs the group, then every process whose
 //! environment carries `RELEASE_TASKS_RUN_ID=RUN_ID`, which finds what escaped the group (a `setsid`
 //! daemon) as long as it kept its environment. After a normal end there is nothing left for it to do.
+//!
+//! On macOS, which has neither `PR_SET_PDEATHSIG` nor `/proc`, the guardian is all that kills a
+//! killed release-tasks's task: it still kills the task's group; the sweep by environment needs
+//! `/proc` and finds nothing there.
 
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
@@ -39,8 +43,7 @@ pub fn new_run_id() -> String {
 impl Guardian {
     /// Starts the guardian for the run `run_id`.
     pub fn start(run_id: &str) -> io::Result<Guardian> {
-        // /proc/self/exe, not a path: it still runs if a deploy replaced the binary meanwhile.
-        let mut child = std::process::Command::new("/proc/self/exe")
+        let mut child = std::process::Command::new(own_executable()?)
             .arg(SUBCOMMAND)
             .arg(run_id)
             .stdin(Stdio::piped())
@@ -67,9 +70,23 @@ impl Guardian {
     /// Tells the guardian about a group to kill (`watch = true`) or to forget.
     pub fn tell(&self, pgid: Pid, watch: bool) {
         let value = if watch { pgid.as_raw() } else { -pgid.as_raw() };
-        // A failed write means the guardian is gone; the task still has PR_SET_PDEATHSIG.
+        // A failed write means the guardian is gone; on Linux the task still has PR_SET_PDEATHSIG.
         let _ = unistd::write(&self.pipe, &value.to_ne_bytes());
     }
+}
+
+/// What starts release-tasks again: /proc/self/exe, not a path, so it still runs if a deploy
+/// replaced the binary meanwhile.
+#[cfg(target_os = "linux")]
+#[allow(clippy::unnecessary_wraps)] // the same signature as elsewhere, where it can fail
+fn own_executable() -> io::Result<std::path::PathBuf> {
+    Ok("/proc/self/exe".into())
+}
+
+/// Without /proc, the path the system gives for the running binary.
+#[cfg(not(target_os = "linux"))]
+fn own_executable() -> io::Result<std::path::PathBuf> {
+    std::env::current_exe()
 }
 
 /// The guardian's whole life: collect group ids until stdin closes, then kill what is left.
@@ -114,6 +131,7 @@ pub fn guard(run_id: &str) -> ! {
 }
 
 /// SIGKILLs every process whose environment holds `marker`; returns how many there were.
+#[cfg(target_os = "linux")]
 fn sweep(marker: &[u8]) -> usize {
     let me = std::process::id() as i32;
     let mut killed = 0;
@@ -127,4 +145,11 @@ fn sweep(marker: &[u8]) -> usize {
         }
     }
     killed
+}
+
+/// Another process's environment is readable only through /proc (macOS's `KERN_PROCARGS2` needs
+/// more than a guardian should do): there is nothing to sweep, and the group kill is all it does.
+#[cfg(not(target_os = "linux"))]
+fn sweep(_marker: &[u8]) -> usize {
+    0
 }

@@ -94,12 +94,24 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         Command::Check => {
             let (config, plan) = load(settings, env)?;
             let runs = plan.to_run().count();
-            say(&format!(
-                "{}: ok, {} task{} ({runs} would run with this environment)\n",
-                config.path.display(),
-                config.tasks.len(),
-                if config.tasks.len() == 1 { "" } else { "s" }
-            ))?;
+            match settings.log_format {
+                LogFormat::Text => say(&format!(
+                    "{}: ok, {} task{} ({runs} would run with this environment)\n",
+                    config.path.display(),
+                    config.tasks.len(),
+                    if config.tasks.len() == 1 { "" } else { "s" }
+                ))?,
+                // One object a log pipeline can parse, like every other line in JSON mode.
+                LogFormat::Json => say(&format!(
+                    "{}\n",
+                    serde_json::json!({
+                        "config": config.path.to_string_lossy(),
+                        "ok": true,
+                        "tasks": config.tasks.len(),
+                        "would_run": runs,
+                    })
+                ))?,
+            }
             Ok(0)
         }
         Command::Plan => {

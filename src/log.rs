@@ -7,7 +7,6 @@
 //! a log line that cannot be written (stderr closed or full) is dropped: it never stops the release.
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
 use std::time::Duration;
@@ -29,16 +28,32 @@ pub enum LogFormat {
     Json,
 }
 
-/// Starts logging in `format`. Colour only when stderr is a terminal and `NO_COLOR` is not set.
-pub fn init(format: LogFormat, no_color: bool) {
+/// Whether text log lines get colour, from the variables users set for that (read through `var`)
+/// and whether stderr is a terminal. In order: `NO_COLOR` set and not empty turns it off (an empty
+/// one counts as unset, as no-color.org says); `CLICOLOR_FORCE` or `FORCE_COLOR` set, not empty and
+/// not `0` turns it on, even off a terminal (a CI log viewer that renders ANSI); otherwise colour
+/// only on a terminal whose `TERM` is not `dumb`.
+#[must_use]
+pub fn colour<S: AsRef<str>>(var: impl Fn(&str) -> Option<S>, stderr_is_terminal: bool) -> bool {
+    let value = |name| var(name).map(|v| v.as_ref().to_owned());
+    let set = |name| value(name).is_some_and(|v| !v.is_empty());
+    let forced = |name| value(name).is_some_and(|v| !v.is_empty() && v != "0");
+    if set("NO_COLOR") {
+        false
+    } else if forced("CLICOLOR_FORCE") || forced("FORCE_COLOR") {
+        true
+    } else {
+        stderr_is_terminal && value("TERM").as_deref() != Some("dumb")
+    }
+}
+
+/// Starts logging in `format`; `colour` (see [`colour`]) applies to the text format only.
+pub fn init(format: LogFormat, colour: bool) {
     let builder = tracing_subscriber::fmt()
         .with_writer(LogWriter)
         .with_max_level(Level::INFO);
     match format {
-        LogFormat::Text => {
-            let colour = !no_color && std::io::stderr().is_terminal();
-            builder.event_format(Logfmt { colour }).init();
-        }
+        LogFormat::Text => builder.event_format(Logfmt { colour }).init(),
         LogFormat::Json => builder
             .json()
             .with_target(false)
@@ -207,7 +222,46 @@ impl MakeWriter<'_> for LogWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::push_value;
+    use super::{colour, push_value};
+
+    /// The decision with exactly `vars` set.
+    fn colour_with(vars: &[(&str, &str)], terminal: bool) -> bool {
+        let var = |name: &str| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        colour(var, terminal)
+    }
+
+    #[test]
+    fn colour_on_a_terminal_unless_no_color_or_a_dumb_terminal() {
+        assert!(colour_with(&[], true));
+        assert!(!colour_with(&[], false));
+        assert!(colour_with(&[("TERM", "xterm-256color")], true));
+        assert!(!colour_with(&[("TERM", "dumb")], true));
+        assert!(!colour_with(&[("NO_COLOR", "1")], true));
+        assert!(!colour_with(&[("NO_COLOR", "0")], true), "any value counts");
+        assert!(colour_with(&[("NO_COLOR", "")], true), "empty is unset");
+    }
+
+    #[test]
+    fn forced_colour_off_a_terminal_but_never_over_no_color() {
+        for force in ["CLICOLOR_FORCE", "FORCE_COLOR"] {
+            assert!(colour_with(&[(force, "1")], false), "{force}");
+            assert!(colour_with(&[(force, "true")], false), "{force}");
+            assert!(
+                colour_with(&[(force, "1"), ("TERM", "dumb")], true),
+                "{force}"
+            );
+            assert!(!colour_with(&[(force, "0")], false), "{force}=0");
+            assert!(!colour_with(&[(force, "")], false), "{force} empty");
+            assert!(
+                !colour_with(&[(force, "1"), ("NO_COLOR", "1")], true),
+                "{force}"
+            );
+            assert!(
+                colour_with(&[(force, "1"), ("NO_COLOR", "")], false),
+                "{force}"
+            );
+        }
+    }
 
     #[test]
     fn logfmt_quoting() {

@@ -1,6 +1,8 @@
 //! The `release-tasks` binary: parse the command line, start logging, run, and exit with the status
 //! the library derived.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 use release_tasks::cli::{Cli, Settings};
@@ -23,16 +25,32 @@ fn main() {
     }
     let cli = Cli::parse();
     let mut env = release_tasks::env_snapshot();
+    // Lossily, so that a NO_COLOR that is not UTF-8 still counts as set.
+    let colour =
+        release_tasks::log::colour(|name| env.get_lossy(name), std::io::stderr().is_terminal());
+    let asked_for_json = cli.log_format == Some(LogFormat::Json)
+        || (cli.log_format.is_none()
+            && env
+                .get("RELEASE_TASKS_LOG_FORMAT")
+                .is_some_and(|v| v.eq_ignore_ascii_case("json")));
     let settings = match Settings::resolve(cli, &env)
         .and_then(|settings| release_tasks::load_env_files(&settings, &mut env).map(|()| settings))
     {
         Ok(settings) => settings,
         Err(err) => {
-            release_tasks::tell(&format!("release-tasks: error: {err}\n"));
+            // Another setting is wrong, but a pipeline that asked for JSON still gets JSON.
+            let format = if asked_for_json {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            };
+            release_tasks::log::init(format, colour);
+            report_error(&err, format);
             std::process::exit(err.exit_code());
         }
     };
-    release_tasks::log::init(settings.log_format, env.contains_key("NO_COLOR"));
+    release_tasks::log::init(settings.log_format, colour);
+    release_tasks::output::set_format(settings.output_format);
     let result = release_tasks::execute(&settings, &env);
     // Log lines may still be on their way to a slow reader: let them out first (an error message must
     // come after them), waiting a little, never forever.

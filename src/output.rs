@@ -10,6 +10,13 @@
 //! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop. A
 //! task's supervisor (`supervisor.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
 //! them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
+//!
+//! With `--output-format json` ([`OutputFormat::Json`], chosen once at start-up with [`set_format`])
+//! each line is written instead as one JSON object, `{"task":..,"stream":..,"line":..}`, lossily
+//! decoded, with `"partial":true` on a piece that is not a whole line (a flushed prompt, a piece of a
+//! line over 64 KiB): every line a log collector reads is then JSON. Only the rendering of a batch of
+//! pieces ([`Lines::slices`]) differs; splitting, flushing and the one locked write per batch are
+//! the same for both.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -32,6 +39,7 @@ const MAX_PENDING: usize = 64 * 1024;
 const READ_SIZE: usize = 256 * 1024;
 /// The capacity asked for a task's output pipes: fewer wake-ups for a chatty task (Linux's default
 /// is 64 KiB; a smaller grant is fine).
+#[cfg(target_os = "linux")]
 const PIPE_SIZE: i32 = 1024 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
@@ -62,6 +70,24 @@ fn lock(target: Target) -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How task output lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Each line as it is, after a `name | ` prefix
+    #[default]
+    Text,
+    /// Each line as a JSON object: {"task", "stream", "line"}
+    Json,
+}
+
+/// The format of every pump started from now on; set once, before the release starts.
+static FORMAT: OnceLock<OutputFormat> = OnceLock::new();
+
+/// Chooses how task output is written (a later call changes nothing).
+pub fn set_format(format: OutputFormat) {
+    let _ = FORMAT.set(format);
+}
+
 /// Where a stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -73,6 +99,16 @@ pub enum Target {
 }
 
 impl Target {
+    /// The stream's name in a JSON line.
+    fn stream(self) -> &'static str {
+        match self {
+            Target::Stderr => "stderr",
+            Target::Stdout => "stdout",
+            #[cfg(test)]
+            Target::Fd(_) => "stdout",
+        }
+    }
+
     fn fd(self) -> RawFd {
         match self {
             Target::Stdout => 1,
@@ -103,11 +139,38 @@ pub enum Piece {
     Newline,
 }
 
+/// How [`Lines::slices`] renders the pieces of a batch.
+#[derive(Debug)]
+enum LineFormat {
+    /// The bytes as they are, each line after the prefix.
+    Text,
+    /// One JSON object per line or piece of a line, rendered into `out`.
+    Json {
+        task: String,
+        stream: &'static str,
+        /// The bytes of the line being rendered.
+        line: Vec<u8>,
+        /// The batch's objects.
+        out: Vec<u8>,
+    },
+}
+
+/// One task output line in JSON.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    task: &'a str,
+    stream: &'a str,
+    line: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    partial: bool,
+}
+
 /// Splits a byte stream into prefixed lines. Pure: the pump feeds it chunks, writes the pieces it
 /// returns, then calls [`settle`](Lines::settle).
 #[derive(Debug)]
 pub struct Lines {
     prefix: Vec<u8>,
+    format: LineFormat,
     /// Whether the next byte written starts a line (and so gets the prefix).
     at_line_start: bool,
     pending: Vec<u8>,
@@ -120,16 +183,42 @@ pub struct Lines {
 }
 
 impl Lines {
+    /// Lines written as text, each after `prefix`.
     #[must_use]
     pub fn new(prefix: Vec<u8>) -> Self {
         Lines {
             prefix,
+            format: LineFormat::Text,
             at_line_start: true,
             pending: Vec::new(),
             pending_since: None,
             pending_out: false,
             tail_from: 0,
             fed_at: None,
+        }
+    }
+
+    /// Lines written as JSON objects that name `task` and `stream` (`stdout` or `stderr`).
+    #[must_use]
+    pub fn json(task: &str, stream: &'static str) -> Self {
+        Lines {
+            format: LineFormat::Json {
+                task: task.to_owned(),
+                stream,
+                line: Vec::new(),
+                out: Vec::new(),
+            },
+            ..Lines::new(Vec::new())
+        }
+    }
+
+    /// Lines for a task's stream to `target` in the format chosen with [`set_format`]. The task's
+    /// name is what `prefix` (`NAME | `, padded for alignment) holds: task names have no spaces.
+    #[must_use]
+    pub fn for_target(target: Target, prefix: Vec<u8>) -> Self {
+        match FORMAT.get().copied().unwrap_or_default() {
+            OutputFormat::Text => Lines::new(prefix),
+            OutputFormat::Json => Lines::json(&task_of_prefix(&prefix), target.stream()),
         }
     }
 
@@ -159,6 +248,7 @@ impl Lines {
             self.pending_since = None;
             self.pending_out = false;
         }
+        self.shrink();
         let tail = data.get(self.tail_from..).unwrap_or_default();
         if !tail.is_empty() {
             if self.pending.is_empty() {
@@ -200,20 +290,65 @@ impl Lines {
         self.pending_since.map(|t| t + PARTIAL_FLUSH)
     }
 
-    /// The bytes of `pieces`, for a `writev` (`data` is the chunk they were fed from).
+    /// The bytes of `pieces`, for a `writev` (`data` is the chunk they were fed from). As text,
+    /// the pieces themselves; as JSON, one slice with an object per line, and per piece of a line
+    /// that the batch ends in the middle of.
     #[must_use]
-    pub fn slices<'a>(&'a self, pieces: &[Piece], data: &'a [u8]) -> Vec<IoSlice<'a>> {
-        pieces
-            .iter()
-            .map(|piece| {
-                IoSlice::new(match *piece {
-                    Piece::Prefix => &self.prefix,
-                    Piece::Pending => &self.pending,
-                    Piece::Data(start, end) => &data[start..end],
-                    Piece::Newline => b"\n",
+    pub fn slices<'a>(&'a mut self, pieces: &[Piece], data: &'a [u8]) -> Vec<IoSlice<'a>> {
+        match &mut self.format {
+            LineFormat::Text => pieces
+                .iter()
+                .map(|piece| {
+                    IoSlice::new(match *piece {
+                        Piece::Prefix => &self.prefix,
+                        Piece::Pending => &self.pending,
+                        Piece::Data(start, end) => &data[start..end],
+                        Piece::Newline => b"\n",
+                    })
                 })
-            })
-            .collect()
+                .collect(),
+            LineFormat::Json {
+                task,
+                stream,
+                line,
+                out,
+            } => {
+                out.clear();
+                for piece in pieces {
+                    match *piece {
+                        Piece::Prefix | Piece::Newline => {}
+                        Piece::Pending => line.extend_from_slice(&self.pending),
+                        Piece::Data(start, end) => line.extend_from_slice(&data[start..end]),
+                    }
+                    // Data pieces are whole lines; Newline ends a stream that stopped mid-line.
+                    let ends = matches!(piece, Piece::Newline)
+                        || matches!(piece, Piece::Data(..)) && line.ends_with(b"\n");
+                    if ends {
+                        let text = line.strip_suffix(b"\n").unwrap_or(line);
+                        // A Newline after a flushed partial line has nothing left to say.
+                        if !(text.is_empty() && matches!(piece, Piece::Newline)) {
+                            json_line(out, task, stream, text, false);
+                        }
+                        line.clear();
+                    }
+                }
+                if !line.is_empty() {
+                    json_line(out, task, stream, line, true);
+                    line.clear();
+                }
+                vec![IoSlice::new(out)]
+            }
+        }
+    }
+
+    /// After a batch of escapes or U+FFFDs (up to six bytes of JSON for one byte read), gives back
+    /// what its JSON took beyond what a full read of plain text needs.
+    fn shrink(&mut self) {
+        if let LineFormat::Json { out, .. } = &mut self.format {
+            if out.capacity() > 2 * (READ_SIZE + MAX_PENDING) {
+                *out = Vec::new();
+            }
+        }
     }
 
     fn start_line(&mut self, pieces: &mut Vec<Piece>) {
@@ -222,6 +357,28 @@ impl Lines {
             self.at_line_start = false;
         }
     }
+}
+
+/// The task name in a text prefix, `NAME | ` padded with spaces for alignment.
+fn task_of_prefix(prefix: &[u8]) -> String {
+    let name = prefix
+        .strip_suffix(b" | ")
+        .unwrap_or(prefix)
+        .trim_ascii_end();
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// Appends `line` (lossily decoded) as one JSON object and a newline to `out`.
+fn json_line(out: &mut Vec<u8>, task: &str, stream: &str, line: &[u8], partial: bool) {
+    let object = JsonLine {
+        task,
+        stream,
+        line: &String::from_utf8_lossy(line),
+        partial,
+    };
+    // Serializing strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &object);
+    out.push(b'\n');
 }
 
 /// A running pump thread for one stream.
@@ -241,14 +398,20 @@ impl Pump {
         prefix: Vec<u8>,
         tail: Option<Arc<Mutex<Tail>>>,
     ) -> std::io::Result<Pump> {
-        let _ = fcntl(&source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-        let (stop_read, stop_write) = unistd::pipe2(OFlag::O_CLOEXEC)?;
+        enlarge_pipe(&source);
+        let (stop_read, stop_write) = cloexec_pipe()?;
         let (tx, rx) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("output-{target:?}"))
             .stack_size(SMALL_STACK)
             .spawn(move || {
-                pump(&source, &stop_read, target, Lines::new(prefix), tail);
+                pump(
+                    &source,
+                    &stop_read,
+                    target,
+                    Lines::for_target(target, prefix),
+                    tail,
+                );
                 let _ = tx.send(());
             })?;
         Ok(Pump {
@@ -279,6 +442,35 @@ impl Pump {
     pub fn stop(&mut self) {
         self.stop = None;
     }
+}
+
+/// Asks for a larger pipe; a smaller grant (or none) only costs wake-ups.
+#[cfg(target_os = "linux")]
+fn enlarge_pipe(source: &OwnedFd) {
+    let _ = fcntl(source, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+}
+
+/// macOS sizes a pipe by itself (up to 64 KiB as it fills): nothing to ask for.
+#[cfg(not(target_os = "linux"))]
+fn enlarge_pipe(_source: &OwnedFd) {}
+
+/// A pipe that no task inherits: a task holding the stop pipe's write end would keep the pump from
+/// ever being told to stop.
+#[cfg(target_os = "linux")]
+fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    unistd::pipe2(OFlag::O_CLOEXEC)
+}
+
+/// Without `pipe2`, close-on-exec is set just after `pipe`. Tasks are spawned from the thread that
+/// starts pumps, so no fork falls between the two calls.
+#[cfg(not(target_os = "linux"))]
+fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::FdFlag;
+    let (read, write) = unistd::pipe()?;
+    for fd in [&read, &write] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
+    Ok((read, write))
 }
 
 fn pump(
@@ -532,6 +724,104 @@ mod tests {
         assert_eq!(lines.flush_due(), Some(t0 + PARTIAL_FLUSH));
     }
 
+    /// What a JSON pump writes for `chunks`, as parsed objects.
+    fn json_objects(lines: &mut Lines, chunks: &[&[u8]], finish: bool) -> Vec<serde_json::Value> {
+        let out = render(lines, chunks, finish);
+        assert!(out.is_empty() || out.ends_with(b"\n"));
+        out.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("each line is JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_are_one_object_per_line_lossily_decoded() {
+        let mut lines = Lines::json("migrate", "stderr");
+        let objects = json_objects(&mut lines, &[b"a\nb", b"\xffc \"q\"\t\n", b"\nend"], true);
+        assert_eq!(
+            objects,
+            [
+                serde_json::json!({"task": "migrate", "stream": "stderr", "line": "a"}),
+                serde_json::json!({"task": "migrate", "stream": "stderr", "line": "b\u{fffd}c \"q\"\t"}),
+                serde_json::json!({"task": "migrate", "stream": "stderr", "line": ""}),
+                serde_json::json!({"task": "migrate", "stream": "stderr", "line": "end"}),
+            ]
+        );
+        assert!(json_objects(&mut Lines::json("t", "stdout"), &[b""], true).is_empty());
+    }
+
+    #[test]
+    fn json_partial_lines_are_objects_of_their_own() {
+        let mut lines = Lines::json("t", "stdout");
+        let mut pieces = Vec::new();
+        lines.feed(b"Continue? ", Instant::now(), &mut pieces);
+        lines.settle(b"Continue? ");
+        let mut objects = json_objects(&mut lines, &[], false);
+        lines.flush(&mut pieces);
+        let out: Vec<u8> = lines
+            .slices(&pieces, &[])
+            .iter()
+            .flat_map(|s| s.to_vec())
+            .collect();
+        pieces.clear();
+        lines.settle(&[]);
+        objects.push(serde_json::from_slice(out.trim_ascii_end()).expect("JSON"));
+        objects.extend(json_objects(&mut lines, &[b"y\n"], true));
+        assert_eq!(
+            objects,
+            [
+                serde_json::json!({"task": "t", "stream": "stdout", "line": "Continue? ", "partial": true}),
+                serde_json::json!({"task": "t", "stream": "stdout", "line": "y"}),
+            ]
+        );
+        // A stream that ends after a flushed partial line adds nothing.
+        let mut lines = Lines::json("t", "stdout");
+        lines.feed(b"half", Instant::now(), &mut pieces);
+        lines.settle(b"half");
+        lines.flush(&mut pieces);
+        let out: Vec<u8> = lines
+            .slices(&pieces, &[])
+            .iter()
+            .flat_map(|s| s.to_vec())
+            .collect();
+        pieces.clear();
+        lines.settle(&[]);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert!(json_objects(&mut lines, &[], true).is_empty());
+    }
+
+    #[test]
+    fn json_long_lines_come_in_bounded_partial_pieces() {
+        let long = vec![b'x'; MAX_PENDING * 3 + 5];
+        let mut lines = Lines::json("t", "stdout");
+        let mut objects = Vec::new();
+        for chunk in long.chunks(1000) {
+            objects.extend(json_objects(&mut lines, &[chunk], false));
+            assert!(lines.pending.len() < MAX_PENDING);
+        }
+        objects.extend(json_objects(&mut lines, &[b"\n"], true));
+        let text: String = objects
+            .iter()
+            .map(|o| o["line"].as_str().expect("line"))
+            .collect();
+        assert_eq!(text.len(), long.len());
+        assert!(objects.len() >= 3, "{}", objects.len());
+        assert!(
+            objects
+                .iter()
+                .all(|o| o["line"].as_str().map_or(0, str::len) < 2 * MAX_PENDING)
+        );
+        let (last, pieces) = objects.split_last().expect("objects");
+        assert!(pieces.iter().all(|o| o["partial"] == true));
+        assert_eq!(last.get("partial"), None);
+    }
+
+    #[test]
+    fn the_task_name_of_a_padded_prefix() {
+        assert_eq!(task_of_prefix(b"db.migrate   | "), "db.migrate");
+        assert_eq!(task_of_prefix(b"a | "), "a");
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -599,7 +889,13 @@ mod tests {
         drop(stop_write);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            pump(&source, &stop_read, target, Lines::new(b"t | ".to_vec()), None);
+            pump(
+                &source,
+                &stop_read,
+                target,
+                Lines::new(b"t | ".to_vec()),
+                None,
+            );
             let _ = tx.send(());
         });
         rx.recv_timeout(Duration::from_secs(10))
@@ -611,6 +907,8 @@ mod tests {
         [b"x".repeat(63), b"\n".to_vec()].concat()
     }
 
+    // Needs a 1 MiB pipe, which only Linux grants.
+    #[cfg(target_os = "linux")]
     #[test]
     fn what_is_in_the_pipe_when_told_to_stop_is_still_written() {
         let (file, target) = output_file();

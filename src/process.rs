@@ -5,6 +5,10 @@
 //! of what a signal means to the release: the task's supervisor (`supervisor.rs`) calls it, on
 //! `run.rs`'s word. The guardian (`guardian.rs`) uses its process listing and finds a run's processes
 //! by [`RUN_ID_VAR`], which is defined here because every task gets it here.
+//!
+//! Linux-only parts sit behind `cfg(target_os = "linux")` with the fallback beside them: elsewhere
+//! (macOS, for local runs) there is no subreaper, no `PR_SET_PDEATHSIG`, no real-time signals and no
+//! `/proc`, so processes that escape a task's group are not found; groups, signals and reaping work.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -25,8 +29,7 @@ pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
 /// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
 /// Called between fork and exec: async-signal-safe calls only.
 fn reset_signal_dispositions() {
-    let realtime = nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX();
-    for number in (1..32).chain(realtime) {
+    for number in (1..32).chain(realtime_signals()) {
         if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
             // SAFETY: SIG_DFL installs no handler code; an invalid number just fails with EINVAL.
             unsafe { nix::libc::signal(number, nix::libc::SIG_DFL) };
@@ -34,13 +37,51 @@ fn reset_signal_dispositions() {
     }
 }
 
+/// The real-time signals, which a parent may have ignored like any other.
+#[cfg(target_os = "linux")]
+fn realtime_signals() -> impl Iterator<Item = i32> {
+    nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX()
+}
+
+/// macOS has no real-time signals: 1 to 31 are all there is.
+#[cfg(not(target_os = "linux"))]
+fn realtime_signals() -> impl Iterator<Item = i32> {
+    std::iter::empty()
+}
+
 /// Makes release-tasks the reaper of every orphan its tasks leave, so that a daemonized process is
 /// still found (and terminated) when its task ends, and no zombie lingers when running as PID 1.
+#[cfg(target_os = "linux")]
 pub fn become_subreaper() {
     // Without it release-tasks still works, with fewer guarantees; it is not worth failing a release.
     if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(error = %err, "cannot become a child subreaper; processes that escape a task's group may outlive it");
     }
+}
+
+/// Only Linux has a child subreaper: elsewhere an orphan goes to launchd or init, and what escaped a
+/// task's group is not found (the README's macOS note says so).
+#[cfg(not(target_os = "linux"))]
+pub fn become_subreaper() {}
+
+/// Asks for SIGKILL when release-tasks dies, and makes sure it has not died already. Runs between
+/// fork and exec: async-signal-safe calls only.
+#[cfg(target_os = "linux")]
+fn die_with_parent(parent: Pid) -> nix::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    // release-tasks may have died between fork and prctl; then no signal would ever come.
+    if unistd::getppid() != parent {
+        // SAFETY: _exit is async-signal-safe and skips the parent's destructors.
+        unsafe { nix::libc::_exit(137) };
+    }
+    Ok(())
+}
+
+/// macOS has no `PR_SET_PDEATHSIG`: the guardian alone kills a task whose release-tasks was killed.
+#[cfg(not(target_os = "linux"))]
+#[allow(clippy::unnecessary_wraps)] // the same signature as Linux's, which can fail
+fn die_with_parent(_parent: Pid) -> nix::Result<()> {
+    Ok(())
 }
 
 /// A task's main process just after spawning, with the read ends of its output pipes.
@@ -51,8 +92,8 @@ pub struct Spawned {
 }
 
 /// Starts a task: its own process group, stdin from /dev/null, stdout and stderr into pipes, an empty
-/// signal mask, default signal dispositions, SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`), and
-/// `RELEASE_TASKS_RUN_ID`, which marks every process it starts as this release's.
+/// signal mask, default signal dispositions, SIGKILL if release-tasks dies (`PR_SET_PDEATHSIG`, on
+/// Linux), and `RELEASE_TASKS_RUN_ID`, which marks every process it starts as this release's.
 ///
 /// A `run` string without shell syntax is exec'd directly (see `shell.rs`), with the `PWD` the shell
 /// would have exported; a file without a `#!` line, which exec refuses (`ENOEXEC`) and the shell runs
@@ -108,12 +149,7 @@ fn spawn_argv(
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
         reset_signal_dispositions();
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-        // release-tasks may have died between fork and prctl; then no signal would ever come.
-        if unistd::getppid() != parent {
-            // SAFETY: _exit is async-signal-safe and skips the parent's destructors.
-            unsafe { nix::libc::_exit(137) };
-        }
+        die_with_parent(parent)?;
         Ok(())
     };
     // SAFETY: `prepare` only makes async-signal-safe system calls (see above).
@@ -153,6 +189,8 @@ pub fn reap() -> Vec<(Pid, WaitStatus)> {
 pub struct TaskProcesses {
     pgid: Pid,
     /// Children of release-tasks that are not tasks (the guardian).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    // only Linux looks for escaped children
     exempt: Vec<Pid>,
     finished: bool,
 }
@@ -195,6 +233,7 @@ impl TaskProcesses {
 
     /// Live children of release-tasks other than the exempt ones: with subreaper set, these are
     /// processes that left the task's group and were orphaned.
+    #[cfg(target_os = "linux")]
     fn escaped(&self) -> Vec<Pid> {
         let me = unistd::getpid().as_raw();
         // Pids are handed out in increasing order, so what the task started has a pid above its
@@ -224,9 +263,18 @@ impl TaskProcesses {
         }
         found
     }
+
+    /// Without a subreaper an escaped process is not our child, and without /proc there is no cheap
+    /// way to find it: only the task's group is signalled.
+    #[cfg(not(target_os = "linux"))]
+    #[allow(clippy::unused_self)] // the same signature as Linux's
+    fn escaped(&self) -> Vec<Pid> {
+        Vec::new()
+    }
 }
 
 /// The pids of every process in /proc (of this PID namespace).
+#[cfg(target_os = "linux")]
 pub fn process_ids() -> impl Iterator<Item = i32> {
     std::fs::read_dir("/proc")
         .into_iter()
@@ -236,6 +284,7 @@ pub fn process_ids() -> impl Iterator<Item = i32> {
 }
 
 /// Reads a small /proc file in one read (a stat line is well under 1 KiB).
+#[cfg(target_os = "linux")]
 fn read_small(path: &str) -> Option<String> {
     use std::io::Read;
     let mut buf = [0u8; 1024];

@@ -522,22 +522,55 @@ fn the_repos_own_examples_are_valid() {
     }
 }
 
+/// The stderr of a release run on a terminal (`script` gives release-tasks one, as a person running
+/// it locally has) with only PATH and `vars` set.
+fn stderr_on_a_terminal(vars: &[(&str, &str)]) -> String {
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", crate::harness::BIN, "/dev/null"])
+        .current_dir(t.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(vars.iter().copied());
+    String::from_utf8_lossy(&cmd.output().expect("script runs").stdout).into_owned()
+}
+
 #[test]
 fn colour_only_on_a_terminal_without_no_color() {
+    let coloured = |vars: &[(&str, &str)]| stderr_on_a_terminal(vars).contains("\x1b[32mINFO");
+    assert!(
+        coloured(&[("TERM", "xterm")]),
+        "{}",
+        stderr_on_a_terminal(&[])
+    );
+    assert!(!coloured(&[("TERM", "xterm"), ("NO_COLOR", "1")]));
+    // no-color.org: an empty NO_COLOR is as good as unset.
+    assert!(coloured(&[("TERM", "xterm"), ("NO_COLOR", "")]));
+    assert!(!coloured(&[("TERM", "dumb")]));
+    assert!(!stderr_on_a_terminal(&[("TERM", "dumb")]).contains('\x1b'));
     let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
-    let on_tty = |no_color: bool| {
-        // `script` gives release-tasks a terminal, as a person running it locally has.
-        let mut cmd = std::process::Command::new("script");
-        cmd.args(["-qec", crate::harness::BIN, "/dev/null"])
-            .current_dir(t.dir.path());
-        if no_color {
-            cmd.env("NO_COLOR", "1");
-        } else {
-            cmd.env_remove("NO_COLOR");
-        }
-        String::from_utf8_lossy(&cmd.output().expect("script runs").stdout).into_owned()
-    };
-    assert!(on_tty(false).contains("\x1b[32mINFO"), "{}", on_tty(false));
-    assert!(!on_tty(true).contains('\x1b'));
     t.run().status(0).stderr_lacks("\x1b[");
+}
+
+#[test]
+fn colour_forced_off_a_terminal_unless_no_color() {
+    for force in ["CLICOLOR_FORCE", "FORCE_COLOR"] {
+        let run = |vars: &[(&str, &str)]| {
+            let mut test = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+            for (k, v) in vars {
+                test = test.env(k, v);
+            }
+            test.run()
+        };
+        run(&[(force, "1")]).status(0).stderr_has("\x1b[32mINFO");
+        run(&[(force, "0")]).status(0).stderr_lacks("\x1b[");
+        run(&[(force, "")]).status(0).stderr_lacks("\x1b[");
+        run(&[(force, "1"), ("NO_COLOR", "1")])
+            .status(0)
+            .stderr_lacks("\x1b[");
+        // JSON lines never carry colour.
+        run(&[(force, "1"), ("RELEASE_TASKS_LOG_FORMAT", "json")])
+            .status(0)
+            .stderr_lacks("\x1b[");
+    }
 }

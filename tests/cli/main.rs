@@ -4,6 +4,7 @@
 mod adoption;
 mod core;
 mod faults;
+mod formats;
 mod harness;
 mod hostile;
 mod init;
