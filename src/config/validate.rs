@@ -11,7 +11,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{
-    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema,
+    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema, Typed,
 };
 use super::{Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
 use crate::error::{Diagnostic, Error, Result};
@@ -20,6 +20,9 @@ use crate::gate::Gate;
 /// The longest duration accepted anywhere in the file: far beyond any release (Heroku stops one at an
 /// hour), and far from where adding it to the clock could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The shortest `heartbeat`: a "still running" line more often than this is noise.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Parses and validates config text; `path` is used for messages and to resolve `dir`.
 pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
@@ -42,11 +45,14 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         problems: Vec::new(),
     };
     v.unknown_keys(&doc, &Schema::new());
-    // A value of the wrong type stops serde; the unknown keys found above are still reported with it.
+    // Leaf values are `Typed`, so a value of the wrong type is one problem among the rest; only a
+    // table of the wrong shape (`tasks = 5`) stops serde, and the unknown keys come with it.
     let raw: RawConfig = match toml::from_str(source) {
         Ok(raw) => raw,
         Err(err) => {
             v.problems.push(syntax(err));
+            v.problems
+                .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
             return Err(invalid(v.problems));
         }
     };
@@ -54,6 +60,9 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let tasks = v.tasks(raw.tasks.0, &defaults);
     let required_env = v.required_env(raw.require);
     let lock = raw.lock.and_then(|l| v.lock(l));
+    // In file order, whichever pass found them; a problem without a place goes last.
+    v.problems
+        .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
@@ -183,13 +192,21 @@ impl Validator<'_> {
         found
     }
 
-    fn duration(
-        &mut self,
-        value: Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(value) = value else { return default };
+    /// The value of a field whose type serde left to this pass; a wrong type is reported here.
+    fn typed<T>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
+        match field?.0 {
+            Ok(value) => Some(value),
+            Err((span, message)) => {
+                self.report(Some(span), syntax_message(&message));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, value: Option<Typed<String>>, key: &str, default: Duration) -> Duration {
+        let Some(value) = self.typed(value) else {
+            return default;
+        };
         match humantime::parse_duration(value.get_ref()) {
             Ok(d) if d.is_zero() => {
                 self.report(
@@ -222,10 +239,32 @@ impl Validator<'_> {
         }
     }
 
+    /// A heartbeat is a log line: one more often than each second would flood the log (at `1ns`, a
+    /// line per turn of the run loop) and say nothing new.
+    fn heartbeat(&mut self, value: Option<Typed<String>>, default: Duration) -> Duration {
+        let Some(value) = self.typed(value) else {
+            return default;
+        };
+        let span = value.span();
+        let shown = value.get_ref().clone();
+        let before = self.problems.len();
+        let beat = self.duration(Some(Typed(Ok(value))), "heartbeat", default);
+        if self.problems.len() == before && beat < MIN_HEARTBEAT {
+            self.report(
+                Some(span),
+                format!(
+                    "`heartbeat = {shown:?}` is shorter than the minimum of 1s, and would flood the log; give at least 1s, like \"60s\""
+                ),
+            );
+            return default;
+        }
+        beat
+    }
+
     fn defaults(&mut self, raw: Option<RawDefaults>) -> Defaults {
         let builtin = Defaults::default();
         let Some(raw) = raw else { return builtin };
-        let shell = match raw.shell {
+        let shell = match self.typed(raw.shell) {
             Some(shell) if shell.get_ref().trim().is_empty() => {
                 self.report(
                     Some(shell.span()),
@@ -247,7 +286,7 @@ impl Validator<'_> {
             timeout: self.duration(raw.timeout, "timeout", builtin.timeout),
             grace: self.duration(raw.grace, "grace", builtin.grace),
             shell,
-            heartbeat: self.duration(raw.heartbeat, "heartbeat", builtin.heartbeat),
+            heartbeat: self.heartbeat(raw.heartbeat, builtin.heartbeat),
             release_timeout: self.duration(
                 raw.release_timeout,
                 "release_timeout",
@@ -284,7 +323,7 @@ impl Validator<'_> {
             );
             return None;
         }
-        let key = match raw.key {
+        let key = match self.typed(raw.key) {
             Some(key) if key.get_ref().trim().is_empty() => {
                 self.report(
                     Some(key.span()),
@@ -298,7 +337,7 @@ impl Validator<'_> {
             url_vars,
             key,
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
-            once: raw.once,
+            once: self.typed(raw.once).is_some_and(Spanned::into_inner),
             connect_timeout: self.duration(
                 raw.connect_timeout,
                 "connect_timeout",
@@ -378,7 +417,7 @@ impl Validator<'_> {
             (Some(run), None) => self.command(&name, run, defaults),
             (None, Some(notify)) => self.notify(&name, notify),
         };
-        let on = match raw.on {
+        let on = match self.typed(raw.on) {
             None => On::Success,
             Some(on) => match on.get_ref().as_str() {
                 "success" => On::Success,
@@ -395,7 +434,7 @@ impl Validator<'_> {
         };
         let when = raw.when.and_then(|g| self.gate(&name, "when", &g));
         let unless = raw.unless.and_then(|g| self.gate(&name, "unless", &g));
-        let dir = match raw.dir {
+        let dir = match self.typed(raw.dir) {
             None => self.base.clone(),
             Some(dir) => {
                 let path = self.base.join(dir.get_ref());
@@ -411,7 +450,11 @@ impl Validator<'_> {
                 path
             }
         };
-        for (key, value) in &raw.env {
+        let mut env = std::collections::BTreeMap::new();
+        for (key, value) in raw.env {
+            let Some(value) = self.typed(Some(value)) else {
+                continue;
+            };
             if key.is_empty() || key.contains(['=', '\0']) {
                 self.report(
                     Some(span.clone()),
@@ -424,12 +467,8 @@ impl Validator<'_> {
                     format!("task `{name}`: env {key} contains a NUL byte, which no process can receive; remove it"),
                 );
             }
+            env.insert(key, value.into_inner());
         }
-        let env = raw
-            .env
-            .into_iter()
-            .map(|(k, v)| (k, v.into_inner()))
-            .collect();
         Task {
             timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
             grace: self.duration(raw.grace, "grace", defaults.grace),
@@ -437,7 +476,9 @@ impl Validator<'_> {
             command,
             when,
             unless,
-            allow_failure: raw.allow_failure,
+            allow_failure: self
+                .typed(raw.allow_failure)
+                .is_some_and(Spanned::into_inner),
             on,
             env,
             dir,
@@ -531,8 +572,11 @@ impl Validator<'_> {
             }
         };
         let mut headers = Vec::with_capacity(raw.headers.len());
-        for (key, value) in &raw.headers {
-            if !valid_header_name(key) {
+        for (key, value) in raw.headers {
+            let Some(value) = self.typed(Some(value)) else {
+                continue;
+            };
+            if !valid_header_name(&key) {
                 self.report(
                     Some(value.span()),
                     format!("task `{name}`: notify header name {key:?} is not a valid HTTP header name; use letters, digits and -"),
@@ -556,9 +600,14 @@ impl Validator<'_> {
         Command::Notify(Notify {
             url,
             headers,
-            format: raw.format.unwrap_or(NotifyFormat::Json),
+            format: self
+                .typed(raw.format)
+                .map_or(NotifyFormat::Json, Spanned::into_inner),
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(10)),
-            retries: raw.retries.unwrap_or(3).min(10),
+            retries: self
+                .typed(raw.retries)
+                .map_or(3, Spanned::into_inner)
+                .min(10),
         })
     }
 
@@ -761,9 +810,9 @@ mod tests {
         assert_eq!(p.len(), 4, "{p:?}");
         assert!(p[0].message.contains("`run` is empty"));
         assert!(p[1].message.contains("zero"));
-        assert!(p[2].message.contains("has no `run`"));
-        assert!(p[3].message.contains("`nope`"));
-        assert_eq!(lines, [Some(2), Some(5), Some(9), Some(8)]);
+        assert!(p[2].message.contains("`nope`"));
+        assert!(p[3].message.contains("has no `run`"));
+        assert_eq!(lines, [Some(2), Some(5), Some(8), Some(9)], "in file order");
     }
 
     #[test]
@@ -799,11 +848,14 @@ mod tests {
             "{text:#?}"
         );
         assert!(
-            text[2].contains("unknown field `retires`") && text[2].contains("`retries`"),
+            text.iter()
+                .any(|t| t.contains("unknown field `retires`") && t.contains("`retries`")),
             "{text:#?}"
         );
         assert!(
-            text[3].contains("unknown field `zzz` in [defaults]; known keys here: timeout"),
+            text.iter().any(|t| t.starts_with(
+                "Some((11, 1)) unknown field `zzz` in [defaults]; known keys here: timeout"
+            )),
             "{text:#?}"
         );
         assert!(

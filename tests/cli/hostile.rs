@@ -271,6 +271,91 @@ fn every_problem_at_once_unknown_keys_included() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_hides_no_other_problem() {
+    let config = "[defaults]\ntimeout = 5\n\
+                  [tasks.a]\nrun = \"true\"\nallow_failure = \"yes\"\ntimout = \"1m\"\n\
+                  [tasks.b]\nrun = \"\"\nafter = [\"nope\"]\ngrace = 10\n\
+                  [tasks.c]\nrun = \"true\"\non = \"sometimes\"\ntimeout = \"31d\"\n\
+                  [tasks.n]\nnotify = { url = \"http://127.0.0.1:9/\", retries = 4294967296, timeout = \"0s\" }\n";
+    let t = Test::new().config(config);
+    for args in [&["check"][..], &[]] {
+        t.run_with(args)
+            .status(78)
+            .stderr_has("10 problems")
+            .stderr_has("release.toml:2:11: invalid type: integer `5`, expected a string")
+            .stderr_has("release.toml:5:17: invalid type: string \"yes\", expected a boolean")
+            .stderr_has("release.toml:6:1: unknown field `timout`")
+            .stderr_has("release.toml:8:7: task `b`: `run` is empty")
+            .stderr_has("`after` names `nope`")
+            .stderr_has("release.toml:10:9: invalid type: integer `10`, expected a string")
+            .stderr_has("`on = \"sometimes\"`")
+            .stderr_has("maximum of 30 days")
+            .stderr_has("release.toml:16:51: invalid value: integer `4294967296`, expected u32")
+            .stderr_has("`timeout` is zero");
+    }
+}
+
+#[test]
+fn problems_are_listed_in_file_order() {
+    let mut config = "[tasks.a]\nrun = \"true\"\ntimeout = \"zz\"\n".to_owned();
+    if cfg!(feature = "postgres") {
+        config.push_str("[lock]\npostgres = \"DATABASE_URL\"\ntimeout = \"31d\"\n");
+    }
+    config.push_str("[defaults]\ngrace = \"0s\"\n");
+    let out = Test::new().config(&config).run_with(&["check"]);
+    out.status(78);
+    let lines: Vec<(usize, usize)> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("release.toml:"))
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(lines.len() >= 2, "{}", out.stderr);
+    let mut sorted = lines.clone();
+    sorted.sort_unstable();
+    assert_eq!(lines, sorted, "{}", out.stderr);
+}
+
+#[test]
+fn a_heartbeat_shorter_than_a_second_is_refused_not_a_flood() {
+    for value in ["1ns", "10ms", "999ms"] {
+        let t = Test::new().config(&format!(
+            "[defaults]\nheartbeat = \"{value}\"\n[tasks.first]\nrun = \"touch first\"\n"
+        ));
+        for args in [&["check"][..], &[]] {
+            t.run_with(args)
+                .status(78)
+                .stderr_has("release.toml:2:13: `heartbeat")
+                .stderr_has("at least 1s");
+        }
+        assert!(!t.path("first").exists(), "{value}");
+    }
+    Test::new()
+        .config("[defaults]\nheartbeat = \"1s\"\n[tasks.a]\nrun = \"true\"\n")
+        .run_with(&["check"])
+        .status(0);
+}
+
+#[test]
+fn a_query_after_an_ipv6_host_never_shows() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"psql postgres://[::1]:5432/app?password=qpw1 postgres://u:pw2@[2001:db8::1]/db?sslpassword=qpw3 https://h;x=qpw4\"\n",
+    );
+    for args in [&["plan"][..], &["plan", "--log-format", "json"], &[]] {
+        let out = t.run_with(args);
+        for leak in ["qpw1", "pw2", "qpw3", "qpw4"] {
+            out.stdout_lacks(leak).stderr_lacks(leak);
+        }
+    }
+    t.run_with(&["plan"])
+        .stdout_has("postgres://[::1]:5432/[redacted]")
+        .stdout_has("postgres://[redacted]@[2001:db8::1]/[redacted]");
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
