@@ -118,6 +118,20 @@ pub(super) fn line_col(source: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The names, or the first few of them and how many more: a message about a file of thousands of
+/// tasks stays a line, not a megabyte (and not one per bad `after`).
+fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 10;
+    let total = names.len();
+    let mut list: Vec<&str> = names.take(SHOWN).collect();
+    let more;
+    if total > SHOWN {
+        more = format!("and {} more", total - SHOWN);
+        list.push(&more);
+    }
+    list.join(", ")
+}
+
 struct Validator<'a> {
     source: &'a str,
     base: PathBuf,
@@ -658,11 +672,7 @@ impl Validator<'_> {
                             "task `{}`: `after` names `{}`, which is not a task; known tasks: {}",
                             tasks[i].name,
                             dep.get_ref(),
-                            tasks
-                                .iter()
-                                .map(|t| t.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            some_names(tasks.iter().map(|t| t.name.as_str()))
                         ),
                     )),
                 }
@@ -691,7 +701,7 @@ impl Validator<'_> {
                 first.map_or(0..0, Spanned::span),
                 format!(
                     "`after` makes a cycle among tasks {}; each task can only wait for tasks that do not wait for it",
-                    stuck.join(", ")
+                    some_names(stuck.iter().copied())
                 ),
             ));
         }

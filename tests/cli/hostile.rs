@@ -356,6 +356,25 @@ fn a_query_after_an_ipv6_host_never_shows() {
 }
 
 #[test]
+fn thousands_of_tasks_with_bad_after_give_messages_of_bounded_size() {
+    let mut config = String::new();
+    for i in 0..3000 {
+        let prev = if i == 0 { 2999 } else { i - 1 };
+        config.push_str(&format!(
+            "[tasks.t{i}]\nrun = \"true\"\nafter = [\"t{prev}\", \"missing{i}\"]\n"
+        ));
+    }
+    let out = Test::new().config(&config).run_with(&["check"]);
+    out.status(78)
+        .stderr_has("`after` makes a cycle among tasks t0, t1,")
+        .stderr_has("and 2990 more")
+        .stderr_has("`after` names `missing7`, which is not a task; known tasks: t0,");
+    for line in out.stderr.lines() {
+        assert!(line.len() < 400, "a line of {} bytes", line.len());
+    }
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
