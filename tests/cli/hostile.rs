@@ -360,9 +360,10 @@ fn thousands_of_tasks_with_bad_after_give_messages_of_bounded_size() {
     let mut config = String::new();
     for i in 0..3000 {
         let prev = if i == 0 { 2999 } else { i - 1 };
-        config.push_str(&format!(
-            "[tasks.t{i}]\nrun = \"true\"\nafter = [\"t{prev}\", \"missing{i}\"]\n"
-        ));
+        let _ = std::fmt::Write::write_fmt(
+            &mut config,
+            format_args!("[tasks.t{i}]\nrun = \"true\"\nafter = [\"t{prev}\", \"missing{i}\"]\n"),
+        );
     }
     let out = Test::new().config(&config).run_with(&["check"]);
     out.status(78)
