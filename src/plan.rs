@@ -233,10 +233,28 @@ fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
     Ok(())
 }
 
-/// Header values that HTTP would refuse once their `${VAR}`s are expanded (a secret read from a file
-/// often ends in a newline): found now, not as a failed delivery at the end of the release.
+/// A URL or header values that HTTP would refuse once their `${VAR}`s are expanded (a secret read
+/// from a file often ends in a newline): found now, not as a failed delivery at the end of the
+/// release. The values themselves are never shown, only the variables.
 fn bad_headers(notify: &crate::config::Notify, env: &Env, task: &str) -> Vec<String> {
-    notify
+    let vars = |t: &crate::config::Template| {
+        t.vars()
+            .map(|v| format!("${{{v}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let url_refused = notify
+        .url
+        .expand(env)
+        .is_ok_and(|url| url.chars().any(|c| c.is_whitespace() || c.is_control()));
+    let url = url_refused.then(|| {
+        format!(
+            "task `{task}`: notify url has a space or a control character (a trailing newline?) once {} is expanded; \
+             HTTP does not allow it, so remove it from the variable",
+            vars(&notify.url)
+        )
+    });
+    let headers = notify
         .headers
         .iter()
         .filter(|(_, t)| {
@@ -245,11 +263,12 @@ fn bad_headers(notify: &crate::config::Notify, env: &Env, task: &str) -> Vec<Str
         })
         .map(|(name, t)| {
             format!(
-                "task `{task}`: notify header {name} has a control character (a trailing newline?) once {} is expanded;                  HTTP does not allow it, so remove it from the variable",
-                t.vars().map(|v| format!("${{{v}}}")).collect::<Vec<_>>().join(", ")
+                "task `{task}`: notify header {name} has a control character (a trailing newline?) once {} is expanded; \
+                 HTTP does not allow it, so remove it from the variable",
+                vars(t)
             )
-        })
-        .collect()
+        });
+    url.into_iter().chain(headers).collect()
 }
 
 /// A warning when the shell that `run = "..."` tasks need is not there (`run` would fail with 127).

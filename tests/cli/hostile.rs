@@ -376,6 +376,37 @@ fn thousands_of_tasks_with_bad_after_give_messages_of_bounded_size() {
 }
 
 #[test]
+fn a_notify_url_variable_that_http_refuses_stops_run_before_the_first_task() {
+    let config = "[tasks.first]\nrun = \"touch first\"\n\
+                  [tasks.n]\nnotify = { url = \"${HOOK}\", headers = { Authorization = \"Bearer ${TOK}\" } }\n";
+    for hook in [
+        "http://u:hookpw@127.0.0.1:9/x\n",
+        "http://u:hookpw@127.0.0.1:9/x y",
+        "http://127.0.0.1:9/\tx",
+    ] {
+        let t = Test::new()
+            .config(config)
+            .env("HOOK", hook)
+            .env("TOK", "tokpw");
+        t.run()
+            .status(78)
+            .stderr_has("task `n`: notify url has a space or a control character")
+            .stderr_has("${HOOK}")
+            .stderr_lacks("hookpw")
+            .stderr_lacks("tokpw");
+        assert!(!t.path("first").exists(), "{hook:?}");
+        t.run_with(&["check"]).status(78).stderr_has("${HOOK}");
+    }
+    Test::new()
+        .config(config)
+        .env("HOOK", "http://127.0.0.1:9/x")
+        .env("TOK", "tok\n")
+        .run()
+        .status(78)
+        .stderr_has("once ${TOK} is expanded; HTTP does not allow it");
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
