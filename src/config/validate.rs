@@ -32,7 +32,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     };
     let syntax = |err: toml::de::Error| Diagnostic {
         location: err.span().map(|span| line_col(source, span.start)),
-        message: syntax_message(err.message()),
+        message: crate::redact::urls_in(&syntax_message(err.message())),
     };
     let doc: Node = toml::from_str(source).map_err(|err| invalid(vec![syntax(err)]))?;
     let base = match path.parent() {
@@ -139,8 +139,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Records a problem. Messages quote what the file says, and a URL pasted where a name belongs
+    /// (`when = "postgres://..."`) would put its password in the CI log: every message is redacted
+    /// here, once, instead of at each place that quotes a value.
     fn report(&mut self, span: Option<std::ops::Range<usize>>, message: String) {
         let location = span.map(|s| line_col(self.source, s.start));
+        let message = crate::redact::urls_in(&message);
         self.problems.push(Diagnostic { location, message });
     }
 

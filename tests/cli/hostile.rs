@@ -407,6 +407,25 @@ fn a_notify_url_variable_that_http_refuses_stops_run_before_the_first_task() {
 }
 
 #[test]
+fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
+    let config = "[require]\nenv = [\"https://u:reqpw@h/x\"]\n\
+                  [tasks.a]\nrun = \"true\"\nwhen = \"https://u:whenpw@h/x\"\n\
+                  unless = { env = \"postgres://u:unlpw@h/x\", equals = \"y\" }\n\
+                  on = \"https://u:onpw@h/x\"\ndir = \"https://u:dirpw@h/x\"\ntimeout = \"https://u:tmpw@h/x\"\n\
+                  after = [\"https://u:afterpw@h/x\"]\nenv = { \"https://u:envkpw@h\" = \"1\" }\n\
+                  [tasks.n]\nnotify = { url = \"ftp://u:urlpw@h/x\", headers = { \"https://u:hdrkpw@h\" = \"x\", X = \"${https://u:tplpw@h}\" } }\n\
+                  [tasks.\"https://u:namepw@h\"]\nrun = \"true\"\n";
+    let out = Test::new().config(config).run_with(&["check"]);
+    out.status(78).stderr_has("https://[redacted]@h/[redacted]");
+    for leak in [
+        "reqpw", "whenpw", "unlpw", "onpw", "dirpw", "tmpw", "afterpw", "envkpw", "urlpw",
+        "hdrkpw", "tplpw", "namepw",
+    ] {
+        out.stderr_lacks(leak);
+    }
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
