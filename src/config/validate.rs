@@ -144,7 +144,11 @@ impl Validator<'_> {
     /// here, once, instead of at each place that quotes a value.
     fn report(&mut self, span: Option<std::ops::Range<usize>>, message: String) {
         let location = span.map(|s| line_col(self.source, s.start));
-        let message = crate::redact::urls_in(&message);
+        let message = if message.contains("://") {
+            crate::redact::urls_in(&message)
+        } else {
+            message
+        };
         self.problems.push(Diagnostic { location, message });
     }
 
