@@ -209,6 +209,19 @@ fn not_text(config: &Config, env: &Env) -> Vec<String> {
         .collect()
 }
 
+/// The first few `names` and how many more there are.
+fn some_names(names: &[&str]) -> String {
+    const SHOWN: usize = 10;
+    let mut list = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        let _ = std::fmt::Write::write_fmt(
+            &mut list,
+            format_args!(", and {} more", names.len() - SHOWN),
+        );
+    }
+    list
+}
+
 fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
     let names: Vec<&str> = config.tasks.iter().map(|t| t.name.as_str()).collect();
     for (flag, list) in [("--only", &selection.only), ("--skip", &selection.skip)] {
@@ -218,16 +231,18 @@ fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
             .filter(|n| !names.contains(n))
             .collect();
         if !unknown.is_empty() {
-            return Err(Error::Usage(format!(
+            // The names come from a flag or a variable, where a URL may have been pasted by mistake;
+            // and a file of thousands of tasks gets a line, not a list of thousands.
+            return Err(Error::Usage(crate::redact::urls_in(&format!(
                 "{flag} names {}, not a task in {}; tasks are: {}",
-                unknown.join(", "),
+                some_names(&unknown),
                 config.path.display(),
                 if names.is_empty() {
                     "(none)".to_owned()
                 } else {
-                    names.join(", ")
+                    some_names(&names)
                 }
-            )));
+            ))));
         }
     }
     Ok(())

@@ -426,6 +426,27 @@ fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
 }
 
 #[test]
+fn an_unknown_only_name_gets_a_short_redacted_message() {
+    let mut config = String::new();
+    for i in 0..500 {
+        let _ =
+            std::fmt::Write::write_fmt(&mut config, format_args!("[tasks.t{i}]\nrun = \"true\"\n"));
+    }
+    let t = Test::new().config(&config);
+    let out = t.run_with(&["plan", "--only", "https://u:onlypw@h/x,t1"]);
+    out.status(2)
+        .stderr_lacks("onlypw")
+        .stderr_has("--only names https://[redacted]@h/[redacted]")
+        .stderr_has("t0, t1,")
+        .stderr_has("and 490 more");
+    let out = Test::new()
+        .config(&config)
+        .env("RELEASE_TASKS_SKIP", "postgres://u:skippw@h/db")
+        .run_with(&["plan"]);
+    out.status(2).stderr_lacks("skippw");
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
