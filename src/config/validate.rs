@@ -353,6 +353,16 @@ impl Validator<'_> {
                 );
                 None
             }
+            // PostgreSQL's text cannot hold a NUL: the ledger's queries would fail once the release
+            // has started.
+            Some(key) if key.get_ref().contains('\0') => {
+                self.report(
+                    Some(key.span()),
+                    "[lock] key contains a NUL byte, which PostgreSQL cannot store; remove it"
+                        .into(),
+                );
+                None
+            }
             other => other.map(Spanned::into_inner),
         };
         Some(Lock {

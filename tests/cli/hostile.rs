@@ -447,6 +447,24 @@ fn an_unknown_only_name_gets_a_short_redacted_message() {
 }
 
 #[test]
+fn a_nul_byte_in_the_lock_key_is_found_by_check() {
+    if !cfg!(feature = "postgres") {
+        return;
+    }
+    let t = Test::new()
+        .config(
+            "[lock]\npostgres = \"DATABASE_URL\"\nkey = \"a\\u0000b\"\n[tasks.first]\nrun = \"touch first\"\n",
+        )
+        .env("DATABASE_URL", "postgres://u:p@127.0.0.1:1/db");
+    for args in [&["check"][..], &[]] {
+        t.run_with(args)
+            .status(78)
+            .stderr_has("release.toml:3:7: [lock] key contains a NUL byte");
+    }
+    assert!(!t.path("first").exists());
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
