@@ -271,6 +271,10 @@ impl Condition {
                                 .map(|i| i.as_str().map(str::to_owned))
                                 .collect::<Option<Vec<_>>>()
                                 .ok_or("`in` must be an array of strings, like in = [\"staging\", \"production\"]")?;
+                            if values.is_empty() {
+                                // It could never hold: `when` would never run the task, `unless` never skip it.
+                                return Err("`in` is empty, so the condition could never hold; list the values, like in = [\"staging\", \"production\"]".into());
+                            }
                             tests.push(Test::In(values));
                         }
                         ("set", toml::Value::Boolean(b)) => tests.push(Test::Set(*b)),
@@ -410,6 +414,13 @@ mod tests {
         for bad in ["ture", "2", "y", "enabled", "truee"] {
             assert_eq!(parse_bool(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_empty_in_list_is_refused_like_an_empty_gate() {
+        let err = gate("{ env = \"APP_ENV\", in = [] }").unwrap_err();
+        assert!(err.contains("`in` is empty"), "{err}");
+        assert!(gate("{ env = \"APP_ENV\", in = [\"x\"] }").is_ok());
     }
 
     #[test]
