@@ -359,6 +359,22 @@ fn decide(
 
 /// Writes what `release-tasks plan` shows: per task, run or skip and why (text), or one JSON object
 /// per task. Errors are the writer's (a closed or full stdout), for the caller to act on.
+/// `text` as plan's text lines show it: each further line of a multi-line script indented under
+/// the first (so that no line of a script reads as a line of the plan), and control characters
+/// escaped as the log escapes them (so that a script cannot drive the terminal that shows it).
+fn shown_for_a_terminal(text: &str, newline: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => shown.push_str(newline),
+            '\t' => shown.push(c),
+            c if c.is_control() => shown.push_str(&c.escape_unicode().to_string()),
+            c => shown.push(c),
+        }
+    }
+    shown
+}
+
 pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::io::Result<()> {
     if let (Some(lock), LogFormat::Text) = (&plan.lock, format) {
         writeln!(
@@ -384,6 +400,7 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
         match format {
             LogFormat::Text => {
                 let decision = if step.run { "run " } else { "skip" };
+                let command = shown_for_a_terminal(&command, &format!("\n      {:<width$}  ", ""));
                 writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
                 writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
                 match step.task.on {

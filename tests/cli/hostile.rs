@@ -465,6 +465,23 @@ fn a_nul_byte_in_the_lock_key_is_found_by_check() {
 }
 
 #[test]
+fn a_multiline_command_cannot_forge_plan_lines_or_drive_the_terminal() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"true\\nrun   b  forged\\n\\u001b[2J\\u009b31m done\"\n[tasks.b]\nrun = \"true\"\n",
+    );
+    let out = t.run_with(&["plan"]);
+    out.status(0).stdout_has("\\u{1b}[2J");
+    let stdout = out.stdout();
+    assert!(!stdout.contains(['\u{1b}', '\u{9b}']), "{stdout:?}");
+    let starts: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| &l[..4])
+        .collect();
+    assert_eq!(starts, ["run ", "run "], "{stdout}");
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
