@@ -21,6 +21,9 @@ use crate::gate::Gate;
 /// hour), and far from where adding it to the clock could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// The most further attempts a notify task makes.
+pub const MAX_RETRIES: u32 = 10;
+
 /// The shortest `heartbeat`: a "still running" line more often than this is noise.
 pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -636,10 +639,21 @@ impl Validator<'_> {
                 .typed(raw.format)
                 .map_or(NotifyFormat::Json, Spanned::into_inner),
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(10)),
-            retries: self
-                .typed(raw.retries)
-                .map_or(3, Spanned::into_inner)
-                .min(10),
+            retries: match self.typed(raw.retries) {
+                None => 3,
+                Some(n) if *n.get_ref() > MAX_RETRIES => {
+                    self.report(
+                        Some(n.span()),
+                        format!(
+                            "task `{name}`: notify `retries = {}` is more than the maximum of {MAX_RETRIES}; \
+                             with the backoff doubling to 8s, 10 already wait over a minute",
+                            n.get_ref()
+                        ),
+                    );
+                    MAX_RETRIES
+                }
+                Some(n) => n.into_inner(),
+            },
         })
     }
 

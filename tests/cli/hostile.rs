@@ -482,6 +482,23 @@ fn a_multiline_command_cannot_forge_plan_lines_or_drive_the_terminal() {
 }
 
 #[test]
+fn retries_past_the_maximum_are_an_error_not_quietly_cut() {
+    for n in ["11", "1000", "4294967295"] {
+        Test::new()
+            .config(&format!(
+                "[tasks.n]\nnotify = {{ url = \"http://127.0.0.1:9/\", retries = {n} }}\n"
+            ))
+            .run_with(&["check"])
+            .status(78)
+            .stderr_has(&format!("`retries = {n}` is more than the maximum of 10"));
+    }
+    Test::new()
+        .config("[tasks.n]\nnotify = { url = \"http://127.0.0.1:9/\", retries = 10 }\n")
+        .run_with(&["check"])
+        .status(0);
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
