@@ -417,6 +417,27 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_knows_set_variables_whatever_their_bytes() {
+        use std::os::unix::ffi::OsStringExt;
+        let snapshot = Env::from_os([
+            (OsString::from("TEXT"), OsString::from("v")),
+            (OsString::from("EMPTY"), OsString::new()),
+            (
+                OsString::from("BYTES"),
+                OsString::from_vec(b"tr\xffue".to_vec()),
+            ),
+        ]);
+        for name in ["TEXT", "EMPTY", "BYTES"] {
+            assert!(snapshot.contains_key(name), "{name}");
+        }
+        assert!(!snapshot.contains_key("UNSET"));
+        let text: Vec<(&String, &String)> = snapshot.iter().collect();
+        assert_eq!(text.len(), 2, "only the UTF-8 values: {text:?}");
+        assert!(text.iter().any(|(k, v)| *k == "TEXT" && *v == "v"));
+        assert!(snapshot.lookup("BYTES").is_err());
+    }
+
+    #[test]
     fn an_empty_in_list_is_refused_like_an_empty_gate() {
         let err = gate("{ env = \"APP_ENV\", in = [] }").unwrap_err();
         assert!(err.contains("`in` is empty"), "{err}");
