@@ -435,6 +435,13 @@ mod tests {
         assert_eq!(text.len(), 2, "only the UTF-8 values: {text:?}");
         assert!(text.iter().any(|(k, v)| *k == "TEXT" && *v == "v"));
         assert!(snapshot.lookup("BYTES").is_err());
+        let mut snapshot = snapshot;
+        snapshot.insert("BYTES".into(), "true".into());
+        assert_eq!(
+            snapshot.lookup("BYTES"),
+            Ok(Some("true")),
+            "a value set by hand replaces the bytes"
+        );
     }
 
     #[test]
