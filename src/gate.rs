@@ -288,6 +288,10 @@ impl Condition {
                                 .map(|i| i.as_str().map(str::to_owned))
                                 .collect::<Option<Vec<_>>>()
                                 .ok_or("`in` must be an array of strings, like in = [\"staging\", \"production\"]")?;
+                            if values.is_empty() {
+                                // It could never hold: `when` would never run the task, `unless` never skip it.
+                                return Err("`in` is empty, so the condition could never hold; list the values, like in = [\"staging\", \"production\"]".into());
+                            }
                             tests.push(Test::In(values));
                         }
                         ("set", toml::Value::Boolean(b)) => tests.push(Test::Set(*b)),
@@ -431,6 +435,41 @@ mod tests {
         for bad in ["ture", "2", "y", "enabled", "truee"] {
             assert_eq!(parse_bool(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_snapshot_knows_set_variables_whatever_their_bytes() {
+        use std::os::unix::ffi::OsStringExt;
+        let snapshot = Env::from_os([
+            (OsString::from("TEXT"), OsString::from("v")),
+            (OsString::from("EMPTY"), OsString::new()),
+            (
+                OsString::from("BYTES"),
+                OsString::from_vec(b"tr\xffue".to_vec()),
+            ),
+        ]);
+        for name in ["TEXT", "EMPTY", "BYTES"] {
+            assert!(snapshot.contains_key(name), "{name}");
+        }
+        assert!(!snapshot.contains_key("UNSET"));
+        let text: Vec<(&String, &String)> = snapshot.iter().collect();
+        assert_eq!(text.len(), 2, "only the UTF-8 values: {text:?}");
+        assert!(text.iter().any(|(k, v)| *k == "TEXT" && *v == "v"));
+        assert!(snapshot.lookup("BYTES").is_err());
+        let mut snapshot = snapshot;
+        snapshot.insert("BYTES".into(), "true".into());
+        assert_eq!(
+            snapshot.lookup("BYTES"),
+            Ok(Some("true")),
+            "a value set by hand replaces the bytes"
+        );
+    }
+
+    #[test]
+    fn an_empty_in_list_is_refused_like_an_empty_gate() {
+        let err = gate("{ env = \"APP_ENV\", in = [] }").unwrap_err();
+        assert!(err.contains("`in` is empty"), "{err}");
+        assert!(gate("{ env = \"APP_ENV\", in = [\"x\"] }").is_ok());
     }
 
     #[test]

@@ -209,6 +209,19 @@ fn not_text(config: &Config, env: &Env) -> Vec<String> {
         .collect()
 }
 
+/// The first few `names` and how many more there are.
+fn some_names(names: &[&str]) -> String {
+    const SHOWN: usize = 10;
+    let mut list = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        let _ = std::fmt::Write::write_fmt(
+            &mut list,
+            format_args!(", and {} more", names.len() - SHOWN),
+        );
+    }
+    list
+}
+
 fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
     let names: Vec<&str> = config.tasks.iter().map(|t| t.name.as_str()).collect();
     for (flag, list) in [("--only", &selection.only), ("--skip", &selection.skip)] {
@@ -218,25 +231,45 @@ fn check_selection(config: &Config, selection: &Selection) -> Result<()> {
             .filter(|n| !names.contains(n))
             .collect();
         if !unknown.is_empty() {
-            return Err(Error::Usage(format!(
+            // The names come from a flag or a variable, where a URL may have been pasted by mistake;
+            // and a file of thousands of tasks gets a line, not a list of thousands.
+            return Err(Error::Usage(crate::redact::urls_in(&format!(
                 "{flag} names {}, not a task in {}; tasks are: {}",
-                unknown.join(", "),
+                some_names(&unknown),
                 config.path.display(),
                 if names.is_empty() {
                     "(none)".to_owned()
                 } else {
-                    names.join(", ")
+                    some_names(&names)
                 }
-            )));
+            ))));
         }
     }
     Ok(())
 }
 
-/// Header values that HTTP would refuse once their `${VAR}`s are expanded (a secret read from a file
-/// often ends in a newline): found now, not as a failed delivery at the end of the release.
+/// A URL or header values that HTTP would refuse once their `${VAR}`s are expanded (a secret read
+/// from a file often ends in a newline): found now, not as a failed delivery at the end of the
+/// release. The values themselves are never shown, only the variables.
 fn bad_headers(notify: &crate::config::Notify, env: &Env, task: &str) -> Vec<String> {
-    notify
+    let vars = |t: &crate::config::Template| {
+        t.vars()
+            .map(|v| format!("${{{v}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let url_refused = notify
+        .url
+        .expand(env)
+        .is_ok_and(|url| url.chars().any(|c| c.is_whitespace() || c.is_control()));
+    let url = url_refused.then(|| {
+        format!(
+            "task `{task}`: notify url has a space or a control character (a trailing newline?) once {} is expanded; \
+             HTTP does not allow it, so remove it from the variable",
+            vars(&notify.url)
+        )
+    });
+    let headers = notify
         .headers
         .iter()
         .filter(|(_, t)| {
@@ -245,11 +278,12 @@ fn bad_headers(notify: &crate::config::Notify, env: &Env, task: &str) -> Vec<Str
         })
         .map(|(name, t)| {
             format!(
-                "task `{task}`: notify header {name} has a control character (a trailing newline?) once {} is expanded;                  HTTP does not allow it, so remove it from the variable",
-                t.vars().map(|v| format!("${{{v}}}")).collect::<Vec<_>>().join(", ")
+                "task `{task}`: notify header {name} has a control character (a trailing newline?) once {} is expanded; \
+                 HTTP does not allow it, so remove it from the variable",
+                vars(t)
             )
-        })
-        .collect()
+        });
+    url.into_iter().chain(headers).collect()
 }
 
 /// A warning when the shell that `run = "..."` tasks need is not there (`run` would fail with 127).
@@ -325,6 +359,22 @@ fn decide(
 
 /// Writes what `release-tasks plan` shows: per task, run or skip and why (text), or one JSON object
 /// per task. Errors are the writer's (a closed or full stdout), for the caller to act on.
+/// `text` as plan's text lines show it: each further line of a multi-line script indented under
+/// the first (so that no line of a script reads as a line of the plan), and control characters
+/// escaped as the log escapes them (so that a script cannot drive the terminal that shows it).
+fn shown_for_a_terminal(text: &str, newline: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => shown.push_str(newline),
+            '\t' => shown.push(c),
+            c if c.is_control() => shown.push_str(&c.escape_unicode().to_string()),
+            c => shown.push(c),
+        }
+    }
+    shown
+}
+
 pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::io::Result<()> {
     if let (Some(lock), LogFormat::Text) = (&plan.lock, format) {
         writeln!(
@@ -350,6 +400,7 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
         match format {
             LogFormat::Text => {
                 let decision = if step.run { "run " } else { "skip" };
+                let command = shown_for_a_terminal(&command, &format!("\n      {:<width$}  ", ""));
                 writeln!(out, "{decision}  {:<width$}  {command}", step.task.name)?;
                 writeln!(out, "      {:<width$}  because {}", "", step.reason)?;
                 match step.task.on {

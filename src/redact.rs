@@ -90,11 +90,30 @@ fn push_authority<'a>(shown: &mut String, rest: &'a str, token_end: usize) -> &'
         }
         None => 0,
     };
-    let host_end = rest[after_credential..token_end]
-        .find(|c: char| matches!(c, '/' | '?' | '#') || ends_url(c))
-        .map_or(token_end, |i| after_credential + i);
+    let host_end = after_credential + host_len(&rest[after_credential..token_end]);
     shown.push_str(&rest[after_credential..host_end]);
     &rest[host_end..token_end]
+}
+
+/// The length of the host (and port) at the start of `text`. The host ends at the first character
+/// no host holds, not only at `/`, `?` or `#`: whatever follows it is hidden as path, so a client
+/// that reads `;` or `\` as a path separator cannot make a query show. An IPv6 address keeps its
+/// brackets (its `]` does not end the URL).
+fn host_len(text: &str) -> usize {
+    let mut in_brackets = false;
+    text.char_indices()
+        .find(|&(_, c)| match c {
+            '[' if !in_brackets => {
+                in_brackets = true;
+                false
+            }
+            ']' if in_brackets => {
+                in_brackets = false;
+                false
+            }
+            _ => !(c.is_alphanumeric() || matches!(c, '.' | '-' | '_' | '~' | '%' | ':' | ',')),
+        })
+        .map_or(text.len(), |(i, _)| i)
 }
 
 /// Characters that end a URL quoted in text (a shell quote, a bracket around it).
@@ -117,7 +136,7 @@ fn scheme_start(before: &str) -> usize {
 
 /// `text` with every URL in it reduced by [`url`] (for commands and messages that may quote one).
 ///
-/// A URL starts at its scheme and ends at whitespace (which no URL holds unencoded); its credential
+/// A URL starts at its scheme and ends at ASCII whitespace (which no URL holds unencoded); its credential
 /// is everything from `://` to the last `@` before that end, whatever characters it holds. Its path
 /// ends earlier, at a quote or closing bracket, so that the text around it stays readable.
 #[must_use]
@@ -131,7 +150,9 @@ pub fn urls_in(text: &str) -> String {
         // The scheme is not secret: it goes out with the text before it.
         out.push_str(&rest[..at + 3]);
         let after = &rest[at + 3..];
-        let token_end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let token_end = after
+            .find(|c: char| c.is_ascii_whitespace())
+            .unwrap_or(after.len());
         let tail = push_authority(&mut out, after, token_end);
         // Text redacted before (an error message quoting a shown URL) keeps its `/[redacted]`
         // whole: its `]` is not a closing bracket around the URL.
@@ -248,6 +269,48 @@ mod tests {
             urls_in("[postgres://admin:Pw/]@db/app] and 'https://u:p\"q@h/p' x"),
             "[postgres://[redacted]@db/[redacted]] and 'https://[redacted]@h/[redacted]' x"
         );
+    }
+
+    #[test]
+    fn a_query_or_path_never_survives_whatever_the_host_looks_like() {
+        for (input, want) in [
+            (
+                "postgres://[::1]:5432/app?password=qpw1",
+                "postgres://[::1]:5432/[redacted]",
+            ),
+            (
+                "postgres://u:pw2@[2001:db8::1]/db?sslpassword=qpw3",
+                "postgres://[redacted]@[2001:db8::1]/[redacted]",
+            ),
+            ("https://h;x=qpw7", "https://h/[redacted]"),
+            ("https://h\\qpw8", "https://h/[redacted]"),
+            ("https://h{qpw9}", "https://h/[redacted]"),
+        ] {
+            assert_eq!(url(input), want, "{input}");
+            assert_eq!(urls_in(input), want, "{input}");
+            assert_eq!(
+                urls_in(&format!("psql {input} -c x")),
+                format!("psql {want} -c x")
+            );
+        }
+        // Multi-host lists and IDN hosts are hosts.
+        assert_eq!(
+            url("postgres://u:p@h1:5432,h2:5433/db"),
+            "postgres://[redacted]@h1:5432,h2:5433/[redacted]"
+        );
+        assert_eq!(
+            url("https://bücher.example/x"),
+            "https://bücher.example/[redacted]"
+        );
+    }
+
+    #[test]
+    fn only_ascii_whitespace_ends_a_url_in_text() {
+        // A no-break space is no URL delimiter to a client that accepts it: the credential after it
+        // is still hidden.
+        let shown = urls_in("curl https://user:p\u{a0}wd@h/x ok");
+        assert!(!shown.contains("user") && !shown.contains("wd"), "{shown}");
+        assert!(shown.ends_with(" ok"), "{shown}");
     }
 
     #[test]
@@ -376,6 +439,21 @@ mod tests {
             if !host.contains(&password) && !REDACTED.contains(&password) && !"postgres://".contains(&password) {
                 proptest::prop_assert!(!url(&text).contains(&password), "{text:?}");
                 proptest::prop_assert!(!value(&name, &text).contains(&password), "{text:?}");
+            }
+        }
+
+        #[test]
+        fn a_query_never_survives_whatever_the_host(
+            secret in "[a-zA-Z0-9]{6,16}",
+            scheme in "(https?|postgres(ql)?|redis|amqps|HTTPS)",
+            host in "([a-z0-9.-]{1,12}|\\[[0-9a-f:]{2,20}\\])(:[0-9]{1,5})?",
+            sep in "[/?#;\\\\{|^]",
+            before in "\\PC{0,12}",
+        ) {
+            let text = format!("{before}{scheme}://{host}{sep}password={secret}");
+            if !before.contains(&secret) && !host.contains(&secret) {
+                proptest::prop_assert!(!urls_in(&text).contains(&secret), "{text:?} -> {:?}", urls_in(&text));
+                proptest::prop_assert!(!value("X", &text).contains(&secret), "{text:?}");
             }
         }
 

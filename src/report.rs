@@ -420,6 +420,7 @@ fn xml_escape(text: &str) -> String {
             '\'' => out.push_str("&apos;"),
             '\n' => out.push_str("&#10;"),
             '\t' => out.push_str("&#9;"),
+            '\r' => out.push_str("&#13;"),
             c if xml_allowed(c) => out.push(c),
             _ => out.push('\u{fffd}'),
         }
@@ -532,5 +533,17 @@ mod tests {
         );
         assert!(x.contains("&#10;next&#9;tab\u{10000}"), "{x}");
         assert!(x.chars().all(|c| c == '\n' || xml_allowed(c)));
+    }
+
+    #[test]
+    fn a_carriage_return_survives_attribute_normalization() {
+        // A raw CR in an attribute is read back as a space (XML 1.0 section 3.3.3); as a character
+        // reference it stays a CR.
+        let mut r = Report::new(Metadata::default());
+        r.tasks
+            .push(task("t", Outcome::NotDelivered("a\r\nb".into()), false));
+        let x = r.to_junit();
+        assert!(x.contains("a&#13;&#10;b"), "{x}");
+        assert!(!x.contains('\r'), "{x}");
     }
 }

@@ -7,9 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 
 use serde::Deserialize;
-use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeOwned, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
 use super::NotifyFormat;
@@ -35,11 +36,10 @@ pub(super) struct RawRequire {
 #[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\"")]
 pub(super) struct RawLock {
     pub(super) postgres: Spanned<OneOrMany>,
-    pub(super) key: Option<Spanned<String>>,
-    pub(super) timeout: Option<Spanned<String>>,
-    #[serde(default)]
-    pub(super) once: bool,
-    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) key: Option<Typed<String>>,
+    pub(super) timeout: Option<Typed<String>>,
+    pub(super) once: Option<Typed<bool>>,
+    pub(super) connect_timeout: Option<Typed<String>>,
 }
 
 /// `[lock] postgres`: one variable name, or a list of them.
@@ -58,21 +58,21 @@ pub(super) enum OneOrMany {
 pub(super) struct RawNotify {
     pub(super) url: Spanned<String>,
     #[serde(default)]
-    pub(super) headers: BTreeMap<String, Spanned<String>>,
-    pub(super) format: Option<NotifyFormat>,
-    pub(super) timeout: Option<Spanned<String>>,
-    pub(super) retries: Option<u32>,
+    pub(super) headers: BTreeMap<String, Typed<String>>,
+    pub(super) format: Option<Typed<NotifyFormat>>,
+    pub(super) timeout: Option<Typed<String>>,
+    pub(super) retries: Option<Typed<u32>>,
 }
 
 #[derive(Deserialize)]
 #[serde(expecting = "a [defaults] table, like timeout = \"30m\"")]
 pub(super) struct RawDefaults {
-    pub(super) timeout: Option<Spanned<String>>,
-    pub(super) grace: Option<Spanned<String>>,
-    pub(super) shell: Option<Spanned<String>>,
-    pub(super) heartbeat: Option<Spanned<String>>,
-    pub(super) release_timeout: Option<Spanned<String>>,
-    pub(super) tail_lines: Option<Spanned<u32>>,
+    pub(super) timeout: Option<Typed<String>>,
+    pub(super) grace: Option<Typed<String>>,
+    pub(super) shell: Option<Typed<String>>,
+    pub(super) heartbeat: Option<Typed<String>>,
+    pub(super) release_timeout: Option<Typed<String>>,
+    pub(super) tail_lines: Option<Typed<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -82,17 +82,32 @@ pub(super) struct RawDefaults {
 pub(super) struct RawTask {
     pub(super) run: Option<Spanned<toml::Value>>,
     pub(super) notify: Option<Spanned<RawNotify>>,
-    pub(super) on: Option<Spanned<String>>,
+    pub(super) on: Option<Typed<String>>,
     pub(super) when: Option<Spanned<toml::Value>>,
     pub(super) unless: Option<Spanned<toml::Value>>,
-    pub(super) timeout: Option<Spanned<String>>,
-    pub(super) grace: Option<Spanned<String>>,
+    pub(super) timeout: Option<Typed<String>>,
+    pub(super) grace: Option<Typed<String>>,
     pub(super) after: Option<Vec<Spanned<String>>>,
+    pub(super) allow_failure: Option<Typed<bool>>,
     #[serde(default)]
-    pub(super) allow_failure: bool,
-    #[serde(default)]
-    pub(super) env: BTreeMap<String, Spanned<String>>,
-    pub(super) dir: Option<Spanned<String>>,
+    pub(super) env: BTreeMap<String, Typed<String>>,
+    pub(super) dir: Option<Typed<String>>,
+}
+
+/// A value whose type the validator checks, not serde: serde stops at the first value of the wrong
+/// type, which would hide every other problem in the file; here a wrong type is one problem among
+/// the rest, with its place (the error, with the value's span, is reported by `validate.rs`).
+pub(super) struct Typed<T>(pub(super) Result<Spanned<T>, (Range<usize>, String)>);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Typed<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Spanned::<toml::Value>::deserialize(deserializer)?;
+        let span = value.span();
+        Ok(Typed(match T::deserialize(value.into_inner()) {
+            Ok(typed) => Ok(Spanned::new(span, typed)),
+            Err(err) => Err((span, err.message().to_owned())),
+        }))
+    }
 }
 
 /// The `[tasks]` table in file order (a plain map would sort the names).

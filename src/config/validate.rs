@@ -11,7 +11,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{
-    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema,
+    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema, Typed,
 };
 use super::{Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
 use crate::error::{Diagnostic, Error, Result};
@@ -21,6 +21,12 @@ use crate::gate::Gate;
 /// hour), and far from where adding it to the clock could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// The most further attempts a notify task makes.
+pub const MAX_RETRIES: u32 = 10;
+
+/// The shortest `heartbeat`: a "still running" line more often than this is noise.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// Parses and validates config text; `path` is used for messages and to resolve `dir`.
 pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let invalid = |problems| Error::ConfigInvalid {
@@ -29,7 +35,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     };
     let syntax = |err: toml::de::Error| Diagnostic {
         location: err.span().map(|span| line_col(source, span.start)),
-        message: syntax_message(err.message()),
+        message: crate::redact::urls_in(&syntax_message(err.message())),
     };
     let doc: Node = toml::from_str(source).map_err(|err| invalid(vec![syntax(err)]))?;
     let base = match path.parent() {
@@ -42,11 +48,14 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         problems: Vec::new(),
     };
     v.unknown_keys(&doc, &Schema::new());
-    // A value of the wrong type stops serde; the unknown keys found above are still reported with it.
+    // Leaf values are `Typed`, so a value of the wrong type is one problem among the rest; only a
+    // table of the wrong shape (`tasks = 5`) stops serde, and the unknown keys come with it.
     let raw: RawConfig = match toml::from_str(source) {
         Ok(raw) => raw,
         Err(err) => {
             v.problems.push(syntax(err));
+            v.problems
+                .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
             return Err(invalid(v.problems));
         }
     };
@@ -54,6 +63,9 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let tasks = v.tasks(raw.tasks.0, &defaults);
     let required_env = v.required_env(raw.require);
     let lock = raw.lock.and_then(|l| v.lock(l));
+    // In file order, whichever pass found them; a problem without a place goes last.
+    v.problems
+        .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
@@ -112,6 +124,20 @@ pub(super) fn line_col(source: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The names, or the first few of them and how many more: a message about a file of thousands of
+/// tasks stays a line, not a megabyte (and not one per bad `after`).
+fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 10;
+    let total = names.len();
+    let mut list: Vec<&str> = names.take(SHOWN).collect();
+    let more;
+    if total > SHOWN {
+        more = format!("and {} more", total - SHOWN);
+        list.push(&more);
+    }
+    list.join(", ")
+}
+
 struct Validator<'a> {
     source: &'a str,
     base: PathBuf,
@@ -119,8 +145,16 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Records a problem. Messages quote what the file says, and a URL pasted where a name belongs
+    /// (`when = "postgres://..."`) would put its password in the CI log: every message is redacted
+    /// here, once, instead of at each place that quotes a value.
     fn report(&mut self, span: Option<std::ops::Range<usize>>, message: String) {
         let location = span.map(|s| line_col(self.source, s.start));
+        let message = if message.contains("://") {
+            crate::redact::urls_in(&message)
+        } else {
+            message
+        };
         self.problems.push(Diagnostic { location, message });
     }
 
@@ -186,13 +220,21 @@ impl Validator<'_> {
         found
     }
 
-    fn duration(
-        &mut self,
-        value: Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(value) = value else { return default };
+    /// The value of a field whose type serde left to this pass; a wrong type is reported here.
+    fn typed<T>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
+        match field?.0 {
+            Ok(value) => Some(value),
+            Err((span, message)) => {
+                self.report(Some(span), syntax_message(&message));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, value: Option<Typed<String>>, key: &str, default: Duration) -> Duration {
+        let Some(value) = self.typed(value) else {
+            return default;
+        };
         match humantime::parse_duration(value.get_ref()) {
             Ok(d) if d.is_zero() => {
                 self.report(
@@ -225,24 +267,32 @@ impl Validator<'_> {
         }
     }
 
-    /// `heartbeat`, at least a second: more often would flood the log and busy the run loop.
-    fn heartbeat(&mut self, value: Option<Spanned<String>>, default: Duration) -> Duration {
-        let span = value.as_ref().map(Spanned::span);
-        let heartbeat = self.duration(value, "heartbeat", default);
-        if heartbeat < Duration::from_secs(1) {
+    /// A heartbeat is a log line: one more often than each second would flood the log (at `1ns`, a
+    /// line per turn of the run loop) and say nothing new.
+    fn heartbeat(&mut self, value: Option<Typed<String>>, default: Duration) -> Duration {
+        let Some(value) = self.typed(value) else {
+            return default;
+        };
+        let span = value.span();
+        let shown = value.get_ref().clone();
+        let before = self.problems.len();
+        let beat = self.duration(Some(Typed(Ok(value))), "heartbeat", default);
+        if self.problems.len() == before && beat < MIN_HEARTBEAT {
             self.report(
-                span,
-                "`heartbeat` is under a second; give at least \"1s\", like \"30s\" or \"1m\""
-                    .into(),
+                Some(span),
+                format!(
+                    "`heartbeat = {shown:?}` is shorter than the minimum of 1s, and would flood the log; give at least 1s, like \"60s\""
+                ),
             );
+            return default;
         }
-        heartbeat
+        beat
     }
 
     fn defaults(&mut self, raw: Option<RawDefaults>) -> Defaults {
         let builtin = Defaults::default();
         let Some(raw) = raw else { return builtin };
-        let shell = match raw.shell {
+        let shell = match self.typed(raw.shell) {
             Some(shell) if shell.get_ref().trim().is_empty() => {
                 self.report(
                     Some(shell.span()),
@@ -275,8 +325,8 @@ impl Validator<'_> {
     }
 
     /// `tail_lines`, at most [`MAX_TAIL_LINES`]: each kept line may take a kilobyte per task.
-    fn tail_lines(&mut self, value: Option<Spanned<u32>>, default: usize) -> usize {
-        match value {
+    fn tail_lines(&mut self, value: Option<Typed<u32>>, default: usize) -> usize {
+        match self.typed(value) {
             None => default,
             Some(n) if *n.get_ref() as usize > MAX_TAIL_LINES => {
                 self.report(
@@ -317,11 +367,21 @@ impl Validator<'_> {
             );
             return None;
         }
-        let key = match raw.key {
+        let key = match self.typed(raw.key) {
             Some(key) if key.get_ref().trim().is_empty() => {
                 self.report(
                     Some(key.span()),
                     "[lock] key is empty; leave it out to use the app's name".into(),
+                );
+                None
+            }
+            // PostgreSQL's text cannot hold a NUL: the ledger's queries would fail once the release
+            // has started.
+            Some(key) if key.get_ref().contains('\0') => {
+                self.report(
+                    Some(key.span()),
+                    "[lock] key contains a NUL byte, which PostgreSQL cannot store; remove it"
+                        .into(),
                 );
                 None
             }
@@ -331,7 +391,7 @@ impl Validator<'_> {
             url_vars,
             key,
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
-            once: raw.once,
+            once: self.typed(raw.once).is_some_and(Spanned::into_inner),
             connect_timeout: self.duration(
                 raw.connect_timeout,
                 "connect_timeout",
@@ -411,7 +471,7 @@ impl Validator<'_> {
             (Some(run), None) => self.command(&name, run, defaults),
             (None, Some(notify)) => self.notify(&name, notify),
         };
-        let on = match raw.on {
+        let on = match self.typed(raw.on) {
             None => On::Success,
             Some(on) => match on.get_ref().as_str() {
                 "success" => On::Success,
@@ -428,7 +488,7 @@ impl Validator<'_> {
         };
         let when = raw.when.and_then(|g| self.gate(&name, "when", &g));
         let unless = raw.unless.and_then(|g| self.gate(&name, "unless", &g));
-        let dir = match raw.dir {
+        let dir = match self.typed(raw.dir) {
             None => self.base.clone(),
             Some(dir) => {
                 let path = self.base.join(dir.get_ref());
@@ -444,7 +504,11 @@ impl Validator<'_> {
                 path
             }
         };
-        for (key, value) in &raw.env {
+        let mut env = std::collections::BTreeMap::new();
+        for (key, value) in raw.env {
+            let Some(value) = self.typed(Some(value)) else {
+                continue;
+            };
             if key.is_empty() || key.contains(['=', '\0']) {
                 self.report(
                     Some(span.clone()),
@@ -457,12 +521,8 @@ impl Validator<'_> {
                     format!("task `{name}`: env {key} contains a NUL byte, which no process can receive; remove it"),
                 );
             }
+            env.insert(key, value.into_inner());
         }
-        let env = raw
-            .env
-            .into_iter()
-            .map(|(k, v)| (k, v.into_inner()))
-            .collect();
         Task {
             timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
             grace: self.duration(raw.grace, "grace", defaults.grace),
@@ -470,7 +530,9 @@ impl Validator<'_> {
             command,
             when,
             unless,
-            allow_failure: raw.allow_failure,
+            allow_failure: self
+                .typed(raw.allow_failure)
+                .is_some_and(Spanned::into_inner),
             on,
             env,
             dir,
@@ -564,8 +626,11 @@ impl Validator<'_> {
             }
         };
         let mut headers = Vec::with_capacity(raw.headers.len());
-        for (key, value) in &raw.headers {
-            if !valid_header_name(key) {
+        for (key, value) in raw.headers {
+            let Some(value) = self.typed(Some(value)) else {
+                continue;
+            };
+            if !valid_header_name(&key) {
                 self.report(
                     Some(value.span()),
                     format!("task `{name}`: notify header name {key:?} is not a valid HTTP header name; use letters, digits and -"),
@@ -589,9 +654,25 @@ impl Validator<'_> {
         Command::Notify(Notify {
             url,
             headers,
-            format: raw.format.unwrap_or(NotifyFormat::Json),
+            format: self
+                .typed(raw.format)
+                .map_or(NotifyFormat::Json, Spanned::into_inner),
             timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(10)),
-            retries: raw.retries.unwrap_or(3).min(10),
+            retries: match self.typed(raw.retries) {
+                None => 3,
+                Some(n) if *n.get_ref() > MAX_RETRIES => {
+                    self.report(
+                        Some(n.span()),
+                        format!(
+                            "task `{name}`: notify `retries = {}` is more than the maximum of {MAX_RETRIES}; \
+                             with the backoff doubling to 8s, 10 already wait over a minute",
+                            n.get_ref()
+                        ),
+                    );
+                    MAX_RETRIES
+                }
+                Some(n) => n.into_inner(),
+            },
         })
     }
 
@@ -642,11 +723,7 @@ impl Validator<'_> {
                             "task `{}`: `after` names `{}`, which is not a task; known tasks: {}",
                             tasks[i].name,
                             dep.get_ref(),
-                            tasks
-                                .iter()
-                                .map(|t| t.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            some_names(tasks.iter().map(|t| t.name.as_str()))
                         ),
                     )),
                 }
@@ -675,7 +752,7 @@ impl Validator<'_> {
                 first.map_or(0..0, Spanned::span),
                 format!(
                     "`after` makes a cycle among tasks {}; each task can only wait for tasks that do not wait for it",
-                    stuck.join(", ")
+                    some_names(stuck.iter().copied())
                 ),
             ));
         }
@@ -794,9 +871,9 @@ mod tests {
         assert_eq!(p.len(), 4, "{p:?}");
         assert!(p[0].message.contains("`run` is empty"));
         assert!(p[1].message.contains("zero"));
-        assert!(p[2].message.contains("has no `run`"));
-        assert!(p[3].message.contains("`nope`"));
-        assert_eq!(lines, [Some(2), Some(5), Some(9), Some(8)]);
+        assert!(p[2].message.contains("`nope`"));
+        assert!(p[3].message.contains("has no `run`"));
+        assert_eq!(lines, [Some(2), Some(5), Some(8), Some(9)], "in file order");
     }
 
     #[test]
@@ -832,11 +909,14 @@ mod tests {
             "{text:#?}"
         );
         assert!(
-            text[2].contains("unknown field `retires`") && text[2].contains("`retries`"),
+            text.iter()
+                .any(|t| t.contains("unknown field `retires`") && t.contains("`retries`")),
             "{text:#?}"
         );
         assert!(
-            text[3].contains("unknown field `zzz` in [defaults]; known keys here: timeout"),
+            text.iter().any(|t| t.starts_with(
+                "Some((11, 1)) unknown field `zzz` in [defaults]; known keys here: timeout"
+            )),
             "{text:#?}"
         );
         assert!(

@@ -271,6 +271,234 @@ fn every_problem_at_once_unknown_keys_included() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_hides_no_other_problem() {
+    let config = "[defaults]\ntimeout = 5\n\
+                  [tasks.a]\nrun = \"true\"\nallow_failure = \"yes\"\ntimout = \"1m\"\n\
+                  [tasks.b]\nrun = \"\"\nafter = [\"nope\"]\ngrace = 10\n\
+                  [tasks.c]\nrun = \"true\"\non = \"sometimes\"\ntimeout = \"31d\"\n\
+                  [tasks.n]\nnotify = { url = \"http://127.0.0.1:9/\", retries = 4294967296, timeout = \"0s\" }\n";
+    let t = Test::new().config(config);
+    for args in [&["check"][..], &[]] {
+        t.run_with(args)
+            .status(78)
+            .stderr_has("10 problems")
+            .stderr_has("release.toml:2:11: invalid type: integer `5`, expected a string")
+            .stderr_has("release.toml:5:17: invalid type: string \"yes\", expected a boolean")
+            .stderr_has("release.toml:6:1: unknown field `timout`")
+            .stderr_has("release.toml:8:7: task `b`: `run` is empty")
+            .stderr_has("`after` names `nope`")
+            .stderr_has("release.toml:10:9: invalid type: integer `10`, expected a string")
+            .stderr_has("`on = \"sometimes\"`")
+            .stderr_has("maximum of 30 days")
+            .stderr_has("release.toml:16:51: invalid value: integer `4294967296`, expected u32")
+            .stderr_has("`timeout` is zero");
+    }
+}
+
+#[test]
+fn problems_are_listed_in_file_order() {
+    let mut config = "[tasks.a]\nrun = \"true\"\ntimeout = \"zz\"\n".to_owned();
+    if cfg!(feature = "postgres") {
+        config.push_str("[lock]\npostgres = \"DATABASE_URL\"\ntimeout = \"31d\"\n");
+    }
+    config.push_str("[defaults]\ngrace = \"0s\"\n");
+    let out = Test::new().config(&config).run_with(&["check"]);
+    out.status(78);
+    let lines: Vec<(usize, usize)> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("release.toml:"))
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(lines.len() >= 2, "{}", out.stderr);
+    let mut sorted = lines.clone();
+    sorted.sort_unstable();
+    assert_eq!(lines, sorted, "{}", out.stderr);
+}
+
+#[test]
+fn a_heartbeat_shorter_than_a_second_is_refused_not_a_flood() {
+    for value in ["1ns", "10ms", "999ms"] {
+        let t = Test::new().config(&format!(
+            "[defaults]\nheartbeat = \"{value}\"\n[tasks.first]\nrun = \"touch first\"\n"
+        ));
+        for args in [&["check"][..], &[]] {
+            t.run_with(args)
+                .status(78)
+                .stderr_has("release.toml:2:13: `heartbeat")
+                .stderr_has("at least 1s");
+        }
+        assert!(!t.path("first").exists(), "{value}");
+    }
+    Test::new()
+        .config("[defaults]\nheartbeat = \"1s\"\n[tasks.a]\nrun = \"true\"\n")
+        .run_with(&["check"])
+        .status(0);
+}
+
+#[test]
+fn a_query_after_an_ipv6_host_never_shows() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"psql postgres://[::1]:5432/app?password=qpw1 postgres://u:pw2@[2001:db8::1]/db?sslpassword=qpw3 https://h;x=qpw4\"\n",
+    );
+    for args in [&["plan"][..], &["plan", "--log-format", "json"], &[]] {
+        let out = t.run_with(args);
+        for leak in ["qpw1", "pw2", "qpw3", "qpw4"] {
+            out.stdout_lacks(leak).stderr_lacks(leak);
+        }
+    }
+    t.run_with(&["plan"])
+        .stdout_has("postgres://[::1]:5432/[redacted]")
+        .stdout_has("postgres://[redacted]@[2001:db8::1]/[redacted]");
+}
+
+#[test]
+fn thousands_of_tasks_with_bad_after_give_messages_of_bounded_size() {
+    let mut config = String::new();
+    for i in 0..3000 {
+        let prev = if i == 0 { 2999 } else { i - 1 };
+        let _ = std::fmt::Write::write_fmt(
+            &mut config,
+            format_args!("[tasks.t{i}]\nrun = \"true\"\nafter = [\"t{prev}\", \"missing{i}\"]\n"),
+        );
+    }
+    let out = Test::new().config(&config).run_with(&["check"]);
+    out.status(78)
+        .stderr_has("`after` makes a cycle among tasks t0, t1,")
+        .stderr_has("and 2990 more")
+        .stderr_has("`after` names `missing7`, which is not a task; known tasks: t0,");
+    for line in out.stderr.lines() {
+        assert!(line.len() < 400, "a line of {} bytes", line.len());
+    }
+}
+
+#[test]
+fn a_notify_url_variable_that_http_refuses_stops_run_before_the_first_task() {
+    let config = "[tasks.first]\nrun = \"touch first\"\n\
+                  [tasks.n]\nnotify = { url = \"${HOOK}\", headers = { Authorization = \"Bearer ${TOK}\" } }\n";
+    for hook in [
+        "http://u:hookpw@127.0.0.1:9/x\n",
+        "http://u:hookpw@127.0.0.1:9/x y",
+        "http://127.0.0.1:9/\tx",
+    ] {
+        let t = Test::new()
+            .config(config)
+            .env("HOOK", hook)
+            .env("TOK", "tokpw");
+        t.run()
+            .status(78)
+            .stderr_has("task `n`: notify url has a space or a control character")
+            .stderr_has("${HOOK}")
+            .stderr_lacks("hookpw")
+            .stderr_lacks("tokpw");
+        assert!(!t.path("first").exists(), "{hook:?}");
+        t.run_with(&["check"]).status(78).stderr_has("${HOOK}");
+    }
+    Test::new()
+        .config(config)
+        .env("HOOK", "http://127.0.0.1:9/x")
+        .env("TOK", "tok\n")
+        .run()
+        .status(78)
+        .stderr_has("once ${TOK} is expanded; HTTP does not allow it");
+}
+
+#[test]
+fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
+    let config = "[require]\nenv = [\"https://u:reqpw@h/x\"]\n\
+                  [tasks.a]\nrun = \"true\"\nwhen = \"https://u:whenpw@h/x\"\n\
+                  unless = { env = \"postgres://u:unlpw@h/x\", equals = \"y\" }\n\
+                  on = \"https://u:onpw@h/x\"\ndir = \"https://u:dirpw@h/x\"\ntimeout = \"https://u:tmpw@h/x\"\n\
+                  after = [\"https://u:afterpw@h/x\"]\nenv = { \"https://u:envkpw@h\" = \"1\" }\n\
+                  [tasks.n]\nnotify = { url = \"ftp://u:urlpw@h/x\", headers = { \"https://u:hdrkpw@h\" = \"x\", X = \"${https://u:tplpw@h}\" } }\n\
+                  [tasks.\"https://u:namepw@h\"]\nrun = \"true\"\n";
+    let out = Test::new().config(config).run_with(&["check"]);
+    out.status(78).stderr_has("https://[redacted]@h/[redacted]");
+    for leak in [
+        "reqpw", "whenpw", "unlpw", "onpw", "dirpw", "tmpw", "afterpw", "envkpw", "urlpw",
+        "hdrkpw", "tplpw", "namepw",
+    ] {
+        out.stderr_lacks(leak);
+    }
+}
+
+#[test]
+fn an_unknown_only_name_gets_a_short_redacted_message() {
+    let mut config = String::new();
+    for i in 0..500 {
+        let _ =
+            std::fmt::Write::write_fmt(&mut config, format_args!("[tasks.t{i}]\nrun = \"true\"\n"));
+    }
+    let t = Test::new().config(&config);
+    let out = t.run_with(&["plan", "--only", "https://u:onlypw@h/x,t1"]);
+    out.status(2)
+        .stderr_lacks("onlypw")
+        .stderr_has("--only names https://[redacted]@h/[redacted]")
+        .stderr_has("t0, t1,")
+        .stderr_has("and 490 more");
+    let out = Test::new()
+        .config(&config)
+        .env("RELEASE_TASKS_SKIP", "postgres://u:skippw@h/db")
+        .run_with(&["plan"]);
+    out.status(2).stderr_lacks("skippw");
+}
+
+#[test]
+fn a_nul_byte_in_the_lock_key_is_found_by_check() {
+    if !cfg!(feature = "postgres") {
+        return;
+    }
+    let t = Test::new()
+        .config(
+            "[lock]\npostgres = \"DATABASE_URL\"\nkey = \"a\\u0000b\"\n[tasks.first]\nrun = \"touch first\"\n",
+        )
+        .env("DATABASE_URL", "postgres://u:p@127.0.0.1:1/db");
+    for args in [&["check"][..], &[]] {
+        t.run_with(args)
+            .status(78)
+            .stderr_has("release.toml:3:7: [lock] key contains a NUL byte");
+    }
+    assert!(!t.path("first").exists());
+}
+
+#[test]
+fn a_multiline_command_cannot_forge_plan_lines_or_drive_the_terminal() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"true\\nrun   b  forged\\n\\u001b[2J\\u009b31m done\"\n[tasks.b]\nrun = \"true\"\n",
+    );
+    let out = t.run_with(&["plan"]);
+    out.status(0).stdout_has("\\u{1b}[2J");
+    let stdout = out.stdout();
+    assert!(!stdout.contains(['\u{1b}', '\u{9b}']), "{stdout:?}");
+    let starts: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| &l[..4])
+        .collect();
+    assert_eq!(starts, ["run ", "run "], "{stdout}");
+}
+
+#[test]
+fn retries_past_the_maximum_are_an_error_not_quietly_cut() {
+    for n in ["11", "1000", "4294967295"] {
+        Test::new()
+            .config(&format!(
+                "[tasks.n]\nnotify = {{ url = \"http://127.0.0.1:9/\", retries = {n} }}\n"
+            ))
+            .run_with(&["check"])
+            .status(78)
+            .stderr_has(&format!("`retries = {n}` is more than the maximum of 10"));
+    }
+    Test::new()
+        .config("[tasks.n]\nnotify = { url = \"http://127.0.0.1:9/\", retries = 10 }\n")
+        .run_with(&["check"])
+        .status(0);
+}
+
+#[test]
 fn check_finds_what_run_would_trip_on_halfway() {
     let marker = "[tasks.first]\nrun = \"touch first\"\n";
     for (config, needle) in [
