@@ -99,7 +99,7 @@ pub enum Command {
     /// that must not start before the release ran; needs once = true in the lock table)
     Wait {
         /// Give up (exit 75) after this long [default: the lock's timeout]
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = wait_timeout)]
         timeout: Option<std::time::Duration>,
     },
     /// Show the last releases recorded in the lock's ledger
@@ -250,8 +250,7 @@ impl EnvSettings {
 /// file through a link.
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    if absolute(a) == absolute(b) {
+    if where_written(a) == where_written(b) {
         return true;
     }
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -260,9 +259,58 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `wait --timeout`: a duration as in release.toml (`90s`, `15m`), above zero and at most 30 days.
+fn wait_timeout(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e}; write it like 90s or 15m"))?;
+    if duration.is_zero() || duration > crate::config::MAX_DURATION {
+        return Err("give a duration above zero and at most 30 days, like 10m".into());
+    }
+    Ok(duration)
+}
+
+/// The file that writing to `path` creates or replaces, as far as it can be known before it exists:
+/// symbolic links followed (a dangling one too, which creating the file follows), and the directory
+/// made canonical.
+fn where_written(path: &Path) -> PathBuf {
+    let mut path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    // As the kernel does, give up on a chain of links after 40.
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_paths_through_links_are_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = dir.path().join("x.json");
+        let y = dir.path().join("y.json");
+        std::os::unix::fs::symlink(&x, &y).unwrap();
+        assert!(same_file(&x, &y), "a dangling link to the other file");
+        let sub = dir.path().join("d1");
+        std::fs::create_dir(&sub).unwrap();
+        std::os::unix::fs::symlink(&sub, dir.path().join("dl")).unwrap();
+        assert!(
+            same_file(&sub.join("r"), &dir.path().join("dl/r")),
+            "through a linked directory"
+        );
+        assert!(same_file(&x, &dir.path().join("d1/../x.json")));
+        assert!(!same_file(&x, &sub.join("x.json")));
+    }
 
     fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("release-tasks").chain(args.iter().copied()))

@@ -83,7 +83,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             let mut out = std::io::stdout().lock();
             out.write_all(&script)
                 .and_then(|()| out.flush())
-                .map_err(|e| anyhow::anyhow!("cannot write the completion script: {e}"))?;
+                .map_err(Error::Output)?;
             Ok(0)
         }
         Command::Init { force } => {

@@ -23,7 +23,19 @@ fn main() {
             .unwrap_or_default();
         release_tasks::guardian::guard(&run_id);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version print to stdout and exit 0; a stdout that cannot take them is
+            // exit 74, as for any other command's output. Usage errors are 2 whether or not stderr
+            // could be written.
+            let printed = err.print();
+            if !err.use_stderr() && printed.is_err() {
+                std::process::exit(release_tasks::error::EXIT_IOERR);
+            }
+            std::process::exit(err.exit_code());
+        }
+    };
     let mut env = release_tasks::env_snapshot();
     // Lossily, so that a NO_COLOR that is not UTF-8 still counts as set.
     let colour =

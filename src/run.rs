@@ -447,7 +447,8 @@ impl Runner {
                         timeout_in = %humantime::format_duration(whole_seconds_up(deadline.at.saturating_duration_since(Instant::now()))),
                         "task still running"
                     );
-                    next_beat += self.heartbeat;
+                    // From now, not from the last beat: after a stall, one beat, not a burst of them.
+                    next_beat = Instant::now() + self.heartbeat;
                 }
             }
         }

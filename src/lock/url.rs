@@ -232,13 +232,17 @@ pub fn parse(url: &str) -> Result<Target, String> {
 
 /// The parts of a URL after its scheme, as libpq's parameters: user, password, host, port and dbname
 /// first, then the query's parameters (which win).
+///
+/// The credential is split off first, at the URL's last `@` (the README's structural rule, which
+/// redaction follows too): a password may hold `/`, `?`, `#` or `@`, and none of it may be read as a
+/// host, a path or a parameter (an error would quote it). An `@` in the query must be written `%40`.
 fn uri_pairs(rest: &str) -> Result<Vec<(String, String)>, String> {
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hostlist) = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => (Some(userinfo), hosts),
-        None => (None, authority),
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, rest)) => (Some(userinfo), rest),
+        None => (None, rest),
     };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (hostlist, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut pairs = Vec::new();
     if let Some(userinfo) = userinfo {
         let (user, password) = match userinfo.split_once(':') {
@@ -370,6 +374,18 @@ mod tests {
         assert_eq!(t.config.get_dbname(), Some("shop"));
         assert_eq!(t.config.get_ports(), [6543]);
         assert_eq!(t.tls.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn a_password_with_delimiters_is_the_credential_whole() {
+        let t = parse("postgres://admin:Pw/x?y#z@127.0.0.1:1/db?sslmode=disable").unwrap();
+        assert_eq!(t.config.get_user(), Some("admin"));
+        assert_eq!(t.config.get_password(), Some(&b"Pw/x?y#z"[..]));
+        assert_eq!(t.config.get_hosts(), [Host::Tcp("127.0.0.1".into())]);
+        assert_eq!(t.config.get_dbname(), Some("db"));
+        // Whatever is wrong after it, no part of the password is quoted.
+        let err = parse("postgres://admin:Pw/x?y#z@h/db?bogus=1").unwrap_err();
+        assert!(!err.contains("Pw") && !err.contains("y#z"), "{err}");
     }
 
     #[test]

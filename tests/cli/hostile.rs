@@ -56,6 +56,52 @@ fn check_and_plan_exit_74_when_stdout_cannot_be_written() {
 }
 
 #[test]
+fn help_version_and_completions_exit_74_when_stdout_cannot_be_written() {
+    let t = Test::new().config(TWO_TASKS);
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["completions", "bash"],
+        &["plan", "--help"],
+    ] {
+        assert_eq!(
+            t.run_into(args, full(), Stdio::piped()),
+            Some(74),
+            "{args:?} >/dev/full"
+        );
+        assert_eq!(
+            t.run_into(args, closed_pipe(), Stdio::piped()),
+            Some(74),
+            "{args:?} | closed"
+        );
+    }
+    // A usage error stays 2 when stderr is gone too.
+    assert_eq!(t.run_into(&["--bogus"], full(), full()), Some(2));
+    assert_eq!(
+        t.run_into(&["wait", "--timeout", "0s"], Stdio::piped(), Stdio::piped()),
+        Some(2)
+    );
+    assert_eq!(
+        t.run_into(
+            &["wait", "--timeout", "31days"],
+            Stdio::piped(),
+            Stdio::piped()
+        ),
+        Some(2)
+    );
+}
+
+#[test]
+fn report_paths_that_meet_through_a_link_are_refused() {
+    let t = Test::new().config(TWO_TASKS);
+    std::os::unix::fs::symlink(t.path("x.json"), t.path("y.json")).expect("symlink");
+    t.run_with(&["--report", "x.json", "--junit", "y.json"])
+        .status(2)
+        .stderr_has("give each report its own file");
+    assert!(!t.path("a-ran").exists(), "nothing ran");
+}
+
+#[test]
 fn init_writes_the_file_then_exits_74_when_it_cannot_say_so() {
     for stdout in [full(), closed_pipe()] {
         let t = Test::new().file("manage.py", "");
