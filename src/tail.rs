@@ -186,6 +186,32 @@ mod tests {
     }
 
     #[test]
+    fn a_line_of_exactly_the_maximum_is_not_marked_cut() {
+        let mut tail = Tail::new(2);
+        tail.feed(0, &[b'y'; MAX_LINE]);
+        tail.feed(0, b"\n");
+        tail.feed(1, &[b'z'; MAX_LINE + 1]);
+        tail.finish();
+        let lines = tail.render(&[]);
+        assert_eq!(lines[0], "y".repeat(MAX_LINE));
+        assert_eq!(lines[1], "z".repeat(MAX_LINE) + "…");
+    }
+
+    #[test]
+    fn secrets_are_the_values_of_secret_looking_variables() {
+        let vars = [
+            ("API_TOKEN".to_owned(), "tok-123456".to_owned()),
+            ("DATABASE_URL".to_owned(), "postgres://u:p@h/db".to_owned()),
+            ("SECRET_KEY".to_owned(), "abc".to_owned()),
+            ("PATH".to_owned(), "/usr/bin".to_owned()),
+        ];
+        assert_eq!(
+            secrets(vars.iter().map(|(k, v)| (k, v))),
+            ["tok-123456", "postgres://u:p@h/db"]
+        );
+    }
+
+    #[test]
     fn renders_what_a_terminal_shows_without_secrets() {
         let mut tail = Tail::new(10);
         tail.feed(
