@@ -11,16 +11,6 @@ fn main() {
     // Before anything else (and before any thread exists, since a signal mask is per thread): a
     // parent that blocked or ignored SIGTERM or SIGCHLD must not leave release-tasks deaf or hung.
     release_tasks::signals::reset_inherited();
-    // The guardian (see guardian.rs) starts with every task run: skip the parsing and set-up it does
-    // not need.
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(release_tasks::guardian::SUBCOMMAND)) {
-        let run_id = args
-            .next()
-            .and_then(|a| a.into_string().ok())
-            .unwrap_or_default();
-        release_tasks::guardian::guard(&run_id);
-    }
     let cli = Cli::parse();
     let env = release_tasks::env_snapshot();
     let settings = match Settings::resolve(cli, &env) {
