@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
@@ -20,6 +21,34 @@ use crate::config::Task;
 
 /// The variable that marks every process of one release run.
 pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
+
+/// The process groups of the tasks running now (0: a free slot), kept by [`TaskProcesses`] for the
+/// panic hook ([`kill_every_task`]): the release profile aborts on panic, so no destructor runs.
+/// Tasks run one at a time; the spare slots cost nothing. Atomics, because a panic may strike while
+/// any lock is held.
+static LIVE_GROUPS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
+/// The child of release-tasks that is not a task's (the guardian), for the panic hook.
+static EXEMPT: AtomicI32 = AtomicI32::new(0);
+
+/// SIGKILLs every running task's process group and what escaped it: what the panic hook in `main`
+/// does before release-tasks exits 70, so that even a bug leaves no task running.
+pub fn kill_every_task() {
+    let exempt: Vec<Pid> = match EXEMPT.load(Ordering::SeqCst) {
+        0 => Vec::new(),
+        pid => vec![Pid::from_raw(pid)],
+    };
+    for slot in &LIVE_GROUPS {
+        let pgid = slot.swap(0, Ordering::SeqCst);
+        if pgid != 0 {
+            let procs = TaskProcesses {
+                pgid: Pid::from_raw(pgid),
+                exempt: exempt.clone(),
+                finished: true,
+            };
+            procs.signal(Signal::SIGKILL);
+        }
+    }
+}
 
 /// Puts every signal a program can catch back to its default disposition, whatever release-tasks's
 /// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
@@ -149,7 +178,8 @@ pub fn reap() -> Vec<(Pid, WaitStatus)> {
 }
 
 /// Owns a running task's process group and whatever escaped from it. Dropping it SIGKILLs them all,
-/// so no path out of release-tasks, a panic included, leaves a task's processes running.
+/// and while it lives its group is listed for the panic hook ([`kill_every_task`]), so no path out of
+/// release-tasks, a panic included, leaves a task's processes running.
 pub struct TaskProcesses {
     pgid: Pid,
     /// Children of release-tasks that are not tasks (the guardian).
@@ -161,6 +191,17 @@ impl TaskProcesses {
     /// Takes ownership of the group led by `pgid`.
     #[must_use]
     pub fn new(pgid: Pid, exempt: Vec<Pid>) -> Self {
+        if let Some(pid) = exempt.first() {
+            EXEMPT.store(pid.as_raw(), Ordering::SeqCst);
+        }
+        for slot in &LIVE_GROUPS {
+            if slot
+                .compare_exchange(0, pgid.as_raw(), Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break;
+            }
+        }
         TaskProcesses {
             pgid,
             exempt,
@@ -245,6 +286,9 @@ fn read_small(path: &str) -> Option<String> {
 
 impl Drop for TaskProcesses {
     fn drop(&mut self) {
+        for slot in &LIVE_GROUPS {
+            let _ = slot.compare_exchange(self.pgid.as_raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
         if !self.finished {
             self.signal(Signal::SIGKILL);
         }
