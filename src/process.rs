@@ -50,13 +50,36 @@ pub fn kill_every_task() {
     }
 }
 
-/// Puts every signal a program can catch back to its default disposition, whatever release-tasks's
-/// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
-/// Called between fork and exec: async-signal-safe calls only.
-fn reset_signal_dispositions() {
-    let realtime = nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX();
-    for number in (1..32).chain(realtime) {
-        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
+/// The signals release-tasks ignores (bit N-1 for signal N): what exec would pass on to a task,
+/// from release-tasks's parent (nohup ignores SIGHUP, Python SIGXFSZ) or its own runtime (Rust
+/// ignores SIGPIPE). A caught signal needs no reset (exec puts it back to default itself), so a task's
+/// child resets only these instead of every signal there is. Read once: release-tasks never comes to
+/// ignore a signal later.
+fn ignored_signals() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let realtime = nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX();
+        let mut ignored = 0u64;
+        for number in (1..32).chain(realtime) {
+            // SAFETY: a null new action only reads the current one into `old`.
+            let ignores = unsafe {
+                let mut old: nix::libc::sigaction = std::mem::zeroed();
+                nix::libc::sigaction(number, std::ptr::null(), &raw mut old) == 0
+                    && old.sa_sigaction == nix::libc::SIG_IGN
+            };
+            if ignores && (1..=64).contains(&number) {
+                ignored |= 1 << (number - 1);
+            }
+        }
+        ignored
+    })
+}
+
+/// Puts every signal in `ignored` back to its default disposition, so that a task starts as if from
+/// a clean shell. Called between fork and exec: async-signal-safe calls only.
+fn reset_signal_dispositions(ignored: u64) {
+    for number in 1..=64 {
+        if ignored & (1 << (number - 1)) != 0 {
             // SAFETY: SIG_DFL installs no handler code; an invalid number just fails with EINVAL.
             unsafe { nix::libc::signal(number, nix::libc::SIG_DFL) };
         }
@@ -133,10 +156,11 @@ fn spawn_argv(
         command.env("PWD", pwd);
     }
     let parent = unistd::getpid();
+    let ignored = ignored_signals();
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-        reset_signal_dispositions();
+        reset_signal_dispositions(ignored);
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
         // release-tasks may have died between fork and prctl; then no signal would ever come.
         if unistd::getppid() != parent {
@@ -241,11 +265,17 @@ impl TaskProcesses {
         // Pids are handed out in increasing order, so what the task started has a pid above its
         // first process's, unless the counter wrapped since; only then is every process a candidate.
         let first = self.pgid.as_raw();
-        let wrapped = read_small("/proc/sys/kernel/ns_last_pid")
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .is_none_or(|last| last < first);
+        let last =
+            read_small("/proc/sys/kernel/ns_last_pid").and_then(|s| s.trim().parse::<i32>().ok());
+        let wrapped = last.is_none_or(|last| last < first);
+        // Few pids handed out since the task started (the usual case in a container): look at just
+        // those, instead of listing every process on the machine.
+        let candidates: Box<dyn Iterator<Item = i32>> = match last {
+            Some(last) if !wrapped && last - first < NARROW_SCAN => Box::new(first..=last),
+            _ => Box::new(process_ids()),
+        };
         let mut found = Vec::new();
-        for pid in process_ids() {
+        for pid in candidates {
             if (pid < first && !wrapped) || self.exempt.contains(&Pid::from_raw(pid)) {
                 continue;
             }
@@ -267,6 +297,10 @@ impl TaskProcesses {
     }
 }
 
+/// Up to how many pids handed out since a task started are looked at one by one, rather than by
+/// listing /proc.
+const NARROW_SCAN: i32 = 64;
+
 /// The pids of every process in /proc (of this PID namespace).
 pub fn process_ids() -> impl Iterator<Item = i32> {
     std::fs::read_dir("/proc")
@@ -287,7 +321,8 @@ fn read_small(path: &str) -> Option<String> {
 impl Drop for TaskProcesses {
     fn drop(&mut self) {
         for slot in &LIVE_GROUPS {
-            let _ = slot.compare_exchange(self.pgid.as_raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
+            let _ =
+                slot.compare_exchange(self.pgid.as_raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
         }
         if !self.finished {
             self.signal(Signal::SIGKILL);
