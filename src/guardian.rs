@@ -67,7 +67,10 @@ impl Guardian {
                 drop(null);
                 guard(&read, marker.as_bytes())
             }
-            ForkResult::Parent { child } => Ok(Guardian { pid: child, pipe: write }),
+            ForkResult::Parent { child } => Ok(Guardian {
+                pid: child,
+                pipe: write,
+            }),
         }
     }
 

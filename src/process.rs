@@ -62,12 +62,12 @@ fn ignored_signals() -> u64 {
         let mut ignored = 0u64;
         for number in (1..32).chain(realtime) {
             // SAFETY: a null new action only reads the current one into `old`.
-            let ignores = unsafe {
+            let is_ignored = unsafe {
                 let mut old: nix::libc::sigaction = std::mem::zeroed();
                 nix::libc::sigaction(number, std::ptr::null(), &raw mut old) == 0
                     && old.sa_sigaction == nix::libc::SIG_IGN
             };
-            if ignores && (1..=64).contains(&number) {
+            if is_ignored && (1..=64).contains(&number) {
                 ignored |= 1 << (number - 1);
             }
         }
