@@ -12,12 +12,13 @@ fn main() {
     // parent that blocked or ignored SIGTERM or SIGCHLD must not leave release-tasks deaf or hung.
     release_tasks::signals::reset_inherited();
     // A panic is a bug; it must not leave a task running (the release profile aborts on panic, so no
-    // destructor would kill the task's processes): the message, then SIGKILL to every running task's
-    // process group and what escaped it, then exit 70 (EX_SOFTWARE), never 101 or an abort's 134.
+    // destructor would kill the task's processes): SIGKILL to every running task's process group and
+    // what escaped it (first, so that a stalled stderr cannot hold it up), then the message, then exit
+    // 70 (EX_SOFTWARE), never 101 or an abort's 134.
     let report_panic = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        report_panic(info);
         release_tasks::process::kill_every_task();
+        report_panic(info);
         std::process::exit(70);
     }));
     let cli = Cli::parse();
