@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks release-tasks against what it replaces. Run from anywhere: `bash bench/run.sh`.
 # Needs hyperfine and GNU time (Debian packages `hyperfine` and `time`; installed if missing and root).
-# Prints a Markdown table of results; numbers are for this machine only.
+# Prints every figure and its ratio to what release-tasks replaces; numbers are for this machine only.
+# BIN=path/to/release-tasks skips the build and measures that binary; RUNS, THROUGHPUT_RUNS and
+# ROUNDS (default 5) trade time for steadier figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +12,11 @@ need hyperfine hyperfine
 [ -x /usr/bin/time ] || need /usr/bin/time time
 
 target=x86_64-unknown-linux-musl
-if rustup target list --installed 2>/dev/null | grep -q "$target" && command -v musl-gcc >/dev/null; then
-  cargo build --release --locked --target "$target" -q
+if [ -n "${BIN:-}" ]; then
+  bin=$(realpath "$BIN")
+elif rustup target list --installed 2>/dev/null | grep -q "$target" && command -v musl-gcc >/dev/null; then
+  # The binary that ships: built, trimmed and checked by the same script as the release tarballs.
+  scripts/build-static "$target" >/dev/null
   bin=$PWD/target/$target/release/release-tasks
 else
   cargo build --release --locked -q
@@ -19,14 +24,21 @@ else
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp bench/release.toml bench/release-tasks.sh "$work/"
+# The repository's own release.toml (the seed script's three tasks, with the same gates) and the seed
+# script; both run `bundle exec rails ...`, which a stub `bundle` first on PATH answers with exit 0.
+cp release.toml bench/release-tasks.sh "$work/"
+mkdir "$work/stub"
+printf '#!/bin/sh\nexit 0\n' > "$work/stub/bundle"
+chmod +x "$work/stub/bundle"
+export PATH="$work/stub:$PATH"
 cd "$work"
-export -n RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE 2>/dev/null || true
-unset RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE
+gates=(RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE)
+unset "${gates[@]}"
 
 echo "# release-tasks benchmarks"
 echo
 echo "binary: $bin ($(stat -c %s "$bin") bytes)"
+echo "date: $(date -u +%Y-%m-%dT%H:%MZ), load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
 echo
 
@@ -43,7 +55,7 @@ run() { # name, command...
 # median of the per-round ratios.
 compare() { # label, command A, command B
   local label=$1 a=$2 b=$3 ra=() rb=()
-  for round in 1 2 3 4 5; do
+  for round in $(seq "${ROUNDS:-5}"); do
     ra+=("$(run "a$round" "$a")")
     rb+=("$(run "b$round" "$b")")
   done
@@ -56,7 +68,7 @@ ratios = [x[0] / y[0] for x, y in zip(a, b)]
 med = lambda xs: statistics.median(xs)
 amin, bmin = min(x[1] for x in a), min(y[1] for y in b)
 print(f"{label}: release-tasks {med([x[0] for x in a]):.2f} ms, bash release-tasks.sh {med([y[0] for y in b]):.2f} ms; "
-      f"ratio of medians {med(ratios):.2f} (median of 5 rounds), ratio of minimums {amin / bmin:.2f} ({amin:.2f} / {bmin:.2f} ms)")
+      f"ratio of medians {med(ratios):.2f} (median of {len(ratios)} rounds), ratio of minimums {amin / bmin:.2f} ({amin:.2f} / {bmin:.2f} ms)")
 PY
 }
 
@@ -64,10 +76,10 @@ echo "## Start-up: every gate off"
 compare "start-up" "$bin" "bash release-tasks.sh"
 echo
 
-echo "## Three trivial tasks (each /bin/true)"
-export RUN_MIGRATIONS_DURING_RELEASE=true SEED_DB_DURING_RELEASE=true CLEAR_CACHE_DURING_RELEASE=true RAILS_CMD=/bin/true
-RUNS=100 compare "three tasks" "$bin" "bash release-tasks.sh"
-unset RUN_MIGRATIONS_DURING_RELEASE SEED_DB_DURING_RELEASE CLEAR_CACHE_DURING_RELEASE RAILS_CMD
+echo "## Three tasks: every gate on, each task the stub \`bundle\`"
+export "${gates[@]/%/=true}"
+RUNS=${RUNS:-100} compare "three tasks" "$bin" "bash release-tasks.sh"
+unset "${gates[@]}"
 echo
 
 echo "## Output throughput: ~250 MB of 100-byte lines through one pipe"
@@ -89,8 +101,16 @@ print(f"release-tasks / sed: {r[0]['median']/r[1]['median']:.2f}; release-tasks 
 PY
 echo
 
-echo "## Peak RSS (GNU time, KiB)"
-rss() { /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n1; }
-echo "release-tasks, gates off: $(rss "$bin")"
-echo "bash release-tasks.sh, gates off: $(rss bash release-tasks.sh)"
-echo "release-tasks, 250 MB of output: $(/usr/bin/time -f %M "$bin" --config throughput.toml 2>&1 >/dev/null | tail -n1)"
+echo "## Peak memory: maximum resident set size (GNU time), median of 5 runs"
+rss() { # command... -> KiB
+  for _ in 1 2 3 4 5; do /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n1; done | sort -n | sed -n 3p
+}
+ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
+a=$(rss "$bin"); b=$(rss bash release-tasks.sh)
+echo "gates off: release-tasks $a KiB, bash release-tasks.sh $b KiB; ratio $(ratio "$a" "$b")"
+export "${gates[@]/%/=true}"
+a=$(rss "$bin"); b=$(rss bash release-tasks.sh)
+echo "three tasks: release-tasks $a KiB, bash release-tasks.sh $b KiB; ratio $(ratio "$a" "$b")"
+unset "${gates[@]}"
+a=$(rss "$bin" --config throughput.toml); b=$(rss sh -c "sed 's/^/out | /' big.txt")
+echo "250 MB of output: release-tasks $a KiB, sed $b KiB; ratio $(ratio "$a" "$b")"

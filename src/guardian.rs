@@ -1,29 +1,26 @@
 //! The guardian: a small helper process that kills what a release started if release-tasks itself is
 //! killed (SIGKILL, the OOM killer), when no clean-up code of release-tasks can run.
 //!
-//! `PR_SET_PDEATHSIG` reaches only a task's first process. The guardian is release-tasks started again
-//! as `release-tasks __guardian RUN_ID`, in a process group of its own and deaf to the signals aimed
-//! at release-tasks. It learns the running task's group id through a pipe on its stdin; when that pipe
-//! closes (release-tasks is gone, however it ended), it SIGKILLs the group, then every process whose
-//! environment carries `RELEASE_TASKS_RUN_ID=RUN_ID`, which finds what escaped the group (a `setsid`
-//! daemon) as long as it kept its environment. After a normal end there is nothing left for it to do.
+//! `PR_SET_PDEATHSIG` reaches only a task's first process. The guardian is a fork of release-tasks,
+//! made once per release before the first task and before any thread exists (so the copy is whole:
+//! no lock is held by a thread that is not there), in a process group of its own, with /dev/null as
+//! its stdout and stderr, and deaf to the signals aimed at release-tasks. It learns the running task's
+//! group id through a pipe; when that pipe closes (release-tasks is gone, however it ended), it
+//! SIGKILLs the group, then every process whose environment carries `RELEASE_TASKS_RUN_ID=RUN_ID`,
+//! which finds what escaped the group (a `setsid` daemon) as long as it kept its environment. After a
+//! normal end there is nothing left for it to do.
 //!
-//! On macOS, which has neither `PR_SET_PDEATHSIG` nor `/proc`, the guardian is all that kills a
-//! killed release-tasks's task: it still kills the task's group; the sweep by environment needs
-//! `/proc` and finds nothing there.
+//! A fork, not an exec of the binary: it costs a fraction of starting the program again (measured in
+//! the README, "Benchmarks"), works where the binary cannot be re-executed (qemu-user, a binary
+//! replaced by a deploy), and needs no hidden subcommand.
 
-use std::io::{self, Read};
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::Stdio;
+use std::os::fd::{AsRawFd, OwnedFd};
 
+use nix::fcntl::OFlag;
 use nix::sys::signal::{self, SigHandler, Signal};
-use nix::unistd::{self, Pid};
+use nix::unistd::{self, ForkResult, Pid};
 
 use crate::process::RUN_ID_VAR;
-
-/// The first argument that makes release-tasks the guardian (handled first thing in `main`).
-pub const SUBCOMMAND: &str = "__guardian";
 
 /// The running guardian, as release-tasks sees it.
 pub struct Guardian {
@@ -41,24 +38,40 @@ pub fn new_run_id() -> String {
 }
 
 impl Guardian {
-    /// Starts the guardian for the run `run_id`.
-    pub fn start(run_id: &str) -> io::Result<Guardian> {
-        let mut child = std::process::Command::new(own_executable()?)
-            .arg(SUBCOMMAND)
-            .arg(run_id)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()?;
-        let pipe = child
-            .stdin
-            .take()
-            .ok_or_else(|| io::Error::other("the guardian's pipe was not created"))?;
-        Ok(Guardian {
-            pid: Pid::from_raw(child.id() as i32),
-            pipe: pipe.into(),
-        })
+    /// Starts the guardian for the run `run_id`. Call it before release-tasks starts any thread: the
+    /// child carries on in this program's code, which needs the memory allocator (musl and glibc
+    /// both keep it usable in a child forked from several threads, but nothing else is promised).
+    pub fn start(run_id: &str) -> std::io::Result<Guardian> {
+        let (read, write) = crate::output::cloexec_pipe()?;
+        let null = nix::fcntl::open(
+            "/dev/null",
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let marker = format!("{RUN_ID_VAR}={run_id}");
+        // SAFETY: the child runs `guard`, which only makes system calls and allocates, and ends with
+        // _exit: it never returns into the caller's code.
+        match unsafe { unistd::fork() }? {
+            ForkResult::Child => {
+                drop(write);
+                // Out of release-tasks's group, so a signal to that group (a terminal's Ctrl-C) does
+                // not reach it; and off release-tasks's stdout and stderr, so a reader of those sees
+                // their end when release-tasks ends.
+                let _ = unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+                // SAFETY: dup2 on descriptors this process owns.
+                unsafe {
+                    nix::libc::dup2(null.as_raw_fd(), 0);
+                    nix::libc::dup2(null.as_raw_fd(), 1);
+                    nix::libc::dup2(null.as_raw_fd(), 2);
+                }
+                drop(null);
+                guard(&read, marker.as_bytes())
+            }
+            ForkResult::Parent { child } => Ok(Guardian {
+                pid: child,
+                pipe: write,
+            }),
+        }
     }
 
     /// The guardian's pid, which is not a task's process.
@@ -75,22 +88,8 @@ impl Guardian {
     }
 }
 
-/// What starts release-tasks again: /proc/self/exe, not a path, so it still runs if a deploy
-/// replaced the binary meanwhile.
-#[cfg(target_os = "linux")]
-#[allow(clippy::unnecessary_wraps)] // the same signature as elsewhere, where it can fail
-fn own_executable() -> io::Result<std::path::PathBuf> {
-    Ok("/proc/self/exe".into())
-}
-
-/// Without /proc, the path the system gives for the running binary.
-#[cfg(not(target_os = "linux"))]
-fn own_executable() -> io::Result<std::path::PathBuf> {
-    std::env::current_exe()
-}
-
-/// The guardian's whole life: collect group ids until stdin closes, then kill what is left.
-pub fn guard(run_id: &str) -> ! {
+/// The guardian's whole life: collect group ids until the pipe closes, then kill what is left.
+fn guard(pipe: &OwnedFd, marker: &[u8]) -> ! {
     for sig in [
         Signal::SIGINT,
         Signal::SIGTERM,
@@ -104,9 +103,8 @@ pub fn guard(run_id: &str) -> ! {
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
     let mut groups: Vec<i32> = Vec::new();
-    let mut stdin = io::stdin().lock();
     let mut buf = [0u8; 4];
-    while stdin.read_exact(&mut buf).is_ok() {
+    while read_exact(pipe, &mut buf) {
         let value = i32::from_ne_bytes(buf);
         if value > 0 {
             groups.push(value);
@@ -119,15 +117,29 @@ pub fn guard(run_id: &str) -> ! {
     }
     if !groups.is_empty() {
         // A process may fork while the sweep runs; a few rounds catch its children too.
-        let marker = format!("{RUN_ID_VAR}={run_id}");
         for _ in 0..5 {
-            if sweep(marker.as_bytes()) == 0 {
+            if sweep(marker) == 0 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    std::process::exit(0)
+    // SAFETY: _exit skips the destructors and exit handlers of the release-tasks this is a copy of.
+    unsafe { nix::libc::_exit(0) }
+}
+
+/// Fills `buf` from `pipe`; false once the pipe has closed (or fails).
+fn read_exact(pipe: &OwnedFd, buf: &mut [u8]) -> bool {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match unistd::read(pipe, &mut buf[filled..]) {
+            Ok(0) => return false,
+            Ok(n) => filled += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// SIGKILLs every process whose environment holds `marker`; returns how many there were.

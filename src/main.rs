@@ -13,16 +13,16 @@ fn main() {
     // Before anything else (and before any thread exists, since a signal mask is per thread): a
     // parent that blocked or ignored SIGTERM or SIGCHLD must not leave release-tasks deaf or hung.
     release_tasks::signals::reset_inherited();
-    // The guardian (see guardian.rs) starts with every task run: skip the parsing and set-up it does
-    // not need.
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(release_tasks::guardian::SUBCOMMAND)) {
-        let run_id = args
-            .next()
-            .and_then(|a| a.into_string().ok())
-            .unwrap_or_default();
-        release_tasks::guardian::guard(&run_id);
-    }
+    // A panic is a bug; it must not leave a task running (the release profile aborts on panic, so no
+    // destructor would kill the task's processes): SIGKILL to every running task's process group and
+    // what escaped it (first, so that a stalled stderr cannot hold it up), then the message, then exit
+    // 70 (EX_SOFTWARE), never 101 or an abort's 134.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        release_tasks::process::kill_every_task();
+        report_panic(info);
+        std::process::exit(70);
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

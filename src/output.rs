@@ -7,7 +7,9 @@
 //! that writes to the same pipe, so a log collector that merges stdout and stderr never sees two lines
 //! mixed. A partial line that waits longer than [`PARTIAL_FLUSH`] is written out, so a prompt like
 //! `Continue? [y/N]` is visible while its task hangs. Each stream is pumped by its own thread, so a
-//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop. A
+//! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop; a
+//! thread that finished a stream waits for the next task's rather than ending (starting two threads
+//! per task cost more than the rest of the pumping of a short task). A
 //! task's supervisor (`supervisor.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
 //! them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
 //!
@@ -381,13 +383,29 @@ fn json_line(out: &mut Vec<u8>, task: &str, stream: &str, line: &[u8], partial: 
     out.push(b'\n');
 }
 
-/// A running pump thread for one stream.
+/// A stream being pumped, by a thread of its own.
 pub struct Pump {
     done: oneshot::Receiver<()>,
     /// Closing this (dropping it) tells the pump to drain what is there and stop.
     stop: Option<OwnedFd>,
     finished: bool,
 }
+
+/// One stream for a pump thread to copy.
+struct Job {
+    source: OwnedFd,
+    stop: OwnedFd,
+    target: Target,
+    lines: Lines,
+    /// Where the task's last lines are kept (see `tail.rs`).
+    tail: Option<Arc<Mutex<Tail>>>,
+    done: oneshot::Sender<()>,
+}
+
+/// Pump threads waiting for their next stream. A thread that has finished a stream waits here for
+/// the next task's instead of ending, so a task does not pay for starting two threads; one still
+/// busy (blocked on a stalled stdout) is simply not here, and a new thread is started instead.
+static IDLE: Mutex<Vec<std::sync::mpsc::Sender<Job>>> = Mutex::new(Vec::new());
 
 impl Pump {
     /// Starts copying `source` to `target`, each line prefixed with `prefix`, and feeding what
@@ -401,24 +419,39 @@ impl Pump {
         enlarge_pipe(&source);
         let (stop_read, stop_write) = cloexec_pipe()?;
         let (tx, rx) = oneshot::channel();
+        let mut job = Job {
+            source,
+            stop: stop_read,
+            target,
+            lines: Lines::for_target(target, prefix),
+            tail,
+            done: tx,
+        };
+        loop {
+            let idle = IDLE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            let Some(worker) = idle else { break };
+            // A thread that is gone hands the job back.
+            match worker.send(job) {
+                Ok(()) => return Ok(Pump::new(rx, stop_write)),
+                Err(std::sync::mpsc::SendError(back)) => job = back,
+            }
+        }
         std::thread::Builder::new()
-            .name(format!("output-{target:?}"))
+            .name("output".into())
             .stack_size(SMALL_STACK)
-            .spawn(move || {
-                pump(
-                    &source,
-                    &stop_read,
-                    target,
-                    Lines::for_target(target, prefix),
-                    tail,
-                );
-                let _ = tx.send(());
-            })?;
-        Ok(Pump {
-            done: rx,
-            stop: Some(stop_write),
+            .spawn(move || pump_thread(job))?;
+        Ok(Pump::new(rx, stop_write))
+    }
+
+    fn new(done: oneshot::Receiver<()>, stop: OwnedFd) -> Pump {
+        Pump {
+            done,
+            stop: Some(stop),
             finished: false,
-        })
+        }
     }
 
     /// Waits until the stream has ended (every writer closed it) and all of it was written.
@@ -457,20 +490,46 @@ fn enlarge_pipe(_source: &OwnedFd) {}
 /// A pipe that no task inherits: a task holding the stop pipe's write end would keep the pump from
 /// ever being told to stop.
 #[cfg(target_os = "linux")]
-fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
     unistd::pipe2(OFlag::O_CLOEXEC)
 }
 
 /// Without `pipe2`, close-on-exec is set just after `pipe`. Tasks are spawned from the thread that
 /// starts pumps, so no fork falls between the two calls.
 #[cfg(not(target_os = "linux"))]
-fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
     use nix::fcntl::FdFlag;
     let (read, write) = unistd::pipe()?;
     for fd in [&read, &write] {
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     }
     Ok((read, write))
+}
+
+/// The life of a pump thread: a stream, then the next one handed to it while idle.
+fn pump_thread(mut job: Job) {
+    let (next, jobs) = std::sync::mpsc::channel();
+    loop {
+        let Job {
+            source,
+            stop,
+            target,
+            lines,
+            tail,
+            done,
+        } = job;
+        pump(&source, &stop, target, lines, tail);
+        drop((source, stop));
+        // Idle before saying so: the next task's pump, started on that word, finds this thread.
+        IDLE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(next.clone());
+        let _ = done.send(());
+        match jobs.recv() {
+            Ok(more) => job = more,
+            Err(_) => return,
+        }
+    }
 }
 
 fn pump(

@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
@@ -25,12 +26,64 @@ use crate::config::Task;
 /// The variable that marks every process of one release run.
 pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
 
-/// Puts every signal a program can catch back to its default disposition, whatever release-tasks's
-/// parent ignored (nohup ignores SIGHUP, Python ignores SIGXFSZ) and exec would otherwise pass on.
-/// Called between fork and exec: async-signal-safe calls only.
-fn reset_signal_dispositions() {
-    for number in (1..32).chain(realtime_signals()) {
-        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
+/// The process groups of the tasks running now (0: a free slot), kept by [`TaskProcesses`] for the
+/// panic hook ([`kill_every_task`]): the release profile aborts on panic, so no destructor runs.
+/// Tasks run one at a time; the spare slots cost nothing. Atomics, because a panic may strike while
+/// any lock is held.
+static LIVE_GROUPS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
+/// The child of release-tasks that is not a task's (the guardian), for the panic hook.
+static EXEMPT: AtomicI32 = AtomicI32::new(0);
+
+/// SIGKILLs every running task's process group and what escaped it: what the panic hook in `main`
+/// does before release-tasks exits 70, so that even a bug leaves no task running.
+pub fn kill_every_task() {
+    let exempt: Vec<Pid> = match EXEMPT.load(Ordering::SeqCst) {
+        0 => Vec::new(),
+        pid => vec![Pid::from_raw(pid)],
+    };
+    for slot in &LIVE_GROUPS {
+        let pgid = slot.swap(0, Ordering::SeqCst);
+        if pgid != 0 {
+            let procs = TaskProcesses {
+                pgid: Pid::from_raw(pgid),
+                exempt: exempt.clone(),
+                finished: true,
+            };
+            procs.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// The signals release-tasks ignores (bit N-1 for signal N): what exec would pass on to a task,
+/// from release-tasks's parent (nohup ignores SIGHUP, Python SIGXFSZ) or its own runtime (Rust
+/// ignores SIGPIPE). A caught signal needs no reset (exec puts it back to default itself), so a task's
+/// child resets only these instead of every signal there is. Read once: release-tasks never comes to
+/// ignore a signal later.
+fn ignored_signals() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let realtime = realtime_signals();
+        let mut ignored = 0u64;
+        for number in (1..32).chain(realtime) {
+            // SAFETY: a null new action only reads the current one into `old`.
+            let is_ignored = unsafe {
+                let mut old: nix::libc::sigaction = std::mem::zeroed();
+                nix::libc::sigaction(number, std::ptr::null(), &raw mut old) == 0
+                    && old.sa_sigaction == nix::libc::SIG_IGN
+            };
+            if is_ignored && (1..=64).contains(&number) {
+                ignored |= 1 << (number - 1);
+            }
+        }
+        ignored
+    })
+}
+
+/// Puts every signal in `ignored` back to its default disposition, so that a task starts as if from
+/// a clean shell. Called between fork and exec: async-signal-safe calls only.
+fn reset_signal_dispositions(ignored: u64) {
+    for number in 1..=64 {
+        if ignored & (1 << (number - 1)) != 0 {
             // SAFETY: SIG_DFL installs no handler code; an invalid number just fails with EINVAL.
             unsafe { nix::libc::signal(number, nix::libc::SIG_DFL) };
         }
@@ -145,10 +198,11 @@ fn spawn_argv(
         command.env("PWD", pwd);
     }
     let parent = unistd::getpid();
+    let ignored = ignored_signals();
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-        reset_signal_dispositions();
+        reset_signal_dispositions(ignored);
         die_with_parent(parent)?;
         Ok(())
     };
@@ -185,7 +239,8 @@ pub fn reap() -> Vec<(Pid, WaitStatus)> {
 }
 
 /// Owns a running task's process group and whatever escaped from it. Dropping it SIGKILLs them all,
-/// so no path out of release-tasks, a panic included, leaves a task's processes running.
+/// and while it lives its group is listed for the panic hook ([`kill_every_task`]), so no path out of
+/// release-tasks, a panic included, leaves a task's processes running.
 pub struct TaskProcesses {
     pgid: Pid,
     /// Children of release-tasks that are not tasks (the guardian).
@@ -199,6 +254,17 @@ impl TaskProcesses {
     /// Takes ownership of the group led by `pgid`.
     #[must_use]
     pub fn new(pgid: Pid, exempt: Vec<Pid>) -> Self {
+        if let Some(pid) = exempt.first() {
+            EXEMPT.store(pid.as_raw(), Ordering::SeqCst);
+        }
+        for slot in &LIVE_GROUPS {
+            if slot
+                .compare_exchange(0, pgid.as_raw(), Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break;
+            }
+        }
         TaskProcesses {
             pgid,
             exempt,
@@ -239,11 +305,17 @@ impl TaskProcesses {
         // Pids are handed out in increasing order, so what the task started has a pid above its
         // first process's, unless the counter wrapped since; only then is every process a candidate.
         let first = self.pgid.as_raw();
-        let wrapped = read_small("/proc/sys/kernel/ns_last_pid")
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .is_none_or(|last| last < first);
+        let last =
+            read_small("/proc/sys/kernel/ns_last_pid").and_then(|s| s.trim().parse::<i32>().ok());
+        let wrapped = last.is_none_or(|last| last < first);
+        // Few pids handed out since the task started (the usual case in a container): look at just
+        // those, instead of listing every process on the machine.
+        let candidates: Box<dyn Iterator<Item = i32>> = match last {
+            Some(last) if !wrapped && last - first < NARROW_SCAN => Box::new(first..=last),
+            _ => Box::new(process_ids()),
+        };
         let mut found = Vec::new();
-        for pid in process_ids() {
+        for pid in candidates {
             if (pid < first && !wrapped) || self.exempt.contains(&Pid::from_raw(pid)) {
                 continue;
             }
@@ -273,6 +345,11 @@ impl TaskProcesses {
     }
 }
 
+/// Up to how many pids handed out since a task started are looked at one by one, rather than by
+/// listing /proc.
+#[cfg(target_os = "linux")]
+const NARROW_SCAN: i32 = 64;
+
 /// The pids of every process in /proc (of this PID namespace).
 #[cfg(target_os = "linux")]
 pub fn process_ids() -> impl Iterator<Item = i32> {
@@ -294,6 +371,10 @@ fn read_small(path: &str) -> Option<String> {
 
 impl Drop for TaskProcesses {
     fn drop(&mut self) {
+        for slot in &LIVE_GROUPS {
+            let _ =
+                slot.compare_exchange(self.pgid.as_raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
         if !self.finished {
             self.signal(Signal::SIGKILL);
         }

@@ -41,6 +41,15 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
     if plan.to_run().next().is_none() {
         return Ok(all_skipped(plan, None, meta));
     }
+    // Before any thread exists (the log's, the runtime's): the guardian is a fork of this process.
+    let run_id = crate::guardian::new_run_id();
+    let guardian = match Guardian::start(&run_id) {
+        Ok(g) => Some(g),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it");
+            None
+        }
+    };
     crate::log::write_in_background();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -51,7 +60,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
-            return run_locked(plan, lock, env, meta, signals).await;
+            return run_locked(plan, lock, env, meta, signals, (guardian, run_id)).await;
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
@@ -60,6 +69,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             &plan.defaults,
             meta,
             signals,
+            (guardian, run_id),
             crate::tail::secrets(env.iter()),
         )
         .await?)
@@ -75,6 +85,7 @@ async fn run_locked(
     env: &Env,
     meta: Metadata,
     mut signals: Signals,
+    guardian: (Option<Guardian>, String),
 ) -> crate::error::Result<Report> {
     let held = crate::lock::acquire(lock, env, &meta, &mut signals).await?;
     let release = crate::lock::release_id(&meta).unwrap_or_default();
@@ -96,6 +107,7 @@ async fn run_locked(
         &plan.defaults,
         meta,
         signals,
+        guardian,
         crate::tail::secrets(env.iter()),
     )
     .await;
@@ -139,6 +151,7 @@ async fn run(
     defaults: &Defaults,
     meta: Metadata,
     signals: Signals,
+    (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
@@ -146,10 +159,10 @@ async fn run(
         tail_lines: defaults.tail_lines,
         secrets,
         signals,
-        guardian: None,
+        guardian,
         interrupted: None,
         stopping_signals: 0,
-        run_id: crate::guardian::new_run_id(),
+        run_id,
         release_deadline: started + defaults.release_timeout,
         release_timeout: defaults.release_timeout,
         heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
@@ -293,14 +306,6 @@ impl Runner {
     ) -> anyhow::Result<Ran> {
         let command = crate::redact::urls_in(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
-        if self.guardian.is_none() {
-            match Guardian::start(&self.run_id) {
-                Ok(g) => self.guardian = Some(g),
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot start the guardian process; if release-tasks is killed, a task's children may outlive it");
-                }
-            }
-        }
         let spawned = match process::spawn(task, &self.run_id) {
             Ok(spawned) => spawned,
             Err(err) => {

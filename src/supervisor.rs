@@ -336,6 +336,8 @@ impl Supervisor {
             }
             Child::Command(c) => {
                 if c.grace_end.is_none() {
+                    #[cfg(debug_assertions)]
+                    panic_if_asked();
                     // First look: scanning for escaped processes reads /proc, so it is done once here
                     // and then only while something is alive; once nothing is, nothing comes back.
                     // The main process's status is in hand; what else exited were orphans.
@@ -452,6 +454,16 @@ impl Supervisor {
             ),
         }
     }
+}
+
+/// How the tests reach the panic hook (`main.rs`) with a task's leftovers running; a release build
+/// has no such switch.
+#[cfg(debug_assertions)]
+fn panic_if_asked() {
+    assert!(
+        std::env::var_os("RELEASE_TASKS_TEST_PANIC").is_none(),
+        "RELEASE_TASKS_TEST_PANIC is set"
+    );
 }
 
 impl Drop for Supervisor {
