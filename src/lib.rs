@@ -114,9 +114,17 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             if status != 0 {
                 return Ok(status);
             }
+            // A release with no task to run installed no handler of its own: hold them from here.
+            exec::hold_stop_signals();
+            if let Some(sig) = exec::stop_received() {
+                return Err(exec::interrupted(sig));
+            }
             tracing::info!(command = %redact::urls_in(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
             log::flush(std::time::Duration::from_secs(5));
+            if let Some(sig) = exec::stop_received() {
+                return Err(exec::interrupted(sig));
+            }
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]

@@ -599,7 +599,13 @@ mod tests {
         drop(stop_write);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            pump(&source, &stop_read, target, Lines::new(b"t | ".to_vec()), None);
+            pump(
+                &source,
+                &stop_read,
+                target,
+                Lines::new(b"t | ".to_vec()),
+                None,
+            );
             let _ = tx.send(());
         });
         rx.recv_timeout(Duration::from_secs(10))
