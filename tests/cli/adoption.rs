@@ -87,6 +87,42 @@ fn a_missing_file_is_a_usage_error_and_a_bad_one_a_config_error() {
         .stderr_has(".env:3:1");
 }
 
+/// Files as editors and other tools write them: a UTF-8 byte order mark (Windows Notepad), CRLF
+/// line ends, `export`, quotes, an empty file, `/dev/null`, the same file named twice.
+#[test]
+fn env_files_as_editors_write_them() {
+    Test::new()
+        .config(GATED)
+        .file(
+            ".env",
+            "\u{feff}RUN_MIGRATIONS=true\r\nexport FROM_FILE='with bom'\r\n",
+        )
+        .args(&["--env-file", ".env", "--env-file", ".env"])
+        .run()
+        .status(0)
+        .stdout_has("migrate | with bom\n");
+    Test::new()
+        .config(GATED)
+        .file("empty.env", "")
+        .args(&["--env-file", "empty.env", "--env-file", "/dev/null"])
+        .run()
+        .status(0)
+        .stderr_has("RUN_MIGRATIONS is unset");
+}
+
+/// A path that names no readable file (a directory, one without permission) is a usage error that
+/// names the option and the path, not a "config file".
+#[test]
+fn an_env_file_that_is_a_directory_is_a_usage_error_naming_it() {
+    let t = Test::new().config(GATED);
+    std::fs::create_dir(t.path("envdir")).unwrap();
+    t.args(&["--env-file", "envdir"])
+        .run()
+        .status(2)
+        .stderr_has("--env-file envdir")
+        .stderr_lacks("config file");
+}
+
 #[test]
 fn plan_says_where_a_gate_value_came_from_and_hides_secrets() {
     let out = Test::new()
