@@ -147,6 +147,16 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 
 /// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
 fn run(settings: &Settings, env: &Env) -> Result<i32> {
+    // SIGUSR1 and SIGUSR2 only ever go to a task; until the run loop's handlers take them (and in a
+    // release with no task to run, which installs none), their default action would end
+    // release-tasks. Tasks and `exec`'s command get default dispositions back.
+    for sig in [
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGUSR2,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
     let (config, plan) = load(settings, env)?;
     if !plan.preflight.is_empty() {
         return Err(error::Error::Environment {

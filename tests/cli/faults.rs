@@ -615,3 +615,39 @@ fn a_forwarded_signal_is_logged_with_the_task_that_got_it() {
         .status(0)
         .stderr_has("signal forwarded to the task signal=SIGUSR1 task=a");
 }
+
+/// SIGUSR1 and SIGUSR2 change nothing, in every phase: before the run loop's handlers exist (here
+/// while release-tasks opens its `--report` file, a FIFO that gets a reader only after the signal),
+/// and in a release with no task to run, which installs none. Their default action would end
+/// release-tasks with 138/140.
+#[test]
+fn sigusr1_and_sigusr2_before_any_task_change_nothing() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// `O_NONBLOCK` on Linux (the tests do not depend on libc).
+    const O_NONBLOCK: i32 = 0o4000;
+    for sig in ["USR1", "USR2"] {
+        let t = Test::new()
+            .config("[tasks.off]\nrun = \"true\"\nwhen = \"NEVER_SET\"\n")
+            .args(&["--report", "report.json"]);
+        let status = Command::new("mkfifo")
+            .arg(t.path("report.json"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let running = t.spawn();
+        // release-tasks is blocked opening the FIFO until a reader comes.
+        std::thread::sleep(Duration::from_millis(300));
+        running.signal(sig);
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fifo = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(t.path("report.json"))
+            .unwrap();
+        let out = running.wait();
+        let mut report = String::new();
+        let _ = fifo.read_to_string(&mut report);
+        out.status(0).stderr_has("release succeeded");
+    }
+}
