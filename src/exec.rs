@@ -104,7 +104,14 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
         };
         // Returns only on failure. EACCES on one PATH entry does not hide the program later on PATH
         // (execvp's rule); the error reported is the most telling one seen.
-        let Err(err) = nix::unistd::execve(&file[0], &c_argv, &environ);
+        let Err(mut err) = nix::unistd::execve(&file[0], &c_argv, &environ);
+        if err == Errno::ENOEXEC {
+            // A script without a `#!` line: the shell runs it, as execvp and a shell would.
+            let mut sh_argv = vec![c"/bin/sh".to_owned(), file[0].clone()];
+            sh_argv.extend(c_argv.iter().skip(1).cloned());
+            let Err(sh_err) = nix::unistd::execve(c"/bin/sh", &sh_argv, &environ);
+            err = sh_err;
+        }
         if err != Errno::ENOENT && err != Errno::ENOTDIR {
             last = err;
         }

@@ -1,5 +1,7 @@
 //! Where users are: `.env` files for local runs (`--env-file`), `exec` for container entrypoints.
 
+use std::process::Command;
+
 use crate::harness::Test;
 
 const GATED: &str =
@@ -476,4 +478,20 @@ fn exec_never_loses_a_sigterm_sent_around_the_end_of_the_release() {
         };
         assert_eq!(code, Some(143), "SIGTERM {delay:?} after the start");
     }
+}
+
+/// A script without a `#!` line, which execve refuses (ENOEXEC), is run by /bin/sh, as execvp, a
+/// shell and release-tasks's own tasks do.
+#[test]
+fn exec_runs_a_script_without_a_shebang_through_the_shell() {
+    let t = Test::new()
+        .config("[tasks.migrate]\nrun = \"true\"\n")
+        .file("server", "echo served \"$1\"\n")
+        .args(&["exec", "--", "./server", "on 3000"]);
+    let status = Command::new("chmod")
+        .args(["+x", &t.path("server").display().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    t.run().status(0).stdout_has("served on 3000\n");
 }
