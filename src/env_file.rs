@@ -21,8 +21,9 @@ pub struct Loaded {
 }
 
 /// Reads `files` in order; `is_set` tells whether the process environment already has a variable
-/// (then the file's value is not used). A missing file is a usage error (2), a file that cannot be
-/// parsed is a config error (78) with its line and column.
+/// (then the file's value is not used). A path that names no readable file (missing, a directory,
+/// no permission) is a usage error (2), a file that cannot be parsed is a config error (78) with its
+/// line and column.
 pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
     let mut loaded: Vec<Loaded> = Vec::new();
     for file in files {
@@ -41,16 +42,22 @@ pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Load
 
 /// Every `NAME=value` of one file, in file order (a name set twice keeps its first value).
 fn parse(file: &Path) -> Result<Vec<(String, String)>> {
-    let bytes = std::fs::read(file).map_err(|err| {
-        if err.kind() == std::io::ErrorKind::NotFound {
-            Error::Usage(format!(
-                "--env-file {}: no such file; check the path (it is taken from the current directory)",
-                file.display()
-            ))
-        } else {
-            Error::ConfigUnreadable { path: file.to_path_buf(), reason: err.to_string() }
-        }
+    let mut bytes = std::fs::read(file).map_err(|err| {
+        let problem = match err.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_owned(),
+            std::io::ErrorKind::IsADirectory => "is a directory, not a file".to_owned(),
+            _ => format!("cannot read it ({err})"),
+        };
+        // The path on the command line names no readable file: a usage error, like a missing one.
+        Error::Usage(format!(
+            "--env-file {}: {problem}; name a readable .env file (a relative path is taken from the current directory)",
+            file.display()
+        ))
     })?;
+    // Windows editors start UTF-8 files with a byte order mark, which is not part of the first name.
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
     let text = String::from_utf8(bytes).map_err(|err| {
         let (line, col) = position(
             &String::from_utf8_lossy(err.as_bytes()),

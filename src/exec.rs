@@ -7,16 +7,58 @@
 //! signal mask and puts every disposition back to its default (Rust's runtime ignores SIGPIPE, which
 //! `execve` would otherwise hand on). That no helper process outlives the release (the guardian)
 //! is the run's business (`run.rs`), done before this is called.
+//!
+//! A stop signal that arrives between the release's end and the exec must not be lost (the server
+//! would start after the platform asked to stop): [`hold_stop_signals`] takes the stop signals over
+//! from the run's handlers when the release ends, and [`stop_received`] is asked before the exec.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
-use nix::sys::signal::{self, SigSet, SigmaskHow};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 use crate::error::Error;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
+
+/// The signals that stop the release (as `signals.rs` classifies them).
+const STOPPING: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+/// The first stop signal that arrived once the release's own handlers were gone (0: none).
+static STOP_RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record_stop(sig: nix::libc::c_int) {
+    // Async-signal-safe: one atomic operation.
+    let _ = STOP_RECEIVED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// From now until the exec, a stop signal is recorded for [`stop_received`] instead of going to the
+/// run loop's handlers, which nobody polls once the release has ended. Call it while those handlers
+/// are still installed and then take what they queued, so that no signal falls in between.
+pub fn hold_stop_signals() {
+    let action = SigAction::new(
+        SigHandler::Handler(record_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in STOPPING {
+        // SAFETY: the handler makes one atomic store, which is async-signal-safe.
+        let _ = unsafe { signal::sigaction(sig, &action) };
+    }
+}
+
+/// The first stop signal received since [`hold_stop_signals`], if any.
+#[must_use]
+pub fn stop_received() -> Option<Signal> {
+    Signal::try_from(STOP_RECEIVED.load(Ordering::SeqCst)).ok()
+}
 
 /// Replaces release-tasks with `argv`, looked up on `PATH` as a shell would, with `env` as its whole
 /// environment. Returns only when that cannot be done, with the error to exit with: 127 when the
@@ -50,6 +92,11 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
     let candidates = candidates(Path::new(program), path);
     wait_for_children(CHILDREN_GONE);
     prepare_for_exec();
+    // Past this point a stop signal takes its default action and ends release-tasks with 128+N;
+    // one that came before must not be lost in the exec.
+    if let Some(sig) = stop_received() {
+        return interrupted(sig);
+    }
     let mut last = Errno::ENOENT;
     for candidate in &candidates {
         let Some(file) = to_cstrings(std::iter::once(candidate.as_os_str())) else {
@@ -57,7 +104,14 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
         };
         // Returns only on failure. EACCES on one PATH entry does not hide the program later on PATH
         // (execvp's rule); the error reported is the most telling one seen.
-        let Err(err) = nix::unistd::execve(&file[0], &c_argv, &environ);
+        let Err(mut err) = nix::unistd::execve(&file[0], &c_argv, &environ);
+        if err == Errno::ENOEXEC {
+            // A script without a `#!` line: the shell runs it, as execvp and a shell would.
+            let mut sh_argv = vec![c"/bin/sh".to_owned(), file[0].clone()];
+            sh_argv.extend(c_argv.iter().skip(1).cloned());
+            let Err(sh_err) = nix::unistd::execve(c"/bin/sh", &sh_argv, &environ);
+            err = sh_err;
+        }
         if err != Errno::ENOENT && err != Errno::ENOTDIR {
             last = err;
         }
@@ -76,6 +130,17 @@ pub fn replace_with(argv: &[OsString], env: &[(OsString, OsString)]) -> Error {
                 std::io::Error::from(last)
             ),
         }
+    }
+}
+
+/// The error for a stop signal that arrived after the release but before the command started.
+#[must_use]
+pub fn interrupted(sig: Signal) -> Error {
+    Error::Exec {
+        code: 128 + sig as i32,
+        message: format!(
+            "`exec`: received {sig} after the release ended; the command was not started"
+        ),
     }
 }
 

@@ -68,10 +68,23 @@ fn say(text: &str) -> Result<()> {
 }
 
 /// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
-/// the exit status still says what happened, so the error is dropped.
+/// the exit status still says what happened, so the error is dropped. A stderr that nobody reads (a
+/// full pipe) would block the write, and the output lock behind it, for ever: the write gets
+/// [`TELL_WAIT`] on a thread of its own, then release-tasks goes on without it.
 pub fn tell(line: &str) {
-    let _ = output::write(Target::Stderr, line.as_bytes());
+    let line = line.to_owned();
+    let (said, wait) = std::sync::mpsc::channel();
+    let writer = std::thread::Builder::new().spawn(move || {
+        let _ = output::write(Target::Stderr, line.as_bytes());
+        let _ = said.send(());
+    });
+    if writer.is_ok() {
+        let _ = wait.recv_timeout(TELL_WAIT);
+    }
 }
+
+/// How long [`tell`] waits for a stalled stderr.
+const TELL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Carries out `settings.command` and returns the exit status.
 pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
@@ -126,9 +139,17 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             if status != 0 {
                 return Ok(status);
             }
+            // A release with no task to run installed no handler of its own: hold them from here.
+            exec::hold_stop_signals();
+            if let Some(sig) = exec::stop_received() {
+                return Err(exec::interrupted(sig));
+            }
             tracing::info!(command = %redact::urls_in(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
             log::flush(std::time::Duration::from_secs(5));
+            if let Some(sig) = exec::stop_received() {
+                return Err(exec::interrupted(sig));
+            }
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]

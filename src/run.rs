@@ -170,7 +170,7 @@ async fn run(
     };
     let mut report = Report::new(meta);
     for step in &plan.steps {
-        runner.take_pending_events();
+        runner.take_pending_events().await;
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
@@ -232,6 +232,10 @@ async fn run(
             output_tail,
         });
     }
+    // A stop signal that came after the last task's end is the release's too: take the signals
+    // over (for `exec`, which asks before it starts its command), then what is still queued.
+    crate::exec::hold_stop_signals();
+    runner.take_pending_events().await;
     report.interrupted = runner.interrupted;
     report.duration = started.elapsed();
     Ok(report)
@@ -519,7 +523,11 @@ impl Runner {
     }
 
     /// Handles events that queued up while no task was running, without waiting for more.
-    fn take_pending_events(&mut self) {
+    async fn take_pending_events(&mut self) {
+        // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
+        // an event when it next runs. Yielding lets it run, or a signal that arrived since the last
+        // await would be missed here (and a task would start after a stop, or `exec` go on).
+        tokio::task::yield_now().await;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         loop {
             let event = {

@@ -39,11 +39,19 @@ const FORWARDED: [Signal; 2] = [Signal::SIGUSR1, Signal::SIGUSR2];
 /// inherits the clean mask (a mask is per thread). Like tini, which does the same for its children.
 pub fn reset_inherited() {
     let mut handled = SigSet::empty();
-    for sig in STOPPING.iter().chain(&FORWARDED).chain(&[Signal::SIGCHLD]) {
+    for sig in STOPPING.iter().chain(&[Signal::SIGCHLD]) {
         handled.add(*sig);
         // An ignored stopping signal would be replaced by the handler anyway; SIGCHLD must not stay
         // ignored even in the window before. SAFETY: SIG_DFL installs no handler code.
         let _ = unsafe { signal::signal(*sig, SigHandler::SigDfl) };
+    }
+    for sig in FORWARDED {
+        handled.add(sig);
+        // SIGUSR1 and SIGUSR2 mean "pass this on", never "stop": until the run loop's handlers take
+        // them, they are ignored, since their default action would end release-tasks (with 138/140)
+        // while it parses, reads its config or waits. Tasks and `exec`'s command get defaults back.
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
     let _ = signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled), None);
 }

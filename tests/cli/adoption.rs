@@ -1,5 +1,7 @@
 //! Where users are: `.env` files for local runs (`--env-file`), `exec` for container entrypoints.
 
+use std::process::Command;
+
 use crate::harness::Test;
 
 const GATED: &str =
@@ -85,6 +87,42 @@ fn a_missing_file_is_a_usage_error_and_a_bad_one_a_config_error() {
         .run()
         .status(78)
         .stderr_has(".env:3:1");
+}
+
+/// Files as editors and other tools write them: a UTF-8 byte order mark (Windows Notepad), CRLF
+/// line ends, `export`, quotes, an empty file, `/dev/null`, the same file named twice.
+#[test]
+fn env_files_as_editors_write_them() {
+    Test::new()
+        .config(GATED)
+        .file(
+            ".env",
+            "\u{feff}RUN_MIGRATIONS=true\r\nexport FROM_FILE='with bom'\r\n",
+        )
+        .args(&["--env-file", ".env", "--env-file", ".env"])
+        .run()
+        .status(0)
+        .stdout_has("migrate | with bom\n");
+    Test::new()
+        .config(GATED)
+        .file("empty.env", "")
+        .args(&["--env-file", "empty.env", "--env-file", "/dev/null"])
+        .run()
+        .status(0)
+        .stderr_has("RUN_MIGRATIONS is unset");
+}
+
+/// A path that names no readable file (a directory, one without permission) is a usage error that
+/// names the option and the path, not a "config file".
+#[test]
+fn an_env_file_that_is_a_directory_is_a_usage_error_naming_it() {
+    let t = Test::new().config(GATED);
+    std::fs::create_dir(t.path("envdir")).unwrap();
+    t.args(&["--env-file", "envdir"])
+        .run()
+        .status(2)
+        .stderr_has("--env-file envdir")
+        .stderr_lacks("config file");
 }
 
 #[test]
@@ -337,4 +375,123 @@ fn the_slack_message_shows_the_failed_tasks_last_lines() {
         ),
         "{text}"
     );
+}
+
+/// A stop signal that arrives after the last task but before the exec (here while release-tasks
+/// waits for a slow stderr reader to take its last log lines) is not lost: the command never starts
+/// and release-tasks exits 128+N, as it would for a signal during the release.
+#[test]
+fn exec_does_not_start_the_command_after_a_stop_signal_at_the_end_of_the_release() {
+    use std::io::Write;
+    for (sig, code) in [("TERM", 143), ("INT", 130)] {
+        let t = Test::new().config("[tasks.migrate]\nrun = \"echo migrated\"\n");
+        // A stderr pipe with room for the first log lines only, and nobody reading it.
+        let (reader, mut writer) = std::io::pipe().expect("pipe");
+        writer
+            .write_all(&vec![b'x'; 65536 - 400])
+            .expect("fill the pipe");
+        let mut child = std::process::Command::new(crate::harness::BIN)
+            .args(["exec", "--", "sh", "-c", "touch started; exec sleep 30"])
+            .current_dir(t.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(t.path("stdout")).expect("stdout file"))
+            .stderr(writer)
+            .spawn()
+            .expect("spawn release-tasks");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::fs::read_to_string(t.path("stdout")).is_ok_and(|s| s.contains("migrated")) {
+            assert!(std::time::Instant::now() < deadline, "the task never ran");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let sent = std::time::Instant::now();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        // The reader catches up: the release's last lines get out and release-tasks moves on.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let drain = std::thread::spawn(move || {
+            let mut reader = reader;
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let code_seen = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break std::os::unix::process::ExitStatusExt::signal(&status)
+                    .map_or(status.code(), |s| Some(128 + s));
+            }
+            if sent.elapsed() > std::time::Duration::from_secs(15) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("SIG{sig} before the exec was lost: the command runs on");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        drop(drain);
+        assert_eq!(code_seen, Some(code), "SIG{sig}");
+        assert!(
+            !t.path("started").exists(),
+            "SIG{sig} arrived before the exec, yet the command started"
+        );
+    }
+}
+
+/// However close to the release's end a SIGTERM comes (while the last task ends, between the
+/// release and the exec, after the exec), it is never lost: either release-tasks exits 143 or the
+/// command got it (`sleep` dies of it, 143 too). A lost one would leave `sleep 30` running.
+#[test]
+fn exec_never_loses_a_sigterm_sent_around_the_end_of_the_release() {
+    let t = Test::new().config("[tasks.migrate]\nrun = \"true\"\n");
+    for i in 0..150u64 {
+        let delay = std::time::Duration::from_micros(2000 + (i % 50) * 400);
+        let mut child = std::process::Command::new(crate::harness::BIN)
+            .args(["exec", "--", "sleep", "30"])
+            .current_dir(t.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn release-tasks");
+        std::thread::sleep(delay);
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let sent = std::time::Instant::now();
+        let code = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break std::os::unix::process::ExitStatusExt::signal(&status)
+                    .map_or(status.code(), |s| Some(128 + s));
+            }
+            if sent.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("SIGTERM {delay:?} after the start was lost: the command runs on");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(code, Some(143), "SIGTERM {delay:?} after the start");
+    }
+}
+
+/// A script without a `#!` line, which execve refuses (ENOEXEC), is run by /bin/sh, as execvp, a
+/// shell and release-tasks's own tasks do.
+#[test]
+fn exec_runs_a_script_without_a_shebang_through_the_shell() {
+    let t = Test::new()
+        .config("[tasks.migrate]\nrun = \"true\"\n")
+        .file("server", "echo served \"$1\"\n")
+        .args(&["exec", "--", "./server", "on 3000"]);
+    let status = Command::new("chmod")
+        .args(["+x", &t.path("server").display().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    t.run().status(0).stdout_has("served on 3000\n");
 }

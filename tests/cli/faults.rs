@@ -646,3 +646,88 @@ while [ ! -s daemon ]; do sleep 0.01; done
         "the setsid daemon {daemon} outlived the panic"
     );
 }
+
+/// SIGUSR1 and SIGUSR2 change nothing, in every phase: before the run loop's handlers exist (here
+/// while release-tasks opens its `--report` file, a FIFO that gets a reader only after the signal),
+/// and in a release with no task to run, which installs none. Their default action would end
+/// release-tasks with 138/140.
+#[test]
+fn sigusr1_and_sigusr2_before_any_task_change_nothing() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// `O_NONBLOCK` on Linux (the tests do not depend on libc).
+    const O_NONBLOCK: i32 = 0o4000;
+    for sig in ["USR1", "USR2"] {
+        let t = Test::new()
+            .config("[tasks.off]\nrun = \"true\"\nwhen = \"NEVER_SET\"\n")
+            .args(&["--report", "report.json"]);
+        let status = Command::new("mkfifo")
+            .arg(t.path("report.json"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let running = t.spawn();
+        // release-tasks is blocked opening the FIFO until a reader comes.
+        std::thread::sleep(Duration::from_millis(300));
+        running.signal(sig);
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fifo = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(t.path("report.json"))
+            .unwrap();
+        let out = running.wait();
+        let mut report = String::new();
+        let _ = fifo.read_to_string(&mut report);
+        out.status(0).stderr_has("release succeeded");
+    }
+}
+
+/// SIGUSR1 while release-tasks is still reading its settings (here an `--env-file` that is a FIFO
+/// nobody has opened yet) changes nothing either: the signal is ignored from the first instruction.
+#[test]
+fn sigusr1_while_the_settings_are_read_changes_nothing() {
+    let t = Test::new()
+        .config("[tasks.a]\nrun = \"true\"\n")
+        .args(&["--env-file", "vars.env"]);
+    let status = Command::new("mkfifo")
+        .arg(t.path("vars.env"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let running = t.spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    running.signal("USR1");
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(t.path("vars.env"), "A=1\n").unwrap();
+    running.wait().status(0).stderr_has("release succeeded");
+}
+
+/// An error to report while stderr is a full pipe that nobody reads: release-tasks still exits, with
+/// its status, after a bounded wait, instead of blocking on the write for ever.
+#[test]
+fn a_stalled_stderr_never_holds_up_the_exit_status() {
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    nix::fcntl::fcntl(
+        &writer,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .expect("nonblocking");
+    let chunk = [b'x'; 4096];
+    while nix::unistd::write(&writer, &chunk).is_ok() {}
+    nix::fcntl::fcntl(
+        &writer,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .expect("blocking again");
+    let t = Test::new();
+    let started = std::time::Instant::now();
+    let code = t.run_into(&["check"], std::process::Stdio::null(), writer.into());
+    assert_eq!(code, Some(78), "no config: 78, said or not");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(reader);
+}
