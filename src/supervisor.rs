@@ -412,6 +412,11 @@ impl Supervisor {
             return;
         };
         let drained = c.pumps.iter_mut().all(Pump::is_finished);
+        if drained && !c.alive {
+            // The output ended since `settle_step` last looked (it asked to wait for it, up to the
+            // grace): nothing is left to wait for, so let it look again now, not at `until`.
+            return;
+        }
         let [out, err] = &mut c.pumps;
         tokio::select! {
             () = async { out.finished().await; err.finished().await; }, if !drained => {}

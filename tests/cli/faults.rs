@@ -731,3 +731,26 @@ fn a_stalled_stderr_never_holds_up_the_exit_status() {
     );
     drop(reader);
 }
+
+/// A task's output that ends just after the clean-up first looked at it must not make release-tasks
+/// sit out the whole grace period (a race that held up about one short task in a hundred): many
+/// short tasks with a long grace finish in well under one grace.
+#[test]
+fn output_that_ends_just_after_the_exit_never_costs_the_grace() {
+    let mut config = String::from("[defaults]\ngrace = \"30s\"\n");
+    for i in 0..80 {
+        config.push_str(&format!(
+            "[tasks.t{i}]\nrun = [\"sh\", \"-c\", \"echo out; echo err >&2\"]\n"
+        ));
+    }
+    let t = Test::new().config(&config);
+    for _ in 0..4 {
+        let out = t.run();
+        out.status(0);
+        assert!(
+            out.elapsed < Duration::from_secs(20),
+            "80 short tasks took {:?}",
+            out.elapsed
+        );
+    }
+}
