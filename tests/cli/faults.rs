@@ -739,9 +739,11 @@ fn a_stalled_stderr_never_holds_up_the_exit_status() {
 fn output_that_ends_just_after_the_exit_never_costs_the_grace() {
     let mut config = String::from("[defaults]\ngrace = \"30s\"\n");
     for i in 0..80 {
-        config.push_str(&format!(
+        use std::fmt::Write as _;
+        let _ = write!(
+            config,
             "[tasks.t{i}]\nrun = [\"sh\", \"-c\", \"echo out; echo err >&2\"]\n"
-        ));
+        );
     }
     let t = Test::new().config(&config);
     for _ in 0..4 {
