@@ -70,7 +70,7 @@ fn say(text: &str) -> Result<()> {
 /// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
 /// the exit status still says what happened, so the error is dropped. A stderr that nobody reads (a
 /// full pipe) would block the write, and the output lock behind it, for ever: the write gets
-/// [`TELL_WAIT`] on a thread of its own, then release-tasks goes on without it.
+/// `TELL_WAIT` (5 s) on a thread of its own, then release-tasks goes on without it.
 pub fn tell(line: &str) {
     let line = line.to_owned();
     let (said, wait) = std::sync::mpsc::channel();
