@@ -22,14 +22,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow,
 
 use crate::error::Error;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
-
-/// The signals that stop the release (as `signals.rs` classifies them).
-const STOPPING: [Signal; 4] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-];
+use crate::signals::STOPPING;
 
 /// The first stop signal that arrived once the release's own handlers were gone (0: none).
 static STOP_RECEIVED: AtomicI32 = AtomicI32::new(0);

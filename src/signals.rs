@@ -23,7 +23,7 @@ pub enum Event {
 }
 
 /// Signals that stop the release.
-const STOPPING: [Signal; 4] = [
+pub const STOPPING: [Signal; 4] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
