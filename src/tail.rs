@@ -34,25 +34,54 @@ impl Tail {
     }
 
     /// Takes bytes of stream 0 (stdout) or 1 (stderr), as they arrive.
-    pub fn feed(&mut self, stream: usize, mut bytes: &[u8]) {
+    ///
+    /// Only the chunk's last `limit` lines can still be kept, so it is scanned from its end, and a
+    /// line that leaves the ring lends its buffer to the next: a task that prints millions of lines
+    /// costs a search for a few newlines per chunk, not a copy and an allocation per line.
+    pub fn feed(&mut self, stream: usize, bytes: &[u8]) {
         if self.limit == 0 {
             return;
         }
         let stream = stream.min(1);
-        while !bytes.is_empty() {
-            let (line, rest, ended) = match memchr::memchr(b'\n', bytes) {
-                Some(at) => (&bytes[..at], &bytes[at + 1..], true),
-                None => (bytes, &[][..], false),
-            };
-            let (partial, cut) = &mut self.partial[stream];
-            let room = MAX_LINE.saturating_sub(partial.len());
-            partial.extend_from_slice(&line[..line.len().min(room)]);
-            *cut |= line.len() > room;
-            if ended {
-                self.end_line(stream);
+        let Some(last) = memchr::memrchr(b'\n', bytes) else {
+            self.extend_partial(stream, bytes);
+            return;
+        };
+        // `complete` is one or more lines; its first one continues the unfinished line.
+        let (complete, rest) = (&bytes[..last], &bytes[last + 1..]);
+        let start = memchr::memrchr_iter(b'\n', complete)
+            .nth(self.limit - 1)
+            .map(|newline| newline + 1);
+        match start {
+            // At least `limit` lines end here: they push out everything before, the unfinished
+            // line of this stream included.
+            Some(start) => {
+                self.partial[stream].0.clear();
+                self.partial[stream].1 = false;
+                for line in complete[start..].split(|&b| b == b'\n') {
+                    self.push_line(line, false);
+                }
             }
-            bytes = rest;
+            None => {
+                let mut lines = complete.split(|&b| b == b'\n');
+                if let Some(first) = lines.next() {
+                    self.extend_partial(stream, first);
+                    self.end_line(stream);
+                }
+                for line in lines {
+                    self.push_line(line, false);
+                }
+            }
         }
+        self.extend_partial(stream, rest);
+    }
+
+    /// Adds to the unfinished line of `stream`, up to [`MAX_LINE`] bytes.
+    fn extend_partial(&mut self, stream: usize, bytes: &[u8]) {
+        let (partial, cut) = &mut self.partial[stream];
+        let room = MAX_LINE.saturating_sub(partial.len());
+        partial.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        *cut |= bytes.len() > room;
     }
 
     /// Ends both streams: an unfinished last line counts as a line.
@@ -65,7 +94,25 @@ impl Tail {
     }
 
     fn end_line(&mut self, stream: usize) {
-        let (mut line, cut) = std::mem::take(&mut self.partial[stream]);
+        let (partial, cut) = &mut self.partial[stream];
+        let was_cut = std::mem::take(cut);
+        let line = std::mem::take(partial);
+        self.push_owned(line, was_cut);
+    }
+
+    /// Keeps `line` (cut at [`MAX_LINE`]), reusing the buffer of the line it pushes out.
+    fn push_line(&mut self, line: &[u8], cut: bool) {
+        let mut buf = if self.lines.len() == self.limit {
+            self.lines.pop_front().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        buf.clear();
+        buf.extend_from_slice(&line[..line.len().min(MAX_LINE)]);
+        self.push_owned(buf, cut || line.len() > MAX_LINE);
+    }
+
+    fn push_owned(&mut self, mut line: Vec<u8>, cut: bool) {
         if cut {
             line.extend_from_slice("…".as_bytes());
         }
@@ -179,6 +226,17 @@ mod tests {
         }
         tail.feed(0, b"\nshort\n");
         let lines = tail.render(&[]);
+        // Many lines in one chunk: only the last ones are kept, in order.
+        let mut many = Tail::new(3);
+        let chunk: Vec<u8> = (0..10_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        many.feed(1, b"partial start ");
+        many.feed(1, &chunk);
+        assert_eq!(many.render(&[]), ["line 9997", "line 9998", "line 9999"]);
+        let mut few = Tail::new(3);
+        few.feed(0, b"partial start ");
+        few.feed(0, b"end\nnext\nrest");
+        few.finish();
+        assert_eq!(few.render(&[]), ["partial start end", "next", "rest"]);
         assert_eq!(lines[0].len(), MAX_LINE + "…".len());
         assert!(lines[0].ends_with('…'));
         assert_eq!(lines[1], "short");
