@@ -228,7 +228,9 @@ mod tests {
         let lines = tail.render(&[]);
         // Many lines in one chunk: only the last ones are kept, in order.
         let mut many = Tail::new(3);
-        let chunk: Vec<u8> = (0..10_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let chunk: Vec<u8> = (0..10_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
         many.feed(1, b"partial start ");
         many.feed(1, &chunk);
         assert_eq!(many.render(&[]), ["line 9997", "line 9998", "line 9999"]);
