@@ -52,25 +52,22 @@ impl Tail {
         let start = memchr::memrchr_iter(b'\n', complete)
             .nth(self.limit - 1)
             .map(|newline| newline + 1);
-        match start {
+        if let Some(start) = start {
             // At least `limit` lines end here: they push out everything before, the unfinished
             // line of this stream included.
-            Some(start) => {
-                self.partial[stream].0.clear();
-                self.partial[stream].1 = false;
-                for line in complete[start..].split(|&b| b == b'\n') {
-                    self.push_line(line, false);
-                }
+            self.partial[stream].0.clear();
+            self.partial[stream].1 = false;
+            for line in complete[start..].split(|&b| b == b'\n') {
+                self.push_line(line, false);
             }
-            None => {
-                let mut lines = complete.split(|&b| b == b'\n');
-                if let Some(first) = lines.next() {
-                    self.extend_partial(stream, first);
-                    self.end_line(stream);
-                }
-                for line in lines {
-                    self.push_line(line, false);
-                }
+        } else {
+            let mut lines = complete.split(|&b| b == b'\n');
+            if let Some(first) = lines.next() {
+                self.extend_partial(stream, first);
+                self.end_line(stream);
+            }
+            for line in lines {
+                self.push_line(line, false);
             }
         }
         self.extend_partial(stream, rest);
