@@ -809,6 +809,19 @@ mod tests {
         assert!(json_objects(&mut Lines::json("t", "stdout"), &[b""], true).is_empty());
     }
 
+    /// Flushes a partial line and renders what the pump would write for it.
+    fn flush_rendered(lines: &mut Lines, pieces: &mut Vec<Piece>) -> Vec<u8> {
+        lines.flush(pieces);
+        let out = lines
+            .slices(pieces, &[])
+            .iter()
+            .flat_map(|s| s.to_vec())
+            .collect();
+        pieces.clear();
+        lines.settle(&[]);
+        out
+    }
+
     #[test]
     fn json_partial_lines_are_objects_of_their_own() {
         let mut lines = Lines::json("t", "stdout");
@@ -816,14 +829,7 @@ mod tests {
         lines.feed(b"Continue? ", Instant::now(), &mut pieces);
         lines.settle(b"Continue? ");
         let mut objects = json_objects(&mut lines, &[], false);
-        lines.flush(&mut pieces);
-        let out: Vec<u8> = lines
-            .slices(&pieces, &[])
-            .iter()
-            .flat_map(|s| s.to_vec())
-            .collect();
-        pieces.clear();
-        lines.settle(&[]);
+        let out = flush_rendered(&mut lines, &mut pieces);
         objects.push(serde_json::from_slice(out.trim_ascii_end()).expect("JSON"));
         objects.extend(json_objects(&mut lines, &[b"y\n"], true));
         assert_eq!(
@@ -837,14 +843,7 @@ mod tests {
         let mut lines = Lines::json("t", "stdout");
         lines.feed(b"half", Instant::now(), &mut pieces);
         lines.settle(b"half");
-        lines.flush(&mut pieces);
-        let out: Vec<u8> = lines
-            .slices(&pieces, &[])
-            .iter()
-            .flat_map(|s| s.to_vec())
-            .collect();
-        pieces.clear();
-        lines.settle(&[]);
+        let out = flush_rendered(&mut lines, &mut pieces);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
         assert!(json_objects(&mut lines, &[], true).is_empty());
     }

@@ -384,3 +384,13 @@ pub fn strip_prefix(output: &[u8], name: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A loopback port that nothing listens on (it was free a moment ago): a database that refuses.
+#[cfg(feature = "postgres")]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .expect("address")
+        .port()
+}

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{Test, alive, read_pid};
+use crate::harness::{Test, alive, free_port, read_pid};
 
 /// The URL of the test server, or `None` (the test is skipped) when no server can be had here.
 pub fn database_url() -> Option<&'static str> {
@@ -175,11 +175,7 @@ fn a_failed_release_is_recorded_and_run_again() {
 
 #[test]
 fn an_unreachable_database_fails_before_any_task() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("postgres://release_tasks:{PASSWORD}@127.0.0.1:{port}/release_tasks");
     let t = locked(
         &url,
@@ -199,11 +195,7 @@ fn an_unreachable_database_fails_before_any_task() {
 
 #[test]
 fn a_stop_signal_ends_the_wait_for_a_database_that_is_not_up() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("postgres://release_tasks:{PASSWORD}@127.0.0.1:{port}/release_tasks");
     let t = locked(
         &url,
@@ -318,11 +310,7 @@ fn urls_as_orms_write_them_are_usable_and_unknown_parameters_are_named() {
     t.run().status(0);
     assert!(t.path("ran").exists());
     // A host list: the first host refuses, the second is the server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listed = url.replacen("@127.0.0.1:", &format!("@127.0.0.1:{port},127.0.0.1:"), 1);
     let t = locked(&listed, "hosts", "", tasks);
     t.run().status(0);
@@ -435,11 +423,7 @@ fn the_first_set_variable_of_a_list_wins() {
     t.run().status(0);
     assert!(t.path("ran").exists());
     // DIRECT_URL set: it wins, even over a working DATABASE_URL.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let t = config("list-direct").env("DATABASE_URL", url).env(
         "DIRECT_URL",
         &format!("postgres://u:{PASSWORD}@127.0.0.1:{port}/db"),

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Output, Running, Test};
+use crate::harness::{Output, Running, Test, free_port};
 use crate::lock::{database_url, locked};
 
 /// Runs one of the project's scripts and returns what it prints, or `None` (the test is skipped; under
@@ -48,14 +48,6 @@ fn psql() -> Option<String> {
         eprintln!("SKIPPED: no psql under /usr/lib/postgresql");
     }
     found.map(|p| p.display().to_string())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Eight replicas of one release through `url`: every task runs exactly once in total.
