@@ -291,7 +291,10 @@ run = ["sh", "fail.sh"]
 env = { API_TOKEN = "tok-s3cr3t-value" }
 "#;
 
+/// Two pipes have no order between them: the pause lets the stdout lines arrive before the error on
+/// stderr, as they would from a real migration that works a while before it fails.
 const FAIL_SH: &str = "for i in 1 2 3 4 5; do echo step $i; done\n\
+    sleep 0.3\n\
     printf '\\033[31mPG::UndefinedColumn: column \"x\" does not exist\\033[0m (token %s)\\n' \"$API_TOKEN\" >&2\n\
     exit 3\n";
 
