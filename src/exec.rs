@@ -12,15 +12,15 @@
 //! would start after the platform asked to stop): [`hold_stop_signals`] takes the stop signals over
 //! from the run's handlers when the release ends, and [`stop_received`] is asked before the exec.
 
-use std::ffi::{CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 use crate::error::Error;
+use crate::spawn::{candidates, reset_dispositions, to_cstrings};
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
 use crate::signals::STOPPING;
 
@@ -163,30 +163,6 @@ fn wait_for_children(limit: std::time::Duration) {
     }
 }
 
-/// Where to look for `program`: itself when it names a path, else each `PATH` entry in turn (an
-/// empty entry is the working directory), with the shell's default search path when `PATH` is unset.
-fn candidates(program: &Path, path: Option<&OsStr>) -> Vec<PathBuf> {
-    if program.as_os_str().as_bytes().contains(&b'/') {
-        return vec![program.to_path_buf()];
-    }
-    let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
-    path.as_bytes()
-        .split(|&b| b == b':')
-        .map(|dir| {
-            let dir = if dir.is_empty() {
-                Path::new(".")
-            } else {
-                Path::new(OsStr::from_bytes(dir))
-            };
-            dir.join(program)
-        })
-        .collect()
-}
-
-fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CString>> {
-    items.map(|s| CString::new(s.as_bytes()).ok()).collect()
-}
-
 /// What the server must not inherit: descriptors other than 0, 1 and 2, a blocked signal, an ignored
 /// one. A signal that arrives from here on kills release-tasks by its default action, as it would
 /// kill the server an instant later.
@@ -194,56 +170,6 @@ fn prepare_for_exec() {
     close_descriptors_on_exec();
     reset_dispositions();
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-}
-
-/// Puts every signal's disposition back to the default. On Linux this goes to the kernel directly:
-/// the C library refuses to touch the signals it reserves for itself (32 and 33 in glibc, 32 to 34
-/// in musl), yet an ignored one of those would still be handed on through exec.
-#[cfg(target_os = "linux")]
-fn reset_dispositions() {
-    /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
-    #[repr(C)]
-    struct KernelSigaction {
-        handler: usize,
-        flags: nix::libc::c_ulong,
-        restorer: usize,
-        mask: u64,
-    }
-    let default = KernelSigaction {
-        handler: nix::libc::SIG_DFL,
-        flags: 0,
-        restorer: 0,
-        mask: 0,
-    };
-    for number in 1..=64 {
-        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
-            // SAFETY: installs the default action, no handler code; the kernel only reads `default`,
-            // and a number it does not know fails with EINVAL, which is ignored.
-            unsafe {
-                nix::libc::syscall(
-                    nix::libc::SYS_rt_sigaction,
-                    number,
-                    &raw const default,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
-            }
-        }
-    }
-}
-
-/// Puts every signal's disposition back to the default.
-#[cfg(not(target_os = "linux"))]
-fn reset_dispositions() {
-    use nix::sys::signal::{SigHandler, Signal};
-    for number in 1..32 {
-        if let Ok(sig) = Signal::try_from(number) {
-            if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-                // SAFETY: SIG_DFL installs no handler code.
-                let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
-            }
-        }
-    }
 }
 
 /// Marks every open descriptor above stderr close-on-exec. Listing them (rather than looping to the
@@ -265,23 +191,5 @@ fn close_descriptors_on_exec() {
         // SAFETY: setting FD_CLOEXEC changes no memory; a descriptor that was the directory's own
         // (already closed) just fails with EBADF.
         unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_bare_name_is_looked_up_on_each_path_entry_in_order() {
-        assert_eq!(
-            candidates(Path::new("puma"), Some(OsStr::new("/a:/b/c::/d"))),
-            ["/a/puma", "/b/c/puma", "./puma", "/d/puma"].map(PathBuf::from)
-        );
-        assert_eq!(
-            candidates(Path::new("./bin/web"), Some(OsStr::new("/a"))),
-            [PathBuf::from("./bin/web")]
-        );
-        assert_eq!(candidates(Path::new("x"), None).len(), 3);
     }
 }

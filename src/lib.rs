@@ -24,6 +24,7 @@ pub mod report;
 pub mod run;
 pub mod shell;
 pub mod signals;
+pub mod spawn;
 pub mod supervisor;
 pub mod tail;
 

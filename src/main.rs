@@ -9,6 +9,9 @@ use release_tasks::cli::{Cli, Settings};
 use release_tasks::error::Error;
 use release_tasks::log::LogFormat;
 
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 fn main() {
     // Before anything else (and before any thread exists, since a signal mask is per thread): a
     // parent that blocked or ignored SIGTERM or SIGCHLD must not leave release-tasks deaf or hung.

@@ -10,14 +10,13 @@
 //! (macOS, for local runs) there is no subreaper, no `PR_SET_PDEATHSIG`, no real-time signals and no
 //! `/proc`, so processes that escape a task's group are not found; groups, signals and reaping work.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
-use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{self, Pid};
 
@@ -54,54 +53,6 @@ pub fn kill_every_task() {
     }
 }
 
-/// The signals release-tasks ignores (bit N-1 for signal N): what exec would pass on to a task,
-/// from release-tasks's parent (nohup ignores SIGHUP, Python SIGXFSZ) or its own runtime (Rust
-/// ignores SIGPIPE). A caught signal needs no reset (exec puts it back to default itself), so a task's
-/// child resets only these instead of every signal there is. Read once: release-tasks never comes to
-/// ignore a signal later.
-fn ignored_signals() -> u64 {
-    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *IGNORED.get_or_init(|| {
-        let realtime = realtime_signals();
-        let mut ignored = 0u64;
-        for number in (1..32).chain(realtime) {
-            // SAFETY: a null new action only reads the current one into `old`.
-            let is_ignored = unsafe {
-                let mut old: nix::libc::sigaction = std::mem::zeroed();
-                nix::libc::sigaction(number, std::ptr::null(), &raw mut old) == 0
-                    && old.sa_sigaction == nix::libc::SIG_IGN
-            };
-            if is_ignored && (1..=64).contains(&number) {
-                ignored |= 1 << (number - 1);
-            }
-        }
-        ignored
-    })
-}
-
-/// Puts every signal in `ignored` back to its default disposition, so that a task starts as if from
-/// a clean shell. Called between fork and exec: async-signal-safe calls only.
-fn reset_signal_dispositions(ignored: u64) {
-    for number in 1..=64 {
-        if ignored & (1 << (number - 1)) != 0 {
-            // SAFETY: SIG_DFL installs no handler code; an invalid number just fails with EINVAL.
-            unsafe { nix::libc::signal(number, nix::libc::SIG_DFL) };
-        }
-    }
-}
-
-/// The real-time signals, which a parent may have ignored like any other.
-#[cfg(target_os = "linux")]
-fn realtime_signals() -> impl Iterator<Item = i32> {
-    nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX()
-}
-
-/// macOS has no real-time signals: 1 to 31 are all there is.
-#[cfg(not(target_os = "linux"))]
-fn realtime_signals() -> impl Iterator<Item = i32> {
-    std::iter::empty()
-}
-
 /// Makes release-tasks the reaper of every orphan its tasks leave, so that a daemonized process is
 /// still found (and terminated) when its task ends, and no zombie lingers when running as PID 1.
 #[cfg(target_os = "linux")]
@@ -116,26 +67,6 @@ pub fn become_subreaper() {
 /// task's group is not found (the README's macOS note says so).
 #[cfg(not(target_os = "linux"))]
 pub fn become_subreaper() {}
-
-/// Asks for SIGKILL when release-tasks dies, and makes sure it has not died already. Runs between
-/// fork and exec: async-signal-safe calls only.
-#[cfg(target_os = "linux")]
-fn die_with_parent(parent: Pid) -> nix::Result<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-    // release-tasks may have died between fork and prctl; then no signal would ever come.
-    if unistd::getppid() != parent {
-        // SAFETY: _exit is async-signal-safe and skips the parent's destructors.
-        unsafe { nix::libc::_exit(137) };
-    }
-    Ok(())
-}
-
-/// macOS has no `PR_SET_PDEATHSIG`: the guardian alone kills a task whose release-tasks was killed.
-#[cfg(not(target_os = "linux"))]
-#[allow(clippy::unnecessary_wraps)] // the same signature as Linux's, which can fail
-fn die_with_parent(_parent: Pid) -> nix::Result<()> {
-    Ok(())
-}
 
 /// A task's main process just after spawning, with the read ends of its output pipes.
 pub struct Spawned {
@@ -171,13 +102,62 @@ pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
     spawn_argv(task, run_id, &through_shell, None)
 }
 
-/// Starts `argv` for `task` as [`spawn`] describes, with `PWD` set when given.
+/// Starts `argv` for `task` as [`spawn`] describes, with `PWD` set when given: on Linux without
+/// copying release-tasks's memory (`spawn.rs` says why and how).
+#[cfg(target_os = "linux")]
 fn spawn_argv(
     task: &Task,
     run_id: &str,
     argv: &[&str],
     pwd: Option<&std::path::Path>,
 ) -> io::Result<Spawned> {
+    let (stdout, child_stdout) = crate::output::cloexec_pipe()?;
+    let (stderr, child_stderr) = crate::output::cloexec_pipe()?;
+    let mut env: Vec<(&OsStr, &OsStr)> = task
+        .env
+        .iter()
+        .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
+        .collect();
+    env.push((OsStr::new(RUN_ID_VAR), OsStr::new(run_id)));
+    if let Some(pwd) = pwd {
+        env.push((OsStr::new("PWD"), pwd.as_os_str()));
+    }
+    let pid = crate::spawn::spawn(&crate::spawn::Child {
+        argv,
+        env: &env,
+        dir: &task.dir,
+        stdin: dev_null()?,
+        stdout: &child_stdout,
+        stderr: &child_stderr,
+    })?;
+    Ok(Spawned {
+        pid,
+        stdout,
+        stderr,
+    })
+}
+
+/// /dev/null, opened once: every task's stdin.
+#[cfg(target_os = "linux")]
+fn dev_null() -> io::Result<&'static OwnedFd> {
+    static NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = NULL.get() {
+        return Ok(fd);
+    }
+    let fd = std::fs::File::open("/dev/null")?.into();
+    Ok(NULL.get_or_init(|| fd))
+}
+
+/// Starts `argv` for `task` as [`spawn`] describes, with `PWD` set when given.
+#[cfg(not(target_os = "linux"))]
+fn spawn_argv(
+    task: &Task,
+    run_id: &str,
+    argv: &[&str],
+    pwd: Option<&std::path::Path>,
+) -> io::Result<Spawned> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
     let Some((program, arguments)) = argv.split_first() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -197,13 +177,11 @@ fn spawn_argv(
     if let Some(pwd) = pwd {
         command.env("PWD", pwd);
     }
-    let parent = unistd::getpid();
-    let ignored = ignored_signals();
+    use nix::sys::signal::{SigSet, SigmaskHow};
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-        reset_signal_dispositions(ignored);
-        die_with_parent(parent)?;
+        crate::spawn::reset_dispositions();
         Ok(())
     };
     // SAFETY: `prepare` only makes async-signal-safe system calls (see above).

@@ -1,0 +1,366 @@
+//! Starting a program: where to look for it on `PATH` (as `execvp` does), putting every signal back
+//! to its default, and on Linux starting a task's process without copying release-tasks's memory.
+//!
+//! `fork` copies the page tables of the whole process, and every page either side then writes costs
+//! a fault until the child has exec'd: with the runtime's threads and buffers that was the largest
+//! per-task cost measured (README, "Benchmarks"). A task's process is therefore started as C
+//! libraries start one for `posix_spawn`: `clone(CLONE_VM | CLONE_VFORK)`, a child on a stack of its
+//! own that shares release-tasks's memory and only makes system calls until it execs, while the
+//! calling thread waits. `posix_spawn` itself cannot be used: it has no `PR_SET_PDEATHSIG`.
+//!
+//! The child cannot report a failure through memory it shares (qemu-user runs `CLONE_VFORK` as a
+//! plain fork), so, like musl's `posix_spawn`, it writes the error number to a close-on-exec pipe:
+//! nothing to read means the exec happened.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Where to look for `program`: itself when it names a path, else each `PATH` entry in turn (an
+/// empty entry is the working directory), with the shell's default search path when `PATH` is unset.
+#[must_use]
+pub fn candidates(program: &Path, path: Option<&OsStr>) -> Vec<PathBuf> {
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return vec![program.to_path_buf()];
+    }
+    let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    path.as_bytes()
+        .split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() {
+                Path::new(".")
+            } else {
+                Path::new(OsStr::from_bytes(dir))
+            };
+            dir.join(program)
+        })
+        .collect()
+}
+
+/// Each item as a C string; `None` when one holds a NUL byte.
+pub fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CString>> {
+    items.map(|s| CString::new(s.as_bytes()).ok()).collect()
+}
+
+/// Puts every signal's disposition back to the default. On Linux this goes to the kernel directly:
+/// the C library refuses to touch the signals it reserves for itself (32 and 33 in glibc, 32 to 34
+/// in musl), yet an ignored one of those would still be handed on through exec. Async-signal-safe
+/// and allocation-free: a task's child calls it before exec.
+#[cfg(target_os = "linux")]
+pub fn reset_dispositions() {
+    /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: nix::libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: nix::libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for number in 1..=64 {
+        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
+            // SAFETY: installs the default action, no handler code; the kernel only reads `default`,
+            // and a number it does not know fails with EINVAL, which is ignored.
+            unsafe {
+                nix::libc::syscall(
+                    nix::libc::SYS_rt_sigaction,
+                    number,
+                    &raw const default,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
+    }
+}
+
+/// Puts every signal's disposition back to the default.
+#[cfg(not(target_os = "linux"))]
+pub fn reset_dispositions() {
+    use nix::sys::signal::{self, SigHandler, Signal};
+    for number in 1..32 {
+        if let Ok(sig) = Signal::try_from(number) {
+            if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                // SAFETY: SIG_DFL installs no handler code.
+                let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+pub use linux::{Child, spawn};
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::ffi::{CString, OsStr, OsString, c_void};
+    use std::io;
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    use nix::libc::{self, c_char, c_int};
+    use nix::unistd::Pid;
+
+    /// What a task's process is to be: everything the child needs, made ready by the parent, since
+    /// the child may not allocate.
+    pub struct Child<'a> {
+        pub argv: &'a [&'a str],
+        /// Added to (or replacing) release-tasks's own environment.
+        pub env: &'a [(&'a OsStr, &'a OsStr)],
+        pub dir: &'a Path,
+        pub stdin: &'a OwnedFd,
+        pub stdout: &'a OwnedFd,
+        pub stderr: &'a OwnedFd,
+    }
+
+    /// The child's instructions, in memory it shares with the waiting parent.
+    struct Plan {
+        /// Null-terminated lists of pointers into `_strings`.
+        files: Vec<*const c_char>,
+        argv: Vec<*const c_char>,
+        envp: Vec<*const c_char>,
+        dir: CString,
+        fds: [RawFd; 3],
+        report: RawFd,
+        parent: libc::pid_t,
+        _strings: Vec<CString>,
+    }
+
+    /// The child's stack: it runs a few system call wrappers and nothing else.
+    const STACK: usize = 64 * 1024;
+
+    /// Starts `child` in a new process group, with an empty signal mask, default dispositions and
+    /// `PR_SET_PDEATHSIG` (SIGKILL), its program looked up on `PATH` as `execvp` does. An error is
+    /// the exec's (or a set-up step's), as `std::process::Command::spawn` would return it.
+    pub fn spawn(child: &Child<'_>) -> io::Result<Pid> {
+        let (plan, report) = Plan::new(child)?;
+        let mut stack: Vec<u8> = Vec::with_capacity(STACK);
+        // The stack grows down from its 16-byte-aligned top.
+        let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+        // The kernel's signal sets are 64 bits wide; every bit set blocks every signal.
+        let all: u64 = !0;
+        let mut old: u64 = 0;
+        // SAFETY: `clone` runs `start` on `stack` with `plan`, both alive until it returns: with
+        // CLONE_VFORK this thread sleeps until the child has exec'd or exited. Every signal is
+        // blocked around it (raw, so that the C library's own signals are too), so that no handler
+        // of release-tasks runs on the child's side of the shared memory; the child puts every
+        // disposition back to default before it unblocks them.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &raw const all,
+                &raw mut old,
+                8usize,
+            );
+            let pid = libc::clone(
+                start,
+                top as *mut c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&raw const plan).cast_mut().cast::<c_void>(),
+            );
+            let clone_error = io::Error::last_os_error();
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &raw const old,
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+            if pid < 0 {
+                return Err(clone_error);
+            }
+            pid
+        };
+        drop(plan);
+        drop(stack);
+        let (read, write) = report;
+        drop(write);
+        let mut errno = [0u8; 4];
+        // A write of 4 bytes to a pipe is never split: all of them, or none when the exec happened.
+        if read_full(&read, &mut errno) < errno.len() {
+            return Ok(Pid::from_raw(pid));
+        }
+        // The child exited 127 without running anything; it is collected here, so that nobody
+        // else takes its exit for a task's.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+    }
+
+    /// Reads until `buf` is full or the pipe's end; returns how much was read.
+    fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            match nix::unistd::read(fd, &mut buf[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        done
+    }
+
+    impl Plan {
+        fn new(child: &Child<'_>) -> io::Result<(Plan, (OwnedFd, OwnedFd))> {
+            let nul = |what: &str| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{what} contains a NUL byte"),
+                )
+            };
+            let mut env: std::collections::BTreeMap<OsString, OsString> =
+                std::env::vars_os().collect();
+            for (key, value) in child.env {
+                env.insert((*key).to_owned(), (*value).to_owned());
+            }
+            let Some(program) = child.argv.first() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the task has no command to run",
+                ));
+            };
+            let files = super::candidates(
+                Path::new(program),
+                env.get(OsStr::new("PATH")).map(OsString::as_os_str),
+            );
+            let mut strings = Vec::with_capacity(files.len() + child.argv.len() + env.len());
+            let mut list = |items: &mut dyn Iterator<Item = Vec<u8>>| -> Option<Vec<*const c_char>> {
+                let mut pointers = Vec::new();
+                for item in items {
+                    let item = CString::new(item).ok()?;
+                    pointers.push(item.as_ptr());
+                    // Moving a CString moves the pointer to its heap buffer, not the buffer.
+                    strings.push(item);
+                }
+                pointers.push(std::ptr::null());
+                Some(pointers)
+            };
+            // execvp: an empty name is not found, whatever PATH holds.
+            let files = if program.is_empty() {
+                vec![std::ptr::null()]
+            } else {
+                list(&mut files.iter().map(|f| f.as_os_str().as_bytes().to_vec()))
+                    .ok_or_else(|| nul("the program's path"))?
+            };
+            let argv = list(&mut child.argv.iter().map(|a| a.as_bytes().to_vec()))
+                .ok_or_else(|| nul("the command"))?;
+            let envp = list(&mut env.iter().map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                kv
+            }))
+            .ok_or_else(|| nul("an environment variable"))?;
+            let dir = CString::new(child.dir.as_os_str().as_bytes())
+                .map_err(|_| nul("the working directory"))?;
+            let report = crate::output::cloexec_pipe()?;
+            let plan = Plan {
+                files,
+                argv,
+                envp,
+                dir,
+                fds: [
+                    child.stdin.as_raw_fd(),
+                    child.stdout.as_raw_fd(),
+                    child.stderr.as_raw_fd(),
+                ],
+                report: report.1.as_raw_fd(),
+                parent: nix::unistd::getpid().as_raw(),
+                _strings: strings,
+            };
+            Ok((plan, report))
+        }
+    }
+
+    /// The child, between clone and exec: it shares the parent's memory (and its thread's
+    /// thread-local storage), so it only reads `plan` and makes system calls; no allocation, no
+    /// lock, no panic. It ends in the exec or in `_exit(127)` after writing the error number.
+    extern "C" fn start(plan: *mut c_void) -> c_int {
+        /// Hands the error number of the step that failed to the parent, and exits.
+        unsafe fn fail(plan: &Plan) -> ! {
+            // SAFETY: errno is this thread's; write and _exit are plain system calls.
+            unsafe {
+                let bytes = (*libc::__errno_location()).to_ne_bytes();
+                libc::write(plan.report, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127)
+            }
+        }
+        // SAFETY: `spawn` passes a `Plan` that outlives this child's use of it (see there); every
+        // pointer list in it is null-terminated and points into its own C strings, and every call
+        // below is an async-signal-safe system call wrapper.
+        unsafe {
+            let plan = &*plan.cast::<Plan>();
+            // First, while every signal is still blocked: no handler of release-tasks may ever run
+            // here.
+            super::reset_dispositions();
+            if libc::setpgid(0, 0) != 0 {
+                fail(plan);
+            }
+            // Release-tasks keeps descriptors 0 to 2 open (Rust's runtime opens /dev/null on any
+            // that are closed), so none of these sources is a target another dup2 overwrites first.
+            for (target, &source) in plan.fds.iter().enumerate() {
+                if libc::dup2(source, target as c_int) < 0 {
+                    fail(plan);
+                }
+            }
+            if libc::chdir(plan.dir.as_ptr()) != 0 {
+                fail(plan);
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                fail(plan);
+            }
+            // Release-tasks may have died before the prctl; then no signal would ever come.
+            if libc::getppid() != plan.parent {
+                libc::_exit(137);
+            }
+            let empty: u64 = 0;
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &raw const empty,
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+            // execvp's search: a missing file or directory, or one without permission, moves on
+            // to the next PATH entry (EACCES is remembered); any other error ends the search.
+            let mut denied = false;
+            let mut file = plan.files.as_ptr();
+            while !(*file).is_null() {
+                libc::execve(*file, plan.argv.as_ptr(), plan.envp.as_ptr());
+                match *libc::__errno_location() {
+                    libc::EACCES => denied = true,
+                    libc::ENOENT | libc::ENOTDIR => {}
+                    _ => fail(plan),
+                }
+                file = file.add(1);
+            }
+            *libc::__errno_location() = if denied { libc::EACCES } else { libc::ENOENT };
+            fail(plan)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_name_is_looked_up_on_each_path_entry_in_order() {
+        assert_eq!(
+            candidates(Path::new("puma"), Some(OsStr::new("/a:/b/c::/d"))),
+            ["/a/puma", "/b/c/puma", "./puma", "/d/puma"].map(PathBuf::from)
+        );
+        assert_eq!(
+            candidates(Path::new("./bin/web"), Some(OsStr::new("/a"))),
+            [PathBuf::from("./bin/web")]
+        );
+        assert_eq!(candidates(Path::new("x"), None).len(), 3);
+    }
+}
