@@ -20,9 +20,9 @@ use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 use crate::error::Error;
-use crate::spawn::{candidates, reset_dispositions, to_cstrings};
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND};
 use crate::signals::STOPPING;
+use crate::spawn::{candidates, reset_dispositions, to_cstrings};
 
 /// The first stop signal that arrived once the release's own handlers were gone (0: none).
 static STOP_RECEIVED: AtomicI32 = AtomicI32::new(0);

@@ -10,7 +10,6 @@
 //! (macOS, for local runs) there is no subreaper, no `PR_SET_PDEATHSIG`, no real-time signals and no
 //! `/proc`, so processes that escape a task's group are not found; groups, signals and reaping work.
 
-use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -111,6 +110,7 @@ fn spawn_argv(
     argv: &[&str],
     pwd: Option<&std::path::Path>,
 ) -> io::Result<Spawned> {
+    use std::ffi::OsStr;
     let (stdout, child_stdout) = crate::output::cloexec_pipe()?;
     let (stderr, child_stderr) = crate::output::cloexec_pipe()?;
     let mut env: Vec<(&OsStr, &OsStr)> = task
@@ -156,6 +156,7 @@ fn spawn_argv(
     argv: &[&str],
     pwd: Option<&std::path::Path>,
 ) -> io::Result<Spawned> {
+    use nix::sys::signal::{SigSet, SigmaskHow};
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let Some((program, arguments)) = argv.split_first() else {
@@ -177,7 +178,6 @@ fn spawn_argv(
     if let Some(pwd) = pwd {
         command.env("PWD", pwd);
     }
-    use nix::sys::signal::{SigSet, SigmaskHow};
     // Runs in the child between fork and exec: only async-signal-safe system calls, no allocation.
     let prepare = move || {
         signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;

@@ -231,17 +231,18 @@ mod linux {
                 env.get(OsStr::new("PATH")).map(OsString::as_os_str),
             );
             let mut strings = Vec::with_capacity(files.len() + child.argv.len() + env.len());
-            let mut list = |items: &mut dyn Iterator<Item = Vec<u8>>| -> Option<Vec<*const c_char>> {
-                let mut pointers = Vec::new();
-                for item in items {
-                    let item = CString::new(item).ok()?;
-                    pointers.push(item.as_ptr());
-                    // Moving a CString moves the pointer to its heap buffer, not the buffer.
-                    strings.push(item);
-                }
-                pointers.push(std::ptr::null());
-                Some(pointers)
-            };
+            let mut list =
+                |items: &mut dyn Iterator<Item = Vec<u8>>| -> Option<Vec<*const c_char>> {
+                    let mut pointers = Vec::new();
+                    for item in items {
+                        let item = CString::new(item).ok()?;
+                        pointers.push(item.as_ptr());
+                        // Moving a CString moves the pointer to its heap buffer, not the buffer.
+                        strings.push(item);
+                    }
+                    pointers.push(std::ptr::null());
+                    Some(pointers)
+                };
             // execvp: an empty name is not found, whatever PATH holds.
             let files = if program.is_empty() {
                 vec![std::ptr::null()]
