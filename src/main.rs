@@ -9,6 +9,8 @@ use release_tasks::cli::{Cli, Settings};
 use release_tasks::error::Error;
 use release_tasks::log::LogFormat;
 
+/// dlmalloc, not the C library's allocator: musl's maps and unmaps memory for most allocations (see
+/// Cargo.toml).
 #[global_allocator]
 static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
