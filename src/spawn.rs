@@ -199,11 +199,8 @@ mod linux {
         }
         // The child exited 127 without running anything; it is collected here, so that nobody
         // else takes its exit for a task's.
-        loop {
-            match nix::sys::wait::waitpid(Pid::from_raw(pid), None) {
-                Err(nix::errno::Errno::EINTR) => {}
-                _ => break,
-            }
+        while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(Pid::from_raw(pid), None)
+        {
         }
         let [s0, s1, s2, s3, e0, e1, e2, e3] = failure;
         let step = i32::from_ne_bytes([s0, s1, s2, s3]);
