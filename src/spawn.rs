@@ -185,7 +185,7 @@ mod linux {
                 8usize,
             );
             if pid < 0 {
-                return Err(clone_error);
+                return Err(cannot_clone(&clone_error));
             }
             pid
         };
@@ -206,6 +206,19 @@ mod linux {
         let step = i32::from_ne_bytes([s0, s1, s2, s3]);
         let errno = i32::from_ne_bytes([e0, e1, e2, e3]);
         Err(plan.error(child, step, errno))
+    }
+
+    /// The error of a `clone` that failed: no process could be made at all, which is not the
+    /// program's fault; most often a limit on processes (a container's pids limit, `ulimit -u`).
+    fn cannot_clone(err: &io::Error) -> io::Error {
+        let why = match err.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                ", the limit on processes was reached (the container's pids limit or `ulimit -u`)"
+            }
+            Some(libc::ENOMEM) => ", out of memory",
+            _ => "",
+        };
+        io::Error::new(err.kind(), format!("cannot start a process{why}: {err}"))
     }
 
     /// Reads until `buf` is full or the pipe's end; returns how much was read.

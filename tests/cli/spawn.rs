@@ -426,3 +426,45 @@ for i in range(2000):
     );
     assert_ne!(targets[1], targets[2], "{fds}");
 }
+
+#[test]
+fn no_process_to_be_had_is_a_clear_error_not_a_hang() {
+    // A user with no process yet, allowed one: release-tasks itself. Its threads, its guardian and
+    // every task's process fail with EAGAIN, as under a container's full pids limit. Root only.
+    let tools = ["setpriv", "prlimit"]
+        .iter()
+        .all(|tool| Command::new(tool).arg("--version").output().is_ok());
+    // SAFETY: geteuid only reads.
+    if unsafe { nix::libc::geteuid() } != 0 || !tools {
+        eprintln!("skipped: needs root, setpriv and prlimit");
+        return;
+    }
+    let t = Test::new().config("[tasks.first]\nrun = \"echo never\"\n");
+    chmod(t.dir.path(), 0o755);
+    chmod(&t.path("release.toml"), 0o644);
+    let uid = "54321";
+    let started = Instant::now();
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "prlimit",
+            "--nproc=1",
+            BIN,
+        ])
+        .current_dir(t.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stderr.contains("cannot start a process, the limit on processes was reached"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
+}
