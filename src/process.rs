@@ -120,8 +120,18 @@ fn spawn_argv(
     pwd: Option<&std::path::Path>,
 ) -> io::Result<Spawned> {
     use std::ffi::OsStr;
-    let (stdout, child_stdout) = crate::output::cloexec_pipe()?;
-    let (stderr, child_stderr) = crate::output::cloexec_pipe()?;
+    // Not the kind of the error: a missing /dev/null must not read as a missing program.
+    let set_up = |what: &str, err: &dyn std::fmt::Display| {
+        io::Error::other(format!("cannot {what} for its process: {err}"))
+    };
+    let pipes = || -> io::Result<_> {
+        let stdout = crate::output::cloexec_pipe()?;
+        let stderr = crate::output::cloexec_pipe()?;
+        Ok((stdout, stderr))
+    };
+    let ((stdout, child_stdout), (stderr, child_stderr)) =
+        pipes().map_err(|err| set_up("make the pipes of stdout and stderr", &err))?;
+    let stdin = dev_null().map_err(|err| set_up("open /dev/null as stdin", &err))?;
     let mut env: Vec<(&OsStr, &OsStr)> = task
         .env
         .iter()
@@ -135,7 +145,7 @@ fn spawn_argv(
         argv,
         env: &env,
         dir: &task.dir,
-        stdin: dev_null()?,
+        stdin,
         stdout: &child_stdout,
         stderr: &child_stderr,
     })?;

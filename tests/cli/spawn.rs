@@ -468,3 +468,32 @@ fn no_process_to_be_had_is_a_clear_error_not_a_hang() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
 }
+
+#[test]
+fn a_missing_dev_null_is_named_not_called_a_missing_program() {
+    // A mount namespace whose /dev is empty, as in a bare chroot. Root only (unshare, mount).
+    let t = Test::new().config("[tasks.t]\nrun = [\"echo\", \"never\"]\n");
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev 2>/dev/null || exit 99; exec \"$0\"",
+            BIN,
+        ])
+        .current_dir(t.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    if out.status.code() == Some(99) || out.stderr.starts_with(b"unshare:") {
+        eprintln!("skipped: cannot mount an empty /dev here");
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}");
+    assert!(
+        stderr.contains("cannot open /dev/null as stdin for its process"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("command not found"), "{stderr}");
+}
