@@ -49,6 +49,13 @@ pub fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CSt
 /// and allocation-free: a task's child calls it before exec.
 #[cfg(target_os = "linux")]
 pub fn reset_dispositions() {
+    set_every_disposition(nix::libc::SIG_DFL);
+}
+
+/// Gives every signal but SIGKILL and SIGSTOP (which the kernel refuses, with EINVAL) `handler`:
+/// SIG_DFL or SIG_IGN, no handler code.
+#[cfg(target_os = "linux")]
+fn set_every_disposition(handler: nix::libc::sighandler_t) {
     /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
     #[repr(C)]
     struct KernelSigaction {
@@ -57,25 +64,22 @@ pub fn reset_dispositions() {
         restorer: usize,
         mask: u64,
     }
-    let default = KernelSigaction {
-        handler: nix::libc::SIG_DFL,
+    let action = KernelSigaction {
+        handler,
         flags: 0,
         restorer: 0,
         mask: 0,
     };
     for number in 1..=64 {
-        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
-            // SAFETY: installs the default action, no handler code; the kernel only reads `default`,
-            // and a number it does not know fails with EINVAL, which is ignored.
-            unsafe {
-                nix::libc::syscall(
-                    nix::libc::SYS_rt_sigaction,
-                    number,
-                    &raw const default,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
-            }
+        // SAFETY: installs SIG_DFL or SIG_IGN, no handler code; the kernel only reads `action`.
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_rt_sigaction,
+                number,
+                &raw const action,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
         }
     }
 }
@@ -394,12 +398,18 @@ mod linux {
         // below is an async-signal-safe system call wrapper.
         unsafe {
             let plan = &*plan.cast::<Plan>();
-            // First, while every signal is still blocked: no handler of release-tasks may ever run
-            // here.
-            super::reset_dispositions();
+            // Every signal stays blocked until just before the exec: no handler of release-tasks
+            // may ever run here.
             if libc::setpgid(0, 0) != 0 {
                 fail(plan, STEP_GROUP);
             }
+            // Out of release-tasks's group, nothing more is aimed at this process until it is the
+            // task: whatever is pending was meant for release-tasks's group (a terminal's Ctrl-Z or
+            // Ctrl-C), which release-tasks handles itself. Ignoring a signal discards it, blocked or
+            // not; a pending SIGTSTP would otherwise stop the task in a group that the SIGCONT to
+            // release-tasks's group never reaches, with release-tasks waiting here for ever.
+            super::set_every_disposition(libc::SIG_IGN);
+            super::reset_dispositions();
             // Release-tasks keeps descriptors 0 to 2 open (Rust's runtime opens /dev/null on any
             // that are closed), so none of these sources is a target another dup2 overwrites first.
             for (target, &source) in plan.fds.iter().enumerate() {

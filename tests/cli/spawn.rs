@@ -211,12 +211,16 @@ fn an_argument_list_too_long_for_exec_is_a_clear_error_not_a_hang() {
     let t = Test::new().config(&format!(
         "[tasks.variable]\nrun = \"true\"\nenv = {{ HUGE = \"{big}\" }}\nallow_failure = true\n\
          [tasks.argument]\nrun = [\"printf\", \"%s\", \"{big}\"]\nallow_failure = true\n\
-         [tasks.fine]\nrun = \"echo still running tasks\"\n"
+         [tasks.edge]\nrun = \"true\"\nenv = {{ EDGE = \"{edge}\" }}\nallow_failure = true\n\
+         [tasks.fine]\nrun = \"echo still running tasks\"\n",
+        // With `EDGE=` and the final NUL: one byte over the limit.
+        edge = "e".repeat(131_067),
     ));
     let out = t.run();
     out.status(0)
         .stderr_has("the value of environment variable HUGE is 200000 bytes")
         .stderr_has("argument 2 of the command is 200000 bytes")
+        .stderr_has("the value of environment variable EDGE is 131067 bytes")
         .stderr_has("128 KiB")
         .stdout_has("fine     | still running tasks");
     assert!(out.elapsed < Duration::from_secs(20), "{:?}", out.elapsed);
@@ -224,7 +228,9 @@ fn an_argument_list_too_long_for_exec_is_a_clear_error_not_a_hang() {
     // Each value under the limit for one, all of them together over the limit for the whole (a
     // quarter of the stack size limit: 2 MiB under the usual 8 MiB).
     let value = "y".repeat(100_000);
-    let vars: Vec<String> = (0..8).map(|i| format!("CONF{i} = \"{value}\"")).collect();
+    let mut vars: Vec<String> = (0..8).map(|i| format!("CONF{i} = \"{value}\"")).collect();
+    // Exactly at the limit for one string (`EDGE=`, the value and the NUL): not the one to blame.
+    vars.push(format!("EDGE = \"{}\"", "e".repeat(131_066)));
     let mut t = Test::new().config(&format!(
         "[tasks.t]\nrun = \"true\"\nenv = {{ {} }}\n",
         vars.join(", ")
@@ -241,7 +247,9 @@ fn an_argument_list_too_long_for_exec_is_a_clear_error_not_a_hang() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(126), "{stderr}");
     assert!(
-        stderr.contains("the command and its environment take") && stderr.contains("ulimit -s"),
+        stderr.contains("the command and its environment take")
+            && stderr.contains("ulimit -s")
+            && !stderr.contains("128 KiB"),
         "{stderr}"
     );
 }
@@ -496,4 +504,76 @@ fn a_missing_dev_null_is_named_not_called_a_missing_program() {
         "{stderr}"
     );
     assert!(!stderr.contains("command not found"), "{stderr}");
+}
+
+#[test]
+fn job_control_signals_to_release_tasks_group_while_tasks_start_never_stop_a_task_for_good() {
+    // Ctrl-Z and `fg` in a terminal: SIGTSTP then SIGCONT to release-tasks's process group. A
+    // SIGTSTP that reaches a task's process before it leaves that group must not stop it later in
+    // its own group, which the SIGCONT never reaches (release-tasks would wait for it forever).
+    // Three releases of 200 tasks: each spawn is a window of a few microseconds.
+    for _ in 0..3 {
+        job_control_storm();
+    }
+}
+
+fn job_control_storm() {
+    use std::os::unix::process::CommandExt;
+    let t = Test::new().config(&many_tasks(200, "[\"true\"]"));
+    let mut child = Command::new(BIN)
+        .current_dir(t.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(t.path("stderr")).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn release-tasks");
+    let group = Pid::from_raw(child.id() as i32);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            break None;
+        }
+        let _ = nix::sys::signal::killpg(group, Signal::SIGTSTP);
+        std::thread::sleep(Duration::from_micros(300));
+        let _ = nix::sys::signal::killpg(group, Signal::SIGCONT);
+        std::thread::sleep(Duration::from_micros(300));
+    };
+    let Some(status) = status else {
+        // What is stopped: release-tasks's children that are not in its group.
+        let stopped = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map_or("", |(_, rest)| rest)
+                    .split_whitespace()
+                    .collect();
+                fields.first() == Some(&"T") && fields.get(1) == Some(&group.to_string().as_str())
+            })
+            .collect::<Vec<_>>();
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        for pid in &stopped {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        let _ = child.wait();
+        panic!("release-tasks hung; its stopped children: {stopped:?}");
+    };
+    let _ = nix::sys::signal::killpg(group, Signal::SIGCONT);
+    let stderr = std::fs::read_to_string(t.path("stderr")).expect("stderr file");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("outcome=succeeded").count(),
+        2 * 200,
+        "{stderr}"
+    );
 }
