@@ -53,7 +53,7 @@ pub fn reset_dispositions() {
 }
 
 /// Gives every signal but SIGKILL and SIGSTOP (which the kernel refuses, with EINVAL) `handler`:
-/// SIG_DFL or SIG_IGN, no handler code.
+/// `SIG_DFL` or `SIG_IGN`, no handler code.
 #[cfg(target_os = "linux")]
 fn set_every_disposition(handler: nix::libc::sighandler_t) {
     /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
