@@ -82,23 +82,32 @@ pub struct Spawned {
 /// would have exported; a file without a `#!` line, which exec refuses (`ENOEXEC`) and the shell runs
 /// as a script, falls back to the shell, as does everything when `PATH` is unset (the shell's default
 /// search path differs from exec's).
+///
+/// A `run` array gets that `PWD` too: release-tasks's own would name another directory than the
+/// task's `dir`.
 pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
     let through_shell = task.command.shell_argv();
     let argv = task.command.argv();
     let path_set = task.env.contains_key("PATH") || std::env::var_os("PATH").is_some();
-    if argv != through_shell && path_set {
+    let pwd = || {
         let inherited = task
             .env
             .get("PWD")
             .map(std::ffi::OsString::from)
             .or_else(|| std::env::var_os("PWD"));
-        let pwd = crate::shell::shell_pwd(&task.dir, inherited.as_deref());
-        match spawn_argv(task, run_id, &argv, pwd.as_deref()) {
+        crate::shell::shell_pwd(&task.dir, inherited.as_deref())
+    };
+    if argv != through_shell && path_set {
+        match spawn_argv(task, run_id, &argv, pwd().as_deref()) {
             Err(err) if err.raw_os_error() == Some(nix::libc::ENOEXEC) => {}
             spawned => return spawned,
         }
     }
-    spawn_argv(task, run_id, &through_shell, None)
+    // The shell sets its own PWD; a program exec'd from an array does not.
+    let pwd = matches!(task.command, crate::config::Command::Exec(_))
+        .then(pwd)
+        .flatten();
+    spawn_argv(task, run_id, &through_shell, pwd.as_deref())
 }
 
 /// Starts `argv` for `task` as [`spawn`] describes, with `PWD` set when given: on Linux without
@@ -111,8 +120,18 @@ fn spawn_argv(
     pwd: Option<&std::path::Path>,
 ) -> io::Result<Spawned> {
     use std::ffi::OsStr;
-    let (stdout, child_stdout) = crate::output::cloexec_pipe()?;
-    let (stderr, child_stderr) = crate::output::cloexec_pipe()?;
+    // Not the kind of the error: a missing /dev/null must not read as a missing program.
+    let set_up = |what: &str, err: &dyn std::fmt::Display| {
+        io::Error::other(format!("cannot {what} for its process: {err}"))
+    };
+    let pipes = || -> io::Result<_> {
+        let stdout = crate::output::cloexec_pipe()?;
+        let stderr = crate::output::cloexec_pipe()?;
+        Ok((stdout, stderr))
+    };
+    let ((stdout, child_stdout), (stderr, child_stderr)) =
+        pipes().map_err(|err| set_up("make the pipes of stdout and stderr", &err))?;
+    let stdin = dev_null().map_err(|err| set_up("open /dev/null as stdin", &err))?;
     let mut env: Vec<(&OsStr, &OsStr)> = task
         .env
         .iter()
@@ -126,7 +145,7 @@ fn spawn_argv(
         argv,
         env: &env,
         dir: &task.dir,
-        stdin: dev_null()?,
+        stdin,
         stdout: &child_stdout,
         stderr: &child_stderr,
     })?;

@@ -9,8 +9,9 @@
 //! calling thread waits. `posix_spawn` itself cannot be used: it has no `PR_SET_PDEATHSIG`.
 //!
 //! The child cannot report a failure through memory it shares (qemu-user runs `CLONE_VFORK` as a
-//! plain fork), so, like musl's `posix_spawn`, it writes the error number to a close-on-exec pipe:
-//! nothing to read means the exec happened.
+//! plain fork), so, like musl's `posix_spawn`, it writes the step that failed and its error number
+//! to a close-on-exec pipe: nothing to read means the exec happened. The step matters to the user: a
+//! working directory removed by an earlier task fails with the same ENOENT as a missing program.
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -48,6 +49,13 @@ pub fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CSt
 /// and allocation-free: a task's child calls it before exec.
 #[cfg(target_os = "linux")]
 pub fn reset_dispositions() {
+    set_every_disposition(nix::libc::SIG_DFL);
+}
+
+/// Gives every signal but SIGKILL and SIGSTOP (which the kernel refuses, with EINVAL) `handler`:
+/// `SIG_DFL` or `SIG_IGN`, no handler code.
+#[cfg(target_os = "linux")]
+fn set_every_disposition(handler: nix::libc::sighandler_t) {
     /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
     #[repr(C)]
     struct KernelSigaction {
@@ -56,25 +64,22 @@ pub fn reset_dispositions() {
         restorer: usize,
         mask: u64,
     }
-    let default = KernelSigaction {
-        handler: nix::libc::SIG_DFL,
+    let action = KernelSigaction {
+        handler,
         flags: 0,
         restorer: 0,
         mask: 0,
     };
     for number in 1..=64 {
-        if number != nix::libc::SIGKILL && number != nix::libc::SIGSTOP {
-            // SAFETY: installs the default action, no handler code; the kernel only reads `default`,
-            // and a number it does not know fails with EINVAL, which is ignored.
-            unsafe {
-                nix::libc::syscall(
-                    nix::libc::SYS_rt_sigaction,
-                    number,
-                    &raw const default,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
-            }
+        // SAFETY: installs SIG_DFL or SIG_IGN, no handler code; the kernel only reads `action`.
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_rt_sigaction,
+                number,
+                &raw const action,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
         }
     }
 }
@@ -135,6 +140,16 @@ mod linux {
     /// The child's stack: it runs a few system call wrappers and nothing else.
     const STACK: usize = 64 * 1024;
 
+    /// The step of the child's set-up that failed, as it reports it next to the error number.
+    const STEP_EXEC: i32 = 0;
+    const STEP_GROUP: i32 = 1;
+    const STEP_STDIO: i32 = 2;
+    const STEP_DIR: i32 = 3;
+    const STEP_DEATHSIG: i32 = 4;
+
+    /// The most exec takes in one argument or variable (Linux's `MAX_ARG_STRLEN`, 32 pages of 4 KiB).
+    const MAX_ARG_STRLEN: usize = 32 * 4096;
+
     /// Starts `child` in a new process group, with an empty signal mask, default dispositions and
     /// `PR_SET_PDEATHSIG` (SIGKILL), its program looked up on `PATH` as `execvp` does. An error is
     /// the exec's (or a set-up step's), as `std::process::Command::spawn` would return it.
@@ -174,23 +189,40 @@ mod linux {
                 8usize,
             );
             if pid < 0 {
-                return Err(clone_error);
+                return Err(cannot_clone(&clone_error));
             }
             pid
         };
-        drop(plan);
         drop(stack);
         let (read, write) = report;
         drop(write);
-        let mut errno = [0u8; 4];
-        // A write of 4 bytes to a pipe is never split: all of them, or none when the exec happened.
-        if read_full(&read, &mut errno) < errno.len() {
+        let mut failure = [0u8; 8];
+        // A write of 8 bytes to a pipe is never split: all of them, or none when the exec happened.
+        if read_full(&read, &mut failure) < failure.len() {
             return Ok(Pid::from_raw(pid));
         }
         // The child exited 127 without running anything; it is collected here, so that nobody
         // else takes its exit for a task's.
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+        while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(Pid::from_raw(pid), None)
+        {
+        }
+        let [s0, s1, s2, s3, e0, e1, e2, e3] = failure;
+        let step = i32::from_ne_bytes([s0, s1, s2, s3]);
+        let errno = i32::from_ne_bytes([e0, e1, e2, e3]);
+        Err(plan.error(child, step, errno))
+    }
+
+    /// The error of a `clone` that failed: no process could be made at all, which is not the
+    /// program's fault; most often a limit on processes (a container's pids limit, `ulimit -u`).
+    fn cannot_clone(err: &io::Error) -> io::Error {
+        let why = match err.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                ", the limit on processes was reached (the container's pids limit or `ulimit -u`)"
+            }
+            Some(libc::ENOMEM) => ", out of memory",
+            _ => "",
+        };
+        io::Error::new(err.kind(), format!("cannot start a process{why}: {err}"))
     }
 
     /// Reads until `buf` is full or the pipe's end; returns how much was read.
@@ -208,6 +240,72 @@ mod linux {
     }
 
     impl Plan {
+        /// What the user is told when the child's `step` failed with `errno`. An exec's error is
+        /// returned as the OS gave it (the caller looks at its kind and number), except an argument
+        /// list too long, which says what is too long; a set-up step says which it was.
+        fn error(&self, child: &Child<'_>, step: i32, errno: i32) -> io::Error {
+            let err = io::Error::from_raw_os_error(errno);
+            let what = match step {
+                STEP_EXEC if errno == libc::E2BIG => return self.too_big(&err),
+                STEP_EXEC => return err,
+                STEP_GROUP => "cannot give it a process group of its own".to_owned(),
+                STEP_STDIO => "cannot connect its stdin, stdout and stderr".to_owned(),
+                STEP_DIR => format!(
+                    "cannot enter its working directory {} (was it removed or renamed by an \
+                     earlier task?)",
+                    child.dir.display()
+                ),
+                STEP_DEATHSIG => {
+                    "cannot make it die with release-tasks (PR_SET_PDEATHSIG)".to_owned()
+                }
+                _ => "cannot prepare its process".to_owned(),
+            };
+            // Not the exec's kind: a missing directory must not read as a missing program.
+            io::Error::other(format!("{what}: {err}"))
+        }
+
+        /// The exec's E2BIG explained: one string over the kernel's limit for a single string, or
+        /// all of them together over the limit that the stack size sets.
+        fn too_big(&self, err: &io::Error) -> io::Error {
+            let strings = |list: &[*const c_char]| -> Vec<&[u8]> {
+                list.iter()
+                    .take_while(|p| !p.is_null())
+                    // SAFETY: every pointer before the null points into one of `_strings`.
+                    .map(|&p| unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes())
+                    .collect()
+            };
+            let (argv, envp) = (strings(&self.argv), strings(&self.envp));
+            let total: usize = argv.iter().chain(&envp).map(|s| s.len() + 1).sum();
+            let largest_arg = argv.iter().enumerate().max_by_key(|(_, a)| a.len());
+            let largest_var = envp.iter().max_by_key(|kv| kv.len());
+            let arg_len = largest_arg.map_or(0, |(_, a)| a.len());
+            let var_len = largest_var.map_or(0, |kv| kv.len());
+            let message = if var_len.max(arg_len) + 1 > MAX_ARG_STRLEN {
+                let name = if var_len >= arg_len {
+                    let kv = largest_var.copied().unwrap_or_default();
+                    let name = kv.split(|&b| b == b'=').next().unwrap_or_default();
+                    format!(
+                        "the value of environment variable {} is {} bytes",
+                        String::from_utf8_lossy(name),
+                        var_len.saturating_sub(name.len() + 1)
+                    )
+                } else {
+                    let n = largest_arg.map_or(0, |(n, _)| n);
+                    format!("argument {n} of the command is {arg_len} bytes")
+                };
+                format!(
+                    "{name}, and exec takes at most 128 KiB ({MAX_ARG_STRLEN} bytes) in any one \
+                     argument or variable; pass it in a file instead"
+                )
+            } else {
+                format!(
+                    "the command and its environment take {total} bytes, more than exec takes \
+                     (a quarter of the stack size limit, `ulimit -s`); pass large values in files"
+                )
+            };
+            io::Error::new(err.kind(), format!("{message} ({err})"))
+        }
+
         fn new(child: &Child<'_>) -> io::Result<(Plan, (OwnedFd, OwnedFd))> {
             let nul = |what: &str| {
                 io::Error::new(
@@ -284,11 +382,13 @@ mod linux {
     /// thread-local storage), so it only reads `plan` and makes system calls; no allocation, no
     /// lock, no panic. It ends in the exec or in `_exit(127)` after writing the error number.
     extern "C" fn start(plan: *mut c_void) -> c_int {
-        /// Hands the error number of the step that failed to the parent, and exits.
-        unsafe fn fail(plan: &Plan) -> ! {
+        /// Hands the step that failed and its error number to the parent, and exits.
+        unsafe fn fail(plan: &Plan, step: i32) -> ! {
             // SAFETY: errno is this thread's; write and _exit are plain system calls.
             unsafe {
-                let bytes = (*libc::__errno_location()).to_ne_bytes();
+                let [s0, s1, s2, s3] = step.to_ne_bytes();
+                let [e0, e1, e2, e3] = (*libc::__errno_location()).to_ne_bytes();
+                let bytes = [s0, s1, s2, s3, e0, e1, e2, e3];
                 libc::write(plan.report, bytes.as_ptr().cast(), bytes.len());
                 libc::_exit(127)
             }
@@ -298,24 +398,30 @@ mod linux {
         // below is an async-signal-safe system call wrapper.
         unsafe {
             let plan = &*plan.cast::<Plan>();
-            // First, while every signal is still blocked: no handler of release-tasks may ever run
-            // here.
-            super::reset_dispositions();
+            // Every signal stays blocked until just before the exec: no handler of release-tasks
+            // may ever run here.
             if libc::setpgid(0, 0) != 0 {
-                fail(plan);
+                fail(plan, STEP_GROUP);
             }
+            // Out of release-tasks's group, nothing more is aimed at this process until it is the
+            // task: whatever is pending was meant for release-tasks's group (a terminal's Ctrl-Z or
+            // Ctrl-C), which release-tasks handles itself. Ignoring a signal discards it, blocked or
+            // not; a pending SIGTSTP would otherwise stop the task in a group that the SIGCONT to
+            // release-tasks's group never reaches, with release-tasks waiting here for ever.
+            super::set_every_disposition(libc::SIG_IGN);
+            super::reset_dispositions();
             // Release-tasks keeps descriptors 0 to 2 open (Rust's runtime opens /dev/null on any
             // that are closed), so none of these sources is a target another dup2 overwrites first.
             for (target, &source) in plan.fds.iter().enumerate() {
                 if libc::dup2(source, target as c_int) < 0 {
-                    fail(plan);
+                    fail(plan, STEP_STDIO);
                 }
             }
             if libc::chdir(plan.dir.as_ptr()) != 0 {
-                fail(plan);
+                fail(plan, STEP_DIR);
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                fail(plan);
+                fail(plan, STEP_DEATHSIG);
             }
             // Release-tasks may have died before the prctl; then no signal would ever come.
             if libc::getppid() != plan.parent {
@@ -329,21 +435,26 @@ mod linux {
                 std::ptr::null_mut::<u64>(),
                 8usize,
             );
-            // execvp's search: a missing file or directory, or one without permission, moves on
-            // to the next PATH entry (EACCES is remembered); any other error ends the search.
+            // glibc's execvp search: a missing file or directory, or one without permission (or on
+            // a stale or absent file system), moves on to the next PATH entry (EACCES is
+            // remembered); any other error ends the search.
             let mut denied = false;
             let mut file = plan.files.as_ptr();
             while !(*file).is_null() {
                 libc::execve(*file, plan.argv.as_ptr(), plan.envp.as_ptr());
                 match *libc::__errno_location() {
                     libc::EACCES => denied = true,
-                    libc::ENOENT | libc::ENOTDIR => {}
-                    _ => fail(plan),
+                    libc::ENOENT
+                    | libc::ENOTDIR
+                    | libc::ESTALE
+                    | libc::ENODEV
+                    | libc::ETIMEDOUT => {}
+                    _ => fail(plan, STEP_EXEC),
                 }
                 file = file.add(1);
             }
             *libc::__errno_location() = if denied { libc::EACCES } else { libc::ENOENT };
-            fail(plan)
+            fail(plan, STEP_EXEC)
         }
     }
 }

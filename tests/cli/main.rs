@@ -15,4 +15,5 @@ mod lock_servers;
 mod notify;
 mod platform;
 mod shell;
+mod spawn;
 mod webhook;
