@@ -572,7 +572,13 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         ),
         std::io::ErrorKind::PermissionDenied => (
             EXIT_CANNOT_RUN,
-            match task.program_directory(std::env::var_os("PATH").as_deref()) {
+            match task.program_directory(
+                task.env
+                    .get("PATH")
+                    .map(std::ffi::OsString::from)
+                    .or_else(|| std::env::var_os("PATH"))
+                    .as_deref(),
+            ) {
                 Some(dir) => format!(
                     "`{program}` is a directory ({}), not a program; give the path of the program to run",
                     dir.display()
@@ -582,7 +588,13 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
                 }
             },
         ),
-        _ => (EXIT_CANNOT_RUN, format!("cannot run `{program}`: {err}")),
+        // An error of the OS's own, from the exec.
+        _ if err.raw_os_error().is_some() => {
+            (EXIT_CANNOT_RUN, format!("cannot run `{program}`: {err}"))
+        }
+        // release-tasks's own words for a set-up step that failed (`spawn.rs`), which are not about
+        // the program: a removed working directory, a limit on processes, a variable too large.
+        _ => (EXIT_CANNOT_RUN, format!("cannot start the task: {err}")),
     };
     Outcome::CouldNotStart { code, reason }
 }

@@ -631,6 +631,14 @@ fn a_directory_as_a_command_is_named_as_one_not_told_to_chmod() {
         .status(126)
         .stderr_has("`subdir` is a directory")
         .stderr_lacks("chmod");
+    // The PATH the task is given is where it is looked up, and where the directory is found.
+    let t = Test::new().config(&format!(
+        "[tasks.a]\nrun = [\"subdir\"]\nenv = {{ PATH = \"{path}\" }}\n"
+    ));
+    t.run()
+        .status(126)
+        .stderr_has("`subdir` is a directory")
+        .stderr_lacks("chmod");
 }
 
 #[test]

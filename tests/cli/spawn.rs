@@ -193,9 +193,10 @@ fn a_working_directory_removed_by_an_earlier_task_is_named_not_called_a_missing_
     std::fs::create_dir(t.path("build")).expect("mkdir");
     let out = t.run();
     out.status(126)
-        .stderr_has("cannot enter its working directory")
+        .stderr_has("cannot start the task: cannot enter its working directory")
         .stderr_has("build")
-        .stderr_lacks("command not found");
+        .stderr_lacks("command not found")
+        .stderr_lacks("/bin/sh");
     assert_eq!(
         out.stderr.matches("working directory").count(),
         // Each task's line and its summary line.
