@@ -207,6 +207,19 @@ fn a_working_directory_removed_by_an_earlier_task_is_named_not_called_a_missing_
 }
 
 #[test]
+fn an_exec_error_of_the_os_names_the_program_and_the_error() {
+    // A path longer than the kernel takes (ENAMETOOLONG): the OS's words, about the program.
+    let program = format!("/{}", "a".repeat(5000));
+    Test::new()
+        .config(&format!("[tasks.long]\nrun = [\"{program}\"]\n"))
+        .run()
+        .status(126)
+        .stderr_has("could not start: cannot run `/aaaa")
+        .stderr_has("File name too long")
+        .stderr_lacks("cannot start the task");
+}
+
+#[test]
 fn an_argument_list_too_long_for_exec_is_a_clear_error_not_a_hang() {
     let big = "x".repeat(200_000);
     let t = Test::new().config(&format!(
