@@ -977,6 +977,23 @@ mod tests {
     }
 
     #[test]
+    fn a_read_that_does_not_fill_the_buffer_leaves_it_as_it_is() {
+        let source = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(source.path(), line().repeat(3)).expect("write");
+        let (file, target) = output_file();
+        let buf = pump_stopped_with(
+            std::fs::File::open(source.path()).expect("open").into(),
+            target,
+            vec![0; FIRST_READ],
+        );
+        assert_eq!(buf.len(), FIRST_READ);
+        assert_eq!(
+            std::fs::read(file.path()).expect("read").len(),
+            3 * (line().len() + 4)
+        );
+    }
+
+    #[test]
     fn the_read_buffer_grows_while_reads_fill_it_and_everything_is_written() {
         let source = tempfile::NamedTempFile::new().expect("temp file");
         let total = 2 * FINAL_DRAIN / line().len();
