@@ -211,7 +211,7 @@ impl Settings {
 }
 
 /// The `RELEASE_TASKS_*` settings that are text, read with envy. Paths (`_CONFIG`, `_REPORT`,
-/// `_JUNIT`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
+/// `_JUNIT`, `_ENV_FILE`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
 /// overrides (`_APP`, `_VERSION`, `_COMMIT`) belong to `metadata.rs`.
 #[derive(Debug, Default, serde::Deserialize)]
 struct EnvSettings {

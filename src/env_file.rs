@@ -77,12 +77,16 @@ fn parse(file: &Path) -> Result<Vec<(String, String)>> {
             Err(dotenvy::Error::LineParse(snippet, at)) => {
                 let first = snippet.lines().next().unwrap_or_default();
                 // dotenvy gives the snippet's end for a quote that is never closed: point at its start.
-                let (at, problem) = if at >= snippet.trim_end().len() {
+                let (at, problem) = if at >= snippet.trim_end().len() && first.contains(['"', '\''])
+                {
                     (0, "a quote opened here is never closed")
                 } else {
-                    (at, "cannot parse this line")
+                    (at.min(snippet.trim_end().len()), "cannot parse this line")
                 };
                 let (line, col) = locate(&text, &snippet, at);
+                // The line as the file has it, with a secret-looking variable's value hidden: the
+                // snippet may be only the value, and a .env file is where the secrets live.
+                let first = shown(text.lines().nth(line - 1).unwrap_or(first));
                 return Err(invalid(
                     file,
                     line,
@@ -123,6 +127,19 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
+}
+
+/// One line of a `.env` file as an error may show it: `NAME=value` with the value redacted as any
+/// value of that variable would be; a line without a name has only its URLs' credentials hidden.
+fn shown(line: &str) -> String {
+    match line.split_once('=') {
+        Some((head, value)) => {
+            let name = head.trim();
+            let name = name.strip_prefix("export").map_or(name, str::trim_start);
+            format!("{head}={}", crate::redact::value(name, value))
+        }
+        None => crate::redact::urls_in(line),
+    }
 }
 
 fn invalid(file: &Path, line: usize, col: usize, message: String) -> Error {
