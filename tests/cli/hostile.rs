@@ -452,6 +452,28 @@ fn a_notify_url_variable_that_http_refuses_stops_run_before_the_first_task() {
         .stderr_has("once ${TOK} is expanded; HTTP does not allow it");
 }
 
+/// Every notify task's refused values are named at once, also after another task's problem (a
+/// gate typo, the first notify task's newline): the user fixes them in one round.
+#[test]
+fn every_notify_task_with_a_refused_value_is_named_at_once() {
+    Test::new()
+        .config(
+            "[tasks.a]\nrun = \"true\"\nwhen = \"GATE\"\n\
+             [tasks.n]\nnotify = { url = \"${HOOK}\" }\n\
+             [tasks.m]\nnotify = { url = \"http://127.0.0.1:9/\", headers = { X-Key = \"${MY_SECRET}\" } }\n",
+        )
+        .env("GATE", "ture")
+        .env("HOOK", "http://127.0.0.1:9/a\n")
+        .env("MY_SECRET", "hunter2\n")
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("GATE")
+        .stderr_has("once ${HOOK} is expanded")
+        .stderr_has("once ${MY_SECRET} is expanded")
+        .stderr_lacks("hunter2");
+}
+
 #[test]
 fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
     let config = "[require]\nenv = [\"https://u:reqpw@h/x\"]\n\
