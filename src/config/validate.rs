@@ -105,6 +105,40 @@ fn syntax_message(message: &str) -> String {
     format!("{message}; {hint}")
 }
 
+/// The key whose value starts at byte `start` of `source` (`timeout = 5`, `{ API_TOKEN = 1 }`),
+/// bare or quoted, if the text before the value is `KEY =`.
+fn key_before(source: &str, start: usize) -> Option<&str> {
+    let before = source
+        .get(..start)?
+        .trim_end()
+        .strip_suffix('=')?
+        .trim_end();
+    let key = if let Some(quoted) = before.strip_suffix('"') {
+        &quoted[quoted.rfind('"')? + 1..]
+    } else {
+        let at = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .map_or(0, |i| i + 1);
+        &before[at..]
+    };
+    (!key.is_empty()).then_some(key)
+}
+
+/// serde's "invalid type: integer `5`, expected a string" without the value: "invalid type:
+/// integer, expected a string".
+fn without_value(message: &str) -> String {
+    match message
+        .split_once(": ")
+        .zip(message.split_once(", expected"))
+    {
+        Some(((what, found), (_, expected))) => {
+            let kind = found.split([' ', ',']).next().unwrap_or_default();
+            format!("{what}: {kind}, expected{expected}")
+        }
+        None => message.to_owned(),
+    }
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
@@ -225,7 +259,16 @@ impl Validator<'_> {
         match field?.0 {
             Ok(value) => Some(value),
             Err((span, message)) => {
-                self.report(Some(span), syntax_message(&message));
+                // serde's message names neither the key nor hides its value: say which key, and
+                // leave out the value of a secret-looking one (`API_TOKEN = 12345678`).
+                let message = match key_before(self.source, span.start) {
+                    Some(key) if crate::redact::is_secret_name(key) => {
+                        format!("{} (key `{key}`)", syntax_message(&without_value(&message)))
+                    }
+                    Some(key) => format!("{} (key `{key}`)", syntax_message(&message)),
+                    None => syntax_message(&message),
+                };
+                self.report(Some(span), message);
                 None
             }
         }

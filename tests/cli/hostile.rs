@@ -341,6 +341,26 @@ fn a_value_of_the_wrong_type_hides_no_other_problem() {
     }
 }
 
+/// A value of the wrong type names its key (serde's message does not), and a secret-looking key's
+/// value is not shown: `API_TOKEN = 12345678` in a task's `env` is a secret written in the file.
+#[test]
+fn a_value_of_the_wrong_type_names_its_key_and_hides_a_secret() {
+    Test::new()
+        .config(
+            "[defaults]\ntimeout = 5\n[tasks.a]\nrun = \"true\"\n\
+             env = { API_TOKEN = 12345678, \"PLAIN\" = 7 }\nallow_failure = \"yes\"\n",
+        )
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:2:11: invalid type: integer `5`, expected a string")
+        .stderr_has("(key `timeout`)")
+        .stderr_has("invalid type: integer, expected a string; put the value in quotes, like \"3000\" (key `API_TOKEN`)")
+        .stderr_lacks("12345678")
+        .stderr_has("integer `7`, expected a string; put the value in quotes, like \"3000\" (key `PLAIN`)")
+        .stderr_has("(key `allow_failure`)");
+}
+
 #[test]
 fn problems_are_listed_in_file_order() {
     let mut config = "[tasks.a]\nrun = \"true\"\ntimeout = \"zz\"\n".to_owned();
