@@ -7,9 +7,9 @@
 //! a log line that cannot be written (stderr closed or full) is dropped: it never stops the release.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -165,6 +165,9 @@ enum Message {
 /// From now on, log lines are written by a thread of their own, so that the run loop never waits on
 /// a stalled log reader: a timeout or a signal must be acted on even when nobody reads stderr.
 pub fn write_in_background() {
+    if BACKGROUND.get().is_some() {
+        return;
+    }
     let (tx, rx) = channel::<Message>();
     let started = std::thread::Builder::new()
         .name("log".into())
@@ -189,9 +192,36 @@ pub fn flush(limit: Duration) {
     if let Some(tx) = BACKGROUND.get() {
         let (done, wait) = sync_channel(1);
         if tx.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(limit);
+            let deadline = wait_until(limit);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait.recv_timeout(left).is_err() {
+                stalled(deadline);
+            }
         }
     }
+}
+
+/// How long log lines written directly may wait for a stalled stderr, in all.
+const DIRECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Set once stderr was found stalled (a line or a flush timed out): every later wait for it ends
+/// then too, so that release-tasks waits for a stalled stderr once, not once per line or flush.
+static STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// When a wait for stderr that may last `limit` must end.
+fn wait_until(limit: Duration) -> Instant {
+    let stalled = *STALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    stalled.unwrap_or_else(|| Instant::now() + limit)
+}
+
+/// Remembers that a wait for stderr ended at `deadline` with its lines still waiting.
+fn stalled(deadline: Instant) {
+    STALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_or_insert(deadline);
 }
 
 /// Writes each formatted event to stderr in one locked write (or hands it to the background writer).
@@ -202,7 +232,16 @@ impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match BACKGROUND.get() {
             Some(tx) => drop(tx.send(Message::Line(buf.to_vec()))),
-            None => drop(output::write(Target::Stderr, buf)),
+            None => {
+                // Before the background writer exists (before the release starts, and for the
+                // other commands) a stalled stderr must not hold release-tasks up for ever: a line
+                // waits at most until DIRECT_WAIT after the first line that could not go out, then
+                // lines are dropped.
+                let deadline = wait_until(DIRECT_WAIT);
+                if output::write_until(Target::Stderr, buf, deadline).is_err() {
+                    stalled(deadline);
+                }
+            }
         }
         Ok(buf.len())
     }
