@@ -145,7 +145,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             if let Some(sig) = exec::stop_received() {
                 return Err(exec::interrupted(sig));
             }
-            tracing::info!(command = %redact::urls_in(&shown_command(command)), "release succeeded; starting the command");
+            tracing::info!(command = %redact::command(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
             log::flush(std::time::Duration::from_secs(5));
             if let Some(sig) = exec::stop_received() {

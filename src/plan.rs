@@ -406,7 +406,7 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
         .max()
         .unwrap_or(0);
     for step in &plan.steps {
-        let command = crate::redact::urls_in(&step.task.command.to_string());
+        let command = crate::redact::command(&step.task.command.to_string());
         match format {
             LogFormat::Text => {
                 let decision = if step.run { "run " } else { "skip" };

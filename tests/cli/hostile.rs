@@ -494,6 +494,33 @@ fn every_notify_task_with_a_refused_value_is_named_at_once() {
         .stderr_lacks("hunter2");
 }
 
+/// A secret-looking variable set in the command itself (`API_TOKEN=... ./deploy`, an `env` argument,
+/// `--password=...`) is shown redacted in the log, in `plan` and in `exec`'s line, as any value of it.
+#[test]
+fn a_secret_assigned_in_a_command_is_never_logged() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"API_TOKEN=tok3secret true\"\n\
+         [tasks.b]\nrun = [\"env\", \"DB_PASSWORD=pw4secret\", \"true\"]\n\
+         [tasks.c]\nrun = \"true --password=pw5secret\"\n",
+    );
+    let out = t.run();
+    out.status(0).stderr_has("API_TOKEN=[redacted] true");
+    for secret in ["tok3secret", "pw4secret", "pw5secret"] {
+        out.stderr_lacks(secret);
+    }
+    for args in [&["plan"][..], &["plan", "--log-format", "json"]] {
+        let out = t.run_with(args);
+        out.status(0).stdout_has("[redacted]");
+        for secret in ["tok3secret", "pw4secret", "pw5secret"] {
+            out.stdout_lacks(secret);
+        }
+    }
+    t.run_with(&["exec", "--", "env", "MY_SECRET=s6secret", "true"])
+        .status(0)
+        .stderr_has("MY_SECRET=[redacted]")
+        .stderr_lacks("s6secret");
+}
+
 #[test]
 fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
     let config = "[require]\nenv = [\"https://u:reqpw@h/x\"]\n\
