@@ -230,17 +230,15 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match BACKGROUND.get() {
-            Some(tx) => drop(tx.send(Message::Line(buf.to_vec()))),
-            None => {
-                // Before the background writer exists (before the release starts, and for the
-                // other commands) a stalled stderr must not hold release-tasks up for ever: a line
-                // waits at most until DIRECT_WAIT after the first line that could not go out, then
-                // lines are dropped.
-                let deadline = wait_until(DIRECT_WAIT);
-                if output::write_until(Target::Stderr, buf, deadline).is_err() {
-                    stalled(deadline);
-                }
+        if let Some(tx) = BACKGROUND.get() {
+            drop(tx.send(Message::Line(buf.to_vec())));
+        } else {
+            // Before the background writer exists (before the release starts, and for the other
+            // commands) a stalled stderr must not hold release-tasks up for ever: a line waits at
+            // most DIRECT_WAIT, and once one has timed out, the later ones no longer than it did.
+            let deadline = wait_until(DIRECT_WAIT);
+            if output::write_until(Target::Stderr, buf, deadline).is_err() {
+                stalled(deadline);
             }
         }
         Ok(buf.len())

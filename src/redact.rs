@@ -219,11 +219,10 @@ fn value_end(text: &str, start: usize, quoted: Option<u8>) -> usize {
     for (at, c) in text[start..].char_indices() {
         match open {
             Some(q) if c == q => open = None,
-            Some(_) => {}
             None if quoted.is_some_and(|q| c == char::from(q)) => return start + at,
             None if c.is_whitespace() || ";&|)".contains(c) => return start + at,
             None if quoted.is_none() && (c == '"' || c == '\'') => open = Some(c),
-            None => {}
+            Some(_) | None => {}
         }
     }
     text.len()
