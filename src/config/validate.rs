@@ -554,8 +554,10 @@ impl Validator<'_> {
             };
             if key.is_empty() || key.contains(['=', '\0']) {
                 self.report(
-                    Some(span.clone()),
-                    format!("task `{name}`: env name {key:?} is not a valid variable name"),
+                    Some(value.span()),
+                    format!(
+                        "task `{name}`: env name {key:?} is not a valid variable name; a name must not be empty or hold `=` or a NUL byte"
+                    ),
                 );
             }
             if value.get_ref().contains('\0') {

@@ -494,6 +494,18 @@ fn every_notify_task_with_a_refused_value_is_named_at_once() {
         .stderr_lacks("hunter2");
 }
 
+/// A task's `env` name that no process can take is reported on its own line, not the task's.
+#[test]
+fn a_bad_env_name_is_reported_where_it_is() {
+    Test::new()
+        .config("[tasks.m]\nrun = \"true\"\n\nenv = { \"A=B\" = \"y\" }\n")
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:4:")
+        .stderr_has("env name \"A=B\" is not a valid variable name; a name must not");
+}
+
 /// A secret-looking variable set in the command itself (`API_TOKEN=... ./deploy`, an `env` argument,
 /// `--password=...`) is shown redacted in the log, in `plan` and in `exec`'s line, as any value of it.
 #[test]
