@@ -127,6 +127,8 @@ pub struct Settings {
     pub junit: Option<PathBuf>,
     /// The `.env` files to read, in order (none unless named).
     pub env_files: Vec<PathBuf>,
+    /// Where they were named, for messages: `--env-file` or `RELEASE_TASKS_ENV_FILE`.
+    pub env_files_from: &'static str,
 }
 
 impl Settings {
@@ -185,13 +187,15 @@ impl Settings {
                 )));
             }
         }
-        let env_files = if cli.env_files.is_empty() {
-            path("RELEASE_TASKS_ENV_FILE").into_iter().collect()
+        let (env_files, env_files_from) = if cli.env_files.is_empty() {
+            let named = path("RELEASE_TASKS_ENV_FILE").into_iter().collect();
+            (named, "RELEASE_TASKS_ENV_FILE")
         } else {
-            cli.env_files
+            (cli.env_files, "--env-file")
         };
         Ok(Settings {
             env_files,
+            env_files_from,
             command: cli.command.unwrap_or(Command::Run),
             config: cli
                 .config

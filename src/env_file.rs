@@ -24,10 +24,11 @@ pub struct Loaded {
 /// (then the file's value is not used). A path that names no readable file (missing, a directory,
 /// no permission) is a usage error (2), a file that cannot be parsed is a config error (78) with its
 /// line and column.
-pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
+/// `from` is where the files were named (`--env-file` or `RELEASE_TASKS_ENV_FILE`), for messages.
+pub fn load(files: &[PathBuf], from: &str, is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
     let mut loaded: Vec<Loaded> = Vec::new();
     for file in files {
-        for (name, value) in parse(file)? {
+        for (name, value) in parse(file, from)? {
             if !is_set(&name) && !loaded.iter().any(|l| l.name == name) {
                 loaded.push(Loaded {
                     name,
@@ -41,7 +42,7 @@ pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Load
 }
 
 /// Every `NAME=value` of one file, in file order (a name set twice keeps its first value).
-fn parse(file: &Path) -> Result<Vec<(String, String)>> {
+fn parse(file: &Path, from: &str) -> Result<Vec<(String, String)>> {
     let mut bytes = std::fs::read(file).map_err(|err| {
         let problem = match err.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_owned(),
@@ -50,7 +51,7 @@ fn parse(file: &Path) -> Result<Vec<(String, String)>> {
         };
         // The path on the command line names no readable file: a usage error, like a missing one.
         Error::Usage(format!(
-            "--env-file {}: {problem}; name a readable .env file (a relative path is taken from the current directory)",
+            "{from} {}: {problem}; name a readable .env file (a relative path is taken from the current directory)",
             file.display()
         ))
     })?;
@@ -171,7 +172,10 @@ mod tests {
             "# comment\nA=from-a\nB=\"from a\"\nexport C=c\n",
         );
         let b = write(dir.path(), "b.env", "A=from-b\nD=d\nSHELL_SET=x\n");
-        let loaded = load(&[a.clone(), b.clone()], |name| name == "SHELL_SET").unwrap();
+        let loaded = load(&[a.clone(), b.clone()], "--env-file", |name| {
+            name == "SHELL_SET"
+        })
+        .unwrap();
         let got: Vec<_> = loaded
             .iter()
             .map(|l| (l.name.as_str(), l.value.as_str(), l.file.clone()))
@@ -191,7 +195,7 @@ mod tests {
     fn a_syntax_error_names_the_file_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), ".env", "A=1\n\nB=2\nC=\"never closed\nD=4\n");
-        let err = load(&[file], |_| false).unwrap_err();
+        let err = load(&[file], "--env-file", |_| false).unwrap_err();
         assert_eq!(err.exit_code(), 78);
         let shown = err.to_string();
         assert!(
@@ -199,13 +203,20 @@ mod tests {
             "{shown}"
         );
         let file = write(dir.path(), "bad.env", "A=1\nB C=2\n");
-        let shown = load(&[file], |_| false).unwrap_err().to_string();
+        let shown = load(&[file], "--env-file", |_| false)
+            .unwrap_err()
+            .to_string();
         assert!(shown.contains("bad.env:2:"), "{shown}");
     }
 
     #[test]
     fn a_missing_file_is_a_usage_error_that_names_it() {
-        let err = load(&[PathBuf::from("/nonexistent/.env.local")], |_| false).unwrap_err();
+        let err = load(
+            &[PathBuf::from("/nonexistent/.env.local")],
+            "--env-file",
+            |_| false,
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("/nonexistent/.env.local"));
     }

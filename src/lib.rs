@@ -49,7 +49,9 @@ pub fn env_snapshot() -> Env {
 ///
 /// Call it before any thread starts: it changes the process environment.
 pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
-    let loaded = env_file::load(&settings.env_files, |name| env.contains_key(name))?;
+    let loaded = env_file::load(&settings.env_files, settings.env_files_from, |name| {
+        env.contains_key(name)
+    })?;
     for var in loaded {
         // SAFETY: called from `main` before any thread is started (see above), so nothing reads
         // the environment concurrently.

@@ -188,14 +188,16 @@ pub fn write_in_background() {
 }
 
 /// Waits until the log lines sent so far are written, for at most `limit` (stderr may be stalled).
+/// Once a flush has timed out, later ones wait no longer than it did: a stalled stderr costs
+/// release-tasks one wait at its end, not one per flush.
 pub fn flush(limit: Duration) {
     if let Some(tx) = BACKGROUND.get() {
         let (done, wait) = sync_channel(1);
         if tx.send(Message::Flush(done)).is_ok() {
-            let deadline = wait_until(limit);
+            let deadline = wait_until(&FLUSH_STALLED, limit);
             let left = deadline.saturating_duration_since(Instant::now());
             if wait.recv_timeout(left).is_err() {
-                stalled(deadline);
+                stalled(&FLUSH_STALLED, deadline);
             }
         }
     }
@@ -204,21 +206,26 @@ pub fn flush(limit: Duration) {
 /// How long log lines written directly may wait for a stalled stderr, in all.
 const DIRECT_WAIT: Duration = Duration::from_secs(5);
 
-/// Set once stderr was found stalled (a line or a flush timed out): every later wait for it ends
-/// then too, so that release-tasks waits for a stalled stderr once, not once per line or flush.
-static STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+/// When a line written directly (before the background writer) first timed out: later ones wait
+/// no longer than that, so that a stalled stderr costs one wait before the release, not one a line.
+static DIRECT_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
 
-/// When a wait for stderr that may last `limit` must end.
-fn wait_until(limit: Duration) -> Instant {
-    let stalled = *STALLED
+/// The same for flushes. Kept apart from [`DIRECT_STALLED`]: a reader that stalled before the
+/// release may be back by its end, and the last lines (and a stop signal that arrives while they
+/// go out, before `exec`) deserve their wait.
+static FLUSH_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// When a wait for stderr that may last `limit` must end, given when such waits stalled before.
+fn wait_until(stalled: &Mutex<Option<Instant>>, limit: Duration) -> Instant {
+    let stalled = *stalled
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     stalled.unwrap_or_else(|| Instant::now() + limit)
 }
 
 /// Remembers that a wait for stderr ended at `deadline` with its lines still waiting.
-fn stalled(deadline: Instant) {
-    STALLED
+fn stalled(which: &Mutex<Option<Instant>>, deadline: Instant) {
+    which
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get_or_insert(deadline);
@@ -236,9 +243,9 @@ impl std::io::Write for LogWriter {
             // Before the background writer exists (before the release starts, and for the other
             // commands) a stalled stderr must not hold release-tasks up for ever: a line waits at
             // most DIRECT_WAIT, and once one has timed out, the later ones no longer than it did.
-            let deadline = wait_until(DIRECT_WAIT);
+            let deadline = wait_until(&DIRECT_STALLED, DIRECT_WAIT);
             if output::write_until(Target::Stderr, buf, deadline).is_err() {
-                stalled(deadline);
+                stalled(&DIRECT_STALLED, deadline);
             }
         }
         Ok(buf.len())

@@ -120,6 +120,19 @@ fn an_env_file_error_never_shows_a_secret() {
         .stderr_lacks("quote opened");
 }
 
+/// A file named by `RELEASE_TASKS_ENV_FILE` that cannot be read is a usage error that names the
+/// variable, not an `--env-file` the user never gave.
+#[test]
+fn a_missing_env_file_named_by_the_variable_names_the_variable() {
+    Test::new()
+        .config(GATED)
+        .env("RELEASE_TASKS_ENV_FILE", "nope.env")
+        .run()
+        .status(2)
+        .stderr_has("RELEASE_TASKS_ENV_FILE nope.env: no such file")
+        .stderr_lacks("--env-file");
+}
+
 /// `RELEASE_TASKS_ENV_FILE` is a path like `_CONFIG`: one that is not UTF-8 is read as the bytes it is.
 #[test]
 fn an_env_file_variable_that_is_not_utf8_names_the_file_as_it_is() {
