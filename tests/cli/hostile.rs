@@ -494,6 +494,26 @@ fn every_notify_task_with_a_refused_value_is_named_at_once() {
         .stderr_lacks("hunter2");
 }
 
+/// A line longer than the tail keeps (1 KiB) is cut there; a secret or a database URL that the cut
+/// splits must not show its first part in the report, the JUnit file or the `release failed` line.
+#[test]
+fn a_secret_cut_at_the_tail_line_limit_is_not_shown_in_part() {
+    let t = Test::new()
+        .config(
+            "[tasks.a]\nrun = [\"sh\", \"-c\", \"printf '%01000d postgres://admin:supersecretpw@db/app\\\\n' 0; \
+             printf '%01015d pw=%s\\\\n' 0 \\\"$DB_PASSWORD\\\"; exit 1\"]\n",
+        )
+        .env("DB_PASSWORD", "hunter2hunter2")
+        .args(&["--report", "report.json", "--junit", "junit.xml"]);
+    t.run().status(1).stderr_lacks("hunte").stderr_lacks("admin:");
+    for file in ["report.json", "junit.xml"] {
+        let text = std::fs::read_to_string(t.path(file)).unwrap();
+        assert!(text.contains("pw="), "{file}: {text}");
+        assert!(!text.contains("hunte"), "{file}: {text}");
+        assert!(!text.contains("admin:"), "{file}: {text}");
+    }
+}
+
 /// A task's `env` name that no process can take is reported on its own line, not the task's.
 #[test]
 fn a_bad_env_name_is_reported_where_it_is() {
