@@ -35,7 +35,7 @@ pub(super) struct RawRequire {
 #[derive(Deserialize)]
 #[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\"")]
 pub(super) struct RawLock {
-    pub(super) postgres: Spanned<OneOrMany>,
+    pub(super) postgres: Typed<OneOrMany>,
     pub(super) key: Option<Typed<String>>,
     pub(super) timeout: Option<Typed<String>>,
     pub(super) once: Option<Typed<bool>>,
@@ -56,7 +56,7 @@ pub(super) enum OneOrMany {
 #[derive(Deserialize)]
 #[serde(expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }")]
 pub(super) struct RawNotify {
-    pub(super) url: Spanned<String>,
+    pub(super) url: Typed<String>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Typed<String>>,
     pub(super) format: Option<Typed<NotifyFormat>>,

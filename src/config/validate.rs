@@ -394,22 +394,26 @@ impl Validator<'_> {
             );
             return None;
         }
-        let vars_span = raw.postgres.span();
-        let url_vars = match raw.postgres.into_inner() {
-            OneOrMany::One(name) => vec![name],
-            OneOrMany::Many(names) => names,
-        };
-        if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
-            self.report(
-                Some(vars_span),
-                format!(
-                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
-                     (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
-                    crate::redact::urls_in(&url_vars.join(", "))
-                ),
-            );
-            return None;
-        }
+        // A bad `postgres` is one problem; the other keys are still checked.
+        let url_vars = self.typed(Some(raw.postgres)).and_then(|postgres| {
+            let vars_span = postgres.span();
+            let url_vars = match postgres.into_inner() {
+                OneOrMany::One(name) => vec![name],
+                OneOrMany::Many(names) => names,
+            };
+            if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
+                self.report(
+                    Some(vars_span),
+                    format!(
+                        "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                         (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
+                        crate::redact::urls_in(&url_vars.join(", "))
+                    ),
+                );
+                return None;
+            }
+            Some(url_vars)
+        });
         let key = match self.typed(raw.key) {
             Some(key) if key.get_ref().trim().is_empty() => {
                 self.report(
@@ -430,16 +434,19 @@ impl Validator<'_> {
             }
             other => other.map(Spanned::into_inner),
         };
+        let timeout = self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60));
+        let once = self.typed(raw.once).is_some_and(Spanned::into_inner);
+        let connect_timeout = self.duration(
+            raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(60),
+        );
         Some(Lock {
-            url_vars,
+            url_vars: url_vars?,
             key,
-            timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
-            once: self.typed(raw.once).is_some_and(Spanned::into_inner),
-            connect_timeout: self.duration(
-                raw.connect_timeout,
-                "connect_timeout",
-                Duration::from_secs(60),
-            ),
+            timeout,
+            once,
+            connect_timeout,
         })
     }
 
@@ -640,33 +647,41 @@ impl Validator<'_> {
 
     fn notify(&mut self, name: &str, raw: Spanned<RawNotify>) -> Command {
         let raw = raw.into_inner();
-        let url = match Template::parse(raw.url.get_ref()) {
-            Ok(_) if !valid_header_value(raw.url.get_ref()) || raw.url.get_ref().contains(' ') => {
+        // A url of the wrong type is one problem among the others, like any other value.
+        let url = match self.typed(Some(raw.url)) {
+            None => Err(None),
+            Some(url) => match Template::parse(url.get_ref()) {
+                Ok(template) => Ok((template, url)),
+                Err(message) => Err(Some((message, url.span()))),
+            },
+        };
+        let url = match url {
+            Err(None) => Template { raw: String::new() },
+            Ok((_, raw_url))
+                if !valid_header_value(raw_url.get_ref()) || raw_url.get_ref().contains(' ') =>
+            {
                 self.report(
-                    Some(raw.url.span()),
+                    Some(raw_url.span()),
                     format!("task `{name}`: notify url has a space or a control character (a newline?); remove it"),
                 );
                 Template { raw: String::new() }
             }
-            Ok(url)
+            Ok((url, _))
                 if url.raw.starts_with("http://")
                     || url.raw.starts_with("https://")
                     || url.raw.starts_with("${") =>
             {
                 url
             }
-            Ok(_) => {
+            Ok((_, raw_url)) => {
                 self.report(
-                    Some(raw.url.span()),
+                    Some(raw_url.span()),
                     format!("task `{name}`: notify url must start with http:// or https://, or be a ${{VARIABLE}} that holds one"),
                 );
                 Template { raw: String::new() }
             }
-            Err(message) => {
-                self.report(
-                    Some(raw.url.span()),
-                    format!("task `{name}`: notify url: {message}"),
-                );
+            Err(Some((message, span))) => {
+                self.report(Some(span), format!("task `{name}`: notify url: {message}"));
                 Template { raw: String::new() }
             }
         };

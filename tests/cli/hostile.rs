@@ -341,6 +341,26 @@ fn a_value_of_the_wrong_type_hides_no_other_problem() {
     }
 }
 
+/// A notify `url` or a `[lock] postgres` of the wrong type is one problem among the others, as any
+/// value of the wrong type: it does not stop the reader and hide the rest of the file.
+#[test]
+fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
+    let t = Test::new().config(
+        "[tasks.n]\nnotify = { url = 5 }\n[tasks.a]\nrun = \"\"\n\
+         [lock]\npostgres = 5\nonce = \"yes\"\n",
+    );
+    let out = t.run_with(&["check"]);
+    out.status(78)
+        .stderr_has("release.toml:2:18: invalid type: integer `5`, expected a string")
+        .stderr_has("(key `url`)")
+        .stderr_has("release.toml:4:7: task `a`: `run` is empty");
+    if cfg!(feature = "postgres") {
+        out.stderr_has("release.toml:6:12:")
+            .stderr_has("(key `postgres`)")
+            .stderr_has("release.toml:7:8: invalid type: string \"yes\", expected a boolean");
+    }
+}
+
 /// A value of the wrong type names its key (serde's message does not), and a secret-looking key's
 /// value is not shown: `API_TOKEN = 12345678` in a task's `env` is a secret written in the file.
 #[test]
@@ -505,7 +525,10 @@ fn a_secret_cut_at_the_tail_line_limit_is_not_shown_in_part() {
         )
         .env("DB_PASSWORD", "hunter2hunter2")
         .args(&["--report", "report.json", "--junit", "junit.xml"]);
-    t.run().status(1).stderr_lacks("hunte").stderr_lacks("admin:");
+    t.run()
+        .status(1)
+        .stderr_lacks("hunte")
+        .stderr_lacks("admin:");
     for file in ["report.json", "junit.xml"] {
         let text = std::fs::read_to_string(t.path(file)).unwrap();
         assert!(text.contains("pw="), "{file}: {text}");
