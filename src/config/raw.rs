@@ -29,7 +29,7 @@ pub(super) struct RawConfig {
 #[serde(expecting = "a [require] table, like env = [\"DATABASE_URL\"]")]
 pub(super) struct RawRequire {
     #[serde(default)]
-    pub(super) env: Vec<Spanned<String>>,
+    pub(super) env: Vec<Typed<String>>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +87,7 @@ pub(super) struct RawTask {
     pub(super) unless: Option<Spanned<toml::Value>>,
     pub(super) timeout: Option<Typed<String>>,
     pub(super) grace: Option<Typed<String>>,
-    pub(super) after: Option<Vec<Spanned<String>>>,
+    pub(super) after: Option<Vec<Typed<String>>>,
     pub(super) allow_failure: Option<Typed<bool>>,
     #[serde(default)]
     pub(super) env: BTreeMap<String, Typed<String>>,

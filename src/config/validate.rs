@@ -453,6 +453,9 @@ impl Validator<'_> {
     fn required_env(&mut self, raw: Option<RawRequire>) -> Vec<String> {
         let mut names = Vec::new();
         for name in raw.map(|r| r.env).unwrap_or_default() {
+            let Some(name) = self.typed(Some(name)) else {
+                continue;
+            };
             if crate::gate::is_var_name(name.get_ref()) {
                 names.push(name.into_inner());
             } else {
@@ -487,8 +490,14 @@ impl Validator<'_> {
                 );
             }
             let task_span = raw_task.span();
-            let raw_task = raw_task.into_inner();
-            afters.push(raw_task.after.clone().unwrap_or_default());
+            let mut raw_task = raw_task.into_inner();
+            let after = raw_task.after.take().unwrap_or_default();
+            afters.push(
+                after
+                    .into_iter()
+                    .filter_map(|name| self.typed(Some(name)))
+                    .collect(),
+            );
             tasks.push(self.task(name, task_span, raw_task, defaults));
         }
         self.order(tasks, &afters)

@@ -341,8 +341,8 @@ fn a_value_of_the_wrong_type_hides_no_other_problem() {
     }
 }
 
-/// A notify `url` or a `[lock] postgres` of the wrong type is one problem among the others, as any
-/// value of the wrong type: it does not stop the reader and hide the rest of the file.
+/// A notify `url`, a `[lock] postgres` or an item of `after` or `[require] env` of the wrong type is
+/// one problem among the others, as any value of the wrong type: it does not stop the reader and hide the rest of the file.
 #[test]
 fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
     let t = Test::new().config(
@@ -354,6 +354,17 @@ fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
         .stderr_has("release.toml:2:18: invalid type: integer `5`, expected a string")
         .stderr_has("(key `url`)")
         .stderr_has("release.toml:4:7: task `a`: `run` is empty");
+    // So is an item of the wrong type in `after` or `[require] env`.
+    Test::new()
+        .config(
+            "[require]\nenv = [5]\n[tasks.a]\nrun = \"x\"\nafter = [7]\n[tasks.b]\nrun = \"\"\n",
+        )
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:2:8: invalid type: integer `5`")
+        .stderr_has("release.toml:5:10: invalid type: integer `7`")
+        .stderr_has("release.toml:7:7: task `b`: `run` is empty");
     if cfg!(feature = "postgres") {
         out.stderr_has("release.toml:6:12:")
             .stderr_has("(key `postgres`)")
