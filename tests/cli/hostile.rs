@@ -548,6 +548,30 @@ fn a_secret_cut_at_the_tail_line_limit_is_not_shown_in_part() {
     }
 }
 
+/// `check` finds a `--report` or `--junit` path that `run` could not create (exit 2 before its
+/// first task), without creating anything.
+#[test]
+fn check_finds_a_report_path_that_run_could_not_create() {
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    t.run_with(&["check", "--report", "missing/report.json"])
+        .status(2)
+        .stderr_has("--report missing/report.json: `run` could not create the file: its directory missing does not exist");
+    std::fs::create_dir(t.path("out")).unwrap();
+    t.run_with(&["check", "--junit", "out"])
+        .status(2)
+        .stderr_has("--junit out: `run` could not create the file: it is a directory");
+    t.run_with(&[
+        "check",
+        "--report",
+        "out/report.json",
+        "--junit",
+        "junit.xml",
+    ])
+    .status(0);
+    assert!(!t.path("out/report.json").exists() && !t.path("junit.xml").exists());
+    t.run_with(&["--report", "missing/report.json"]).status(2);
+}
+
 /// A task's `env` name that no process can take is reported on its own line, not the task's.
 #[test]
 fn a_bad_env_name_is_reported_where_it_is() {
