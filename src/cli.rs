@@ -135,7 +135,14 @@ impl Settings {
     /// Merges `cli` over the `RELEASE_TASKS_*` variables of `env` (flags win). An empty variable is
     /// the same as an unset one; so is an empty `--only` or `--skip` list (`--only ''`).
     pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
-        let vars = EnvSettings::read(env)?;
+        // Flags win: a variable whose flag is given is not read at all (not even checked for UTF-8).
+        let given = [
+            cli.only.is_some(),
+            cli.skip.is_some(),
+            cli.log_format.is_some(),
+            cli.output_format.is_some(),
+        ];
+        let vars = EnvSettings::read(env, given)?;
         let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
         let output_format = match (cli.output_format, vars.output_format) {
             (Some(format), _) => format,
@@ -230,10 +237,15 @@ impl EnvSettings {
 
     /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
     /// that is not UTF-8 is an error that names its variable (never taken as unset).
-    fn read(env: &Env) -> Result<EnvSettings> {
+    /// `given[i]` says that the flag of `NAMES[i]` was given, so its variable is left unread.
+    fn read(env: &Env, given: [bool; 4]) -> Result<EnvSettings> {
         let mut vars = Vec::new();
         let mut not_text = Vec::new();
-        for name in Self::NAMES {
+        for (name, _) in Self::NAMES
+            .into_iter()
+            .zip(given)
+            .filter(|(_, given)| !given)
+        {
             let var = format!("RELEASE_TASKS_{name}");
             match env.lookup(&var) {
                 Ok(Some(value)) if !value.is_empty() => vars.push((var, value.to_owned())),

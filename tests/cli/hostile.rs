@@ -275,6 +275,22 @@ fn a_value_that_is_not_utf8_is_an_error_naming_the_variable_never_unset() {
     }
 }
 
+/// Flags win over variables: with `--only`, `--skip`, `--log-format` or `--output-format` given, its
+/// variable is not read, so one that is not UTF-8 is no more an error than one that is not valid.
+#[test]
+fn a_flag_wins_over_its_variable_even_one_that_is_not_utf8() {
+    for (var, flag) in [
+        ("RELEASE_TASKS_ONLY", &["--only", "a"][..]),
+        ("RELEASE_TASKS_SKIP", &["--skip", "b"]),
+        ("RELEASE_TASKS_LOG_FORMAT", &["--log-format", "text"]),
+        ("RELEASE_TASKS_OUTPUT_FORMAT", &["--output-format", "text"]),
+    ] {
+        let t = Test::new().config(TWO_TASKS).env_bytes(var, b"a\xff");
+        t.run_with(flag).status(0).stderr_lacks("not UTF-8");
+        assert!(t.path("a-ran").exists(), "{var}");
+    }
+}
+
 #[test]
 fn paths_from_the_environment_need_not_be_utf8() {
     let t = Test::new().config("[tasks.wrong]\nrun = \"touch wrong\"\n");
