@@ -127,13 +127,22 @@ pub struct Settings {
     pub junit: Option<PathBuf>,
     /// The `.env` files to read, in order (none unless named).
     pub env_files: Vec<PathBuf>,
+    /// Where they were named, for messages: `--env-file` or `RELEASE_TASKS_ENV_FILE`.
+    pub env_files_from: &'static str,
 }
 
 impl Settings {
     /// Merges `cli` over the `RELEASE_TASKS_*` variables of `env` (flags win). An empty variable is
     /// the same as an unset one; so is an empty `--only` or `--skip` list (`--only ''`).
     pub fn resolve(cli: Cli, env: &Env) -> Result<Settings> {
-        let vars = EnvSettings::read(env)?;
+        // Flags win: a variable whose flag is given is not read at all (not even checked for UTF-8).
+        let given = [
+            cli.only.is_some(),
+            cli.skip.is_some(),
+            cli.log_format.is_some(),
+            cli.output_format.is_some(),
+        ];
+        let vars = EnvSettings::read(env, given)?;
         let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
         let output_format = match (cli.output_format, vars.output_format) {
             (Some(format), _) => format,
@@ -185,13 +194,15 @@ impl Settings {
                 )));
             }
         }
-        let env_files = if cli.env_files.is_empty() {
-            path("RELEASE_TASKS_ENV_FILE").into_iter().collect()
+        let (env_files, env_files_from) = if cli.env_files.is_empty() {
+            let named = path("RELEASE_TASKS_ENV_FILE").into_iter().collect();
+            (named, "RELEASE_TASKS_ENV_FILE")
         } else {
-            cli.env_files
+            (cli.env_files, "--env-file")
         };
         Ok(Settings {
             env_files,
+            env_files_from,
             command: cli.command.unwrap_or(Command::Run),
             config: cli
                 .config
@@ -211,7 +222,7 @@ impl Settings {
 }
 
 /// The `RELEASE_TASKS_*` settings that are text, read with envy. Paths (`_CONFIG`, `_REPORT`,
-/// `_JUNIT`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
+/// `_JUNIT`, `_ENV_FILE`) are read as bytes instead, so that a path that is not UTF-8 still works; the metadata
 /// overrides (`_APP`, `_VERSION`, `_COMMIT`) belong to `metadata.rs`.
 #[derive(Debug, Default, serde::Deserialize)]
 struct EnvSettings {
@@ -226,10 +237,15 @@ impl EnvSettings {
 
     /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
     /// that is not UTF-8 is an error that names its variable (never taken as unset).
-    fn read(env: &Env) -> Result<EnvSettings> {
+    /// `given[i]` says that the flag of `NAMES[i]` was given, so its variable is left unread.
+    fn read(env: &Env, given: [bool; 4]) -> Result<EnvSettings> {
         let mut vars = Vec::new();
         let mut not_text = Vec::new();
-        for name in Self::NAMES {
+        for (name, _) in Self::NAMES
+            .into_iter()
+            .zip(given)
+            .filter(|(_, given)| !given)
+        {
             let var = format!("RELEASE_TASKS_{name}");
             match env.lookup(&var) {
                 Ok(Some(value)) if !value.is_empty() => vars.push((var, value.to_owned())),

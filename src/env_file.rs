@@ -24,10 +24,11 @@ pub struct Loaded {
 /// (then the file's value is not used). A path that names no readable file (missing, a directory,
 /// no permission) is a usage error (2), a file that cannot be parsed is a config error (78) with its
 /// line and column.
-pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
+/// `from` is where the files were named (`--env-file` or `RELEASE_TASKS_ENV_FILE`), for messages.
+pub fn load(files: &[PathBuf], from: &str, is_set: impl Fn(&str) -> bool) -> Result<Vec<Loaded>> {
     let mut loaded: Vec<Loaded> = Vec::new();
     for file in files {
-        for (name, value) in parse(file)? {
+        for (name, value) in parse(file, from)? {
             if !is_set(&name) && !loaded.iter().any(|l| l.name == name) {
                 loaded.push(Loaded {
                     name,
@@ -41,7 +42,7 @@ pub fn load(files: &[PathBuf], is_set: impl Fn(&str) -> bool) -> Result<Vec<Load
 }
 
 /// Every `NAME=value` of one file, in file order (a name set twice keeps its first value).
-fn parse(file: &Path) -> Result<Vec<(String, String)>> {
+fn parse(file: &Path, from: &str) -> Result<Vec<(String, String)>> {
     let mut bytes = std::fs::read(file).map_err(|err| {
         let problem = match err.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_owned(),
@@ -50,7 +51,7 @@ fn parse(file: &Path) -> Result<Vec<(String, String)>> {
         };
         // The path on the command line names no readable file: a usage error, like a missing one.
         Error::Usage(format!(
-            "--env-file {}: {problem}; name a readable .env file (a relative path is taken from the current directory)",
+            "{from} {}: {problem}; name a readable .env file (a relative path is taken from the current directory)",
             file.display()
         ))
     })?;
@@ -77,12 +78,16 @@ fn parse(file: &Path) -> Result<Vec<(String, String)>> {
             Err(dotenvy::Error::LineParse(snippet, at)) => {
                 let first = snippet.lines().next().unwrap_or_default();
                 // dotenvy gives the snippet's end for a quote that is never closed: point at its start.
-                let (at, problem) = if at >= snippet.trim_end().len() {
+                let (at, problem) = if at >= snippet.trim_end().len() && first.contains(['"', '\''])
+                {
                     (0, "a quote opened here is never closed")
                 } else {
-                    (at, "cannot parse this line")
+                    (at.min(snippet.trim_end().len()), "cannot parse this line")
                 };
                 let (line, col) = locate(&text, &snippet, at);
+                // The line as the file has it, with a secret-looking variable's value hidden: the
+                // snippet may be only the value, and a .env file is where the secrets live.
+                let first = shown(text.lines().nth(line - 1).unwrap_or(first));
                 return Err(invalid(
                     file,
                     line,
@@ -125,6 +130,19 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// One line of a `.env` file as an error may show it: `NAME=value` with the value redacted as any
+/// value of that variable would be; a line without a name has only its URLs' credentials hidden.
+fn shown(line: &str) -> String {
+    match line.split_once('=') {
+        Some((head, value)) => {
+            let name = head.trim();
+            let name = name.strip_prefix("export").map_or(name, str::trim_start);
+            format!("{head}={}", crate::redact::value(name, value))
+        }
+        None => crate::redact::urls_in(line),
+    }
+}
+
 fn invalid(file: &Path, line: usize, col: usize, message: String) -> Error {
     Error::ConfigInvalid {
         path: file.to_path_buf(),
@@ -154,7 +172,10 @@ mod tests {
             "# comment\nA=from-a\nB=\"from a\"\nexport C=c\n",
         );
         let b = write(dir.path(), "b.env", "A=from-b\nD=d\nSHELL_SET=x\n");
-        let loaded = load(&[a.clone(), b.clone()], |name| name == "SHELL_SET").unwrap();
+        let loaded = load(&[a.clone(), b.clone()], "--env-file", |name| {
+            name == "SHELL_SET"
+        })
+        .unwrap();
         let got: Vec<_> = loaded
             .iter()
             .map(|l| (l.name.as_str(), l.value.as_str(), l.file.clone()))
@@ -174,7 +195,7 @@ mod tests {
     fn a_syntax_error_names_the_file_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), ".env", "A=1\n\nB=2\nC=\"never closed\nD=4\n");
-        let err = load(&[file], |_| false).unwrap_err();
+        let err = load(&[file], "--env-file", |_| false).unwrap_err();
         assert_eq!(err.exit_code(), 78);
         let shown = err.to_string();
         assert!(
@@ -182,13 +203,20 @@ mod tests {
             "{shown}"
         );
         let file = write(dir.path(), "bad.env", "A=1\nB C=2\n");
-        let shown = load(&[file], |_| false).unwrap_err().to_string();
+        let shown = load(&[file], "--env-file", |_| false)
+            .unwrap_err()
+            .to_string();
         assert!(shown.contains("bad.env:2:"), "{shown}");
     }
 
     #[test]
     fn a_missing_file_is_a_usage_error_that_names_it() {
-        let err = load(&[PathBuf::from("/nonexistent/.env.local")], |_| false).unwrap_err();
+        let err = load(
+            &[PathBuf::from("/nonexistent/.env.local")],
+            "--env-file",
+            |_| false,
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("/nonexistent/.env.local"));
     }

@@ -49,7 +49,9 @@ pub fn env_snapshot() -> Env {
 ///
 /// Call it before any thread starts: it changes the process environment.
 pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
-    let loaded = env_file::load(&settings.env_files, |name| env.contains_key(name))?;
+    let loaded = env_file::load(&settings.env_files, settings.env_files_from, |name| {
+        env.contains_key(name)
+    })?;
     for var in loaded {
         // SAFETY: called from `main` before any thread is started (see above), so nothing reads
         // the environment concurrently.
@@ -107,6 +109,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         }
         Command::Check => {
             let (config, plan) = load(settings, env)?;
+            check_report_paths(settings)?;
             let runs = plan.to_run().count();
             match settings.log_format {
                 LogFormat::Text => say(&format!(
@@ -145,7 +148,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             if let Some(sig) = exec::stop_received() {
                 return Err(exec::interrupted(sig));
             }
-            tracing::info!(command = %redact::urls_in(&shown_command(command)), "release succeeded; starting the command");
+            tracing::info!(command = %redact::command(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
             log::flush(std::time::Duration::from_secs(5));
             if let Some(sig) = exec::stop_received() {
@@ -265,6 +268,35 @@ fn open_report_files(settings: &Settings) -> Result<ReportFiles> {
         json: open(settings.report.as_ref(), "--report")?,
         junit: open(settings.junit.as_ref(), "--junit")?,
     })
+}
+
+/// For `check`: the `--report` and `--junit` paths that `run` could not create (before its first
+/// task, exit 2), found without creating them: a directory that does not exist or cannot be
+/// written, or a path that is a directory.
+fn check_report_paths(settings: &Settings) -> Result<()> {
+    for (path, flag) in [(&settings.report, "--report"), (&settings.junit, "--junit")] {
+        let Some(path) = path else { continue };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        let problem = if path.is_dir() {
+            Some("it is a directory".to_owned())
+        } else if !dir.is_dir() {
+            Some(format!("its directory {} does not exist", dir.display()))
+        } else {
+            nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK)
+                .err()
+                .map(|err| format!("its directory {} cannot be written ({err})", dir.display()))
+        };
+        if let Some(problem) = problem {
+            return Err(error::Error::Usage(format!(
+                "{flag} {}: `run` could not create the file: {problem}; check that its directory exists and is writable",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes the report files; a failure is logged, since the release itself has already ended.

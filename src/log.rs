@@ -7,9 +7,9 @@
 //! a log line that cannot be written (stderr closed or full) is dropped: it never stops the release.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -165,6 +165,9 @@ enum Message {
 /// From now on, log lines are written by a thread of their own, so that the run loop never waits on
 /// a stalled log reader: a timeout or a signal must be acted on even when nobody reads stderr.
 pub fn write_in_background() {
+    if BACKGROUND.get().is_some() {
+        return;
+    }
     let (tx, rx) = channel::<Message>();
     let started = std::thread::Builder::new()
         .name("log".into())
@@ -185,13 +188,47 @@ pub fn write_in_background() {
 }
 
 /// Waits until the log lines sent so far are written, for at most `limit` (stderr may be stalled).
+/// Once a flush has timed out, later ones wait no longer than it did: a stalled stderr costs
+/// release-tasks one wait at its end, not one per flush.
 pub fn flush(limit: Duration) {
     if let Some(tx) = BACKGROUND.get() {
         let (done, wait) = sync_channel(1);
         if tx.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(limit);
+            let deadline = wait_until(&FLUSH_STALLED, limit);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait.recv_timeout(left).is_err() {
+                stalled(&FLUSH_STALLED, deadline);
+            }
         }
     }
+}
+
+/// How long log lines written directly may wait for a stalled stderr, in all.
+const DIRECT_WAIT: Duration = Duration::from_secs(5);
+
+/// When a line written directly (before the background writer) first timed out: later ones wait
+/// no longer than that, so that a stalled stderr costs one wait before the release, not one a line.
+static DIRECT_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// The same for flushes. Kept apart from [`DIRECT_STALLED`]: a reader that stalled before the
+/// release may be back by its end, and the last lines (and a stop signal that arrives while they
+/// go out, before `exec`) deserve their wait.
+static FLUSH_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// When a wait for stderr that may last `limit` must end, given when such waits stalled before.
+fn wait_until(stalled: &Mutex<Option<Instant>>, limit: Duration) -> Instant {
+    let stalled = *stalled
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    stalled.unwrap_or_else(|| Instant::now() + limit)
+}
+
+/// Remembers that a wait for stderr ended at `deadline` with its lines still waiting.
+fn stalled(which: &Mutex<Option<Instant>>, deadline: Instant) {
+    which
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_or_insert(deadline);
 }
 
 /// Writes each formatted event to stderr in one locked write (or hands it to the background writer).
@@ -200,9 +237,16 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match BACKGROUND.get() {
-            Some(tx) => drop(tx.send(Message::Line(buf.to_vec()))),
-            None => drop(output::write(Target::Stderr, buf)),
+        if let Some(tx) = BACKGROUND.get() {
+            drop(tx.send(Message::Line(buf.to_vec())));
+        } else {
+            // Before the background writer exists (before the release starts, and for the other
+            // commands) a stalled stderr must not hold release-tasks up for ever: a line waits at
+            // most DIRECT_WAIT, and once one has timed out, the later ones no longer than it did.
+            let deadline = wait_until(&DIRECT_STALLED, DIRECT_WAIT);
+            if output::write_until(Target::Stderr, buf, deadline).is_err() {
+                stalled(&DIRECT_STALLED, deadline);
+            }
         }
         Ok(buf.len())
     }

@@ -131,6 +131,36 @@ pub fn write(target: Target, bytes: &[u8]) -> std::io::Result<()> {
     write_vectored(target, &mut [IoSlice::new(bytes)])
 }
 
+/// Writes `bytes` to `target` under the output lock, waiting at most until `deadline` for room: a
+/// stalled reader (a full pipe nobody reads) makes it give up with `TimedOut` instead of blocking
+/// forever. Pieces of at most `PIPE_BUF` bytes go out only once `poll` says there is room, and a
+/// pipe with room takes that much without blocking.
+pub fn write_until(target: Target, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    const PIPE_BUF: usize = 4096;
+    let _guard = lock(target);
+    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+        // Room, or an error or hang-up that the write then reports.
+        match poll(&mut fds, wait) {
+            Ok(0) => return Err(std::io::ErrorKind::TimedOut.into()),
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(err) => return Err(err.into()),
+        }
+        match unistd::write(fd, &bytes[..bytes.len().min(PIPE_BUF)]) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EINTR | Errno::EAGAIN) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Where one piece of output comes from: the pieces of a batch, written in one `writev`, are whole
 /// lines, so nothing is copied on the way through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -120,7 +120,9 @@ impl Plan {
             );
             let run = skip.is_none();
             let webhook = match &task.command {
-                Command::Notify(notify) if run && bad_values.is_empty() => {
+                // Every notify task is checked, not only the first one with a problem; one whose
+                // variable is not UTF-8 is already named by `not_text` (not also as unset).
+                Command::Notify(notify) if run && vars_are_text(notify, env) => {
                     match Webhook::resolve(notify, env) {
                         Ok(webhook) => {
                             bad_values.extend(bad_headers(notify, env, &task.name));
@@ -207,6 +209,14 @@ fn not_text(config: &Config, env: &Env) -> Vec<String> {
         .into_iter()
         .filter_map(|(place, var)| env.lookup(var).err().map(|err| format!("{place}{err}")))
         .collect()
+}
+
+/// Whether every variable a notify task's URL and headers name is unset or text.
+fn vars_are_text(notify: &crate::config::Notify, env: &Env) -> bool {
+    std::iter::once(&notify.url)
+        .chain(notify.headers.iter().map(|(_, t)| t))
+        .flat_map(crate::config::Template::vars)
+        .all(|var| env.lookup(var).is_ok())
 }
 
 /// The first few `names` and how many more there are.
@@ -396,7 +406,7 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
         .max()
         .unwrap_or(0);
     for step in &plan.steps {
-        let command = crate::redact::urls_in(&step.task.command.to_string());
+        let command = crate::redact::command(&step.task.command.to_string());
         match format {
             LogFormat::Text => {
                 let decision = if step.run { "run " } else { "skip" };

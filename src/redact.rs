@@ -176,6 +176,58 @@ pub fn urls_in(text: &str) -> String {
     out
 }
 
+/// A command as it may be shown (the log's `command=`, `plan`): URLs reduced as by [`urls_in`],
+/// and the value of each `NAME=value` whose name looks secret hidden, whether a shell assignment
+/// (`API_TOKEN=abc ./deploy`, an `env` argument) or an option (`--password=abc`).
+#[must_use]
+pub fn command(text: &str) -> String {
+    let text = urls_in(text);
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while let Some(c) = text[i..].chars().next() {
+        let before = i.checked_sub(1).map(|b| bytes[b]);
+        let word_start = before.is_none_or(|b| b.is_ascii_whitespace() || b";&|(\"'".contains(&b));
+        if word_start {
+            let name_start = i + text[i..].bytes().take_while(|&b| b == b'-').count();
+            let name_len = text[name_start..]
+                .bytes()
+                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+                .count();
+            let eq = name_start + name_len;
+            if name_len > 0 && bytes.get(eq) == Some(&b'=') && is_secret_name(&text[name_start..eq])
+            {
+                let end = value_end(&text, eq + 1, before.filter(|b| b"\"'".contains(b)));
+                out.push_str(&text[i..=eq]);
+                if end > eq + 1 {
+                    out.push_str(REDACTED);
+                }
+                i = end;
+                continue;
+            }
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+/// Where the value that starts at `start` ends: at whitespace or a shell operator outside quotes,
+/// or, inside the quote `quoted` the word started in (an array item `"API_TOKEN=x"`), at its end.
+fn value_end(text: &str, start: usize, quoted: Option<u8>) -> usize {
+    let mut open: Option<char> = None;
+    for (at, c) in text[start..].char_indices() {
+        match open {
+            Some(q) if c == q => open = None,
+            None if quoted.is_some_and(|q| c == char::from(q)) => return start + at,
+            None if c.is_whitespace() || ";&|)".contains(c) => return start + at,
+            None if quoted.is_none() && (c == '"' || c == '\'') => open = Some(c),
+            Some(_) | None => {}
+        }
+    }
+    text.len()
+}
+
 /// Hides every occurrence of each secret in `text` (for messages that quote user input).
 #[must_use]
 pub fn scrub(text: &str, secrets: &[String]) -> String {
@@ -189,6 +241,40 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_assignments_in_commands() {
+        for (command, shown) in [
+            ("API_TOKEN=tok3 true", "API_TOKEN=[redacted] true"),
+            (
+                "DB_PASSWORD='a b' ./x; echo ok",
+                "DB_PASSWORD=[redacted] ./x; echo ok",
+            ),
+            (
+                "mysql --password=pw -u root",
+                "mysql --password=[redacted] -u root",
+            ),
+            (
+                r#"["env", "STRIPE_API_KEY=sk", "srv"]"#,
+                r#"["env", "STRIPE_API_KEY=[redacted]", "srv"]"#,
+            ),
+            (
+                "sh -c \"MY_SECRET=s cmd\"",
+                "sh -c \"MY_SECRET=[redacted] cmd\"",
+            ),
+            (
+                "RAILS_ENV=production PWD=/app rake",
+                "RAILS_ENV=production PWD=/app rake",
+            ),
+            ("echo a=b TOKEN= x", "echo a=b TOKEN= x"),
+            (
+                "caf\u{e9} API_KEY=\u{e9}\u{e9} z",
+                "caf\u{e9} API_KEY=[redacted] z",
+            ),
+        ] {
+            assert_eq!(super::command(command), shown, "{command}");
+        }
+    }
 
     #[test]
     fn secret_names() {

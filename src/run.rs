@@ -308,7 +308,7 @@ impl Runner {
         task: &Task,
         release_deadline: Option<Instant>,
     ) -> anyhow::Result<Ran> {
-        let command = crate::redact::urls_in(&task.command.to_string());
+        let command = crate::redact::command(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
         let spawned = match process::spawn(task, &self.run_id) {
             Ok(spawned) => spawned,

@@ -126,13 +126,40 @@ impl Tail {
         self.lines
             .iter()
             .map(|line| {
-                redact::urls_in(&redact::scrub(
-                    &printable(&String::from_utf8_lossy(line)),
-                    secrets,
-                ))
+                let text = printable(&String::from_utf8_lossy(line));
+                // A line cut at MAX_LINE may end in the first part of a secret or of a URL, which
+                // neither `scrub` nor `urls_in` would know for one: that part is left out.
+                let (text, cut) = match text.strip_suffix('…') {
+                    Some(kept) => (without_cut_secret(kept, secrets), "…"),
+                    None => (text.as_str(), ""),
+                };
+                redact::urls_in(&redact::scrub(text, secrets)) + cut
             })
             .collect()
     }
+}
+
+/// `text` without what may be the start of a secret cut off at its end: the longest beginning of
+/// any of `secrets` that it ends with, and then a last word that holds `://` (a URL whose `@` was
+/// cut off would read as a host).
+fn without_cut_secret<'a>(text: &'a str, secrets: &[String]) -> &'a str {
+    let mut end = text.len();
+    for secret in secrets {
+        let longest = (1..secret.len())
+            .rev()
+            .filter(|&k| secret.is_char_boundary(k))
+            .find(|&k| text[..end].ends_with(&secret[..k]));
+        if let Some(k) = longest {
+            end -= k;
+        }
+    }
+    let word = text[..end]
+        .rfind(char::is_whitespace)
+        .map_or(0, |at| at + 1);
+    if text[word..end].contains("://") {
+        end = word;
+    }
+    &text[..end]
 }
 
 /// The values to hide in shown output: those of variables whose names look secret (four characters
@@ -265,6 +292,33 @@ mod tests {
         assert_eq!(
             secrets(vars.iter().map(|(k, v)| (k, v))),
             ["tok-123456", "postgres://u:p@h/db"]
+        );
+    }
+
+    #[test]
+    fn a_secret_or_url_cut_at_the_line_limit_is_not_shown_in_part() {
+        let secret = "hunter2hunter2".to_owned();
+        let mut tail = Tail::new(3);
+        tail.feed(
+            0,
+            format!("{}pw={secret}\n", "y".repeat(MAX_LINE - 8)).as_bytes(),
+        );
+        tail.feed(
+            0,
+            format!(
+                "{} postgres://admin:supersecretpw@db/app\n",
+                "x".repeat(MAX_LINE - 30)
+            )
+            .as_bytes(),
+        );
+        tail.feed(0, b"pw=hunter2hunter2 and https://u:p@h/x\n");
+        let lines = tail.render(&[secret]);
+        assert!(lines[0].ends_with("pw=…"), "{}", lines[0]);
+        assert!(lines[1].ends_with("x …"), "{}", lines[1]);
+        assert!(!lines[1].contains("admin"), "{}", lines[1]);
+        assert_eq!(
+            lines[2],
+            "pw=[redacted] and https://[redacted]@h/[redacted]"
         );
     }
 

@@ -29,13 +29,13 @@ pub(super) struct RawConfig {
 #[serde(expecting = "a [require] table, like env = [\"DATABASE_URL\"]")]
 pub(super) struct RawRequire {
     #[serde(default)]
-    pub(super) env: Vec<Spanned<String>>,
+    pub(super) env: Vec<Typed<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\"")]
 pub(super) struct RawLock {
-    pub(super) postgres: Spanned<OneOrMany>,
+    pub(super) postgres: Typed<OneOrMany>,
     pub(super) key: Option<Typed<String>>,
     pub(super) timeout: Option<Typed<String>>,
     pub(super) once: Option<Typed<bool>>,
@@ -56,7 +56,7 @@ pub(super) enum OneOrMany {
 #[derive(Deserialize)]
 #[serde(expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }")]
 pub(super) struct RawNotify {
-    pub(super) url: Spanned<String>,
+    pub(super) url: Typed<String>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Typed<String>>,
     pub(super) format: Option<Typed<NotifyFormat>>,
@@ -87,7 +87,7 @@ pub(super) struct RawTask {
     pub(super) unless: Option<Spanned<toml::Value>>,
     pub(super) timeout: Option<Typed<String>>,
     pub(super) grace: Option<Typed<String>>,
-    pub(super) after: Option<Vec<Spanned<String>>>,
+    pub(super) after: Option<Vec<Typed<String>>>,
     pub(super) allow_failure: Option<Typed<bool>>,
     #[serde(default)]
     pub(super) env: BTreeMap<String, Typed<String>>,

@@ -105,6 +105,40 @@ fn syntax_message(message: &str) -> String {
     format!("{message}; {hint}")
 }
 
+/// The key whose value starts at byte `start` of `source` (`timeout = 5`, `{ API_TOKEN = 1 }`),
+/// bare or quoted, if the text before the value is `KEY =`.
+fn key_before(source: &str, start: usize) -> Option<&str> {
+    let before = source
+        .get(..start)?
+        .trim_end()
+        .strip_suffix('=')?
+        .trim_end();
+    let key = if let Some(quoted) = before.strip_suffix('"') {
+        &quoted[quoted.rfind('"')? + 1..]
+    } else {
+        let at = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .map_or(0, |i| i + 1);
+        &before[at..]
+    };
+    (!key.is_empty()).then_some(key)
+}
+
+/// serde's "invalid type: integer `5`, expected a string" without the value: "invalid type:
+/// integer, expected a string".
+fn without_value(message: &str) -> String {
+    match message
+        .split_once(": ")
+        .zip(message.split_once(", expected"))
+    {
+        Some(((what, found), (_, expected))) => {
+            let kind = found.split([' ', ',']).next().unwrap_or_default();
+            format!("{what}: {kind}, expected{expected}")
+        }
+        None => message.to_owned(),
+    }
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
@@ -225,7 +259,16 @@ impl Validator<'_> {
         match field?.0 {
             Ok(value) => Some(value),
             Err((span, message)) => {
-                self.report(Some(span), syntax_message(&message));
+                // serde's message names neither the key nor hides its value: say which key, and
+                // leave out the value of a secret-looking one (`API_TOKEN = 12345678`).
+                let message = match key_before(self.source, span.start) {
+                    Some(key) if crate::redact::is_secret_name(key) => {
+                        format!("{} (key `{key}`)", syntax_message(&without_value(&message)))
+                    }
+                    Some(key) => format!("{} (key `{key}`)", syntax_message(&message)),
+                    None => syntax_message(&message),
+                };
+                self.report(Some(span), message);
                 None
             }
         }
@@ -351,22 +394,26 @@ impl Validator<'_> {
             );
             return None;
         }
-        let vars_span = raw.postgres.span();
-        let url_vars = match raw.postgres.into_inner() {
-            OneOrMany::One(name) => vec![name],
-            OneOrMany::Many(names) => names,
-        };
-        if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
-            self.report(
-                Some(vars_span),
-                format!(
-                    "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
-                     (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
-                    crate::redact::urls_in(&url_vars.join(", "))
-                ),
-            );
-            return None;
-        }
+        // A bad `postgres` is one problem; the other keys are still checked.
+        let url_vars = self.typed(Some(raw.postgres)).and_then(|postgres| {
+            let vars_span = postgres.span();
+            let url_vars = match postgres.into_inner() {
+                OneOrMany::One(name) => vec![name],
+                OneOrMany::Many(names) => names,
+            };
+            if url_vars.is_empty() || !url_vars.iter().all(|v| crate::gate::is_var_name(v)) {
+                self.report(
+                    Some(vars_span),
+                    format!(
+                        "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                         (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
+                        crate::redact::urls_in(&url_vars.join(", "))
+                    ),
+                );
+                return None;
+            }
+            Some(url_vars)
+        });
         let key = match self.typed(raw.key) {
             Some(key) if key.get_ref().trim().is_empty() => {
                 self.report(
@@ -387,22 +434,28 @@ impl Validator<'_> {
             }
             other => other.map(Spanned::into_inner),
         };
+        let timeout = self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60));
+        let once = self.typed(raw.once).is_some_and(Spanned::into_inner);
+        let connect_timeout = self.duration(
+            raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(60),
+        );
         Some(Lock {
-            url_vars,
+            url_vars: url_vars?,
             key,
-            timeout: self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60)),
-            once: self.typed(raw.once).is_some_and(Spanned::into_inner),
-            connect_timeout: self.duration(
-                raw.connect_timeout,
-                "connect_timeout",
-                Duration::from_secs(60),
-            ),
+            timeout,
+            once,
+            connect_timeout,
         })
     }
 
     fn required_env(&mut self, raw: Option<RawRequire>) -> Vec<String> {
         let mut names = Vec::new();
         for name in raw.map(|r| r.env).unwrap_or_default() {
+            let Some(name) = self.typed(Some(name)) else {
+                continue;
+            };
             if crate::gate::is_var_name(name.get_ref()) {
                 names.push(name.into_inner());
             } else {
@@ -437,8 +490,14 @@ impl Validator<'_> {
                 );
             }
             let task_span = raw_task.span();
-            let raw_task = raw_task.into_inner();
-            afters.push(raw_task.after.clone().unwrap_or_default());
+            let mut raw_task = raw_task.into_inner();
+            let after = raw_task.after.take().unwrap_or_default();
+            afters.push(
+                after
+                    .into_iter()
+                    .filter_map(|name| self.typed(Some(name)))
+                    .collect(),
+            );
             tasks.push(self.task(name, task_span, raw_task, defaults));
         }
         self.order(tasks, &afters)
@@ -511,8 +570,10 @@ impl Validator<'_> {
             };
             if key.is_empty() || key.contains(['=', '\0']) {
                 self.report(
-                    Some(span.clone()),
-                    format!("task `{name}`: env name {key:?} is not a valid variable name"),
+                    Some(value.span()),
+                    format!(
+                        "task `{name}`: env name {key:?} is not a valid variable name; a name must not be empty or hold `=` or a NUL byte"
+                    ),
                 );
             }
             if value.get_ref().contains('\0') {
@@ -595,33 +656,41 @@ impl Validator<'_> {
 
     fn notify(&mut self, name: &str, raw: Spanned<RawNotify>) -> Command {
         let raw = raw.into_inner();
-        let url = match Template::parse(raw.url.get_ref()) {
-            Ok(_) if !valid_header_value(raw.url.get_ref()) || raw.url.get_ref().contains(' ') => {
+        // A url of the wrong type is one problem among the others, like any other value.
+        let url = match self.typed(Some(raw.url)) {
+            None => Err(None),
+            Some(url) => match Template::parse(url.get_ref()) {
+                Ok(template) => Ok((template, url)),
+                Err(message) => Err(Some((message, url.span()))),
+            },
+        };
+        let url = match url {
+            Err(None) => Template { raw: String::new() },
+            Ok((_, raw_url))
+                if !valid_header_value(raw_url.get_ref()) || raw_url.get_ref().contains(' ') =>
+            {
                 self.report(
-                    Some(raw.url.span()),
+                    Some(raw_url.span()),
                     format!("task `{name}`: notify url has a space or a control character (a newline?); remove it"),
                 );
                 Template { raw: String::new() }
             }
-            Ok(url)
+            Ok((url, _))
                 if url.raw.starts_with("http://")
                     || url.raw.starts_with("https://")
                     || url.raw.starts_with("${") =>
             {
                 url
             }
-            Ok(_) => {
+            Ok((_, raw_url)) => {
                 self.report(
-                    Some(raw.url.span()),
+                    Some(raw_url.span()),
                     format!("task `{name}`: notify url must start with http:// or https://, or be a ${{VARIABLE}} that holds one"),
                 );
                 Template { raw: String::new() }
             }
-            Err(message) => {
-                self.report(
-                    Some(raw.url.span()),
-                    format!("task `{name}`: notify url: {message}"),
-                );
+            Err(Some((message, span))) => {
+                self.report(Some(span), format!("task `{name}`: notify url: {message}"));
                 Template { raw: String::new() }
             }
         };

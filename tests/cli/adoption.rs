@@ -1,5 +1,6 @@
 //! Where users are: `.env` files for local runs (`--env-file`), `exec` for container entrypoints.
 
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 
 use crate::harness::Test;
@@ -87,6 +88,63 @@ fn a_missing_file_is_a_usage_error_and_a_bad_one_a_config_error() {
         .run()
         .status(78)
         .stderr_has(".env:3:1");
+}
+
+/// A line of a `.env` file that cannot be parsed is shown in the error, but never the value of a
+/// secret-looking variable or a URL's password: a `.env` file is where the secrets live.
+#[test]
+fn an_env_file_error_never_shows_a_secret() {
+    for (text, secret) in [
+        ("DB_PASSWORD=\"hunter2\n", "hunter2"),
+        ("export API_TOKEN=abc def ghi\n", "def"),
+        ("DATABASE_URL=postgres://u:p@ss w@h/db\n", "p@ss"),
+        ("A=1\nSECRET_KEY=x'y\n", "x'y"),
+    ] {
+        Test::new()
+            .config(GATED)
+            .file(".env", text)
+            .args(&["check", "--env-file", ".env"])
+            .run()
+            .status(78)
+            .stderr_has(".env:")
+            .stderr_lacks(secret);
+    }
+    // A line without a quote is not "a quote never closed".
+    Test::new()
+        .config(GATED)
+        .file(".env", "A=1\njust-a-word\n")
+        .args(&["check", "--env-file", ".env"])
+        .run()
+        .status(78)
+        .stderr_has(".env:2:")
+        .stderr_lacks("quote opened");
+}
+
+/// A file named by `RELEASE_TASKS_ENV_FILE` that cannot be read is a usage error that names the
+/// variable, not an `--env-file` the user never gave.
+#[test]
+fn a_missing_env_file_named_by_the_variable_names_the_variable() {
+    Test::new()
+        .config(GATED)
+        .env("RELEASE_TASKS_ENV_FILE", "nope.env")
+        .run()
+        .status(2)
+        .stderr_has("RELEASE_TASKS_ENV_FILE nope.env: no such file")
+        .stderr_lacks("--env-file");
+}
+
+/// `RELEASE_TASKS_ENV_FILE` is a path like `_CONFIG`: one that is not UTF-8 is read as the bytes it is.
+#[test]
+fn an_env_file_variable_that_is_not_utf8_names_the_file_as_it_is() {
+    let t = Test::new()
+        .config(GATED)
+        .file("x.env", "RUN_MIGRATIONS=true\nFROM_FILE=latin\n");
+    let name = std::ffi::OsStr::from_bytes(b"v\xe9.env");
+    std::fs::rename(t.path("x.env"), t.path("x.env").with_file_name(name)).unwrap();
+    t.env_bytes("RELEASE_TASKS_ENV_FILE", b"v\xe9.env")
+        .run()
+        .status(0)
+        .stdout_has("migrate | latin\n");
 }
 
 /// Files as editors and other tools write them: a UTF-8 byte order mark (Windows Notepad), CRLF

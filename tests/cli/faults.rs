@@ -707,6 +707,21 @@ fn sigusr1_while_the_settings_are_read_changes_nothing() {
 /// its status, after a bounded wait, instead of blocking on the write for ever.
 #[test]
 fn a_stalled_stderr_never_holds_up_the_exit_status() {
+    let (reader, writer) = full_pipe();
+    let t = Test::new();
+    let started = std::time::Instant::now();
+    let code = t.run_into(&["check"], std::process::Stdio::null(), writer.into());
+    assert_eq!(code, Some(78), "no config: 78, said or not");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(reader);
+}
+
+/// A pipe that is full and that nobody reads: (its read end, to keep open, and its write end).
+fn full_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     let (reader, writer) = nix::unistd::pipe().expect("pipe");
     nix::fcntl::fcntl(
         &writer,
@@ -720,15 +735,37 @@ fn a_stalled_stderr_never_holds_up_the_exit_status() {
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
     )
     .expect("blocking again");
-    let t = Test::new();
+    (reader, writer)
+}
+
+/// A release with its stderr a full pipe that nobody reads: the log lines before the first task
+/// (`release started`) must not hold the release up for ever, nor an error logged as JSON. The
+/// tasks run and the status is the release's, after a bounded wait (5 s for stderr, once).
+#[test]
+fn a_stalled_stderr_never_holds_up_the_release() {
+    let t = Test::new().config("[tasks.a]\nrun = \"touch ran; exit 3\"\n");
+    for args in [&[][..], &["--log-format", "json"]] {
+        let (reader, writer) = full_pipe();
+        let started = std::time::Instant::now();
+        let code = t.run_into(args, std::process::Stdio::null(), writer.into());
+        assert_eq!(code, Some(3), "{args:?}");
+        assert!(t.path("ran").exists(), "{args:?}: the task did not run");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{args:?}: took {:?}",
+            started.elapsed()
+        );
+        drop(reader);
+    }
+    let (reader, writer) = full_pipe();
     let started = std::time::Instant::now();
-    let code = t.run_into(&["check"], std::process::Stdio::null(), writer.into());
-    assert_eq!(code, Some(78), "no config: 78, said or not");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
+    let code = Test::new().run_into(
+        &["--log-format", "json"],
+        std::process::Stdio::null(),
+        writer.into(),
     );
+    assert_eq!(code, Some(78), "no config, reported as JSON");
+    assert!(started.elapsed() < Duration::from_secs(30));
     drop(reader);
 }
 

@@ -275,6 +275,22 @@ fn a_value_that_is_not_utf8_is_an_error_naming_the_variable_never_unset() {
     }
 }
 
+/// Flags win over variables: with `--only`, `--skip`, `--log-format` or `--output-format` given, its
+/// variable is not read, so one that is not UTF-8 is no more an error than one that is not valid.
+#[test]
+fn a_flag_wins_over_its_variable_even_one_that_is_not_utf8() {
+    for (var, flag) in [
+        ("RELEASE_TASKS_ONLY", &["--only", "a"][..]),
+        ("RELEASE_TASKS_SKIP", &["--skip", "b"]),
+        ("RELEASE_TASKS_LOG_FORMAT", &["--log-format", "text"]),
+        ("RELEASE_TASKS_OUTPUT_FORMAT", &["--output-format", "text"]),
+    ] {
+        let t = Test::new().config(TWO_TASKS).env_bytes(var, b"a\xff");
+        t.run_with(flag).status(0).stderr_lacks("not UTF-8");
+        assert!(t.path("a-ran").exists(), "{var}");
+    }
+}
+
 #[test]
 fn paths_from_the_environment_need_not_be_utf8() {
     let t = Test::new().config("[tasks.wrong]\nrun = \"touch wrong\"\n");
@@ -339,6 +355,57 @@ fn a_value_of_the_wrong_type_hides_no_other_problem() {
             .stderr_has("release.toml:16:51: invalid value: integer `4294967296`, expected u32")
             .stderr_has("`timeout` is zero");
     }
+}
+
+/// A notify `url`, a `[lock] postgres` or an item of `after` or `[require] env` of the wrong type is
+/// one problem among the others, as any value of the wrong type: it does not stop the reader and hide the rest of the file.
+#[test]
+fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
+    let t = Test::new().config(
+        "[tasks.n]\nnotify = { url = 5 }\n[tasks.a]\nrun = \"\"\n\
+         [lock]\npostgres = 5\nonce = \"yes\"\n",
+    );
+    let out = t.run_with(&["check"]);
+    out.status(78)
+        .stderr_has("release.toml:2:18: invalid type: integer `5`, expected a string")
+        .stderr_has("(key `url`)")
+        .stderr_has("release.toml:4:7: task `a`: `run` is empty");
+    // So is an item of the wrong type in `after` or `[require] env`.
+    Test::new()
+        .config(
+            "[require]\nenv = [5]\n[tasks.a]\nrun = \"x\"\nafter = [7]\n[tasks.b]\nrun = \"\"\n",
+        )
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:2:8: invalid type: integer `5`")
+        .stderr_has("release.toml:5:10: invalid type: integer `7`")
+        .stderr_has("release.toml:7:7: task `b`: `run` is empty");
+    if cfg!(feature = "postgres") {
+        out.stderr_has("release.toml:6:12:")
+            .stderr_has("(key `postgres`)")
+            .stderr_has("release.toml:7:8: invalid type: string \"yes\", expected a boolean");
+    }
+}
+
+/// A value of the wrong type names its key (serde's message does not), and a secret-looking key's
+/// value is not shown: `API_TOKEN = 12345678` in a task's `env` is a secret written in the file.
+#[test]
+fn a_value_of_the_wrong_type_names_its_key_and_hides_a_secret() {
+    Test::new()
+        .config(
+            "[defaults]\ntimeout = 5\n[tasks.a]\nrun = \"true\"\n\
+             env = { API_TOKEN = 12345678, \"PLAIN\" = 7 }\nallow_failure = \"yes\"\n",
+        )
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:2:11: invalid type: integer `5`, expected a string")
+        .stderr_has("(key `timeout`)")
+        .stderr_has("invalid type: integer, expected a string; put the value in quotes, like \"3000\" (key `API_TOKEN`)")
+        .stderr_lacks("12345678")
+        .stderr_has("integer `7`, expected a string; put the value in quotes, like \"3000\" (key `PLAIN`)")
+        .stderr_has("(key `allow_failure`)");
 }
 
 #[test]
@@ -450,6 +517,114 @@ fn a_notify_url_variable_that_http_refuses_stops_run_before_the_first_task() {
         .run()
         .status(78)
         .stderr_has("once ${TOK} is expanded; HTTP does not allow it");
+}
+
+/// Every notify task's refused values are named at once, also after another task's problem (a
+/// gate typo, the first notify task's newline): the user fixes them in one round.
+#[test]
+fn every_notify_task_with_a_refused_value_is_named_at_once() {
+    Test::new()
+        .config(
+            "[tasks.a]\nrun = \"true\"\nwhen = \"GATE\"\n\
+             [tasks.n]\nnotify = { url = \"${HOOK}\" }\n\
+             [tasks.m]\nnotify = { url = \"http://127.0.0.1:9/\", headers = { X-Key = \"${MY_SECRET}\" } }\n",
+        )
+        .env("GATE", "ture")
+        .env("HOOK", "http://127.0.0.1:9/a\n")
+        .env("MY_SECRET", "hunter2\n")
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("GATE")
+        .stderr_has("once ${HOOK} is expanded")
+        .stderr_has("once ${MY_SECRET} is expanded")
+        .stderr_lacks("hunter2");
+}
+
+/// A line longer than the tail keeps (1 KiB) is cut there; a secret or a database URL that the cut
+/// splits must not show its first part in the report, the JUnit file or the `release failed` line.
+#[test]
+fn a_secret_cut_at_the_tail_line_limit_is_not_shown_in_part() {
+    let t = Test::new()
+        .config(
+            "[tasks.a]\nrun = [\"sh\", \"-c\", \"printf '%01000d postgres://admin:supersecretpw@db/app\\\\n' 0; \
+             printf '%01015d pw=%s\\\\n' 0 \\\"$DB_PASSWORD\\\"; exit 1\"]\n",
+        )
+        .env("DB_PASSWORD", "hunter2hunter2")
+        .args(&["--report", "report.json", "--junit", "junit.xml"]);
+    t.run()
+        .status(1)
+        .stderr_lacks("hunte")
+        .stderr_lacks("admin:");
+    for file in ["report.json", "junit.xml"] {
+        let text = std::fs::read_to_string(t.path(file)).unwrap();
+        assert!(text.contains("pw="), "{file}: {text}");
+        assert!(!text.contains("hunte"), "{file}: {text}");
+        assert!(!text.contains("admin:"), "{file}: {text}");
+    }
+}
+
+/// `check` finds a `--report` or `--junit` path that `run` could not create (exit 2 before its
+/// first task), without creating anything.
+#[test]
+fn check_finds_a_report_path_that_run_could_not_create() {
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    t.run_with(&["check", "--report", "missing/report.json"])
+        .status(2)
+        .stderr_has("--report missing/report.json: `run` could not create the file: its directory missing does not exist");
+    std::fs::create_dir(t.path("out")).unwrap();
+    t.run_with(&["check", "--junit", "out"])
+        .status(2)
+        .stderr_has("--junit out: `run` could not create the file: it is a directory");
+    t.run_with(&[
+        "check",
+        "--report",
+        "out/report.json",
+        "--junit",
+        "junit.xml",
+    ])
+    .status(0);
+    assert!(!t.path("out/report.json").exists() && !t.path("junit.xml").exists());
+    t.run_with(&["--report", "missing/report.json"]).status(2);
+}
+
+/// A task's `env` name that no process can take is reported on its own line, not the task's.
+#[test]
+fn a_bad_env_name_is_reported_where_it_is() {
+    Test::new()
+        .config("[tasks.m]\nrun = \"true\"\n\nenv = { \"A=B\" = \"y\" }\n")
+        .args(&["check"])
+        .run()
+        .status(78)
+        .stderr_has("release.toml:4:")
+        .stderr_has("env name \"A=B\" is not a valid variable name; a name must not");
+}
+
+/// A secret-looking variable set in the command itself (`API_TOKEN=... ./deploy`, an `env` argument,
+/// `--password=...`) is shown redacted in the log, in `plan` and in `exec`'s line, as any value of it.
+#[test]
+fn a_secret_assigned_in_a_command_is_never_logged() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"API_TOKEN=tok3secret true\"\n\
+         [tasks.b]\nrun = [\"env\", \"DB_PASSWORD=pw4secret\", \"true\"]\n\
+         [tasks.c]\nrun = \"true --password=pw5secret\"\n",
+    );
+    let out = t.run();
+    out.status(0).stderr_has("API_TOKEN=[redacted] true");
+    for secret in ["tok3secret", "pw4secret", "pw5secret"] {
+        out.stderr_lacks(secret);
+    }
+    for args in [&["plan"][..], &["plan", "--log-format", "json"]] {
+        let out = t.run_with(args);
+        out.status(0).stdout_has("[redacted]");
+        for secret in ["tok3secret", "pw4secret", "pw5secret"] {
+            out.stdout_lacks(secret);
+        }
+    }
+    t.run_with(&["exec", "--", "env", "MY_SECRET=s6secret", "true"])
+        .status(0)
+        .stderr_has("MY_SECRET=[redacted]")
+        .stderr_lacks("s6secret");
 }
 
 #[test]
