@@ -45,12 +45,24 @@ pub struct Cli {
     pub skip: Option<Vec<String>>,
 
     /// Format of release-tasks's own log lines [default: text]
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        ignore_case = true,
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<LogFormat>,
 
     /// Format of the tasks' output lines: `json` makes each one {"task", "stream", "line"}
     /// [default: text]
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        ignore_case = true,
+        value_name = "FORMAT"
+    )]
     pub output_format: Option<OutputFormat>,
 
     /// Write the release report as JSON to this file when the release ends

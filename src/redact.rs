@@ -45,9 +45,17 @@ pub fn value(name: &str, value: &str) -> String {
     } else if is_secret_name(name) && !value.is_empty() {
         REDACTED.to_owned()
     } else {
-        urls_in(value)
+        let shown = urls_in(value);
+        // A value of megabytes (a file pasted into a variable) is shown by its start.
+        match shown.char_indices().nth(SHOWN_CHARS) {
+            Some((at, _)) => format!("{}… ({} bytes in all)", &shown[..at], value.len()),
+            None => shown,
+        }
     }
 }
+
+/// How much of a long value [`value`] shows, in characters.
+const SHOWN_CHARS: usize = 256;
 
 /// Whether `text` starts with a URL scheme and `://`.
 fn is_url(text: &str) -> bool {
@@ -274,6 +282,20 @@ mod tests {
         ] {
             assert_eq!(super::command(command), shown, "{command}");
         }
+    }
+
+    #[test]
+    fn a_long_value_is_shown_by_its_start() {
+        let long = "é".repeat(100_000);
+        let shown = value("GATE", &long);
+        assert!(shown.starts_with(&"é".repeat(SHOWN_CHARS)), "{shown}");
+        assert!(shown.ends_with("… (200000 bytes in all)"), "{shown}");
+        assert_eq!(
+            shown.chars().count(),
+            SHOWN_CHARS + "… (200000 bytes in all)".len() - 2
+        );
+        let short = "x".repeat(SHOWN_CHARS);
+        assert_eq!(value("GATE", &short), short);
     }
 
     #[test]

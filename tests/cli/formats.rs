@@ -168,3 +168,21 @@ fn check_and_plan_speak_json_in_json_log_mode() {
             .any(|e| e["level"] == "ERROR")
     );
 }
+
+#[test]
+fn format_flags_take_any_case_as_their_variables_do() {
+    for args in [
+        ["--log-format", "JSON", "--output-format", "Json"],
+        ["--log-format", "json", "--output-format", "JSON"],
+    ] {
+        let out = Test::new().config(TASKS).args(&args).run();
+        out.status(0);
+        assert!(!json_lines(&out.stdout()).is_empty());
+        assert!(!json_lines(&out.stderr).is_empty());
+    }
+    Test::new()
+        .config(TASKS)
+        .env("RELEASE_TASKS_LOG_FORMAT", "JSON")
+        .run()
+        .status(0);
+}

@@ -1088,3 +1088,19 @@ proptest! {
         prop_assert!(left.is_empty(), "left running: {left:?}\nconfig\n{config}");
     }
 }
+
+#[test]
+fn a_gate_value_of_100_kb_is_shown_by_its_start() {
+    let huge = "y".repeat(100_000);
+    let t = Test::new()
+        .config("[tasks.a]\nrun = \"true\"\nwhen = \"GATE\"\n")
+        .env("GATE", &huge);
+    for args in [&[][..], &["plan"][..], &["check"][..]] {
+        let out = t.run_with(args);
+        out.status(78)
+            .stderr_has("GATE=\"yyyy")
+            .stderr_has("(100000 bytes in all)")
+            .stderr_has("is not a boolean");
+        assert!(out.stderr.len() < 4096, "{} bytes", out.stderr.len());
+    }
+}
