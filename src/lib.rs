@@ -73,8 +73,14 @@ fn say(text: &str) -> Result<()> {
 /// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
 /// the exit status still says what happened, so the error is dropped. A stderr that nobody reads (a
 /// full pipe) would block the write, and the output lock behind it, for ever: the write gets
-/// `TELL_WAIT` (5 s) on a thread of its own, then release-tasks goes on without it.
+/// `TELL_WAIT` (5 s) on a thread of its own, then release-tasks goes on without it; once a line has
+/// timed out, later ones are dropped at once (`check` with many warnings waits once, not per line).
 pub fn tell(line: &str) {
+    static STALLED: log::Stall = log::Stall::new();
+    let deadline = STALLED.deadline(TELL_WAIT);
+    if deadline <= std::time::Instant::now() {
+        return;
+    }
     let line = line.to_owned();
     let (said, wait) = std::sync::mpsc::channel();
     let writer = std::thread::Builder::new().spawn(move || {
@@ -82,11 +88,14 @@ pub fn tell(line: &str) {
         let _ = said.send(());
     });
     if writer.is_ok() {
-        let _ = wait.recv_timeout(TELL_WAIT);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if wait.recv_timeout(left).is_err() {
+            STALLED.timed_out(deadline);
+        }
     }
 }
 
-/// How long [`tell`] waits for a stalled stderr.
+/// How long [`tell`] waits for a stalled stderr, once.
 const TELL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Carries out `settings.command` and returns the exit status.

@@ -194,10 +194,10 @@ pub fn flush(limit: Duration) {
     if let Some(tx) = BACKGROUND.get() {
         let (done, wait) = sync_channel(1);
         if tx.send(Message::Flush(done)).is_ok() {
-            let deadline = wait_until(&FLUSH_STALLED, limit);
+            let deadline = FLUSH_STALLED.deadline(limit);
             let left = deadline.saturating_duration_since(Instant::now());
             if wait.recv_timeout(left).is_err() {
-                stalled(&FLUSH_STALLED, deadline);
+                FLUSH_STALLED.timed_out(deadline);
             }
         }
     }
@@ -208,27 +208,40 @@ const DIRECT_WAIT: Duration = Duration::from_secs(5);
 
 /// When a line written directly (before the background writer) first timed out: later ones wait
 /// no longer than that, so that a stalled stderr costs one wait before the release, not one a line.
-static DIRECT_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+static DIRECT_STALLED: Stall = Stall::new();
 
 /// The same for flushes. Kept apart from [`DIRECT_STALLED`]: a reader that stalled before the
 /// release may be back by its end, and the last lines (and a stop signal that arrives while they
 /// go out, before `exec`) deserve their wait.
-static FLUSH_STALLED: Mutex<Option<Instant>> = Mutex::new(None);
+static FLUSH_STALLED: Stall = Stall::new();
 
-/// When a wait for stderr that may last `limit` must end, given when such waits stalled before.
-fn wait_until(stalled: &Mutex<Option<Instant>>, limit: Duration) -> Instant {
-    let stalled = *stalled
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    stalled.unwrap_or_else(|| Instant::now() + limit)
-}
+/// Waits for a stderr that may be stalled (a full pipe that nobody reads), given up on once: the
+/// first wait that times out sets when every later one ends, so that release-tasks waits for a
+/// stalled stderr once, not once per line.
+pub(crate) struct Stall(Mutex<Option<Instant>>);
 
-/// Remembers that a wait for stderr ended at `deadline` with its lines still waiting.
-fn stalled(which: &Mutex<Option<Instant>>, deadline: Instant) {
-    which
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get_or_insert(deadline);
+impl Stall {
+    pub(crate) const fn new() -> Stall {
+        Stall(Mutex::new(None))
+    }
+
+    /// When a wait that may last `limit` must end: `limit` from now, or when the first wait that
+    /// timed out ended (then it may be past already).
+    pub(crate) fn deadline(&self, limit: Duration) -> Instant {
+        let stalled = *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stalled.unwrap_or_else(|| Instant::now() + limit)
+    }
+
+    /// Remembers that a wait ended at `deadline` with its lines still waiting.
+    pub(crate) fn timed_out(&self, deadline: Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(deadline);
+    }
 }
 
 /// Writes each formatted event to stderr in one locked write (or hands it to the background writer).
@@ -243,9 +256,9 @@ impl std::io::Write for LogWriter {
             // Before the background writer exists (before the release starts, and for the other
             // commands) a stalled stderr must not hold release-tasks up for ever: a line waits at
             // most DIRECT_WAIT, and once one has timed out, the later ones no longer than it did.
-            let deadline = wait_until(&DIRECT_STALLED, DIRECT_WAIT);
+            let deadline = DIRECT_STALLED.deadline(DIRECT_WAIT);
             if output::write_until(Target::Stderr, buf, deadline).is_err() {
-                stalled(&DIRECT_STALLED, deadline);
+                DIRECT_STALLED.timed_out(deadline);
             }
         }
         Ok(buf.len())

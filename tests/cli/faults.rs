@@ -722,7 +722,9 @@ fn a_stalled_stderr_never_holds_up_the_exit_status() {
 
 /// A pipe that is full and that nobody reads: (its read end, to keep open, and its write end).
 fn full_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
-    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    // Close-on-exec: a release-tasks started by a test running beside this one must not inherit
+    // (and hold open) this pipe's ends.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
     nix::fcntl::fcntl(
         &writer,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -767,6 +769,56 @@ fn a_stalled_stderr_never_holds_up_the_release() {
     assert_eq!(code, Some(78), "no config, reported as JSON");
     assert!(started.elapsed() < Duration::from_secs(30));
     drop(reader);
+}
+
+/// A stalled stderr is waited for once, not once per line: `check` with many warnings to log into
+/// a full pipe that nobody reads still ends within about one wait (5 s), not one per warning.
+#[test]
+fn a_stalled_stderr_is_waited_for_once_not_once_per_line() {
+    let mut config = String::new();
+    for i in 0..12 {
+        use std::fmt::Write as _;
+        let _ = write!(config, "[tasks.t{i}]\nrun = [\"/tmp\"]\n");
+    }
+    let t = Test::new().config(&config);
+    let (reader, writer) = full_pipe();
+    let started = std::time::Instant::now();
+    let code = t.run_into(&["check"], std::process::Stdio::null(), writer.into());
+    assert_eq!(code, Some(0), "warnings only");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "12 warnings took {:?}",
+        started.elapsed()
+    );
+    drop(reader);
+}
+
+/// A stderr that is slow rather than stalled (its reader comes back within the wait) loses no line
+/// written before the release starts.
+#[test]
+fn a_slow_stderr_loses_no_early_line() {
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n");
+    let (reader, writer) = full_pipe();
+    let drained = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let mut all = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::fs::File::from(reader), &mut all);
+        all
+    });
+    let code = t.run_into(&[], std::process::Stdio::null(), writer.into());
+    assert_eq!(code, Some(0));
+    let all = drained.join().expect("reader");
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.contains("release started"),
+        "{}",
+        text.trim_start_matches('x')
+    );
+    assert!(
+        text.contains("release succeeded"),
+        "{}",
+        text.trim_start_matches('x')
+    );
 }
 
 /// A task's output that ends just after the clean-up first looked at it must not make release-tasks

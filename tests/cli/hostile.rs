@@ -24,7 +24,9 @@ fn full() -> Stdio {
 
 /// Writes fail with EPIPE: nobody will ever read (as `release-tasks check | true`).
 fn closed_pipe() -> Stdio {
-    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    // Close-on-exec, so that no release-tasks started by a test beside this one keeps the read
+    // end open (the writes would then block instead of failing).
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
     drop(reader);
     writer.into()
 }
