@@ -156,29 +156,23 @@ impl Settings {
         ];
         let vars = EnvSettings::read(env, given)?;
         let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
-        let output_format = match (cli.output_format, vars.output_format) {
-            (Some(format), _) => format,
-            (None, None) => OutputFormat::Text,
-            (None, Some(value)) => OutputFormat::from_str(&value, true).map_err(|_| {
-                Error::Usage(format!(
-                    "RELEASE_TASKS_OUTPUT_FORMAT={value:?} is not an output format; use `text` or `json`"
-                ))
-            })?,
-        };
+        let output_format = format_setting(
+            cli.output_format,
+            vars.output_format,
+            "RELEASE_TASKS_OUTPUT_FORMAT",
+            "an output format",
+        )?;
         let path = |name: &str| {
             env.get_os(name)
                 .filter(|p| !p.is_empty())
                 .map(PathBuf::from)
         };
-        let log_format = match (cli.log_format, log_format) {
-            (Some(format), _) => format,
-            (None, None) => LogFormat::Text,
-            (None, Some(value)) => LogFormat::from_str(&value, true).map_err(|_| {
-                Error::Usage(format!(
-                    "RELEASE_TASKS_LOG_FORMAT={value:?} is not a log format; use `text` or `json`"
-                ))
-            })?,
-        };
+        let log_format = format_setting(
+            cli.log_format,
+            log_format,
+            "RELEASE_TASKS_LOG_FORMAT",
+            "a log format",
+        )?;
         let list = |flag: Option<Vec<String>>, var: Option<String>| -> Vec<String> {
             flag.unwrap_or_else(|| {
                 var.map(|v| v.split(',').map(str::to_owned).collect())
@@ -271,6 +265,24 @@ impl EnvSettings {
         envy::prefixed("RELEASE_TASKS_")
             .from_iter(vars)
             .map_err(|err| Error::Usage(format!("a RELEASE_TASKS_* setting cannot be read: {err}")))
+    }
+}
+
+/// A format setting: the flag, else its variable (in any case), else the default (`text`).
+fn format_setting<T: ValueEnum + Default>(
+    flag: Option<T>,
+    var: Option<String>,
+    variable: &str,
+    what: &str,
+) -> Result<T> {
+    match (flag, var) {
+        (Some(format), _) => Ok(format),
+        (None, None) => Ok(T::default()),
+        (None, Some(value)) => T::from_str(&value, true).map_err(|_| {
+            Error::Usage(format!(
+                "{variable}={value:?} is not {what}; use `text` or `json`"
+            ))
+        }),
     }
 }
 

@@ -20,9 +20,10 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::output::{self, Target};
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     /// One readable line per event
+    #[default]
     Text,
     /// One JSON object per line
     Json,
