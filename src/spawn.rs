@@ -49,13 +49,13 @@ pub fn to_cstrings<'a>(items: impl Iterator<Item = &'a OsStr>) -> Option<Vec<CSt
 /// and allocation-free: a task's child calls it before exec.
 #[cfg(target_os = "linux")]
 pub fn reset_dispositions() {
-    set_every_disposition(nix::libc::SIG_DFL);
+    set_dispositions(nix::libc::SIG_DFL, !0);
 }
 
-/// Gives every signal but SIGKILL and SIGSTOP (which the kernel refuses, with EINVAL) `handler`:
-/// `SIG_DFL` or `SIG_IGN`, no handler code.
+/// Gives each signal in `signals` (bit N-1 for signal N) `handler`: `SIG_DFL` or `SIG_IGN`, no
+/// handler code. The kernel refuses SIGKILL and SIGSTOP (EINVAL), which is ignored.
 #[cfg(target_os = "linux")]
-fn set_every_disposition(handler: nix::libc::sighandler_t) {
+fn set_dispositions(handler: nix::libc::sighandler_t, signals: u64) {
     /// The kernel's `struct sigaction` (`x86_64` and `aarch64` lay it out alike).
     #[repr(C)]
     struct KernelSigaction {
@@ -70,7 +70,7 @@ fn set_every_disposition(handler: nix::libc::sighandler_t) {
         restorer: 0,
         mask: 0,
     };
-    for number in 1..=64 {
+    for number in (1..=64).filter(|n| signals & (1 << (n - 1)) != 0) {
         // SAFETY: installs SIG_DFL or SIG_IGN, no handler code; the kernel only reads `action`.
         unsafe {
             nix::libc::syscall(
@@ -408,7 +408,10 @@ mod linux {
             // Ctrl-C), which release-tasks handles itself. Ignoring a signal discards it, blocked or
             // not; a pending SIGTSTP would otherwise stop the task in a group that the SIGCONT to
             // release-tasks's group never reaches, with release-tasks waiting here for ever.
-            super::set_every_disposition(libc::SIG_IGN);
+            // Only what is pending needs it: out of the group, no more can come.
+            let mut pending: u64 = 0;
+            libc::syscall(libc::SYS_rt_sigpending, &raw mut pending, 8usize);
+            super::set_dispositions(libc::SIG_IGN, pending);
             super::reset_dispositions();
             // Release-tasks keeps descriptors 0 to 2 open (Rust's runtime opens /dev/null on any
             // that are closed), so none of these sources is a target another dup2 overwrites first.
