@@ -319,10 +319,20 @@ impl HeldLock<'_> {
                 true
             }
             Err(lost) => {
-                tracing::error!(
-                    task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
-                    "the release lock is lost; another replica may take it and run the release again, so no further task starts but clean-up (on = \"failure\" or \"always\")"
-                );
+                let last_task_under_lock = self.last_task.as_deref();
+                if task.on == On::Success {
+                    tracing::error!(
+                        task = %task.name, last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so this task does not start, nor any later one but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                } else {
+                    tracing::error!(
+                        last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so no task starts from now on but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                }
                 report.lock_lost = Some(LockLoss {
                     reason: lost.to_string(),
                     last_task: self.last_task.clone(),

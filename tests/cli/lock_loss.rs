@@ -58,15 +58,26 @@ on = "failure"
     );
     std::fs::write(t.path("go"), "").unwrap();
     let out = holder.wait();
-    out.status(69)
-        .stderr_has("terminating connection due to administrator command")
-        .stderr_has("last_task_under_lock=migrate")
-        .stderr_has("another replica may take the lock and run the release again")
-        .stderr_has("task=seed outcome=not-run")
-        .stderr_has("not run: the release lock was lost before it could start")
-        .stderr_has("starting a clean-up task without the release lock task=maintenance-off")
-        .stderr_lacks("nothing was run")
-        .stderr_lacks("task=seed outcome=succeeded");
+    out.status(69);
+    let app = t.env_var("RELEASE_TASKS_APP").unwrap();
+    assert_eq!(
+        normalised(&out.stderr, &app),
+        r#"INFO  release started app=APP version=v1 config=release.toml tasks=3 to_run=3
+INFO  took the release lock lock=APP
+INFO  task started task=migrate command="echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows" timeout_s=1800
+ERROR lost the [lock] database connection, and PostgreSQL releases the lock with it: another replica may start the release; a task running now is left to finish, and no further task starts here but clean-up (on = "failure" or "always") error="terminating connection due to administrator command (57P01)"
+INFO  task finished task=migrate outcome=succeeded exit_code=0 duration_ms=N
+ERROR the release lock is lost, so this task does not start, nor any later one but clean-up (on = "failure" or "always"); another replica may take the lock and run the release again task=seed last_task_under_lock=migrate reason="the database connection is closed (terminating connection due to administrator command (57P01))"
+WARN  starting a clean-up task without the release lock task=maintenance-off
+INFO  task started task=maintenance-off command="echo maintenance-off >> rows" timeout_s=1800
+INFO  task finished task=maintenance-off outcome=succeeded exit_code=0 duration_ms=N
+INFO  summary task=migrate outcome=succeeded exit_code=0 duration_ms=N detail=succeeded
+INFO  summary task=seed outcome=not-run duration_ms=N detail="not run: the release lock was lost before it could start"
+INFO  summary task=maintenance-off outcome=succeeded exit_code=0 duration_ms=N detail=succeeded
+ERROR the release lock was lost: no task started after that but clean-up (on = "failure" or "always"); another replica may take the lock and run the release again exit_code=69 last_task_under_lock=migrate reason="lost the release lock `APP`: the database connection is closed (terminating connection due to administrator command (57P01))"
+ERROR release failed status=failed exit_code=69 duration_ms=N tasks_run=2
+"#
+    );
     assert_eq!(
         std::fs::read_to_string(t.path("rows")).unwrap(),
         "migrate\nmaintenance-off\n",
@@ -538,4 +549,25 @@ fn append(path: &str, line: &str) {
         .open(path)
         .unwrap();
     file.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+/// `stderr` with what varies from run to run replaced: each line's timestamp dropped, the app's
+/// unique name as `APP`, every `duration_ms` as `N`.
+fn normalised(stderr: &str, app: &str) -> String {
+    let mut out = String::new();
+    for line in stderr.lines() {
+        let line = line.split_once(' ').map_or(line, |(_, rest)| rest);
+        let line = line.replace(app, "APP");
+        let mut words: Vec<String> = Vec::new();
+        for word in line.split(' ') {
+            if word.starts_with("duration_ms=") {
+                words.push("duration_ms=N".to_owned());
+            } else {
+                words.push(word.to_owned());
+            }
+        }
+        out.push_str(&words.join(" "));
+        out.push('\n');
+    }
+    out
 }
