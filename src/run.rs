@@ -248,6 +248,8 @@ async fn run(
             }
         } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
             Outcome::LockLost
+        } else if lock.stopped_meanwhile(&mut runner, task, failed).await {
+            Outcome::NotRun
         } else {
             // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
             // of the release's: they are how the failure gets cleaned up and told.
@@ -301,6 +303,16 @@ struct HeldLock<'a> {
 }
 
 impl HeldLock<'_> {
+    /// Whether a stopping signal that arrived during the check (which may wait up to its bound for
+    /// a silent database) keeps `task` from starting, as it would have before the check.
+    async fn stopped_meanwhile(&self, runner: &mut Runner, task: &Task, failed: bool) -> bool {
+        if self.lock.is_none() {
+            return false;
+        }
+        runner.take_pending_events().await;
+        runner.stopping_signals >= 2 || !task.on.runs(failed || runner.interrupted.is_some())
+    }
+
     /// Whether `task` may start under the lock: one check of the lock (none without `[lock]`, none
     /// once it is known lost). The first loss is recorded in the report, with the last task that
     /// started under the lock; the caller decides what a task does without it (an `on = "success"`

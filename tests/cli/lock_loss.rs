@@ -153,6 +153,42 @@ run = "echo seed >> rows"
     assert_one_succeeded_row(&other);
 }
 
+/// A stop signal that arrives while the check before a task waits for a slow database keeps the
+/// task from starting, as it would have without the check.
+#[test]
+fn a_stop_signal_during_the_check_keeps_the_task_from_starting() {
+    let Some(url) = database_url() else { return };
+    let proxy = Proxy::start(server_address(url));
+    let through = url.replacen(
+        &format!("@127.0.0.1:{}/", server_address(url).port()),
+        &format!("@127.0.0.1:{}/", proxy.port()),
+        1,
+    );
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+[tasks.seed]
+run = "echo seed >> rows"
+"#;
+    let t = locked(&through, "slow-check", "", tasks);
+    let holder = t.spawn_until("| ready");
+    proxy.hold();
+    std::fs::write(t.path("go"), "").unwrap();
+    // The check's query is now held in the proxy.
+    holder.wait_for("task=migrate outcome=succeeded", Duration::from_secs(20));
+    holder.signal("TERM");
+    proxy.resume();
+    holder
+        .wait()
+        .status(143)
+        .stderr_lacks("task started task=seed")
+        .stderr_lacks("lost");
+    assert_eq!(
+        std::fs::read_to_string(t.path("rows")).unwrap(),
+        "migrate\n"
+    );
+}
+
 /// The lock's connection has TCP keepalives that notice a silent network within about 25 s (10 s
 /// idle, then 3 probes 5 s apart), and the URL's `keepalives_idle` is honoured; `ss` shows the
 /// keepalive timer of the holder's socket.

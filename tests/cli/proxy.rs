@@ -1,6 +1,7 @@
 //! A loopback TCP proxy for network faults: it forwards both ways until told to stop forwarding
-//! while keeping every socket open (a silent partition: no RST, no FIN), or to cut every connection
-//! at once (what a failover or a load balancer's reset does). Threads and blocking sockets only.
+//! while keeping every socket open (a silent partition: no RST, no FIN), to hold what it gets until
+//! told to go on (a slow network), or to cut every connection at once (what a failover or a load
+//! balancer's reset does). Threads and blocking sockets only.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -17,6 +18,8 @@ pub struct Proxy {
 struct State {
     /// Nothing is forwarded; what arrives is dropped, as a partitioned network drops it.
     frozen: AtomicBool,
+    /// Nothing is forwarded yet; what arrives is kept, and sent on `resume`.
+    held: AtomicBool,
     stopped: AtomicBool,
     /// Every socket the proxy holds: (client side, server side) per connection.
     pairs: Mutex<Vec<(TcpStream, Option<TcpStream>)>>,
@@ -68,6 +71,16 @@ impl Proxy {
         self.state.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// From now on what arrives is kept, not forwarded, until [`Proxy::resume`].
+    pub fn hold(&self) {
+        self.state.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards what was held, and everything after it.
+    pub fn resume(&self) {
+        self.state.held.store(false, Ordering::SeqCst);
+    }
+
     /// Closes the proxy's connections to the server (the server sees them end, as its own
     /// keepalives would make it see after a partition); the clients' sides stay open and silent.
     pub fn close_server_side(&self) {
@@ -102,17 +115,34 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: &Arc<State>) {
     let state = Arc::clone(state);
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
+        let mut kept = Vec::new();
+        // Wakes up now and then to send what was held once the proxy resumes.
+        let _ = from.set_read_timeout(Some(std::time::Duration::from_millis(20)));
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    0
+                }
+                Err(_) => break,
             };
             if state.frozen.load(Ordering::SeqCst) {
                 continue;
             }
-            if to.write_all(&buf[..n]).is_err() {
+            kept.extend_from_slice(&buf[..n]);
+            if state.held.load(Ordering::SeqCst) || kept.is_empty() {
+                continue;
+            }
+            if to.write_all(&kept).is_err() {
                 break;
             }
+            kept.clear();
         }
         // An end or an error is passed on, unless the partition hides it.
         if !state.frozen.load(Ordering::SeqCst) {
