@@ -189,6 +189,48 @@ run = "echo seed >> rows"
     );
 }
 
+/// A host that accepts the connection and then says nothing (a silent network, a hung pooler) is
+/// given up after its `connect_timeout`, and the next host of the list is tried.
+#[test]
+fn a_silent_host_gives_way_to_the_next_one() {
+    let Some(url) = database_url() else { return };
+    let server = server_address(url).port();
+    let proxy = Proxy::start(server_address(url));
+    proxy.freeze();
+    let listed = url.replacen(
+        &format!("@127.0.0.1:{server}/"),
+        &format!("@127.0.0.1:{},127.0.0.1:{server}/", proxy.port()),
+        1,
+    ) + "&connect_timeout=2";
+    let t = locked(
+        &listed,
+        "silent-host",
+        "",
+        "[tasks.migrate]\nrun = \"touch ran\"\n",
+    );
+    let out = t.run();
+    out.status(0);
+    assert!(t.path("ran").exists());
+    assert!(out.elapsed < Duration::from_secs(15), "{:?}", out.elapsed);
+    // Alone, it is tried again until [lock] connect_timeout, then named.
+    let alone = url.replacen(
+        &format!("@127.0.0.1:{server}/"),
+        &format!("@127.0.0.1:{}/", proxy.port()),
+        1,
+    ) + "&connect_timeout=2";
+    let t = locked(
+        &alone,
+        "silent-host-alone",
+        "connect_timeout = \"3s\"",
+        "[tasks.migrate]\nrun = \"touch ran\"\n",
+    );
+    t.run()
+        .status(69)
+        .stderr_has("the server did not complete the connection within 2s")
+        .stderr_lacks("test-password");
+    assert!(!t.path("ran").exists());
+}
+
 /// The lock's connection has TCP keepalives that notice a silent network within about 25 s (10 s
 /// idle, then 3 probes 5 s apart), and the URL's `keepalives_idle` is honoured; `ss` shows the
 /// keepalive timer of the holder's socket.
