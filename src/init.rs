@@ -242,7 +242,7 @@ pub fn write(config: &Path, force: bool) -> Result<Written> {
 /// "Install").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Installer {
-    /// A Gemfile: `bundle add release-tasks`, `bundle exec release-tasks`.
+    /// A Gemfile: `gem "release-tasks"`, `bundle exec release-tasks`.
     Gem,
     /// requirements.txt: a `release-tasks==VERSION` line; the command is on the environment's PATH.
     Requirements,
@@ -286,9 +286,9 @@ impl Installer {
     fn how(self) -> String {
         let version = env!("CARGO_PKG_VERSION");
         match self {
-            Installer::Gem => {
-                "Install it with the app's gems (Gemfile):\n\n    bundle add release-tasks".to_owned()
-            }
+            Installer::Gem => "Install it with the app's gems: add this line to the Gemfile:\n\n    \
+                 gem \"release-tasks\"\n\nthen run `bundle install` (or run `bundle add release-tasks`, which does both)"
+                .to_owned(),
             Installer::Requirements => {
                 format!("Install it with the app's packages: add this line to requirements.txt:\n\n    release-tasks=={version}")
             }

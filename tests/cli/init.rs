@@ -103,7 +103,8 @@ fn init_on_a_rails_app_says_gem_and_bundle_exec() {
         );
     init_says(
         &t,
-        "Install it with the app's gems (Gemfile):\n\n    bundle add release-tasks",
+        "Install it with the app's gems: add this line to the Gemfile:\n\n    gem \"release-tasks\"\n\n\
+         then run `bundle install` (or run `bundle add release-tasks`, which does both)",
         "Add this line to your Procfile:\n\n    release: bundle exec release-tasks",
         "bundle exec release-tasks",
     );
