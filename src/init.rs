@@ -194,6 +194,8 @@ pub struct Written {
     pub framework: Option<Framework>,
     /// The Procfile's current `release:` line, if it has one.
     pub procfile_release: Option<String>,
+    /// How the app installs its tools, and so release-tasks.
+    pub installer: Installer,
 }
 
 /// Writes `release.toml` at `config` for the app in its directory. Refuses to overwrite an existing
@@ -231,39 +233,125 @@ pub fn write(config: &Path, force: bool) -> Result<Written> {
         path: config.to_owned(),
         framework,
         procfile_release,
+        installer: Installer::detect(&dir),
     })
 }
 
+/// How an app installs its tools, by the files its platform reads at build time: release-tasks is
+/// published as a gem, a wheel and an npm package, each carrying the static binary (README,
+/// "Install").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installer {
+    /// A Gemfile: `gem "release-tasks"`, `bundle exec release-tasks`.
+    Gem,
+    /// requirements.txt: a `release-tasks==VERSION` line; the command is on the environment's PATH.
+    Requirements,
+    /// pyproject.toml: a dependency in `[project]`.
+    Pyproject,
+    /// package.json: `npm install release-tasks`, `npx release-tasks`.
+    Npm,
+    /// None of these (Laravel, Phoenix, anything else): the buildpack or the static binary.
+    Other,
+}
+
+impl Installer {
+    /// The installer of the app in `dir`. A Rails app often has a package.json too, and a Django app
+    /// may: the Gemfile, then the Python files, come first.
+    #[must_use]
+    pub fn detect(dir: &Path) -> Installer {
+        if dir.join("Gemfile").is_file() {
+            Installer::Gem
+        } else if dir.join("requirements.txt").is_file() {
+            Installer::Requirements
+        } else if dir.join("pyproject.toml").is_file() {
+            Installer::Pyproject
+        } else if dir.join("package.json").is_file() {
+            Installer::Npm
+        } else {
+            Installer::Other
+        }
+    }
+
+    /// The command that runs release-tasks where this installer put it.
+    #[must_use]
+    pub fn command(self) -> &'static str {
+        match self {
+            Installer::Gem => "bundle exec release-tasks",
+            Installer::Npm => "npx release-tasks",
+            Installer::Requirements | Installer::Pyproject | Installer::Other => "release-tasks",
+        }
+    }
+
+    /// How to install it: a sentence and the line to type or add.
+    fn how(self) -> String {
+        let version = env!("CARGO_PKG_VERSION");
+        match self {
+            Installer::Gem => "Install it with the app's gems: add this line to the Gemfile:\n\n    \
+                 gem \"release-tasks\"\n\nthen run `bundle install` (or run `bundle add release-tasks`, which does both)"
+                .to_owned(),
+            Installer::Requirements => {
+                format!("Install it with the app's packages: add this line to requirements.txt:\n\n    release-tasks=={version}")
+            }
+            Installer::Pyproject => format!(
+                "Install it with the app's packages: add it to [project] dependencies in pyproject.toml:\n\n    \
+                 \"release-tasks=={version}\"\n\n(or `uv add release-tasks`, `poetry add release-tasks`)"
+            ),
+            Installer::Npm => {
+                "Install it with the app's packages (package.json):\n\n    npm install release-tasks".to_owned()
+            }
+            Installer::Other => "Install it: on Heroku or Dokku, add the release-tasks buildpack in front of the \
+                 app's own (README, \"Heroku buildpack\"); elsewhere, put the static binary on PATH \
+                 (README, \"Static binary\")."
+                .to_owned(),
+        }
+    }
+}
+
 impl Written {
-    /// What to tell the user: what was written and the Procfile line to add.
+    /// What to tell the user: what was written, how to install release-tasks the way this app
+    /// installs its tools, and the Procfile line to add.
     #[must_use]
     pub fn message(&self) -> String {
         let what = self.framework.map_or(
             "no framework recognised: edit the placeholder commands".to_owned(),
             |f| format!("detected {}", f.name()),
         );
+        let command = self.installer.command();
         let procfile = match &self.procfile_release {
             Some(line) if runs_release_tasks(line) => {
                 "Your Procfile already runs release-tasks.".to_owned()
             }
             Some(line) => {
-                format!("Replace the Procfile's `{line}` with:\n\n    release: release-tasks")
+                format!("Replace the Procfile's `{line}` with:\n\n    release: {command}")
             }
-            None => "Add this line to your Procfile:\n\n    release: release-tasks".to_owned(),
+            None => format!("Add this line to your Procfile:\n\n    release: {command}"),
         };
         format!(
-            "wrote {} ({what})\n\n{procfile}\n\nThen check it with the variables your platform will set:\n\n    \
-             RUN_MIGRATIONS_DURING_RELEASE=true release-tasks plan\n",
-            self.path.display()
+            "wrote {} ({what})\n\n{}\n\n{procfile}\n\nThen check it with the variables your platform will set:\n\n    \
+             RUN_MIGRATIONS_DURING_RELEASE=true {command} plan\n",
+            self.path.display(),
+            self.installer.how(),
         )
     }
 }
 
-/// Whether a Procfile `release:` line runs this binary (not, say, `bash ./release-tasks.sh`).
+/// Whether a Procfile `release:` line runs this binary (not, say, `bash ./release-tasks.sh`), directly
+/// or through the launcher of a package manager (`bundle exec`, `npx`).
 fn runs_release_tasks(line: &str) -> bool {
-    let command = line.split_once(':').map_or("", |(_, c)| c).trim_start();
-    let program = command.split_whitespace().next().unwrap_or("");
-    program.rsplit('/').next() == Some("release-tasks")
+    let command = line.split_once(':').map_or("", |(_, c)| c);
+    for word in command.split_whitespace() {
+        if word.rsplit('/').next() == Some("release-tasks") {
+            return true;
+        }
+        let launcher = matches!(
+            word,
+            "bundle" | "exec" | "npx" | "npm" | "uv" | "run" | "poetry" | "pipenv"
+        );
+        if !launcher && !word.starts_with('-') {
+            return false;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -297,6 +385,38 @@ mod tests {
         ));
         assert!(!runs_release_tasks("release: bash ./release-tasks.sh"));
         assert!(!runs_release_tasks("release: bundle exec rails db:migrate"));
+        assert!(runs_release_tasks("release: bundle exec release-tasks"));
+        assert!(runs_release_tasks(
+            "release: npx --no-install release-tasks"
+        ));
+        assert!(runs_release_tasks(
+            "release: node_modules/.bin/release-tasks"
+        ));
+        assert!(!runs_release_tasks("release: npx prisma migrate deploy"));
+        assert!(!runs_release_tasks("release:"));
+    }
+
+    #[test]
+    fn installers() {
+        let at = |names: &[&str]| {
+            let d = tempfile::tempdir().unwrap();
+            for name in names {
+                std::fs::write(d.path().join(name), "").unwrap();
+            }
+            Installer::detect(d.path())
+        };
+        assert_eq!(at(&[]), Installer::Other);
+        assert_eq!(at(&["composer.json", "artisan"]), Installer::Other);
+        assert_eq!(at(&["Gemfile", "package.json"]), Installer::Gem);
+        assert_eq!(
+            at(&["requirements.txt", "pyproject.toml", "package.json"]),
+            Installer::Requirements
+        );
+        assert_eq!(
+            at(&["pyproject.toml", "package.json"]),
+            Installer::Pyproject
+        );
+        assert_eq!(at(&["package.json"]), Installer::Npm);
     }
 
     #[test]

@@ -59,6 +59,135 @@ fn init_points_at_an_existing_procfile_release_line() {
     );
 }
 
+/// The whole of what `init` prints: what it wrote, how to install release-tasks the way the app
+/// installs its tools, the Procfile line with the command that installer puts on PATH, and the check.
+fn init_says(t: &Test, install: &str, procfile: &str, command: &str) {
+    let out = t.run_with(&["init"]);
+    out.status(0);
+    assert_eq!(
+        out.stdout(),
+        format!(
+            "wrote release.toml ({detected})\n\n{install}\n\n{procfile}\n\n\
+             Then check it with the variables your platform will set:\n\n    \
+             RUN_MIGRATIONS_DURING_RELEASE=true {command} plan\n",
+            detected = detected(t),
+        )
+    );
+}
+
+/// The framework part of the first line, from the file init wrote.
+fn detected(t: &Test) -> String {
+    let written = std::fs::read_to_string(t.path("release.toml")).unwrap();
+    match written
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# release.toml for "))
+        .and_then(|l| l.strip_suffix(", written by `release-tasks init`."))
+    {
+        Some(name) => format!("detected {name}"),
+        None => "no framework recognised: edit the placeholder commands".to_owned(),
+    }
+}
+
+#[test]
+fn init_on_a_rails_app_says_gem_and_bundle_exec() {
+    // A Rails app with a package.json for its JavaScript still installs its tools with Bundler.
+    let t = Test::new()
+        .file(
+            "Gemfile",
+            "source \"https://rubygems.org\"\ngem \"rails\", \"~> 7.1\"\n",
+        )
+        .file(
+            "package.json",
+            "{\"dependencies\": {\"esbuild\": \"0.20\"}}\n",
+        );
+    init_says(
+        &t,
+        "Install it with the app's gems: add this line to the Gemfile:\n\n    gem \"release-tasks\"\n\n\
+         then run `bundle install` (or run `bundle add release-tasks`, which does both)",
+        "Add this line to your Procfile:\n\n    release: bundle exec release-tasks",
+        "bundle exec release-tasks",
+    );
+    assert_eq!(detected(&t), "detected Rails");
+}
+
+#[test]
+fn init_on_a_django_app_with_requirements_txt_says_pip() {
+    let t = Test::new()
+        .file("manage.py", "")
+        .file("requirements.txt", "django==5.0\n")
+        .file(
+            "Procfile",
+            "web: gunicorn mysite.wsgi\nrelease: python manage.py migrate\n",
+        );
+    init_says(
+        &t,
+        &format!(
+            "Install it with the app's packages: add this line to requirements.txt:\n\n    \
+             release-tasks=={}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "Replace the Procfile's `release: python manage.py migrate` with:\n\n    release: release-tasks",
+        "release-tasks",
+    );
+    assert_eq!(detected(&t), "detected Django");
+}
+
+#[test]
+fn init_on_a_pyproject_app_says_its_dependencies() {
+    let t = Test::new()
+        .file("manage.py", "")
+        .file("pyproject.toml", "[project]\nname = \"shop\"\n");
+    init_says(
+        &t,
+        &format!(
+            "Install it with the app's packages: add it to [project] dependencies in pyproject.toml:\n\n    \
+             \"release-tasks=={}\"\n\n(or `uv add release-tasks`, `poetry add release-tasks`)",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "Add this line to your Procfile:\n\n    release: release-tasks",
+        "release-tasks",
+    );
+}
+
+#[test]
+fn init_on_a_node_app_says_npm_and_npx() {
+    let t = Test::new().file("package.json", "{\"dependencies\": {\"knex\": \"3\"}}\n");
+    init_says(
+        &t,
+        "Install it with the app's packages (package.json):\n\n    npm install release-tasks",
+        "Add this line to your Procfile:\n\n    release: npx release-tasks",
+        "npx release-tasks",
+    );
+    assert_eq!(detected(&t), "detected Node.js with Knex");
+
+    // A Procfile that already runs it through npx is left alone.
+    let t = t
+        .file(
+            "Procfile",
+            "web: node server.js\nrelease: npx release-tasks\n",
+        )
+        .file("release.toml", "");
+    t.run_with(&["init", "--force"])
+        .status(0)
+        .stdout_has("\n\nYour Procfile already runs release-tasks.\n\n");
+}
+
+#[test]
+fn init_on_an_app_without_a_package_manager_of_ours_says_buildpack_or_binary() {
+    let t = Test::new()
+        .file("artisan", "#!/usr/bin/env php\n")
+        .file("composer.json", "{}\n");
+    init_says(
+        &t,
+        "Install it: on Heroku or Dokku, add the release-tasks buildpack in front of the app's own \
+         (README, \"Heroku buildpack\"); elsewhere, put the static binary on PATH (README, \"Static binary\").",
+        "Add this line to your Procfile:\n\n    release: release-tasks",
+        "release-tasks",
+    );
+    assert_eq!(detected(&t), "detected Laravel");
+}
+
 /// A PATH whose `python` and `python3` can import Django: the system's, or else one that starts with
 /// a virtualenv under `target/` that this test makes and installs Django into (once; later runs reuse
 /// it). `None` when neither can be had.
