@@ -198,15 +198,7 @@ async fn run(
             }
             Next::Run { within_release } => {
                 let release = within_release.then_some(runner.release);
-                let ran = match &step.webhook {
-                    Some(webhook) => {
-                        let mut so_far = report.clone();
-                        so_far.duration = started.elapsed();
-                        so_far.interrupted = runner.listener.interrupted;
-                        runner.run_notify(task, webhook, &so_far, release).await
-                    }
-                    None => runner.run_task(task, release).await?,
-                };
+                let ran = runner.run_one(step, release, (&report, started)).await?;
                 // A task cut off by release_timeout is the release's failure, which allow_failure
                 // does not excuse: the release did not finish in time.
                 allow_failure &= !ran.cut_by_release;
@@ -397,6 +389,26 @@ impl Runner {
             grace: task.grace,
             heartbeat: self.heartbeat,
         }
+    }
+
+    /// Runs one task, start to end: the one call a step that runs makes, whatever its kind. A
+    /// notify task sends `so_far` (the report until now, and when the release started).
+    async fn run_one(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (so_far, started): (&Report, Instant),
+    ) -> anyhow::Result<Ran> {
+        let task = &step.task;
+        Ok(match &step.webhook {
+            Some(webhook) => {
+                let mut so_far = so_far.clone();
+                so_far.duration = started.elapsed();
+                so_far.interrupted = self.listener.interrupted;
+                self.run_notify(task, webhook, &so_far, release).await
+            }
+            None => self.run_task(task, release).await?,
+        })
     }
 
     /// Runs a command task: started here, then owned by its [`TaskRun`] to its end.
