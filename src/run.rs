@@ -1,12 +1,12 @@
 //! Executes a [`Plan`]: the order of tasks, and the decisions between them.
 //!
 //! This module is policy only, and its decisions are pure functions with unit tests below: whether
-//! the next task runs and within which deadline ([`next`]: after a failure, `on = "failure"` and
+//! the next task runs and within which deadline (`next`: after a failure, `on = "failure"` and
 //! `"always"` tasks run on their own timeout; after a second stop signal nothing starts), and which
-//! outcome follows from how a task ended ([`command_outcome`], [`delivery_outcome`]). Each running
+//! outcome follows from how a task ended (`command_outcome`, `delivery_outcome`). Each running
 //! task is owned whole by its [`TaskRun`] (`task_run.rs`): spawning is done here, then its process
 //! group, output, deadline, SIGTERM + SIGCONT -> grace -> SIGKILL and its leftovers are the
-//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the [`Listener`] and returns a
+//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the `Listener` and returns a
 //! typed result. Exit statuses are derived from the outcomes in `report.rs`.
 
 use std::future::Future;
@@ -20,6 +20,7 @@ use crate::gate::Env;
 use crate::guardian::Guardian;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
+use crate::output::Stdio;
 use crate::plan::{Plan, Step};
 use crate::process;
 use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
@@ -34,7 +35,7 @@ const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The async runtime and the signal handlers are set up only when some task is to run, so a release
 /// with every gate off costs no more than reading the config (it replaces a shell script that costs
 /// about a millisecond).
-pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
+pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Result<Report> {
     let meta = plan.meta.clone();
     if plan.to_run().next().is_none() {
         return Ok(all_skipped(plan, None, meta));
@@ -48,7 +49,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             None
         }
     };
-    crate::log::write_in_background();
+    stdio.write_in_background();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -58,7 +59,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
-            return run_locked(plan, lock, env, meta, signals, (guardian, run_id)).await;
+            return run_locked(plan, lock, env, meta, signals, (guardian, run_id), stdio).await;
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
@@ -69,6 +70,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
+            stdio,
         )
         .await?)
     })
@@ -84,6 +86,7 @@ async fn run_locked(
     meta: Metadata,
     mut signals: Signals,
     guardian: (Option<Guardian>, String),
+    stdio: &Stdio,
 ) -> crate::error::Result<Report> {
     let held = crate::lock::acquire(lock, env, &meta, &mut signals).await?;
     let release = crate::lock::release_id(&meta).unwrap_or_default();
@@ -107,6 +110,7 @@ async fn run_locked(
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
+        stdio,
     )
     .await;
     if let (true, Ok(report)) = (lock.once, &report) {
@@ -151,9 +155,11 @@ async fn run(
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
+    stdio: &Stdio,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
+        stdio: stdio.clone(),
         tail_lines: defaults.tail_lines,
         secrets,
         listener: Listener {
@@ -359,6 +365,7 @@ impl Orders for Listener {
 }
 
 struct Runner {
+    stdio: Stdio,
     listener: Listener,
     guardian: Option<Guardian>,
     /// Marks this run's processes for the guardian.
@@ -434,6 +441,7 @@ impl Runner {
         secrets.extend(crate::tail::secrets(task.env.iter()));
         let policy = self.policy(task, release);
         let run = TaskRun::command(
+            &self.stdio,
             &task.name,
             policy,
             spawned,
