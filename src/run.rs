@@ -15,15 +15,18 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 
-use crate::config::{Defaults, On, Task};
+use crate::config::{On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
+use crate::lock_check::LockCheck;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::output::Stdio;
 use crate::plan::{Plan, Step};
 use crate::process;
-use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
+use crate::report::{
+    EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
+};
 use crate::signals::{Event, Signals};
 use crate::task_run::{Bound, Order, Orders, Policy, ReleaseDeadline, SignalCount, TaskRun};
 
@@ -65,12 +68,12 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
         let _ = env; // only [lock] reads it
         Ok(run(
             plan,
-            &plan.defaults,
             meta,
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
             stdio,
+            None,
         )
         .await?)
     })
@@ -98,26 +101,63 @@ async fn run_locked(
             );
             tracing::info!(lock = %held.name(), release = %release, reason = %reason, "skipping every task");
             let report = all_skipped(plan, Some(&reason), meta);
-            held.release().await;
+            // Nothing was written in the transaction: a failed COMMIT (logged) changes nothing.
+            let _ = held.release().await;
             return Ok(report);
         }
         held.begin(&release).await?;
     }
+    let held_name = held.name().to_owned();
     let report = run(
         plan,
-        &plan.defaults,
         meta,
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
         stdio,
+        Some(&held),
     )
     .await;
-    if let (true, Ok(report)) = (lock.once, &report) {
-        held.finish(&release, report).await;
+    let mut report = match report {
+        Ok(report) => report,
+        Err(err) => {
+            let _ = held.release().await;
+            return Err(err.into());
+        }
+    };
+    // A lost lock took its transaction with it: nothing is written and nothing committed (another
+    // replica may hold the lock and the ledger's row by now).
+    if report.lock_lost.is_some() {
+        held.abandon();
+        return Ok(report);
     }
-    held.release().await;
-    Ok(report?)
+    let recorded = if lock.once {
+        held.finish(&release, &report).await
+    } else {
+        Ok(())
+    };
+    let committed = held.release().await;
+    // With `once`, the outcome is written in the lock's transaction: if it was not committed, the
+    // ledger does not have the release as completed, so another replica will run it again, which
+    // is a lost lock as far as the release is concerned. (A COMMIT that succeeds proves that the
+    // lock was held from the moment it was taken to the end.)
+    if let (true, Err(reason)) = (lock.once, recorded.and(committed)) {
+        let last_task = report
+            .tasks
+            .iter()
+            .rev()
+            .find(|t| t.outcome.exit_code().is_some())
+            .map(|t| t.name.clone());
+        tracing::error!(
+            lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+            "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
+        );
+        report.lock_lost = Some(LockLoss {
+            reason: format!("the outcome could not be recorded in release_tasks_runs: {reason}"),
+            last_task,
+        });
+    }
+    Ok(report)
 }
 
 /// The report of a release in which no task runs: each step skipped for `reason`, or for its own
@@ -150,13 +190,14 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
 
 async fn run(
     plan: &Plan,
-    defaults: &Defaults,
     meta: Metadata,
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
     stdio: &Stdio,
+    lock: Option<&dyn LockCheck>,
 ) -> anyhow::Result<Report> {
+    let defaults = &plan.defaults;
     let started = Instant::now();
     let mut runner = Runner {
         stdio: stdio.clone(),
@@ -177,6 +218,10 @@ async fn run(
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
     let mut report = Report::new(meta);
+    let mut lock = HeldLock {
+        lock,
+        last_task: None,
+    };
     for step in &plan.steps {
         runner.listener.take_pending().await;
         let task = &step.task;
@@ -184,7 +229,9 @@ async fn run(
             report.tasks.push(skipped(step, step.skip_reason()));
             continue;
         }
-        let failed = report.failed_task().is_some() || runner.listener.interrupted.is_some();
+        let failed = report.failed_task().is_some()
+            || runner.listener.interrupted.is_some()
+            || report.lock_lost.is_some();
         let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
@@ -203,14 +250,20 @@ async fn run(
                 outcome
             }
             Next::Run { within_release } => {
-                let release = within_release.then_some(runner.release);
-                let ran = runner.run_one(step, release, (&report, started)).await?;
-                // A task cut off by release_timeout is the release's failure, which allow_failure
-                // does not excuse: the release did not finish in time.
-                allow_failure &= !ran.cut_by_release;
-                Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
-                output_tail = ran.output_tail;
-                ran.outcome
+                // Immediately before the task starts: the `[lock]` is proved still held, or only
+                // clean-up (on = "failure" or "always") starts.
+                if !lock.before_start(task, &mut report).await && task.on == On::Success {
+                    Outcome::LockLost
+                } else {
+                    let release = within_release.then_some(runner.release);
+                    let ran = runner.run_one(step, release, (&report, started)).await?;
+                    // A task cut off by release_timeout is the release's failure, which
+                    // allow_failure does not excuse: the release did not finish in time.
+                    allow_failure &= !ran.cut_by_release;
+                    Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                    output_tail = ran.output_tail;
+                    ran.outcome
+                }
             }
         };
         let duration = if outcome.exit_code().is_some() {
@@ -265,6 +318,50 @@ fn next(on: On, failed: bool, expired: bool, stops: u32) -> Next {
     } else {
         Next::Run {
             within_release: !(failed || expired),
+        }
+    }
+}
+
+/// The release's `[lock]` as the run loop sees it: checked immediately before each task starts.
+struct HeldLock<'a> {
+    /// `None` for a release without `[lock]`.
+    lock: Option<&'a dyn LockCheck>,
+    /// The last task that started after a check proved the lock held.
+    last_task: Option<String>,
+}
+
+impl HeldLock<'_> {
+    /// Whether `task` may start under the lock: one check of the lock (none without `[lock]`, none
+    /// once it is known lost). The first loss is recorded in the report, with the last task that
+    /// started under the lock; the caller decides what a task does without it (an `on = "success"`
+    /// task does not start, clean-up does).
+    async fn before_start(&mut self, task: &Task, report: &mut Report) -> bool {
+        let Some(lock) = self.lock else {
+            return true;
+        };
+        if report.lock_lost.is_some() {
+            tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
+            return false;
+        }
+        match lock.check().await {
+            Ok(()) => {
+                self.last_task = Some(task.name.clone());
+                true
+            }
+            Err(lost) => {
+                tracing::error!(
+                    task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
+                    "the release lock is lost; another replica may take it and run the release again, so no further task starts but clean-up (on = \"failure\" or \"always\")"
+                );
+                report.lock_lost = Some(LockLoss {
+                    reason: lost.to_string(),
+                    last_task: self.last_task.clone(),
+                });
+                if task.on != On::Success {
+                    tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
+                }
+                false
+            }
         }
     }
 }

@@ -11,7 +11,13 @@ mod init;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
+mod lock_ledger;
+#[cfg(feature = "postgres")]
+mod lock_loss;
+#[cfg(feature = "postgres")]
 mod lock_servers;
+#[cfg(feature = "postgres")]
+mod lock_sockets;
 mod notify;
 mod platform;
 mod shell;
