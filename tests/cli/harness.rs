@@ -280,32 +280,11 @@ impl Running {
         }
     }
 
-    /// Sends `sig` and waits until it is no longer pending (handled, or discarded as ignored), as
-    /// `/proc/PID/status` says; fails the test after 20 s.
+    /// Sends `sig` and waits until it is no longer pending (handled, or discarded as ignored).
     #[track_caller]
     pub fn signal_taken(&self, sig: &str) {
         self.signal(sig);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = format!("/proc/{}/status", self.pid());
-        loop {
-            let text = std::fs::read_to_string(&status).unwrap_or_default();
-            let pending = text
-                .lines()
-                .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
-                .any(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .is_some_and(|m| !m.trim_start_matches('0').is_empty())
-                });
-            if !pending {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "SIG{sig} stayed pending:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_no_signal_pending(self.pid(), sig);
     }
 
     /// Waits until stdout+stderr so far contain `needle`; fails the test after `limit`.
@@ -422,6 +401,58 @@ pub fn gone_within(pid: i32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
+}
+
+/// Waits until no signal is pending for process `pid` (one sent has been handled, or discarded as
+/// ignored), as `/proc/PID/status` says; fails the test after 20 s.
+#[track_caller]
+pub fn wait_no_signal_pending(pid: i32, sig: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = format!("/proc/{pid}/status");
+    loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let pending = text
+            .lines()
+            .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            .any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|m| !m.trim_start_matches('0').is_empty())
+            });
+        if !pending {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIG{sig} stayed pending:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until a thread of process `pid` is blocked writing to a full pipe, as the kernel says in
+/// `/proc/PID/task/TID/wchan` (`pipe_write`, `anon_pipe_write`); fails the test after 20 s.
+#[track_caller]
+pub fn wait_blocked_writing(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let blocked = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("wchan"))
+                    .is_ok_and(|w| w.ends_with("pipe_write"))
+            });
+        if blocked {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no thread of {pid} blocked writing to a pipe"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Waits up to `limit` until no live process has `dir` as its working directory (what a task
