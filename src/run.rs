@@ -205,8 +205,7 @@ async fn run(
         secrets,
         listener: Listener {
             signals,
-            stops: 0,
-            interrupted: None,
+            stops: Stops::default(),
         },
         guardian,
         run_id,
@@ -230,13 +229,13 @@ async fn run(
             continue;
         }
         let failed = report.failed_task().is_some()
-            || runner.listener.interrupted.is_some()
+            || runner.listener.stops.first.is_some()
             || report.lock_lost.is_some();
         let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
-        let outcome = match next(task.on, failed, expired, runner.listener.stops) {
+        let outcome = match next(task.on, failed, expired, runner.listener.stops.count) {
             Next::NotRun(outcome) => {
                 match &outcome {
                     Outcome::TimedOut => {
@@ -283,7 +282,7 @@ async fn run(
     // over (for `exec`, which asks before it starts its command), then what is still queued.
     crate::exec::hold_stop_signals();
     runner.listener.take_pending().await;
-    report.interrupted = runner.listener.interrupted;
+    report.interrupted = runner.listener.stops.first;
     report.duration = started.elapsed();
     Ok(report)
 }
@@ -401,27 +400,35 @@ fn delivery_outcome(
 }
 
 /// The signals release-tasks receives, as orders for the running task, and what they add up to for
-/// the release: how many stop signals arrived, and the first.
+/// the release.
 struct Listener {
     signals: Signals,
-    /// How many stop signals arrived; after the second nothing more starts.
-    stops: u32,
-    /// The first stop signal release-tasks received.
-    interrupted: Option<Signal>,
+    stops: Stops,
 }
 
-impl Listener {
+/// The stop signals of the release so far.
+#[derive(Debug, Default)]
+struct Stops {
+    /// How many arrived; after the second nothing more starts.
+    count: u32,
+    /// The first, which the release reports as its interruption.
+    first: Option<Signal>,
+}
+
+impl Stops {
     /// Counts a stop signal: the release's first, or a later one.
-    fn count(&mut self, sig: Signal) -> SignalCount {
-        self.stops += 1;
-        if self.interrupted.is_none() {
-            self.interrupted = Some(sig);
+    fn add(&mut self, sig: Signal) -> SignalCount {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(sig);
             SignalCount::First
         } else {
             SignalCount::Again
         }
     }
+}
 
+impl Listener {
     /// Handles events that queued up while no task was running, without waiting for more.
     async fn take_pending(&mut self) {
         // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
@@ -456,7 +463,7 @@ impl Orders for Listener {
         match self.signals.next().await {
             Event::Child => Order::Reap,
             Event::Forward(sig) => Order::Forward(sig),
-            Event::Stop(sig) => Order::Stop(sig, self.count(sig)),
+            Event::Stop(sig) => Order::Stop(sig, self.stops.add(sig)),
         }
     }
 }
@@ -508,7 +515,7 @@ impl Runner {
             Some(webhook) => {
                 let mut so_far = so_far.clone();
                 so_far.duration = started.elapsed();
-                so_far.interrupted = self.listener.interrupted;
+                so_far.interrupted = self.listener.stops.first;
                 self.run_notify(task, webhook, &so_far, release).await
             }
             None => self.run_task(task, release).await?,
@@ -652,6 +659,27 @@ mod tests {
     use nix::unistd::Pid;
 
     const PID: Pid = Pid::from_raw(7);
+
+    #[test]
+    fn the_first_stop_signal_is_the_releases_and_the_rest_come_again() {
+        let mut stops = Stops::default();
+        assert_eq!(stops.add(Signal::SIGHUP), SignalCount::First);
+        assert_eq!(stops.add(Signal::SIGTERM), SignalCount::Again);
+        assert_eq!(stops.add(Signal::SIGINT), SignalCount::Again);
+        assert_eq!((stops.count, stops.first), (3, Some(Signal::SIGHUP)));
+        // What the count means for the next task: after the second, nothing starts.
+        let mut stops = Stops::default();
+        stops.add(Signal::SIGTERM);
+        assert_ne!(
+            next(On::Always, true, false, stops.count),
+            Next::NotRun(Outcome::NotRun)
+        );
+        stops.add(Signal::SIGTERM);
+        assert_eq!(
+            next(On::Always, true, false, stops.count),
+            Next::NotRun(Outcome::NotRun)
+        );
+    }
 
     #[test]
     fn tasks_run_on_success_until_something_fails() {
