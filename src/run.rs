@@ -253,6 +253,11 @@ async fn run(
                 // clean-up (on = "failure" or "always") starts.
                 if !lock.before_start(task, &mut report).await && task.on == On::Success {
                     Outcome::LockLost
+                } else if lock
+                    .stopped_meanwhile(&mut runner.listener, task, failed)
+                    .await
+                {
+                    Outcome::NotRun
                 } else {
                     let release = within_release.then_some(runner.release);
                     let ran = runner.run_one(step, release, (&report, started)).await?;
@@ -330,6 +335,16 @@ struct HeldLock<'a> {
 }
 
 impl HeldLock<'_> {
+    /// Whether a stopping signal that arrived during the check (which may wait up to its bound for
+    /// a silent database) keeps `task` from starting, as it would have before the check.
+    async fn stopped_meanwhile(&self, listener: &mut Listener, task: &Task, failed: bool) -> bool {
+        if self.lock.is_none() {
+            return false;
+        }
+        listener.take_pending().await;
+        listener.stops.count >= 2 || !task.on.runs(failed || listener.stops.first.is_some())
+    }
+
     /// Whether `task` may start under the lock: one check of the lock (none without `[lock]`, none
     /// once it is known lost). The first loss is recorded in the report, with the last task that
     /// started under the lock; the caller decides what a task does without it (an `on = "success"`
@@ -348,10 +363,20 @@ impl HeldLock<'_> {
                 true
             }
             Err(lost) => {
-                tracing::error!(
-                    task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
-                    "the release lock is lost; another replica may take it and run the release again, so no further task starts but clean-up (on = \"failure\" or \"always\")"
-                );
+                let last_task_under_lock = self.last_task.as_deref();
+                if task.on == On::Success {
+                    tracing::error!(
+                        task = %task.name, last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so this task does not start, nor any later one but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                } else {
+                    tracing::error!(
+                        last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so no task starts from now on but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                }
                 report.lock_lost = Some(LockLoss {
                     reason: lost.to_string(),
                     last_task: self.last_task.clone(),

@@ -21,6 +21,8 @@ mod lock_servers;
 mod lock_sockets;
 mod notify;
 mod platform;
+#[cfg(feature = "postgres")]
+mod proxy;
 mod shell;
 mod spawn;
 mod webhook;
