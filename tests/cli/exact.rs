@@ -39,7 +39,8 @@ fn snapshot(name: &str, actual: &str) {
 }
 
 /// `text` with what varies from run to run replaced: the temp dir by `$DIR`, a log line's
-/// timestamp by `TIME`, and the digits of `duration_ms=` and `elapsed=` by `N`.
+/// timestamp by `TIME` (text and JSON), and the digits of `duration_ms=`, `"duration_ms":` and
+/// `elapsed=` by `N`.
 fn normalise(text: &str, dir: &Path) -> String {
     let dir = dir.display().to_string();
     let mut out = String::new();
@@ -48,13 +49,21 @@ fn normalise(text: &str, dir: &Path) -> String {
             Some((first, rest)) if is_timestamp(first) => format!("TIME {rest}"),
             _ => line.to_owned(),
         };
-        out.push_str(&digits_after(
-            &digits_after(&line, "duration_ms="),
-            "elapsed=",
-        ));
+        let line = json_timestamp(&line);
+        let line = digits_after(&digits_after(&line, "duration_ms="), "\"duration_ms\":");
+        out.push_str(&digits_after(&line, "elapsed="));
         out.push('\n');
     }
     out
+}
+
+/// A JSON log line's `"timestamp":"..."` as `"timestamp":"TIME"`.
+fn json_timestamp(line: &str) -> String {
+    const KEY: &str = "{\"timestamp\":\"";
+    match line.strip_prefix(KEY).and_then(|rest| rest.split_once('"')) {
+        Some((_, rest)) => format!("{KEY}TIME\"{rest}"),
+        None => line.to_owned(),
+    }
 }
 
 /// `2026-12-07T13:17:16.765Z`
@@ -146,6 +155,10 @@ fn a_run_logs_each_task_and_a_summary() {
         "[tasks.ok]\nrun = \"true\"\n[tasks.fails]\nrun = [\"sh\", \"-c\", \"echo 'cannot connect'; exit 4\"]\n[tasks.never]\nrun = \"true\"\n[tasks.tell]\nrun = \"echo told\"\non = \"failure\"\n",
     );
     snapshot("run-failed", &whole(&t, &t.run()));
+    snapshot(
+        "run-failed-json",
+        &whole(&t, &t.run_with(&["--log-format", "json"])),
+    );
 }
 
 #[test]
@@ -207,4 +220,11 @@ fn normalising_replaces_only_what_varies() {
         "TIME INFO  task finished task=a duration_ms=N x=1\nplain $DIR/release.toml elapsed=Ns\n"
     );
     assert_eq!(normalise("2026 is a year\n", dir), "2026 is a year\n");
+    assert_eq!(
+        normalise(
+            "{\"timestamp\":\"2026-12-07T13:55:26.687310Z\",\"level\":\"INFO\",\"duration_ms\":5}\n",
+            dir
+        ),
+        "{\"timestamp\":\"TIME\",\"level\":\"INFO\",\"duration_ms\":N}\n"
+    );
 }
