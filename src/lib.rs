@@ -26,8 +26,8 @@ pub mod run;
 pub mod shell;
 pub mod signals;
 pub mod spawn;
-pub mod supervisor;
 pub mod tail;
+pub mod task_run;
 
 use std::io::Write;
 
@@ -35,7 +35,7 @@ use cli::{Command, Settings};
 use error::{Error, Result};
 use gate::Env;
 use log::LogFormat;
-use output::Target;
+use output::Stdio;
 use plan::Plan;
 
 /// Takes the environment snapshot that every decision is made from, values as they are (see
@@ -71,36 +71,8 @@ fn say(text: &str) -> Result<()> {
         .map_err(Error::Output)
 }
 
-/// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
-/// the exit status still says what happened, so the error is dropped. A stderr that nobody reads (a
-/// full pipe) would block the write, and the output lock behind it, for ever: the write gets
-/// `TELL_WAIT` (5 s) on a thread of its own, then release-tasks goes on without it; once a line has
-/// timed out, later ones are dropped at once (`check` with many warnings waits once, not per line).
-pub fn tell(line: &str) {
-    static STALLED: log::Stall = log::Stall::new();
-    let deadline = STALLED.deadline(TELL_WAIT);
-    if deadline <= std::time::Instant::now() {
-        return;
-    }
-    let line = line.to_owned();
-    let (said, wait) = std::sync::mpsc::channel();
-    let writer = std::thread::Builder::new().spawn(move || {
-        let _ = output::write(Target::Stderr, line.as_bytes());
-        let _ = said.send(());
-    });
-    if writer.is_ok() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if wait.recv_timeout(left).is_err() {
-            STALLED.timed_out(deadline);
-        }
-    }
-}
-
-/// How long [`tell`] waits for a stalled stderr, once.
-const TELL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Carries out `settings.command` and returns the exit status.
-pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
+pub fn execute(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
     match &settings.command {
         Command::Completions { shell } => {
             let mut script = Vec::new();
@@ -118,7 +90,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Check => {
-            let (config, plan) = load(settings, env)?;
+            let (config, plan) = load(settings, env, stdio)?;
             check_report_paths(settings)?;
             let runs = plan.to_run().count();
             match settings.log_format {
@@ -142,14 +114,14 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
-            let (_, plan) = load(settings, env)?;
+            let (_, plan) = load(settings, env, stdio)?;
             let mut out = std::io::stdout().lock();
             plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
         }
-        Command::Run => run(settings, env),
+        Command::Run => run(settings, env, stdio),
         Command::Exec { command } => {
-            let status = run(settings, env)?;
+            let status = run(settings, env, stdio)?;
             if status != 0 {
                 return Ok(status);
             }
@@ -160,7 +132,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             }
             tracing::info!(command = %redact::command(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
-            log::flush(std::time::Duration::from_secs(5));
+            stdio.flush();
             if let Some(sig) = exec::stop_received() {
                 return Err(exec::interrupted(sig));
             }
@@ -168,12 +140,14 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         }
         #[cfg(feature = "postgres")]
         Command::Wait { timeout } => {
-            let (config, plan) = load(settings, env)?;
+            let (config, plan) = load(settings, env, stdio)?;
+            // Log lines from now on by a thread of their own: signals are acted on while waiting.
+            stdio.write_in_background();
             lock::wait(&config, &plan, env, *timeout)
         }
         #[cfg(feature = "postgres")]
         Command::History { limit } => {
-            let (config, plan) = load(settings, env)?;
+            let (config, plan) = load(settings, env, stdio)?;
             lock::history(&config, &plan, env, *limit, settings.log_format)
         }
         #[cfg(not(feature = "postgres"))]
@@ -185,8 +159,8 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 }
 
 /// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
-fn run(settings: &Settings, env: &Env) -> Result<i32> {
-    let (config, plan) = load(settings, env)?;
+fn run(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
+    let (config, plan) = load(settings, env, stdio)?;
     if !plan.preflight.is_empty() {
         return Err(error::Error::Environment {
             problems: plan.preflight,
@@ -207,7 +181,9 @@ fn run(settings: &Settings, env: &Env) -> Result<i32> {
         "release started"
     );
     metadata::warn_if_fly_stops_first(env, plan.defaults.release_timeout);
-    let report = run::run_release(&plan, env)?;
+    let report = run::run_release(&plan, env, stdio);
+    stdio.ending();
+    let report = report?;
     report.log_summary();
     write_reports(report_files, &report);
     Ok(report.exit_code())
@@ -231,7 +207,7 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 
 /// Reads the config and plans the release. For `check` and `plan`, what the environment lacks for
 /// `run` is a warning; `run` itself refuses to start with it.
-fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
+fn load(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     let plan = Plan::new(&config, env, &settings.selection)?;
     // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).
@@ -239,13 +215,13 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let preflight = if run { &[][..] } else { &plan.preflight[..] };
     for warning in &plan.warnings {
         match settings.log_format {
-            LogFormat::Text if !run => tell(&format!("release-tasks: warning: {warning}\n")),
+            LogFormat::Text if !run => stdio.tell(&format!("release-tasks: warning: {warning}\n")),
             _ => tracing::warn!(problem = %warning, "check the config"),
         }
     }
     for missing in preflight {
         match settings.log_format {
-            LogFormat::Text => tell(&format!(
+            LogFormat::Text => stdio.tell(&format!(
                 "release-tasks: warning: {missing}; `release-tasks run` would stop here\n"
             )),
             LogFormat::Json => {

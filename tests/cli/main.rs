@@ -3,6 +3,7 @@
 
 mod adoption;
 mod core;
+mod exact;
 mod faults;
 mod formats;
 mod harness;
