@@ -3,6 +3,7 @@
 //! Data flows one way: settings + config -> plan -> run -> report. `main.rs` owns the process (exit
 //! status, logging set-up); this crate root wires the stages together for each subcommand.
 
+pub mod changed;
 pub mod cli;
 pub mod config;
 pub mod env_file;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod exec;
 pub mod gate;
 pub mod guardian;
+pub mod history;
 pub mod init;
 #[cfg(feature = "postgres")]
 pub mod lock;
@@ -18,6 +20,7 @@ pub mod metadata;
 pub mod notify;
 pub mod output;
 pub mod plan;
+pub mod record;
 pub mod process;
 pub mod redact;
 pub mod report;
@@ -111,8 +114,8 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .map_err(Error::Output)?;
             Ok(0)
         }
-        Command::Init { force } => {
-            let written = init::write(&settings.config, *force)?;
+        Command::Init => {
+            let written = init::write(&settings.config, settings.force_flag)?;
             say(&written.message())?;
             Ok(0)
         }
@@ -166,14 +169,14 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]
-        Command::Wait { timeout } => {
+        Command::Wait { timeout, fail_fast } => {
             let (config, plan) = load(settings, env)?;
-            lock::wait(&config, &plan, env, *timeout)
+            lock::wait(&config, &plan, env, *timeout, *fail_fast)
         }
         #[cfg(feature = "postgres")]
-        Command::History { limit } => {
+        Command::History { limit, show } => {
             let (config, plan) = load(settings, env)?;
-            lock::history(&config, &plan, env, *limit, settings.log_format)
+            lock::history(&config, &plan, env, *limit, show.as_deref(), settings.log_format)
         }
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
@@ -232,7 +235,12 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 /// `run` is a warning; `run` itself refuses to start with it.
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
-    let plan = Plan::new(&config, env, &settings.selection)?;
+    #[allow(unused_mut)] // hashed only with the postgres feature, which `changed` needs
+    let mut plan = Plan::new(&config, env, &settings.selection)?;
+    #[cfg(feature = "postgres")]
+    if !matches!(settings.command, Command::Wait { .. } | Command::History { .. }) {
+        plan.hash_inputs(&config.dir())?;
+    }
     // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).
     let run = !matches!(settings.command, Command::Check | Command::Plan);
     let preflight = if run { &[][..] } else { &plan.preflight[..] };

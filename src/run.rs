@@ -139,6 +139,7 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
         output_tail: Vec::new(),
+        attempts: 0,
         name: step.task.name.clone(),
         outcome: Outcome::Skipped(reason),
         duration: Duration::ZERO,
@@ -219,6 +220,7 @@ async fn run(
             output_tail = ran.output_tail;
             ran.outcome
         };
+        let outcome_ran = outcome.exit_code().is_some();
         let duration = if outcome.exit_code().is_some() {
             t0.elapsed()
         } else {
@@ -230,6 +232,7 @@ async fn run(
             duration,
             allow_failure,
             output_tail,
+            attempts: u32::from(outcome_ran),
         });
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
