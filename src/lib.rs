@@ -15,6 +15,7 @@ pub mod history;
 pub mod init;
 #[cfg(feature = "postgres")]
 pub mod lock;
+pub mod lock_check;
 pub mod log;
 pub mod metadata;
 pub mod notify;

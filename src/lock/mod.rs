@@ -22,6 +22,7 @@
 //!
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -30,6 +31,7 @@ use tokio_postgres::types::Type;
 use crate::config::Lock;
 use crate::error::Error;
 use crate::gate::Env;
+use crate::lock_check::{CheckFuture, LockCheck, LockLost};
 use crate::metadata::Metadata;
 use crate::redact;
 use crate::report::Report;
@@ -46,16 +48,26 @@ const RETRY_MIN: Duration = Duration::from_millis(300);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 /// How long one connection attempt (TCP, TLS, login) may take, unless the URL says `connect_timeout`.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
+/// How long the check before a task may wait for its answer: a database that cannot answer one
+/// small query in this time (a network that went silent) is taken to have lost the lock.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the ledger's outcome and the COMMIT that releases the lock may take before the
+/// connection is closed instead (which releases the lock too, without the outcome).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The held lock and its transaction, or a release found completed (nothing held).
 pub struct ReleaseLock {
     /// The connection whose open transaction holds the lock; `None` when the release was already
     /// completed and no lock was needed.
     client: Option<Client>,
+    /// Held from `key`, which the check looks for in `pg_locks`.
+    key: i64,
     completed: Option<PreviousRun>,
     name: String,
     meta: Metadata,
     db: Database,
+    /// Why the lock was found lost, once it was; every later check fails with it.
+    lost: RefCell<Option<String>>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -366,10 +378,12 @@ pub async fn acquire(
             Err(previous) => {
                 return Ok(ReleaseLock {
                     client: None,
+                    key,
                     completed: Some(previous),
                     name,
                     meta: meta.clone(),
                     db,
+                    lost: RefCell::new(None),
                 });
             }
         };
@@ -381,10 +395,12 @@ pub async fn acquire(
             }
             return Ok(ReleaseLock {
                 client: Some(client),
+                key,
                 completed: None,
                 name,
                 meta: meta.clone(),
                 db,
+                lost: RefCell::new(None),
             });
         };
         // Waiting costs the database no connection.
@@ -603,13 +619,75 @@ impl ReleaseLock {
     /// Commits the lock's transaction, which releases the lock, and closes the connection.
     pub async fn release(self) {
         let Some(client) = &self.client else { return };
-        match client.batch_execute("COMMIT").await {
-            Ok(()) => tracing::info!(lock = %self.name, "released the release lock"),
+        match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => tracing::info!(lock = %self.name, "released the release lock"),
             // Closing the connection (below, on drop) releases it anyway.
-            Err(err) => {
+            Ok(Err(err)) => {
                 tracing::warn!(error = %self.db.error("cannot commit", &err), "closing the connection instead");
             }
+            Err(_) => tracing::warn!(
+                lock = %self.name, timeout_s = FINISH_TIMEOUT.as_secs(),
+                "the database did not answer the COMMIT; closing the connection instead"
+            ),
         }
+    }
+
+    /// Closes the connection of a lock found lost, writing and committing nothing: its transaction
+    /// is gone, and another replica may hold the lock by now.
+    pub fn abandon(self) {
+        drop(self);
+    }
+
+    /// One round trip in the lock's transaction: whether this backend still holds the advisory lock.
+    async fn probe(&self, client: &Client) -> Result<(), String> {
+        if client.is_closed() {
+            return Err("the database connection is closed".to_owned());
+        }
+        let (high, low) = (
+            i64::from((self.key >> 32) as u32),
+            i64::from(self.key as u32),
+        );
+        let params = [(&high as _, Type::INT8), (&low as _, Type::INT8)];
+        let query = client.query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+               AND pid = pg_backend_pid() AND objsubid = 1 \
+               AND classid::bigint = $1 AND objid::bigint = $2)",
+            &params,
+        );
+        match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+            Err(_) => Err(format!(
+                "the database did not answer within {}s",
+                CHECK_TIMEOUT.as_secs()
+            )),
+            Ok(Err(err)) => Err(self.db.scrub(&describe(&err))),
+            Ok(Ok(row)) => match row.try_get::<_, bool>(0) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the lock's session no longer holds it".to_owned()),
+                Err(err) => Err(self.db.scrub(&describe(&err))),
+            },
+        }
+    }
+}
+
+impl LockCheck for ReleaseLock {
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move {
+            let Some(client) = &self.client else {
+                return Ok(());
+            };
+            let known = self.lost.borrow().clone();
+            let result = match known {
+                Some(reason) => Err(reason),
+                None => self.probe(client).await,
+            };
+            result.map_err(|reason| {
+                self.lost.replace(Some(reason.clone()));
+                LockLost {
+                    lock: self.name.clone(),
+                    reason,
+                }
+            })
+        })
     }
 }
 

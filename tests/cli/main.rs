@@ -11,6 +11,8 @@ mod init;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
+mod lock_loss;
+#[cfg(feature = "postgres")]
 mod lock_servers;
 mod notify;
 mod platform;
