@@ -12,6 +12,10 @@ use std::time::Duration;
 use crate::log::LogFormat;
 use crate::record::{ReleaseEntry, TaskEntry};
 
+/// The exit status of `history --show VERSION` when the ledger has no such release (as `grep`
+/// finding nothing).
+pub const EXIT_NOT_RECORDED: i32 = 1;
+
 /// A stored value as one line of text: control characters (newlines and escape sequences
 /// included) escaped, so that a value cannot draw a row of its own or drive the terminal.
 #[must_use]

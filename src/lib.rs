@@ -145,7 +145,10 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
-            let (_, plan) = load(settings, env)?;
+            #[allow(unused_mut)] // decided from the ledger only with the postgres feature
+            let (_, mut plan) = load(settings, env)?;
+            #[cfg(feature = "postgres")]
+            decide_changed_for_plan(&mut plan, env);
             let mut out = std::io::stdout().lock();
             plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
@@ -172,12 +175,51 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         #[cfg(feature = "postgres")]
         Command::Wait { timeout, fail_fast } => {
             let (config, plan) = load(settings, env)?;
-            lock::wait(&config, &plan, env, *timeout, *fail_fast)
+            let lock = ledger_lock(&config, "wait")?;
+            if !lock.once {
+                return Err(Error::ConfigInvalid {
+                    path: config.path.clone(),
+                    problems: vec![error::Diagnostic {
+                        location: None,
+                        message: "`release-tasks wait` waits for the ledger to record the release, which [lock] keeps only \
+                                  with once = true; add once = true to [lock]"
+                            .into(),
+                    }],
+                });
+            }
+            lock::wait(lock, env, &plan.meta, *timeout, *fail_fast)
         }
         #[cfg(feature = "postgres")]
         Command::History { limit, show } => {
             let (config, plan) = load(settings, env)?;
-            lock::history(&config, &plan, env, *limit, show.as_deref(), settings.log_format)
+            let lock = ledger_lock(&config, "history")?;
+            let query = match show {
+                Some(version) => lock::Query::Show(version),
+                None => lock::Query::Last(*limit),
+            };
+            let (name, answer) = lock::read(lock, env, &plan.meta, &query)?;
+            let mut out = std::io::stdout().lock();
+            match answer {
+                lock::Answer::Releases(entries) => {
+                    history::print_releases(&name, &entries, settings.log_format, &mut out)
+                        .map_err(Error::Output)?;
+                    Ok(0)
+                }
+                lock::Answer::Release(Some((release, tasks))) => {
+                    history::print_release(&name, &release, &tasks, settings.log_format, &mut out)
+                        .map_err(Error::Output)?;
+                    Ok(0)
+                }
+                lock::Answer::Release(None) => {
+                    drop(out);
+                    tell(&format!(
+                        "release-tasks: no release {} recorded for `{}`; `release-tasks history` lists the recorded ones\n",
+                        history::shown(show.as_deref().unwrap_or_default()),
+                        history::shown(&name)
+                    ));
+                    Ok(history::EXIT_NOT_RECORDED)
+                }
+            }
         }
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
@@ -185,6 +227,40 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .into(),
         )),
     }
+}
+
+/// `plan`: the `changed` gates decided from the ledger as `run` would (without the lock), or, where
+/// the ledger cannot be read (no database URL in CI), said to be decided by `run`.
+#[cfg(feature = "postgres")]
+fn decide_changed_for_plan(plan: &mut Plan, env: &Env) {
+    let undecided = plan.undecided_changed();
+    let Some(lock) = plan.lock.as_ref().filter(|_| !undecided.is_empty()) else {
+        return;
+    };
+    if plan.force {
+        plan.apply_ledger(&std::collections::HashMap::new(), true);
+        return;
+    }
+    match lock::last_successes(lock, env, &plan.meta, &undecided) {
+        Ok(last) => plan.apply_ledger(&last, false),
+        Err(why) => plan.ledger_unread(&why),
+    }
+}
+
+/// The `[lock]` table whose ledger `wait` and `history` read; a config without one is a config
+/// error that says what to add.
+#[cfg(feature = "postgres")]
+fn ledger_lock<'a>(config: &'a config::Config, command: &str) -> Result<&'a config::Lock> {
+    config.lock.as_ref().ok_or_else(|| Error::ConfigInvalid {
+        path: config.path.clone(),
+        problems: vec![error::Diagnostic {
+            location: None,
+            message: format!(
+                "`release-tasks {command}` reads the release ledger of [lock], and this config has no [lock] table; \
+                 add [lock] with postgres = \"DATABASE_URL\" and once = true"
+            ),
+        }],
+    })
 }
 
 /// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
@@ -238,6 +314,7 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     #[allow(unused_mut)] // hashed only with the postgres feature, which `changed` needs
     let mut plan = Plan::new(&config, env, &settings.selection)?;
+    plan.force = settings.force;
     #[cfg(feature = "postgres")]
     if !matches!(settings.command, Command::Wait { .. } | Command::History { .. }) {
         plan.hash_inputs(&config.dir())?;

@@ -41,6 +41,8 @@ pub struct Plan {
     pub defaults: Defaults,
     /// `[lock]`, if the release runs under one.
     pub lock: Option<Lock>,
+    /// `--force` or `RELEASE_TASKS_FORCE`: `changed` gates let their tasks run.
+    pub force: bool,
 }
 
 /// One task and its decision.
@@ -174,6 +176,7 @@ impl Plan {
             meta,
             defaults: config.defaults.clone(),
             lock: config.lock.clone(),
+            force: false,
         })
     }
 
@@ -240,6 +243,16 @@ impl Plan {
             }
             step.verdict = Some(verdict);
         }
+    }
+
+    /// The tasks whose `changed` gate is still to be decided from the ledger.
+    #[must_use]
+    pub fn undecided_changed(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter(|s| s.run && s.inputs.is_some() && s.verdict.is_none())
+            .map(|s| s.task.name.clone())
+            .collect()
     }
 
     /// For `plan` where the ledger cannot be read (no database URL in CI): says so in each

@@ -3,6 +3,8 @@
 //! back ([`ReleaseEntry`], [`TaskEntry`]). No SQL here (that is each backend's), no printing (that is
 //! `history.rs`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use crate::changed::Inputs;
@@ -101,6 +103,17 @@ pub fn bounded_tail(tail: &[String]) -> Vec<String> {
     }
     kept.reverse();
     kept
+}
+
+/// The future a [`Recorder`] returns: not `Send`, because the run loop is single-threaded.
+pub type RecordFuture<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// Where the run loop writes each task's record as the release proceeds (the ledger of `[lock]`
+/// with `once = true`). A record that cannot be written is logged by the recorder, and the release
+/// goes on: the ledger is the release's memory, not a condition of it.
+pub trait Recorder {
+    /// Writes one record, bounded in time.
+    fn record(&self, record: TaskRecord) -> RecordFuture<'_>;
 }
 
 /// One release as `history` lists it.

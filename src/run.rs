@@ -24,6 +24,7 @@ use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::plan::{Plan, Step};
 use crate::process;
+use crate::record::{Recorder, TaskRecord};
 use crate::report::{
     EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
 };
@@ -75,6 +76,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
             None,
+            None,
         )
         .await?)
     })
@@ -106,6 +108,26 @@ async fn run_locked(
         }
         held.begin(&release).await?;
     }
+    // The `changed` gates, decided under the lock from the ledger's last successful runs.
+    let mut plan = plan.clone();
+    let undecided = plan.undecided_changed();
+    if !undecided.is_empty() {
+        if plan.force {
+            plan.apply_ledger(&std::collections::HashMap::new(), true);
+        } else {
+            match held.last_successes(&undecided).await {
+                Ok(last) => plan.apply_ledger(&last, false),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the tasks' last successful runs; tasks with `changed` run");
+                    plan.ledger_unread(&err.to_string());
+                }
+            }
+        }
+        for step in plan.steps.iter().filter(|s| s.verdict.is_some()) {
+            tracing::info!(task = %step.task.name, decision = %step.reason, "changed gate");
+        }
+    }
+    let plan = &plan;
     let report = run(
         plan,
         &plan.defaults,
@@ -114,6 +136,7 @@ async fn run_locked(
         guardian,
         crate::tail::secrets(env.iter()),
         Some(&held),
+        lock.once.then_some(&held as &dyn Recorder),
     )
     .await;
     // A lost lock took its transaction with it: nothing is written and nothing committed (another
@@ -169,6 +192,7 @@ async fn run(
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
     lock: Option<&dyn LockCheck>,
+    recorder: Option<&dyn Recorder>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
@@ -189,11 +213,12 @@ async fn run(
         lock,
         last_task: None,
     };
-    for step in &plan.steps {
+    for (position, step) in (1u32..).zip(&plan.steps) {
         runner.take_pending_events().await;
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
+            record_last(recorder, &report, position, step).await;
             continue;
         }
         let failed = report.failed_task().is_some()
@@ -222,6 +247,11 @@ async fn run(
         } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
             Outcome::LockLost
         } else {
+            if let Some(recorder) = recorder {
+                recorder
+                    .record(TaskRecord::started(&task.name, position, 1))
+                    .await;
+            }
             // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
             // of the release's: they are how the failure gets cleaned up and told.
             let release_deadline = (!(failed || expired)).then_some(runner.release_deadline);
@@ -257,6 +287,7 @@ async fn run(
             output_tail,
             attempts: u32::from(outcome_ran),
         });
+        record_last(recorder, &report, position, step).await;
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
@@ -265,6 +296,15 @@ async fn run(
     report.interrupted = runner.interrupted;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Writes the record of the task last added to `report` (the ledger, with `once`).
+async fn record_last(recorder: Option<&dyn Recorder>, report: &Report, position: u32, step: &Step) {
+    if let (Some(recorder), Some(last)) = (recorder, report.tasks.last()) {
+        recorder
+            .record(TaskRecord::finished(last, position, step.inputs.as_ref()))
+            .await;
+    }
 }
 
 /// The release's `[lock]` as the run loop sees it: checked immediately before each task starts.
