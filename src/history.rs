@@ -326,8 +326,8 @@ seed: failed with exit code 1 (after 3 attempts); its last output lines:
         print_releases("shop", &[release(), odd], LogFormat::Text, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "VERSION        COMMIT  STATUS  STARTED               DURATION  HOLDER
-v43            abc123  failed  2026-12-07T13:00:00Z  12s       release-tasks pid 7 on web.1
+            "VERSION      COMMIT  STATUS  STARTED               DURATION  HOLDER
+v43          abc123  failed  2026-12-07T13:00:00Z  12s       release-tasks pid 7 on web.1
 v1\\nv2 FAKE  abc123  failed  2026-12-07T13:00:00Z  12s       release-tasks pid 7 on web.1
 "
         );

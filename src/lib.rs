@@ -29,8 +29,8 @@ pub mod run;
 pub mod shell;
 pub mod signals;
 pub mod spawn;
-pub mod supervisor;
 pub mod tail;
+pub mod task_run;
 
 use std::io::Write;
 

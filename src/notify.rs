@@ -1,5 +1,5 @@
 //! The built-in notify task: the release report `POSTed` to a webhook (JSON, or Slack's `text`), with
-//! retries on connection errors and 5xx answers. A delivery runs on a thread the task's supervisor
+//! retries on connection errors and 5xx answers. A delivery runs on a thread the task's `TaskRun`
 //! owns and can be cancelled through [`Cancel`] at any point, so a stop signal or the task's deadline
 //! ends it within the grace and nothing is sent after its task has ended.
 //!

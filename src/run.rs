@@ -1,20 +1,19 @@
-//! Executes a [`Plan`]: one task at a time, each under a select loop over its end, its deadline, a
-//! heartbeat and the signals release-tasks receives.
+//! Executes a [`Plan`]: the order of tasks, and the decisions between them.
 //!
-//! This module is policy only: which deadline applies to a task (its own `timeout` or what is left of
-//! `release_timeout`, computed once when it starts), what a signal means (a stop ends the task and
-//! the release, a forwarded one only reaches the task's processes), which tasks still run after a
-//! failure, and which outcome follows. The mechanism (spawning, signalling a process group with
-//! SIGTERM + SIGCONT then SIGKILL, reaping, output pumps, cancelling a webhook delivery, cleaning up
-//! what a task leaves) belongs to the task's [`Supervisor`], which the run loop asks and tells.
+//! This module is policy only, and its decisions are pure functions with unit tests below: whether
+//! the next task runs and within which deadline ([`next`]: after a failure, `on = "failure"` and
+//! `"always"` tasks run on their own timeout; after a second stop signal nothing starts), and which
+//! outcome follows from how a task ended ([`command_outcome`], [`delivery_outcome`]). Each running
+//! task is owned whole by its [`TaskRun`] (`task_run.rs`): spawning is done here, then its process
+//! group, output, deadline, SIGTERM + SIGCONT -> grace -> SIGKILL and its leftovers are the
+//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the [`Listener`] and returns a
+//! typed result. Exit statuses are derived from the outcomes in `report.rs`.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use tokio::time::sleep_until;
 
 use crate::config::{Defaults, On, Task};
 use crate::gate::Env;
@@ -29,8 +28,7 @@ use crate::report::{
     EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
 };
 use crate::signals::{Event, Signals};
-use crate::supervisor::{Ended, Supervisor};
-use crate::tail::Tail;
+use crate::task_run::{Bound, Order, Orders, Policy, ReleaseDeadline, SignalCount, TaskRun};
 
 /// The shortest heartbeat; the config validator refuses less, and this keeps the loop honest anyway.
 const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -198,13 +196,17 @@ async fn run(
     let mut runner = Runner {
         tail_lines: defaults.tail_lines,
         secrets,
-        signals,
+        listener: Listener {
+            signals,
+            stops: 0,
+            interrupted: None,
+        },
         guardian,
-        interrupted: None,
-        stopping_signals: 0,
         run_id,
-        release_deadline: started + defaults.release_timeout,
-        release_timeout: defaults.release_timeout,
+        release: ReleaseDeadline {
+            at: tokio::time::Instant::now() + defaults.release_timeout,
+            limit: defaults.release_timeout,
+        },
         heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
@@ -214,7 +216,7 @@ async fn run(
         last_task: None,
     };
     for (position, step) in (1u32..).zip(&plan.steps) {
-        runner.take_pending_events().await;
+        runner.listener.take_pending().await;
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
@@ -222,56 +224,43 @@ async fn run(
             continue;
         }
         let failed = report.failed_task().is_some()
-            || runner.interrupted.is_some()
+            || runner.listener.interrupted.is_some()
             || report.lock_lost.is_some();
-        // An expired release_timeout fails the release like anything else, through the task it cut
-        // off or the next on = "success" task, which cannot start; what follows a failure
-        // (on = "failure" and "always") still runs, on its own timeout.
-        let expired = Instant::now() >= runner.release_deadline;
+        let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
-        let outcome = if runner.stopping_signals >= 2 {
-            Outcome::NotRun
-        } else if task.on == On::Success && !failed && expired {
-            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
-            Outcome::TimedOut
-        } else if !task.on.runs(failed) {
-            if task.on == On::Failure {
-                let reason = SkipReason::OnFailure;
-                tracing::info!(task = %task.name, reason = %reason, "task skipped");
-                Outcome::Skipped(reason)
-            } else {
-                Outcome::NotRun
-            }
-        } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
-            Outcome::LockLost
-        } else {
-            if let Some(recorder) = recorder {
-                recorder
-                    .record(TaskRecord::started(&task.name, position, 1))
-                    .await;
-            }
-            // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
-            // of the release's: they are how the failure gets cleaned up and told.
-            let release_deadline = (!(failed || expired)).then_some(runner.release_deadline);
-            let ran = match &step.webhook {
-                Some(webhook) => {
-                    let mut so_far = report.clone();
-                    so_far.duration = started.elapsed();
-                    so_far.interrupted = runner.interrupted;
-                    runner
-                        .run_notify(task, webhook, &so_far, release_deadline)
-                        .await?
+        let outcome = match next(task.on, failed, expired, runner.listener.stops) {
+            Next::NotRun(outcome) => {
+                match &outcome {
+                    Outcome::TimedOut => {
+                        tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+                    }
+                    Outcome::Skipped(reason) => {
+                        tracing::info!(task = %task.name, reason = %reason, "task skipped");
+                    }
+                    _ => {}
                 }
-                None => runner.run_task(task, release_deadline).await?,
-            };
-            // A task cut off by release_timeout is the release's failure, which allow_failure does not
-            // excuse: the release did not finish in time.
-            allow_failure &= !ran.cut_by_release;
-            Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
-            output_tail = ran.output_tail;
-            ran.outcome
+                outcome
+            }
+            Next::Run { .. } if !lock.before_start(task, &mut report).await && task.on == On::Success => {
+                Outcome::LockLost
+            }
+            Next::Run { within_release } => {
+                if let Some(recorder) = recorder {
+                    recorder
+                        .record(TaskRecord::started(&task.name, position, 1))
+                        .await;
+                }
+                let release = within_release.then_some(runner.release);
+                let ran = runner.run_one(step, release, (&report, started)).await?;
+                // A task cut off by release_timeout is the release's failure, which allow_failure
+                // does not excuse: the release did not finish in time.
+                allow_failure &= !ran.cut_by_release;
+                Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                output_tail = ran.output_tail;
+                ran.outcome
+            }
         };
         let outcome_ran = outcome.exit_code().is_some();
         let duration = if outcome.exit_code().is_some() {
@@ -292,8 +281,8 @@ async fn run(
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
     crate::exec::hold_stop_signals();
-    runner.take_pending_events().await;
-    report.interrupted = runner.interrupted;
+    runner.listener.take_pending().await;
+    report.interrupted = runner.listener.interrupted;
     report.duration = started.elapsed();
     Ok(report)
 }
@@ -351,31 +340,147 @@ impl HeldLock<'_> {
     }
 }
 
-struct Runner {
+/// What becomes of a step that is to run, decided before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    /// It runs: within the release's deadline, or on its own timeout only.
+    Run { within_release: bool },
+    /// It does not run, and this is its outcome.
+    NotRun(Outcome),
+}
+
+/// Whether the next task runs, from its `on`, whether the release has failed (a task failed, or a
+/// stop signal arrived), whether `release_timeout` has passed, and how many stop signals arrived.
+///
+/// An expired `release_timeout` fails the release like anything else, through the task it cut off
+/// or the next `on = "success"` task, which cannot start; what follows a failure (`on = "failure"`
+/// and `"always"`) still runs, on its own timeout only: it is how the failure gets cleaned up and
+/// told. After a second stop signal nothing starts.
+fn next(on: On, failed: bool, expired: bool, stops: u32) -> Next {
+    if stops >= 2 {
+        Next::NotRun(Outcome::NotRun)
+    } else if on == On::Success && !failed && expired {
+        Next::NotRun(Outcome::TimedOut)
+    } else if !on.runs(failed) {
+        Next::NotRun(if on == On::Failure {
+            Outcome::Skipped(SkipReason::OnFailure)
+        } else {
+            Outcome::NotRun
+        })
+    } else {
+        Next::Run {
+            within_release: !(failed || expired),
+        }
+    }
+}
+
+/// The outcome of a command task from how it ended: a timeout first (whatever the process did
+/// after its SIGTERM), then a clean exit (a task that exits 0 on its stop signal succeeded), then the
+/// release's stop signal, then its own code or signal.
+fn command_outcome(
+    status: WaitStatus,
+    timed_out: Option<Bound>,
+    stopped: Option<Signal>,
+) -> Outcome {
+    match (status, timed_out, stopped) {
+        (_, Some(_), _) => Outcome::TimedOut,
+        (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
+        (_, _, Some(sig)) => Outcome::Interrupted(sig),
+        (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
+        (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
+        // waitpid without WUNTRACED reports only exits and deaths by signal.
+        _ => Outcome::Failed(1),
+    }
+}
+
+/// The outcome of a notify task: a timeout first, then the webhook's answer, then the release's
+/// stop signal that cancelled it, then why it was not delivered.
+fn delivery_outcome(
+    result: Result<u16, String>,
+    timed_out: Option<Bound>,
+    stopped: Option<Signal>,
+) -> Outcome {
+    match (result, timed_out, stopped) {
+        (_, Some(_), _) => Outcome::TimedOut,
+        (Ok(_), _, _) => Outcome::Succeeded,
+        (Err(_), _, Some(sig)) => Outcome::Interrupted(sig),
+        (Err(why), _, _) => Outcome::NotDelivered(why),
+    }
+}
+
+/// The signals release-tasks receives, as orders for the running task, and what they add up to for
+/// the release: how many stop signals arrived, and the first.
+struct Listener {
     signals: Signals,
-    guardian: Option<Guardian>,
-    /// The first stopping signal release-tasks received.
+    /// How many stop signals arrived; after the second nothing more starts.
+    stops: u32,
+    /// The first stop signal release-tasks received.
     interrupted: Option<Signal>,
-    /// How many stopping signals arrived; after the second nothing more starts.
-    stopping_signals: u32,
+}
+
+impl Listener {
+    /// Counts a stop signal: the release's first, or a later one.
+    fn count(&mut self, sig: Signal) -> SignalCount {
+        self.stops += 1;
+        if self.interrupted.is_none() {
+            self.interrupted = Some(sig);
+            SignalCount::First
+        } else {
+            SignalCount::Again
+        }
+    }
+
+    /// Handles events that queued up while no task was running, without waiting for more.
+    async fn take_pending(&mut self) {
+        // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
+        // an event when it next runs. Yielding lets it run, or a signal that arrived since the last
+        // await would be missed here (and a task would start after a stop, or `exec` go on).
+        tokio::task::yield_now().await;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            let order = {
+                let mut next = std::pin::pin!(self.next());
+                match next.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(order) => order,
+                    std::task::Poll::Pending => return,
+                }
+            };
+            match order {
+                // Between tasks only orphans exit; collecting them is all there is to do.
+                Order::Reap => drop(process::reap()),
+                Order::Forward(sig) => {
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
+                }
+                Order::Stop(sig, _) => {
+                    tracing::warn!(signal = %sig, "received signal; no further task will start");
+                }
+            }
+        }
+    }
+}
+
+impl Orders for Listener {
+    async fn next(&mut self) -> Order {
+        match self.signals.next().await {
+            Event::Child => Order::Reap,
+            Event::Forward(sig) => Order::Forward(sig),
+            Event::Stop(sig) => Order::Stop(sig, self.count(sig)),
+        }
+    }
+}
+
+struct Runner {
+    listener: Listener,
+    guardian: Option<Guardian>,
     /// Marks this run's processes for the guardian.
     run_id: String,
-    release_deadline: Instant,
-    release_timeout: Duration,
+    release: ReleaseDeadline,
     heartbeat: Duration,
     name_width: usize,
     /// How many last lines of each task's output to keep for the report.
     tail_lines: usize,
     /// Values hidden wherever a task's output is shown again (see `tail.rs`).
     secrets: Vec<String>,
-}
-
-/// The deadline that applies to one task, decided once when it starts.
-struct Deadline {
-    at: Instant,
-    /// Which setting it comes from (`timeout` or `release_timeout`), and that setting's value.
-    bound: &'static str,
-    limit: Duration,
 }
 
 /// How a task that was started went.
@@ -387,36 +492,41 @@ struct Ran {
     cut_by_release: bool,
 }
 
-/// How the run loop left a supervised task.
-struct Supervised {
-    ended: Ended,
-    timed_out: Option<&'static str>,
-    /// The stopping signal that arrived while this task ran, if it was the release's first.
-    interrupted: Option<Signal>,
-}
-
 impl Runner {
-    /// `min(task timeout, what is left of release_timeout)` from `started`, and which one it is.
-    fn deadline(&self, task: &Task, started: Instant, release: Option<Instant>) -> Deadline {
-        let own = started + task.timeout;
-        match release {
-            Some(release) if release < own => Deadline {
-                at: release,
-                bound: "release_timeout",
-                limit: self.release_timeout,
-            },
-            _ => Deadline {
-                at: own,
-                bound: "timeout",
-                limit: task.timeout,
-            },
+    fn policy(&self, task: &Task, release: Option<ReleaseDeadline>) -> Policy {
+        Policy {
+            timeout: task.timeout,
+            release,
+            grace: task.grace,
+            heartbeat: self.heartbeat,
         }
     }
 
+    /// Runs one task, start to end: the one call a step that runs makes, whatever its kind. A
+    /// notify task sends `so_far` (the report until now, and when the release started).
+    async fn run_one(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (so_far, started): (&Report, Instant),
+    ) -> anyhow::Result<Ran> {
+        let task = &step.task;
+        Ok(match &step.webhook {
+            Some(webhook) => {
+                let mut so_far = so_far.clone();
+                so_far.duration = started.elapsed();
+                so_far.interrupted = self.listener.interrupted;
+                self.run_notify(task, webhook, &so_far, release).await
+            }
+            None => self.run_task(task, release).await?,
+        })
+    }
+
+    /// Runs a command task: started here, then owned by its [`TaskRun`] to its end.
     async fn run_task(
         &mut self,
         task: &Task,
-        release_deadline: Option<Instant>,
+        release: Option<ReleaseDeadline>,
     ) -> anyhow::Result<Ran> {
         let command = crate::redact::command(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
@@ -430,224 +540,62 @@ impl Runner {
                 });
             }
         };
-        let started = Instant::now();
-        let pid = spawned.pid;
-        let exempt = self.guardian.iter().map(Guardian::pid).collect();
         let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
-        let tail = Arc::new(Mutex::new(Tail::new(self.tail_lines)));
-        let supervisor =
-            Supervisor::command(&task.name, task.grace, spawned, exempt, &prefix, &tail)?;
-        if let Some(g) = &self.guardian {
-            g.tell(pid, true);
-        }
-        let deadline = self.deadline(task, started, release_deadline);
-        let done = self.supervise(task, supervisor, &deadline, started).await;
-        if let Some(g) = &self.guardian {
-            g.tell(pid, false);
-        }
-        let Ended::Command(status) = done.ended else {
-            unreachable!("a command task ends as a command");
-        };
-        let outcome = match (status, done.timed_out, done.interrupted) {
-            (_, Some(_), _) => Outcome::TimedOut,
-            (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
-            (_, _, Some(sig)) => Outcome::Interrupted(sig),
-            (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
-            (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
-            // waitpid without WUNTRACED reports only exits and deaths by signal.
-            _ => Outcome::Failed(1),
-        };
-        let output_tail = {
-            let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
-            tail.finish();
-            let mut secrets = self.secrets.clone();
-            secrets.extend(crate::tail::secrets(task.env.iter()));
-            tail.render(&secrets)
-        };
+        let mut secrets = self.secrets.clone();
+        secrets.extend(crate::tail::secrets(task.env.iter()));
+        let policy = self.policy(task, release);
+        let run = TaskRun::command(
+            &task.name,
+            policy,
+            spawned,
+            self.guardian.as_ref(),
+            &prefix,
+            (self.tail_lines, secrets),
+        )?;
+        let ended = run.run(&mut self.listener).await;
         Ok(Ran {
-            outcome,
-            output_tail,
-            cut_by_release: done.timed_out == Some("release_timeout"),
+            outcome: command_outcome(ended.end.status, ended.timed_out, ended.stopped),
+            output_tail: ended.end.output_tail,
+            cut_by_release: ended.timed_out == Some(Bound::ReleaseTimeout),
         })
     }
 
-    /// Runs a notify task: the report so far, sent from the supervisor's delivery thread while the
-    /// run loop keeps handling signals and the deadline, either of which cancels the delivery.
+    /// Runs a notify task: the report so far, sent from its [`TaskRun`]'s delivery thread while
+    /// signals and the deadline are still handled, either of which cancels the delivery.
     async fn run_notify(
         &mut self,
         task: &Task,
         webhook: &Webhook,
         report: &Report,
-        release_deadline: Option<Instant>,
-    ) -> anyhow::Result<Ran> {
+        release: Option<ReleaseDeadline>,
+    ) -> Ran {
         tracing::info!(
             task = %task.name, url = %webhook.shown_url(), format = %webhook.format,
             retries = webhook.retries, "task started"
         );
-        let started = Instant::now();
-        let supervisor =
-            match Supervisor::notify(&task.name, task.grace, webhook, webhook.body(report)) {
-                Ok(supervisor) => supervisor,
-                Err(err) => {
-                    return Ok(Ran {
-                        outcome: Outcome::NotDelivered(format!(
-                            "cannot start the sending thread: {err}"
-                        )),
-                        output_tail: Vec::new(),
-                        cut_by_release: false,
-                    });
-                }
-            };
-        let deadline = self.deadline(task, started, release_deadline);
-        let done = self.supervise(task, supervisor, &deadline, started).await;
-        let Ended::Notify(result) = done.ended else {
-            unreachable!("a notify task ends as a notify task");
-        };
-        let outcome = match (result, done.timed_out, done.interrupted) {
-            (_, Some(_), _) => Outcome::TimedOut,
-            (Ok(status), _, _) => {
-                tracing::info!(task = %task.name, status, "the webhook took the report");
-                Outcome::Succeeded
-            }
-            (Err(_), _, Some(sig)) => Outcome::Interrupted(sig),
-            (Err(why), _, _) => Outcome::NotDelivered(why),
-        };
-        Ok(Ran {
-            outcome,
-            output_tail: Vec::new(),
-            cut_by_release: done.timed_out == Some("release_timeout"),
-        })
-    }
-
-    /// The select loop over one task: its end, its deadline (SIGTERM + SIGCONT), SIGKILL after the
-    /// grace, the heartbeat, and signals; then the clean-up of what it left, still handling signals.
-    async fn supervise(
-        &mut self,
-        task: &Task,
-        mut sup: Supervisor,
-        deadline: &Deadline,
-        started: Instant,
-    ) -> Supervised {
-        let interrupted_before = self.interrupted;
-        let mut timed_out = None;
-        let mut next_beat = started + self.heartbeat;
-        let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
-        while !sup.has_ended() {
-            let kill_due = sup.kill_due();
-            let terminating = sup.terminating();
-            tokio::select! {
-                biased;
-                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
-                () = sup.ended() => {}
-                () = sleep_until(deadline.at.into()), if !terminating => {
-                    timed_out = Some(deadline.bound);
-                    let action = if sup.is_process() {
-                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
-                    } else {
-                        "task timed out; cancelling the webhook delivery"
-                    };
-                    tracing::error!(
-                        task = %task.name, bound = deadline.bound,
-                        limit = %humantime::format_duration(deadline.limit),
-                        grace_s = task.grace.as_secs_f64(), "{action}"
-                    );
-                    sup.begin(Signal::SIGTERM);
-                }
-                () = sleep_until(kill_due.unwrap_or(far).into()), if kill_due.is_some() => {
-                    if sup.is_process() {
-                        tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
-                    }
-                    sup.kill();
-                }
-                () = sleep_until(next_beat.into()), if !terminating => {
-                    tracing::info!(
-                        task = %task.name,
-                        elapsed = %humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
-                        timeout_in = %humantime::format_duration(whole_seconds_up(deadline.at.saturating_duration_since(Instant::now()))),
-                        "task still running"
-                    );
-                    // From now, not from the last beat: after a stall, one beat, not a burst of them.
-                    next_beat = Instant::now() + self.heartbeat;
-                }
-            }
-        }
-        while let Some(until) = sup.settle_step() {
-            tokio::select! {
-                biased;
-                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
-                () = sup.settle_wait(until) => {}
-            }
-        }
-        let interrupted = self.interrupted.filter(|_| interrupted_before.is_none());
-        Supervised {
-            ended: sup.finish().await,
-            timed_out,
-            interrupted,
-        }
-    }
-
-    /// Acts on one event: reaps on SIGCHLD, forwards a signal to the running task's processes, and
-    /// records a stopping signal, which begins ending the running task (a second SIGINT or SIGTERM
-    /// kills it at once).
-    fn on_event(&mut self, event: Event, sup: Option<&mut Supervisor>) {
-        match event {
-            Event::Child => match sup {
-                Some(sup) => sup.reap(),
-                // Between tasks only orphans exit; collecting them is all there is to do.
-                None => drop(process::reap()),
-            },
-            Event::Forward(sig) => match sup {
-                Some(sup) if sup.forward(sig) => {
-                    tracing::info!(signal = %sig, task = %sup.task(), "signal forwarded to the task");
-                }
-                _ => {
-                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
-                }
-            },
-            Event::Stop(sig) => {
-                self.stopping_signals += 1;
-                let again =
-                    self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
-                self.interrupted.get_or_insert(sig);
-                let Some(sup) = sup else {
-                    tracing::warn!(signal = %sig, "received signal; no further task will start");
-                    return;
+        let policy = self.policy(task, release);
+        let run = match TaskRun::delivery(&task.name, policy, webhook, webhook.body(report)) {
+            Ok(run) => run,
+            Err(err) => {
+                return Ran {
+                    outcome: Outcome::NotDelivered(format!(
+                        "cannot start the sending thread: {err}"
+                    )),
+                    output_tail: Vec::new(),
+                    cut_by_release: false,
                 };
-                if again {
-                    if !sup.killed() {
-                        tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
-                        sup.kill();
-                    }
-                } else if sup.is_process() {
-                    tracing::warn!(
-                        signal = %sig, grace_s = sup.grace().as_secs_f64(),
-                        "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"
-                    );
-                    sup.begin(sig);
-                } else {
-                    tracing::warn!(signal = %sig, task = %sup.task(), "received signal; cancelling the webhook delivery; no further task will start");
-                    sup.begin(sig);
-                }
+            }
+        };
+        let ended = run.run(&mut self.listener).await;
+        if let Ok(status) = &ended.end {
+            if ended.timed_out.is_none() {
+                tracing::info!(task = %task.name, status, "the webhook took the report");
             }
         }
-    }
-
-    /// Handles events that queued up while no task was running, without waiting for more.
-    async fn take_pending_events(&mut self) {
-        // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
-        // an event when it next runs. Yielding lets it run, or a signal that arrived since the last
-        // await would be missed here (and a task would start after a stop, or `exec` go on).
-        tokio::task::yield_now().await;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        loop {
-            let event = {
-                let mut next = std::pin::pin!(self.signals.next());
-                match next.as_mut().poll(&mut cx) {
-                    std::task::Poll::Ready(event) => event,
-                    std::task::Poll::Pending => return,
-                }
-            };
-            self.on_event(event, None);
+        Ran {
+            outcome: delivery_outcome(ended.end, ended.timed_out, ended.stopped),
+            output_tail: Vec::new(),
+            cut_by_release: ended.timed_out == Some(Bound::ReleaseTimeout),
         }
     }
 
@@ -660,11 +608,6 @@ impl Runner {
             tracing::info!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, "task finished");
         }
     }
-}
-
-/// `d` in whole seconds, rounded up: "timeout in 0s" must not appear while time is left.
-fn whole_seconds_up(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
@@ -707,4 +650,133 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         _ => (EXIT_CANNOT_RUN, format!("cannot start the task: {err}")),
     };
     Outcome::CouldNotStart { code, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::Pid;
+
+    const PID: Pid = Pid::from_raw(7);
+
+    #[test]
+    fn tasks_run_on_success_until_something_fails() {
+        let within = Next::Run {
+            within_release: true,
+        };
+        assert_eq!(next(On::Success, false, false, 0), within);
+        assert_eq!(next(On::Always, false, false, 0), within);
+        assert_eq!(
+            next(On::Success, true, false, 0),
+            Next::NotRun(Outcome::NotRun)
+        );
+        assert_eq!(
+            next(On::Failure, false, false, 0),
+            Next::NotRun(Outcome::Skipped(SkipReason::OnFailure))
+        );
+    }
+
+    #[test]
+    fn after_a_failure_cleanup_tasks_run_on_their_own_timeout() {
+        let own = Next::Run {
+            within_release: false,
+        };
+        assert_eq!(next(On::Failure, true, false, 0), own);
+        assert_eq!(next(On::Always, true, false, 0), own);
+        // A first stop signal fails the release: clean-up still runs.
+        assert_eq!(next(On::Failure, true, false, 1), own);
+        assert_eq!(next(On::Always, true, true, 1), own);
+    }
+
+    #[test]
+    fn an_expired_release_timeout_fails_the_next_success_task() {
+        assert_eq!(
+            next(On::Success, false, true, 0),
+            Next::NotRun(Outcome::TimedOut)
+        );
+        assert_eq!(
+            next(On::Always, false, true, 0),
+            Next::Run {
+                within_release: false
+            }
+        );
+        assert_eq!(
+            next(On::Failure, false, true, 0),
+            Next::NotRun(Outcome::Skipped(SkipReason::OnFailure))
+        );
+    }
+
+    #[test]
+    fn after_a_second_stop_signal_nothing_starts() {
+        for on in [On::Success, On::Failure, On::Always] {
+            for (failed, expired) in [(false, false), (true, false), (true, true)] {
+                assert_eq!(
+                    next(on, failed, expired, 2),
+                    Next::NotRun(Outcome::NotRun),
+                    "{on} {failed} {expired}"
+                );
+                assert_eq!(next(on, failed, expired, 3), Next::NotRun(Outcome::NotRun));
+            }
+        }
+    }
+
+    #[test]
+    fn a_commands_outcome() {
+        let exited = |code| WaitStatus::Exited(PID, code);
+        let killed = |sig| WaitStatus::Signaled(PID, sig, false);
+        let term = Some(Signal::SIGTERM);
+        let timeout = Some(Bound::Timeout);
+        assert_eq!(command_outcome(exited(0), None, None), Outcome::Succeeded);
+        assert_eq!(command_outcome(exited(3), None, None), Outcome::Failed(3));
+        assert_eq!(
+            command_outcome(killed(Signal::SIGSEGV), None, None),
+            Outcome::Signaled(Signal::SIGSEGV)
+        );
+        // A timeout wins over whatever the process did after its SIGTERM.
+        assert_eq!(command_outcome(exited(0), timeout, None), Outcome::TimedOut);
+        assert_eq!(
+            command_outcome(killed(Signal::SIGKILL), Some(Bound::ReleaseTimeout), term),
+            Outcome::TimedOut
+        );
+        // A task that exits 0 on the stop signal succeeded; otherwise it was interrupted.
+        assert_eq!(command_outcome(exited(0), None, term), Outcome::Succeeded);
+        assert_eq!(
+            command_outcome(exited(143), None, term),
+            Outcome::Interrupted(Signal::SIGTERM)
+        );
+        assert_eq!(
+            command_outcome(killed(Signal::SIGKILL), None, Some(Signal::SIGINT)),
+            Outcome::Interrupted(Signal::SIGINT)
+        );
+        assert_eq!(
+            command_outcome(WaitStatus::StillAlive, None, None),
+            Outcome::Failed(1)
+        );
+    }
+
+    #[test]
+    fn a_deliverys_outcome() {
+        let no = || Err::<u16, _>("HTTP 500".to_owned());
+        assert_eq!(delivery_outcome(Ok(200), None, None), Outcome::Succeeded);
+        assert_eq!(
+            delivery_outcome(Ok(200), Some(Bound::Timeout), None),
+            Outcome::TimedOut
+        );
+        assert_eq!(
+            delivery_outcome(Ok(204), None, Some(Signal::SIGTERM)),
+            Outcome::Succeeded
+        );
+        assert_eq!(
+            delivery_outcome(no(), None, Some(Signal::SIGHUP)),
+            Outcome::Interrupted(Signal::SIGHUP)
+        );
+        assert_eq!(
+            delivery_outcome(no(), None, None),
+            Outcome::NotDelivered("HTTP 500".into())
+        );
+        assert_eq!(
+            delivery_outcome(no(), Some(Bound::ReleaseTimeout), None),
+            Outcome::TimedOut
+        );
+    }
 }
