@@ -230,6 +230,7 @@ async fn run(
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
+        let mut attempts = 0;
         let outcome = match next(task.on, failed, expired, runner.listener.stops) {
             Next::NotRun(outcome) => {
                 match &outcome {
@@ -253,7 +254,53 @@ async fn run(
                         .await;
                 }
                 let release = within_release.then_some(runner.release);
-                let ran = runner.run_one(step, release, (&report, started)).await?;
+                // Attempts: one, or with `retries` as many as the decision allows, all within the
+                // task's `timeout` counted from the first start (and the release's deadline).
+                let task_until = tokio::time::Instant::now() + task.timeout;
+                let all_until = release.map_or(task_until, |r| r.at.min(task_until));
+                let mut attempt = 1;
+                let ran = loop {
+                    let left = task_until.saturating_duration_since(tokio::time::Instant::now());
+                    let limited = task.retry.attempt_timeout.filter(|t| *t < left);
+                    let ran = if task.retry.retries == 0 {
+                        runner.run_one(step, release, (&report, started)).await?
+                    } else {
+                        // Each attempt gets what is left of the task's timeout, or less.
+                        let mut this = step.clone();
+                        this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
+                        runner.run_one(&this, release, (&report, started)).await?
+                    };
+                    let left = all_until.saturating_duration_since(tokio::time::Instant::now());
+                    let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
+                    match after_attempt(&task.retry, attempt, &ran.outcome, cut_by_attempt, left, runner.listener.stops) {
+                        AfterAttempt::Done(why) => {
+                            if let Some(why) = why {
+                                tracing::warn!(task = %task.name, attempt, outcome = ran.outcome.label(), "not trying again: {why}");
+                            }
+                            break ran;
+                        }
+                        AfterAttempt::RetryIn(delay) => {
+                            tracing::warn!(
+                                task = %task.name, attempt, of = task.retry.retries + 1, outcome = ran.outcome.label(),
+                                exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
+                                "attempt failed; trying again"
+                            );
+                            if !runner.listener.pause(delay).await {
+                                break ran;
+                            }
+                            if !lock.before_start(task, &mut report).await {
+                                break ran;
+                            }
+                            attempt += 1;
+                            if let Some(recorder) = recorder {
+                                recorder
+                                    .record(TaskRecord::started(&task.name, position, attempt))
+                                    .await;
+                            }
+                        }
+                    }
+                };
+                attempts = attempt;
                 // A task cut off by release_timeout is the release's failure, which allow_failure
                 // does not excuse: the release did not finish in time.
                 allow_failure &= !ran.cut_by_release;
@@ -274,7 +321,7 @@ async fn run(
             duration,
             allow_failure,
             output_tail,
-            attempts: u32::from(outcome_ran),
+            attempts: if outcome_ran { attempts.max(1) } else { 0 },
         });
         record_last(recorder, &report, position, step).await;
     }
@@ -457,6 +504,85 @@ impl Listener {
             }
         }
     }
+}
+
+impl Listener {
+    /// Waits `delay` between two attempts of a task, handling signals meanwhile; a stop signal ends
+    /// the wait at once. Whether the wait ran its course (no stop signal).
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                order = self.next() => match order {
+                    Order::Reap => drop(process::reap()),
+                    Order::Forward(sig) => {
+                        tracing::info!(signal = %sig, "received signal between two attempts; no task process is running to forward it to");
+                    }
+                    Order::Stop(sig, _) => {
+                        tracing::warn!(signal = %sig, "received signal; no further attempt or task will start");
+                        return false;
+                    }
+                },
+                () = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+}
+
+/// What follows an attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterAttempt {
+    /// Its outcome is the task's; with why a failed attempt is not tried again, when that is worth
+    /// saying (no time left, a timeout not listed in `retry_on`).
+    Done(Option<String>),
+    /// Another attempt, after this pause.
+    RetryIn(Duration),
+}
+
+/// The pure decision after attempt number `attempt` (from 1) ended with `outcome`: whether it is
+/// tried again and after how long. `cut_by_attempt` says a timeout came from `attempt_timeout` (not
+/// from the task's `timeout` or the release's); `left` is the time left for all attempts; `stops`
+/// counts the stop signals received.
+fn after_attempt(
+    retry: &crate::config::Retry,
+    attempt: u32,
+    outcome: &Outcome,
+    cut_by_attempt: bool,
+    left: Duration,
+    stops: u32,
+) -> AfterAttempt {
+    let statuses = &retry.on.statuses;
+    let listed = |code: i32| statuses.is_empty() || statuses.contains(&code);
+    let retryable = match outcome {
+        Outcome::Failed(code) => listed(*code),
+        Outcome::Signaled(sig) => listed(128 + *sig as i32),
+        Outcome::TimedOut if cut_by_attempt => {
+            if !retry.on.timeout {
+                return AfterAttempt::Done((attempt <= retry.retries).then(|| {
+                    "the attempt ran past attempt_timeout, and retry_on does not list \"timeout\"".to_owned()
+                }));
+            }
+            true
+        }
+        // A success is done; a timeout of the whole task or the release, a stop signal, a command
+        // that cannot start, a lost lock: another attempt would not be different.
+        _ => false,
+    };
+    if !retryable || attempt > retry.retries || stops > 0 {
+        return AfterAttempt::Done(None);
+    }
+    let doubled = retry
+        .delay
+        .saturating_mul(1u32 << (attempt - 1).min(20));
+    let delay = doubled.min(crate::config::Retry::MAX_DELAY.max(retry.delay));
+    if delay >= left {
+        return AfterAttempt::Done(Some(format!(
+            "the pause of {} before another attempt would pass the task's timeout (or the release's)",
+            humantime::format_duration(delay)
+        )));
+    }
+    AfterAttempt::RetryIn(delay)
 }
 
 impl Orders for Listener {
