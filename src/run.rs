@@ -785,6 +785,104 @@ mod tests {
 
     const PID: Pid = Pid::from_raw(7);
 
+    fn retry(retries: u32, statuses: &[i32], timeout: bool) -> crate::config::Retry {
+        crate::config::Retry {
+            retries,
+            delay: Duration::from_secs(5),
+            on: crate::config::RetryOn {
+                statuses: statuses.to_vec(),
+                timeout,
+            },
+            attempt_timeout: None,
+        }
+    }
+
+    const PLENTY: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn failed_attempts_are_retried_with_a_doubling_capped_pause() {
+        let r = retry(10, &[], false);
+        let failed = Outcome::Failed(1);
+        let pauses: Vec<_> = (1..=6)
+            .map(|n| after_attempt(&r, n, &failed, false, PLENTY, 0))
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 60, 60].map(|n| AfterAttempt::RetryIn(s(n)))
+        );
+        // A retry_delay above the cap is used as it is.
+        let long = crate::config::Retry {
+            delay: s(90),
+            ..r.clone()
+        };
+        assert_eq!(
+            after_attempt(&long, 3, &failed, false, PLENTY, 0),
+            AfterAttempt::RetryIn(s(90))
+        );
+        // The last attempt is the task's outcome.
+        assert_eq!(after_attempt(&r, 11, &failed, false, PLENTY, 0), AfterAttempt::Done(None));
+        assert_eq!(
+            after_attempt(&retry(2, &[], false), 3, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
+    }
+
+    #[test]
+    fn what_is_retried() {
+        let any = retry(2, &[], false);
+        let listed = retry(2, &[75, 137], false);
+        let r = |r: &crate::config::Retry, o: Outcome, by_attempt: bool| {
+            matches!(
+                after_attempt(r, 1, &o, by_attempt, PLENTY, 0),
+                AfterAttempt::RetryIn(_)
+            )
+        };
+        assert!(r(&any, Outcome::Failed(1), false));
+        assert!(r(&any, Outcome::Signaled(Signal::SIGKILL), false));
+        assert!(!r(&any, Outcome::Succeeded, false));
+        assert!(r(&listed, Outcome::Failed(75), false));
+        assert!(!r(&listed, Outcome::Failed(1), false));
+        assert!(r(&listed, Outcome::Signaled(Signal::SIGKILL), false), "128 + 9");
+        // Never: a stop signal, a command that cannot start, the whole task's timeout.
+        assert!(!r(&any, Outcome::Interrupted(Signal::SIGTERM), false));
+        assert!(!r(
+            &any,
+            Outcome::CouldNotStart {
+                code: 127,
+                reason: String::new()
+            },
+            false
+        ));
+        assert!(!r(&any, Outcome::TimedOut, false));
+        // An attempt cut off by attempt_timeout only with "timeout" in retry_on, and then it says why not.
+        assert!(!r(&any, Outcome::TimedOut, true));
+        assert!(matches!(
+            after_attempt(&any, 1, &Outcome::TimedOut, true, PLENTY, 0),
+            AfterAttempt::Done(Some(why)) if why.contains("retry_on")
+        ));
+        assert!(r(&retry(2, &[], true), Outcome::TimedOut, true));
+        assert!(r(&retry(2, &[3], true), Outcome::TimedOut, true));
+        assert!(!r(&retry(2, &[3], true), Outcome::Failed(1), true));
+    }
+
+    #[test]
+    fn no_retry_after_a_stop_signal_or_past_the_timeout() {
+        let r = retry(3, &[], false);
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, PLENTY, 1),
+            AfterAttempt::Done(None)
+        );
+        assert!(matches!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(5), 0),
+            AfterAttempt::Done(Some(why)) if why.contains("timeout")
+        ));
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(6), 0),
+            AfterAttempt::RetryIn(Duration::from_secs(5))
+        );
+    }
+
     #[test]
     fn tasks_run_on_success_until_something_fails() {
         let within = Next::Run {

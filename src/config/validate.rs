@@ -1079,6 +1079,69 @@ mod tests {
         parse(Path::new("release.toml"), src)
     }
 
+    #[test]
+    fn changed_and_retries_are_read_and_checked() {
+        let ok = parse_str(
+            "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n\
+             [tasks.m]\nrun = \"m\"\nchanged = [\"db/migrate/**\", \"prisma/*.sql\"]\n\
+             retries = 2\nretry_delay = \"2s\"\nretry_on = [75, \"timeout\"]\nattempt_timeout = \"1m\"\n\
+             [tasks.s]\nrun = \"s\"\nchanged = \"db/seeds.rb\"\n",
+        );
+        let config = ok.unwrap();
+        let m = &config.tasks[0];
+        assert_eq!(m.changed.len(), 2);
+        assert_eq!(m.retry.retries, 2);
+        assert_eq!(m.retry.delay, Duration::from_secs(2));
+        assert_eq!(m.retry.on.statuses, [75]);
+        assert!(m.retry.on.timeout);
+        assert_eq!(m.retry.attempt_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(config.tasks[1].changed[0].raw, "db/seeds.rb");
+        assert_eq!(config.tasks[1].retry, crate::config::Retry::default());
+    }
+
+    #[test]
+    fn changed_needs_lock_once_and_says_why() {
+        let without = problems("[tasks.m]\nrun = \"m\"\nchanged = [\"db/**\"]\n");
+        assert_eq!(without.len(), 1);
+        assert_eq!(without[0].location, Some((3, 11)));
+        assert_eq!(
+            without[0].message,
+            "task `m`: `changed` compares the files with the release ledger's record of the task's last successful run; \
+             add [lock] with postgres = \"DATABASE_URL\" and once = true (the ledger lives in the app's database)"
+        );
+        let not_once =
+            problems("[lock]\npostgres = \"DATABASE_URL\"\n[tasks.m]\nrun = \"m\"\nchanged = \"db/**\"\n");
+        assert!(not_once[0].message.ends_with("add once = true to [lock]"), "{not_once:?}");
+    }
+
+    #[test]
+    fn bad_changed_and_retry_values() {
+        let found = problems(
+            "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n\
+             [tasks.a]\nrun = \"a\"\nchanged = [\"../x\", 5]\n\
+             [tasks.b]\nrun = \"b\"\nretries = 11\nretry_on = [0, \"never\"]\n\
+             [tasks.c]\nrun = \"c\"\nretry_delay = \"5s\"\n\
+             [tasks.d]\nnotify = { url = \"https://x\" }\nretries = 1\n\
+             [tasks.e]\nrun = \"e\"\nchanged = []\n",
+        );
+        let messages: Vec<&str> = found.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 7, "{messages:#?}");
+        for (i, says) in [
+            "goes up with `..`",
+            "every item of `changed` must be a string",
+            "`retries = 11` is more than the maximum of 10",
+            "`retry_on` must list exit statuses from 1 to 255",
+            "`retry_delay` has no effect without `retries`",
+            "a notify task retries with notify's own `retries`",
+            "`changed` must be a glob or a list of globs",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(messages[i].contains(says), "{i}: {}", messages[i]);
+        }
+    }
+
     fn problems(src: &str) -> Vec<Diagnostic> {
         match parse_str(src) {
             Err(Error::ConfigInvalid { problems, .. }) => problems,
