@@ -191,12 +191,13 @@ pub fn print_release(
         .iter()
         .map(|t| {
             let ran = t.started_at.is_some();
+            let ended = ran && t.outcome != "running";
             [
                 shown(&t.task),
                 shown(&t.outcome),
                 t.exit_code.map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 shown(t.started_at.as_deref().unwrap_or("-")),
-                if ran {
+                if ended {
                     millis(t.duration_ms)
                 } else {
                     "-".to_owned()

@@ -14,6 +14,8 @@ mod lock;
 mod lock_loss;
 #[cfg(feature = "postgres")]
 mod lock_servers;
+#[cfg(feature = "postgres")]
+mod ledger;
 mod notify;
 mod platform;
 mod shell;
