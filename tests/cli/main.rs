@@ -18,6 +18,7 @@ mod lock_servers;
 mod ledger;
 mod notify;
 mod platform;
+mod retries;
 mod shell;
 mod spawn;
 mod webhook;
