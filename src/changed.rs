@@ -20,7 +20,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "postgres")]
+use std::path::Path;
+use std::path::PathBuf;
 
 /// One parsed `changed` pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +58,9 @@ impl Glob {
     /// Parses a pattern; the error says what is wrong with it, for a config message.
     pub fn parse(raw: &str) -> Result<Glob, String> {
         if raw.is_empty() {
-            return Err("an empty pattern matches nothing; give a path like \"db/migrate/**\"".into());
+            return Err(
+                "an empty pattern matches nothing; give a path like \"db/migrate/**\"".into(),
+            );
         }
         if raw.starts_with('/') {
             return Err(format!(
@@ -108,7 +112,8 @@ impl Glob {
     }
 
     /// The leading names without a wildcard: where a walk for this pattern starts.
-    fn literal_prefix(&self) -> PathBuf {
+    #[must_use]
+    pub fn literal_prefix(&self) -> PathBuf {
         let mut prefix = PathBuf::new();
         for segment in &self.segments {
             match segment {
@@ -191,7 +196,9 @@ fn pieces(raw: &str, name: &str) -> Result<Vec<Piece>, String> {
 fn match_segments(segments: &[Segment], names: &[&str]) -> bool {
     match segments.split_first() {
         None => names.is_empty(),
-        Some((Segment::Any, rest)) => (0..=names.len()).any(|skip| match_segments(rest, &names[skip..])),
+        Some((Segment::Any, rest)) => {
+            (0..=names.len()).any(|skip| match_segments(rest, &names[skip..]))
+        }
         Some((Segment::Name(pieces), rest)) => match names.split_first() {
             Some((name, names)) => {
                 let chars: Vec<char> = name.chars().collect();
@@ -494,7 +501,10 @@ impl Changed {
                 files: Some(n),
                 was,
                 now,
-            } => format!("{n} file{} changed since {since} ({patterns}: {was} -> {now})", plural(*n)),
+            } => format!(
+                "{n} file{} changed since {since} ({patterns}: {was} -> {now})",
+                plural(*n)
+            ),
             Changed::Differs {
                 since, was, now, ..
             } => format!("{patterns} changed since {since} ({was} -> {now})"),
@@ -594,7 +604,10 @@ mod tests {
         };
         let v = Changed::decide(&now, Some(&same), false);
         assert!(!v.runs());
-        assert_eq!(v.describe(&now), "db/migrate/** unchanged since v41 (a3f9c2)");
+        assert_eq!(
+            v.describe(&now),
+            "db/migrate/** unchanged since v41 (a3f9c2)"
+        );
         assert!(Changed::decide(&now, Some(&same), true).runs());
         let before = inputs(&[("a", "11"), ("b", "99"), ("d", "44")], "7be01d0000");
         let other = LastSuccess {
@@ -647,12 +660,22 @@ mod tests {
         // A directory named by a pattern is taken whole; `.git` is never entered.
         let whole = hash(base, &[g("db/migrate")]).unwrap();
         assert_eq!(whole.files, first.files);
-        assert!(hash(base, &[g("**")]).unwrap().files.keys().all(|k| !k.starts_with(b".git")));
+        assert!(
+            hash(base, &[g("**")])
+                .unwrap()
+                .files
+                .keys()
+                .all(|k| !k.starts_with(b".git"))
+        );
         // Bytes, then a rename, each change the hash; a file's time does not.
         std::fs::write(base.join("db/migrate/001.rb"), "one!").unwrap();
         let edited = hash(base, &globs).unwrap();
         assert_ne!(edited.hash, first.hash);
-        std::fs::rename(base.join("db/migrate/001.rb"), base.join("db/migrate/002.rb")).unwrap();
+        std::fs::rename(
+            base.join("db/migrate/001.rb"),
+            base.join("db/migrate/002.rb"),
+        )
+        .unwrap();
         let renamed = hash(base, &globs).unwrap();
         assert_ne!(renamed.hash, edited.hash);
         assert_eq!(renamed.files_changed_since(&edited.manifest()), Some(2));

@@ -159,27 +159,7 @@ pub fn print_release(
         writeln!(out, "{doc}")?;
         return out.flush();
     }
-    let exit = release
-        .exit_code
-        .map_or_else(String::new, |c| format!(", exit status {c}"));
-    writeln!(
-        out,
-        "release {} of `{}`: {}{exit}",
-        shown(release.version.as_deref().unwrap_or(&release.release)),
-        shown(name),
-        shown(&release.status)
-    )?;
-    if let Some(commit) = &release.commit {
-        writeln!(out, "  commit   {}", shown(commit))?;
-    }
-    writeln!(
-        out,
-        "  started  {}, took {}",
-        shown(&release.started_at),
-        seconds(release.duration_s)
-    )?;
-    writeln!(out, "  by       {}", shown(&release.holder))?;
-    writeln!(out)?;
+    print_header(name, release, out)?;
     if tasks.is_empty() {
         writeln!(
             out,
@@ -195,7 +175,8 @@ pub fn print_release(
             [
                 shown(&t.task),
                 shown(&t.outcome),
-                t.exit_code.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                t.exit_code
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 shown(t.started_at.as_deref().unwrap_or("-")),
                 if ended {
                     millis(t.duration_ms)
@@ -222,6 +203,38 @@ pub fn print_release(
         ],
         rows,
     )?;
+    print_failed_tails(tasks, out)?;
+    out.flush()
+}
+
+/// The release's own lines above its tasks.
+fn print_header(name: &str, release: &ReleaseEntry, out: &mut dyn Write) -> std::io::Result<()> {
+    let exit = release
+        .exit_code
+        .map_or_else(String::new, |c| format!(", exit status {c}"));
+    writeln!(
+        out,
+        "release {} of `{}`: {}{exit}",
+        shown(release.version.as_deref().unwrap_or(&release.release)),
+        shown(name),
+        shown(&release.status)
+    )?;
+    if let Some(commit) = &release.commit {
+        writeln!(out, "  commit   {}", shown(commit))?;
+    }
+    writeln!(
+        out,
+        "  started  {}, took {}",
+        shown(&release.started_at),
+        seconds(release.duration_s)
+    )?;
+    writeln!(out, "  by       {}", shown(&release.holder))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Each failed task's last output lines, below the table.
+fn print_failed_tails(tasks: &[TaskEntry], out: &mut dyn Write) -> std::io::Result<()> {
     for t in tasks.iter().filter(|t| t.failed()) {
         writeln!(out)?;
         let attempts = if t.attempts > 1 {
@@ -248,7 +261,7 @@ pub fn print_release(
             writeln!(out, "  | {}", shown(line))?;
         }
     }
-    out.flush()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -276,7 +289,11 @@ mod tests {
             exit_code: code,
             started_at: code.map(|_| "2026-12-07T13:00:01Z".into()),
             duration_ms: code.map(|_| 3200),
-            attempts: if outcome == "failed" { 3 } else { u32::from(code.is_some()) },
+            attempts: if outcome == "failed" {
+                3
+            } else {
+                u32::from(code.is_some())
+            },
             detail: match outcome {
                 "failed" => "failed with exit code 1".into(),
                 "skipped" => "skipped (db/migrate/** unchanged since v41 (a3f9c2))".into(),
@@ -297,7 +314,12 @@ mod tests {
     fn one_release_whole() {
         let got = text(&[
             task("migrate", "skipped", None, &[]),
-            task("seed", "failed", Some(1), &["loading", "PG::Error \x1b[31m\nboom"]),
+            task(
+                "seed",
+                "failed",
+                Some(1),
+                &["loading", "PG::Error \x1b[31m\nboom"],
+            ),
             task("cache", "not-run", None, &[]),
         ]);
         assert_eq!(

@@ -21,8 +21,8 @@ pub mod metadata;
 pub mod notify;
 pub mod output;
 pub mod plan;
-pub mod record;
 pub mod process;
+pub mod record;
 pub mod redact;
 pub mod report;
 pub mod run;
@@ -173,60 +173,78 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]
-        Command::Wait { timeout, fail_fast } => {
-            let (config, plan) = load(settings, env)?;
-            let lock = ledger_lock(&config, "wait")?;
-            if !lock.once {
-                return Err(Error::ConfigInvalid {
-                    path: config.path.clone(),
-                    problems: vec![error::Diagnostic {
-                        location: None,
-                        message: "`release-tasks wait` waits for the ledger to record the release, which [lock] keeps only \
-                                  with once = true; add once = true to [lock]"
-                            .into(),
-                    }],
-                });
-            }
-            lock::wait(lock, env, &plan.meta, *timeout, *fail_fast)
-        }
+        Command::Wait { timeout, fail_fast } => wait(settings, env, *timeout, *fail_fast),
         #[cfg(feature = "postgres")]
-        Command::History { limit, show } => {
-            let (config, plan) = load(settings, env)?;
-            let lock = ledger_lock(&config, "history")?;
-            let query = match show {
-                Some(version) => lock::Query::Show(version),
-                None => lock::Query::Last(*limit),
-            };
-            let (name, answer) = lock::read(lock, env, &plan.meta, &query)?;
-            let mut out = std::io::stdout().lock();
-            match answer {
-                lock::Answer::Releases(entries) => {
-                    history::print_releases(&name, &entries, settings.log_format, &mut out)
-                        .map_err(Error::Output)?;
-                    Ok(0)
-                }
-                lock::Answer::Release(Some((release, tasks))) => {
-                    history::print_release(&name, &release, &tasks, settings.log_format, &mut out)
-                        .map_err(Error::Output)?;
-                    Ok(0)
-                }
-                lock::Answer::Release(None) => {
-                    drop(out);
-                    tell(&format!(
-                        "release-tasks: no release {} recorded for `{}`; `release-tasks history` lists the recorded ones\n",
-                        history::shown(show.as_deref().unwrap_or_default()),
-                        history::shown(&name)
-                    ));
-                    Ok(history::EXIT_NOT_RECORDED)
-                }
-            }
-        }
+        Command::History { limit, show } => history(settings, env, *limit, show.as_deref()),
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
             "wait and history read the [lock] ledger; this release-tasks was built without the `postgres` feature"
                 .into(),
         )),
     }
+}
+
+/// `release-tasks wait`: the ledger of `[lock]` with `once = true`.
+#[cfg(feature = "postgres")]
+fn wait(
+    settings: &Settings,
+    env: &Env,
+    timeout: Option<std::time::Duration>,
+    fail_fast: bool,
+) -> Result<i32> {
+    let (config, plan) = load(settings, env)?;
+    let lock = ledger_lock(&config, "wait")?;
+    if !lock.once {
+        return Err(Error::ConfigInvalid {
+            path: config.path.clone(),
+            problems: vec![error::Diagnostic {
+                location: None,
+                message: "`release-tasks wait` waits for the ledger to record the release, which [lock] keeps only \
+                          with once = true; add once = true to [lock]"
+                    .into(),
+            }],
+        });
+    }
+    lock::wait(lock, env, &plan.meta, timeout, fail_fast)
+}
+
+/// `release-tasks history [--show VERSION]`: read by the lock layer, printed by `history.rs`; a
+/// stdout that cannot be written is an output error (74), as for `check` and `plan`.
+#[cfg(feature = "postgres")]
+fn history(settings: &Settings, env: &Env, limit: u32, show: Option<&str>) -> Result<i32> {
+    let (config, plan) = load(settings, env)?;
+    let lock = ledger_lock(&config, "history")?;
+    let query = match show {
+        Some(version) => lock::Query::Show(version),
+        None => lock::Query::Last(limit),
+    };
+    let (name, answer) = lock::read(lock, env, &plan.meta, &query)?;
+    let mut out = std::io::stdout().lock();
+    let format = settings.log_format;
+    match answer {
+        lock::Answer::Releases(entries) => {
+            history::print_releases(&name, &entries, format, &mut out).map_err(Error::Output)?;
+        }
+        lock::Answer::Release(Some((release, tasks))) => {
+            history::print_release(&name, &release, &tasks, format, &mut out)
+                .map_err(Error::Output)?;
+        }
+        lock::Answer::Release(None) => {
+            drop(out);
+            let wanted = history::shown(show.unwrap_or_default());
+            match format {
+                LogFormat::Text => tell(&format!(
+                    "release-tasks: no release {wanted} recorded for `{}`; `release-tasks history` lists the recorded ones\n",
+                    history::shown(&name)
+                )),
+                LogFormat::Json => {
+                    tracing::error!(lock = %name, release = %wanted, "no such release recorded");
+                }
+            }
+            return Ok(history::EXIT_NOT_RECORDED);
+        }
+    }
+    Ok(0)
 }
 
 /// `plan`: the `changed` gates decided from the ledger as `run` would (without the lock), or, where
@@ -316,7 +334,10 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let mut plan = Plan::new(&config, env, &settings.selection)?;
     plan.force = settings.force;
     #[cfg(feature = "postgres")]
-    if !matches!(settings.command, Command::Wait { .. } | Command::History { .. }) {
+    if !matches!(
+        settings.command,
+        Command::Wait { .. } | Command::History { .. }
+    ) {
         plan.hash_inputs(&config.dir())?;
     }
     // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).

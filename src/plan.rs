@@ -7,13 +7,13 @@
 
 use std::io::Write;
 
+use crate::changed::{Changed, Inputs, LastSuccess};
 use crate::config::{Command, Config, Defaults, Lock, On, Task};
 use crate::error::{Error, Result};
 use crate::gate::{Env, Verdict};
 use crate::log::LogFormat;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
-use crate::changed::{Changed, Inputs, LastSuccess};
 use crate::report::SkipReason;
 
 /// Which tasks the user picked on the command line (or through `RELEASE_TASKS_ONLY`/`_SKIP`). An empty
@@ -220,7 +220,11 @@ impl Plan {
     /// Decides the `changed` gates from the ledger: `last` holds, per task, what its last
     /// successful run recorded (a task missing from it has none: its first run runs); `force`
     /// runs them all. Only steps whose other gates hold are decided: the others are skipped anyway.
-    pub fn apply_ledger(&mut self, last: &std::collections::HashMap<String, LastSuccess>, force: bool) {
+    pub fn apply_ledger(
+        &mut self,
+        last: &std::collections::HashMap<String, LastSuccess>,
+        force: bool,
+    ) {
         for step in &mut self.steps {
             let Some(inputs) = &step.inputs else { continue };
             if !step.run {

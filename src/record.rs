@@ -70,7 +70,9 @@ impl TaskRecord {
             position,
             outcome: report.outcome.label().to_owned(),
             exit_code: report.outcome.exit_code(),
-            started_at: ran.then(|| SystemTime::now().checked_sub(report.duration)).flatten(),
+            started_at: ran
+                .then(|| SystemTime::now().checked_sub(report.duration))
+                .flatten(),
             duration: report.duration,
             attempts: report.attempts,
             detail: report.outcome.to_string(),

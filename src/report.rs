@@ -229,7 +229,11 @@ impl fmt::Display for SkipReason {
                 patterns,
                 since,
                 hash,
-            } => write!(f, "{} unchanged since {since} ({hash})", patterns.join(", ")),
+            } => write!(
+                f,
+                "{} unchanged since {since} ({hash})",
+                patterns.join(", ")
+            ),
             SkipReason::Other(text) => f.write_str(text),
         }
     }

@@ -73,8 +73,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
-            None,
-            None,
+            (None, None),
         )
         .await?)
     })
@@ -133,8 +132,7 @@ async fn run_locked(
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
-        Some(&held),
-        lock.once.then_some(&held as &dyn Recorder),
+        (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
     // A lost lock took its transaction with it: nothing is written and nothing committed (another
@@ -189,8 +187,7 @@ async fn run(
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
-    lock: Option<&dyn LockCheck>,
-    recorder: Option<&dyn Recorder>,
+    (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
@@ -244,62 +241,22 @@ async fn run(
                 }
                 outcome
             }
-            Next::Run { .. } if !lock.before_start(task, &mut report).await && task.on == On::Success => {
+            Next::Run { .. }
+                if !lock.before_start(task, &mut report).await && task.on == On::Success =>
+            {
                 Outcome::LockLost
             }
             Next::Run { within_release } => {
-                if let Some(recorder) = recorder {
-                    recorder
-                        .record(TaskRecord::started(&task.name, position, 1))
-                        .await;
-                }
                 let release = within_release.then_some(runner.release);
-                // Attempts: one, or with `retries` as many as the decision allows, all within the
-                // task's `timeout` counted from the first start (and the release's deadline).
-                let task_until = tokio::time::Instant::now() + task.timeout;
-                let all_until = release.map_or(task_until, |r| r.at.min(task_until));
-                let mut attempt = 1;
-                let ran = loop {
-                    let left = task_until.saturating_duration_since(tokio::time::Instant::now());
-                    let limited = task.retry.attempt_timeout.filter(|t| *t < left);
-                    let ran = if task.retry.retries == 0 {
-                        runner.run_one(step, release, (&report, started)).await?
-                    } else {
-                        // Each attempt gets what is left of the task's timeout, or less.
-                        let mut this = step.clone();
-                        this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
-                        runner.run_one(&this, release, (&report, started)).await?
-                    };
-                    let left = all_until.saturating_duration_since(tokio::time::Instant::now());
-                    let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
-                    match after_attempt(&task.retry, attempt, &ran.outcome, cut_by_attempt, left, runner.listener.stops) {
-                        AfterAttempt::Done(why) => {
-                            if let Some(why) = why {
-                                tracing::warn!(task = %task.name, attempt, outcome = ran.outcome.label(), "not trying again: {why}");
-                            }
-                            break ran;
-                        }
-                        AfterAttempt::RetryIn(delay) => {
-                            tracing::warn!(
-                                task = %task.name, attempt, of = task.retry.retries + 1, outcome = ran.outcome.label(),
-                                exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
-                                "attempt failed; trying again"
-                            );
-                            if !runner.listener.pause(delay).await {
-                                break ran;
-                            }
-                            if !lock.before_start(task, &mut report).await {
-                                break ran;
-                            }
-                            attempt += 1;
-                            if let Some(recorder) = recorder {
-                                recorder
-                                    .record(TaskRecord::started(&task.name, position, attempt))
-                                    .await;
-                            }
-                        }
-                    }
-                };
+                let (ran, attempt) = runner
+                    .run_attempts(
+                        step,
+                        release,
+                        (&mut report, started),
+                        (&mut lock, recorder),
+                        position,
+                    )
+                    .await?;
                 attempts = attempt;
                 // A task cut off by release_timeout is the release's failure, which allow_failure
                 // does not excuse: the release did not finish in time.
@@ -572,9 +529,7 @@ fn after_attempt(
     if !retryable || attempt > retry.retries || stops > 0 {
         return AfterAttempt::Done(None);
     }
-    let doubled = retry
-        .delay
-        .saturating_mul(1u32 << (attempt - 1).min(20));
+    let doubled = retry.delay.saturating_mul(1u32 << (attempt - 1).min(20));
     let delay = doubled.min(crate::config::Retry::MAX_DELAY.max(retry.delay));
     if delay >= left {
         return AfterAttempt::Done(Some(format!(
@@ -625,6 +580,73 @@ impl Runner {
             release,
             grace: task.grace,
             heartbeat: self.heartbeat,
+        }
+    }
+
+    /// Runs a task's attempts: one, or with `retries` as many as [`after_attempt`] allows, all
+    /// within the task's `timeout` counted from the first start (and the release's deadline); the
+    /// lock is checked and the start recorded before each. The last attempt and how many there were.
+    async fn run_attempts(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (report, started): (&mut Report, Instant),
+        (lock, recorder): (&mut HeldLock<'_>, Option<&dyn Recorder>),
+        position: u32,
+    ) -> anyhow::Result<(Ran, u32)> {
+        let task = &step.task;
+        if let Some(recorder) = recorder {
+            recorder
+                .record(TaskRecord::started(&task.name, position, 1))
+                .await;
+        }
+        let task_until = tokio::time::Instant::now() + task.timeout;
+        let all_until = release.map_or(task_until, |r| r.at.min(task_until));
+        let mut attempt = 1;
+        loop {
+            let left = task_until.saturating_duration_since(tokio::time::Instant::now());
+            let limited = task.retry.attempt_timeout.filter(|t| *t < left);
+            let ran = if task.retry.retries == 0 {
+                self.run_one(step, release, (report, started)).await?
+            } else {
+                // Each attempt gets what is left of the task's timeout, or less.
+                let mut this = step.clone();
+                this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
+                self.run_one(&this, release, (report, started)).await?
+            };
+            let left = all_until.saturating_duration_since(tokio::time::Instant::now());
+            let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
+            match after_attempt(
+                &task.retry,
+                attempt,
+                &ran.outcome,
+                cut_by_attempt,
+                left,
+                self.listener.stops,
+            ) {
+                AfterAttempt::Done(why) => {
+                    if let Some(why) = why {
+                        tracing::warn!(task = %task.name, attempt, outcome = ran.outcome.label(), "not trying again: {why}");
+                    }
+                    return Ok((ran, attempt));
+                }
+                AfterAttempt::RetryIn(delay) => {
+                    tracing::warn!(
+                        task = %task.name, attempt, of = task.retry.retries + 1, outcome = ran.outcome.label(),
+                        exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
+                        "attempt failed; trying again"
+                    );
+                    if !self.listener.pause(delay).await || !lock.before_start(task, report).await {
+                        return Ok((ran, attempt));
+                    }
+                    attempt += 1;
+                    if let Some(recorder) = recorder {
+                        recorder
+                            .record(TaskRecord::started(&task.name, position, attempt))
+                            .await;
+                    }
+                }
+            }
         }
     }
 
@@ -821,7 +843,10 @@ mod tests {
             AfterAttempt::RetryIn(s(90))
         );
         // The last attempt is the task's outcome.
-        assert_eq!(after_attempt(&r, 11, &failed, false, PLENTY, 0), AfterAttempt::Done(None));
+        assert_eq!(
+            after_attempt(&r, 11, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
         assert_eq!(
             after_attempt(&retry(2, &[], false), 3, &failed, false, PLENTY, 0),
             AfterAttempt::Done(None)
@@ -843,7 +868,10 @@ mod tests {
         assert!(!r(&any, Outcome::Succeeded, false));
         assert!(r(&listed, Outcome::Failed(75), false));
         assert!(!r(&listed, Outcome::Failed(1), false));
-        assert!(r(&listed, Outcome::Signaled(Signal::SIGKILL), false), "128 + 9");
+        assert!(
+            r(&listed, Outcome::Signaled(Signal::SIGKILL), false),
+            "128 + 9"
+        );
         // Never: a stop signal, a command that cannot start, the whole task's timeout.
         assert!(!r(&any, Outcome::Interrupted(Signal::SIGTERM), false));
         assert!(!r(

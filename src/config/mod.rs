@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
 pub use crate::changed::Glob;
+use crate::error::{Error, Result};
 use crate::gate::Gate;
 
 /// The largest config file accepted; a release.toml is a few kilobytes, and a bigger one is a mistake.

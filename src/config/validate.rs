@@ -460,7 +460,9 @@ impl Validator<'_> {
     fn changed_needs_once(&mut self, lock: Option<&Lock>) {
         let why = match lock {
             Some(lock) if lock.once => return,
-            Some(_) => "[lock] keeps the release ledger only with once = true; add once = true to [lock]",
+            Some(_) => {
+                "[lock] keeps the release ledger only with once = true; add once = true to [lock]"
+            }
             None => {
                 "add [lock] with postgres = \"DATABASE_URL\" and once = true (the ledger lives in the app's database)"
             }
@@ -588,8 +590,48 @@ impl Validator<'_> {
                 path
             }
         };
+        let env = self.task_env(&name, raw.env);
+        let is_notify = matches!(command, Command::Notify(_));
+        let changed = raw
+            .changed
+            .map(|c| self.changed(&name, c))
+            .unwrap_or_default();
+        let retry = self.retry(
+            &name,
+            (
+                raw.retries,
+                raw.retry_delay,
+                raw.retry_on,
+                raw.attempt_timeout,
+            ),
+            is_notify,
+        );
+        Task {
+            timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
+            grace: self.duration(raw.grace, "grace", defaults.grace),
+            changed,
+            retry,
+            name,
+            command,
+            when,
+            unless,
+            allow_failure: self
+                .typed(raw.allow_failure)
+                .is_some_and(Spanned::into_inner),
+            on,
+            env,
+            dir,
+        }
+    }
+
+    /// A task's `env`: names and values a process can receive.
+    fn task_env(
+        &mut self,
+        name: &str,
+        raw: std::collections::BTreeMap<String, Typed<String>>,
+    ) -> std::collections::BTreeMap<String, String> {
         let mut env = std::collections::BTreeMap::new();
-        for (key, value) in raw.env {
+        for (key, value) in raw {
             let Some(value) = self.typed(Some(value)) else {
                 continue;
             };
@@ -609,32 +651,7 @@ impl Validator<'_> {
             }
             env.insert(key, value.into_inner());
         }
-        let is_notify = matches!(command, Command::Notify(_));
-        let changed = raw
-            .changed
-            .map(|c| self.changed(&name, c))
-            .unwrap_or_default();
-        let retry = self.retry(
-            &name,
-            (raw.retries, raw.retry_delay, raw.retry_on, raw.attempt_timeout),
-            is_notify,
-        );
-        Task {
-            timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
-            grace: self.duration(raw.grace, "grace", defaults.grace),
-            changed,
-            retry,
-            name,
-            command,
-            when,
-            unless,
-            allow_failure: self
-                .typed(raw.allow_failure)
-                .is_some_and(Spanned::into_inner),
-            on,
-            env,
-            dir,
-        }
+        env
     }
 
     fn command(&mut self, name: &str, run: Spanned<toml::Value>, defaults: &Defaults) -> Command {
@@ -917,7 +934,9 @@ impl Validator<'_> {
         }
         for item in items {
             match item {
-                toml::Value::Integer(code) if (1..=255).contains(code) => on.statuses.push(*code as i32),
+                toml::Value::Integer(code) if (1..=255).contains(code) => {
+                    on.statuses.push(*code as i32);
+                }
                 toml::Value::String(word) if word == "timeout" => on.timeout = true,
                 _ => {
                     bad(self);
@@ -1109,9 +1128,13 @@ mod tests {
             "task `m`: `changed` compares the files with the release ledger's record of the task's last successful run; \
              add [lock] with postgres = \"DATABASE_URL\" and once = true (the ledger lives in the app's database)"
         );
-        let not_once =
-            problems("[lock]\npostgres = \"DATABASE_URL\"\n[tasks.m]\nrun = \"m\"\nchanged = \"db/**\"\n");
-        assert!(not_once[0].message.ends_with("add once = true to [lock]"), "{not_once:?}");
+        let not_once = problems(
+            "[lock]\npostgres = \"DATABASE_URL\"\n[tasks.m]\nrun = \"m\"\nchanged = \"db/**\"\n",
+        );
+        assert!(
+            not_once[0].message.ends_with("add once = true to [lock]"),
+            "{not_once:?}"
+        );
     }
 
     #[test]

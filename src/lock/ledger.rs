@@ -330,7 +330,12 @@ pub enum Answer {
 
 /// Reads the ledger for `history`: no release version needed, only the database and the lock's key.
 /// Returns the lock's name and the answer.
-pub fn read(lock: &Lock, env: &Env, meta: &Metadata, query: &Query<'_>) -> Result<(String, Answer)> {
+pub fn read(
+    lock: &Lock,
+    env: &Env,
+    meta: &Metadata,
+    query: &Query<'_>,
+) -> Result<(String, Answer)> {
     ready(lock, env, meta, false)?;
     let name = lock_name(lock, meta);
     let answer = runtime()?.block_on(async {
@@ -340,7 +345,9 @@ pub fn read(lock: &Lock, env: &Env, meta: &Metadata, query: &Query<'_>) -> Resul
         let client = db.connect(&mut signals).await?;
         let read = async {
             let answer = match query {
-                Query::Last(limit) => Answer::Releases(records::releases(&client, &name, *limit).await?),
+                Query::Last(limit) => {
+                    Answer::Releases(records::releases(&client, &name, *limit).await?)
+                }
                 Query::Show(wanted) => match records::release(&client, &name, wanted).await? {
                     None => Answer::Release(None),
                     Some(entry) => {
@@ -368,7 +375,10 @@ pub fn last_successes(
     meta: &Metadata,
     tasks: &[String],
 ) -> std::result::Result<std::collections::HashMap<String, crate::changed::LastSuccess>, String> {
-    if let Some(problem) = super::preflight_for(lock, env, meta, false).into_iter().next() {
+    if let Some(problem) = super::preflight_for(lock, env, meta, false)
+        .into_iter()
+        .next()
+    {
         return Err(problem);
     }
     let name = lock_name(lock, meta);

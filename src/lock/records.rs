@@ -1,5 +1,5 @@
 //! The ledger's per-task records in PostgreSQL, `release_tasks_task_runs`: every query on that table,
-//! in one place (a MySQL backend mirrors this file). The records are the backend-neutral types of
+//! in one place (a `MySQL` backend mirrors this file). The records are the backend-neutral types of
 //! `record.rs`; what to do with them is the caller's.
 //!
 //! One row per task of a release (key, release, task). A release's rows are deleted when it starts

@@ -25,9 +25,8 @@ fn normalised(text: &str) -> String {
     text.lines()
         .map(|line| {
             let mut out: Vec<String> = Vec::new();
-            let mut words = line.split_whitespace().peekable();
             let mut after_pid = 0;
-            while let Some(word) = words.next() {
+            for word in line.split_whitespace() {
                 let shown = if after_pid == 1 {
                     after_pid = 2;
                     "<PID>".to_owned()
@@ -118,7 +117,10 @@ seed: failed with exit code 3; its last output lines:
     assert_eq!(doc["status"], "failed");
     assert_eq!(doc["exit_code"], 3);
     let tasks = doc["tasks"].as_array().unwrap();
-    let outcomes: Vec<&str> = tasks.iter().map(|t| t["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<&str> = tasks
+        .iter()
+        .map(|t| t["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, ["succeeded", "failed", "not-run"]);
     assert_eq!(tasks[1]["exit_code"], 3);
     assert_eq!(tasks[1]["attempts"], 1);
@@ -225,7 +227,11 @@ fn task_records_are_pruned_to_the_last_100_releases_keeping_each_tasks_last_succ
         ))
         .unwrap()
     };
-    assert_eq!(count(""), "101", "the last 100 releases, and the kept success");
+    assert_eq!(
+        count(""),
+        "101",
+        "the last 100 releases, and the kept success"
+    );
     assert_eq!(count("AND release = 'new'"), "1");
     assert_eq!(
         count("AND release = 'old1' AND task = 'migrate' AND outcome = 'succeeded'"),
@@ -302,7 +308,10 @@ fn the_changed_gate_skips_what_did_not_change_across_releases_and_replicas() {
         ]
     );
     let replicas: Vec<_> = (0..4).map(|_| t.spawn()).collect();
-    let outs: Vec<Output> = replicas.into_iter().map(crate::harness::Running::wait).collect();
+    let outs: Vec<Output> = replicas
+        .into_iter()
+        .map(crate::harness::Running::wait)
+        .collect();
     for out in &outs {
         out.status(0);
     }
@@ -339,7 +348,10 @@ fn the_changed_gate_skips_what_did_not_change_across_releases_and_replicas() {
     let failing = t.file("fail", "");
     let config = std::fs::read_to_string(failing.path("release.toml"))
         .unwrap()
-        .replace("echo migrating >> ran", "echo migrating >> ran; ! test -e fail");
+        .replace(
+            "echo migrating >> ran",
+            "echo migrating >> ran; ! test -e fail",
+        );
     let failing = failing.config(&config);
     failing.run().status(1);
     let t = changed_release(url, app, "v45")

@@ -9,13 +9,13 @@ mod harness;
 mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
+mod ledger;
+#[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
 mod lock_loss;
 #[cfg(feature = "postgres")]
 mod lock_servers;
-#[cfg(feature = "postgres")]
-mod ledger;
 mod notify;
 mod platform;
 mod retries;

@@ -33,8 +33,16 @@ fn a_flaky_task_succeeds_on_a_later_attempt_and_the_attempts_are_counted() {
         .filter(|l| l.contains("attempt failed; trying again"))
         .collect();
     assert_eq!(warned.len(), 2, "{}", out.stderr);
-    assert!(warned[0].contains("attempt=1 of=3 outcome=failed exit_code=1 retry_in_ms=100"), "{}", warned[0]);
-    assert!(warned[1].contains("attempt=2 of=3 outcome=failed exit_code=1 retry_in_ms=200"), "{}", warned[1]);
+    assert!(
+        warned[0].contains("attempt=1 of=3 outcome=failed exit_code=1 retry_in_ms=100"),
+        "{}",
+        warned[0]
+    );
+    assert!(
+        warned[1].contains("attempt=2 of=3 outcome=failed exit_code=1 retry_in_ms=200"),
+        "{}",
+        warned[1]
+    );
     assert_eq!(
         out.stderr.matches("task started task=purge").count(),
         3,
@@ -55,22 +63,37 @@ fn attempts_run_out_and_the_last_ones_status_is_the_tasks() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
     assert_eq!(report["tasks"][0]["attempts"], 2);
-    assert_eq!(report["tasks"][0]["output_tail"], serde_json::json!(["HTTP 503"]));
+    assert_eq!(
+        report["tasks"][0]["output_tail"],
+        serde_json::json!(["HTTP 503"])
+    );
 }
 
 #[test]
 fn retry_on_limits_the_statuses_that_are_tried_again() {
-    let t = flaky(9, 2, "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]");
+    let t = flaky(
+        9,
+        2,
+        "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]",
+    );
     t.run().status(2);
     assert_eq!(runs(&t), 1, "exit 2 is not in retry_on");
-    let t = flaky(1, 75, "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]");
+    let t = flaky(
+        1,
+        75,
+        "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]",
+    );
     t.run().status(0);
     assert_eq!(runs(&t), 2);
 }
 
 #[test]
 fn all_attempts_stay_within_the_tasks_timeout() {
-    let t = flaky(99, 1, "retries = 10\nretry_delay = \"400ms\"\ntimeout = \"2s\"");
+    let t = flaky(
+        99,
+        1,
+        "retries = 10\nretry_delay = \"400ms\"\ntimeout = \"2s\"",
+    );
     let out = t.run();
     out.status(1).stderr_has(
         "not trying again: the pause of 1s 600ms before another attempt would pass the task's timeout (or the release's)",
@@ -110,6 +133,10 @@ fn a_stop_signal_ends_the_pause_between_attempts_at_once() {
     let out = running.wait();
     out.status(143)
         .stderr_has("received signal; no further attempt or task will start");
-    assert!(sent.elapsed() < Duration::from_secs(10), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
     assert_eq!(runs(&t), 1);
 }
