@@ -6,6 +6,7 @@
 //! in the text table is shown escaped (a newline or an escape sequence cannot draw a fake row or
 //! drive the terminal); JSON escapes by itself.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::time::Duration;
 
@@ -16,17 +17,31 @@ use crate::record::{ReleaseEntry, TaskEntry};
 /// finding nothing).
 pub const EXIT_NOT_RECORDED: i32 = 1;
 
-/// A stored value as one line of text: control characters (newlines and escape sequences
-/// included) escaped, so that a value cannot draw a row of its own or drive the terminal.
+/// A stored value as the text table shows it: data, never markup. The ledger holds what any client
+/// wrote (a version with a newline would draw a row of its own, an escape sequence would reach the
+/// terminal), so control characters (C0, DEL, C1), the Unicode line and paragraph separators and the
+/// bidirectional controls are written as escapes: `\n`, `\r`, `\t`, else `\u{..}`; a backslash is
+/// doubled, so that an escape shown is never mistaken for the characters it names. JSON escapes by
+/// itself.
 #[must_use]
-pub fn shown(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+pub fn shown(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
         match c {
+            '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                )
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c) =>
+            {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
             c => out.push(c),
         }
     }
@@ -267,6 +282,23 @@ fn print_failed_tails(tasks: &[TaskEntry], out: &mut dyn Write) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_values_are_shown_as_data() {
+        assert_eq!(shown("v1.2.3"), "v1.2.3");
+        assert_eq!(shown("Версия 2"), "Версия 2");
+        assert_eq!(shown("v1\nv0  fake  succeeded"), "v1\\nv0  fake  succeeded");
+        assert_eq!(
+            shown("\u{1b}[2J\u{1b}]0;title\u{7}x\ry\tz"),
+            "\\u{1b}[2J\\u{1b}]0;title\\u{7}x\\ry\\tz"
+        );
+        assert_eq!(shown("a\\nb"), "a\\\\nb", "a backslash is not an escape");
+        assert_eq!(shown("\u{7f}\u{85}\u{9b}"), "\\u{7f}\\u{85}\\u{9b}");
+        assert_eq!(
+            shown("abc\u{202e}fed\u{2066}\u{2028}"),
+            "abc\\u{202e}fed\\u{2066}\\u{2028}"
+        );
+    }
 
     fn release() -> ReleaseEntry {
         ReleaseEntry {

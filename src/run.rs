@@ -100,11 +100,13 @@ async fn run_locked(
             );
             tracing::info!(lock = %held.name(), release = %release, reason = %reason, "skipping every task");
             let report = all_skipped(plan, Some(&reason), meta);
-            held.release().await;
+            // Nothing was written in the transaction: a failed COMMIT (logged) changes nothing.
+            let _ = held.release().await;
             return Ok(report);
         }
         held.begin(&release).await?;
     }
+    let held_name = held.name().to_owned();
     // The `changed` gates, decided under the lock from the ledger's last successful runs.
     let mut plan = plan.clone();
     let undecided = plan.undecided_changed();
@@ -135,20 +137,46 @@ async fn run_locked(
         (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
+    let mut report = match report {
+        Ok(report) => report,
+        Err(err) => {
+            let _ = held.release().await;
+            return Err(err.into());
+        }
+    };
     // A lost lock took its transaction with it: nothing is written and nothing committed (another
     // replica may hold the lock and the ledger's row by now).
-    if let Ok(Report {
-        lock_lost: Some(_), ..
-    }) = &report
-    {
+    if report.lock_lost.is_some() {
         held.abandon();
-        return Ok(report?);
+        return Ok(report);
     }
-    if let (true, Ok(report)) = (lock.once, &report) {
-        held.finish(&release, report).await;
+    let recorded = if lock.once {
+        held.finish(&release, &report).await
+    } else {
+        Ok(())
+    };
+    let committed = held.release().await;
+    // With `once`, the outcome is written in the lock's transaction: if it was not committed, the
+    // ledger does not have the release as completed, so another replica will run it again, which
+    // is a lost lock as far as the release is concerned. (A COMMIT that succeeds proves that the
+    // lock was held from the moment it was taken to the end.)
+    if let (true, Err(reason)) = (lock.once, recorded.and(committed)) {
+        let last_task = report
+            .tasks
+            .iter()
+            .rev()
+            .find(|t| t.outcome.exit_code().is_some())
+            .map(|t| t.name.clone());
+        tracing::error!(
+            lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+            "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
+        );
+        report.lock_lost = Some(LockLoss {
+            reason: format!("the outcome could not be recorded in release_tasks_runs: {reason}"),
+            last_task,
+        });
     }
-    held.release().await;
-    Ok(report?)
+    Ok(report)
 }
 
 /// The report of a release in which no task runs: each step skipped for `reason`, or for its own

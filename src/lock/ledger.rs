@@ -130,7 +130,12 @@ pub(super) fn is_undefined_table(err: &tokio_postgres::Error) -> bool {
         .is_some_and(|db| db.code().code() == "42P01")
 }
 
-/// Records `release` as running by `holder`.
+/// Records `release` as running by `holder`, started now.
+///
+/// Times come from `clock_timestamp()`, the server's clock when the statement runs: `now()` is the
+/// start of the transaction, and the ledger may be written in the lock's transaction, which was
+/// opened when the lock was taken (a 3 s release would show as 0 s, "completed at" would name the
+/// moment the lock was taken).
 pub(super) async fn begin(
     client: &Client,
     name: &str,
@@ -140,10 +145,10 @@ pub(super) async fn begin(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .query_typed(
-            "INSERT INTO release_tasks_runs (lock_key, release, status, holder, version, commit) \
-             VALUES ($1, $2, 'running', $3, $4, $5) \
+            "INSERT INTO release_tasks_runs (lock_key, release, status, holder, started_at, version, commit) \
+             VALUES ($1, $2, 'running', $3, clock_timestamp(), $4, $5) \
              ON CONFLICT (lock_key, release) DO UPDATE \
-             SET status = 'running', holder = $3, started_at = now(), finished_at = NULL, exit_code = NULL, \
+             SET status = 'running', holder = $3, started_at = clock_timestamp(), finished_at = NULL, exit_code = NULL, \
                  version = $4, commit = $5",
             &[
                 (&name, Type::TEXT),
@@ -157,7 +162,7 @@ pub(super) async fn begin(
         .map(drop)
 }
 
-/// Records how `release` ended.
+/// Records how `release` ended, finished now (`clock_timestamp()`, see [`begin`]).
 pub(super) async fn finish(
     client: &Client,
     name: &str,
@@ -167,7 +172,7 @@ pub(super) async fn finish(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .query_typed(
-            "UPDATE release_tasks_runs SET status = $3, finished_at = now(), exit_code = $4 \
+            "UPDATE release_tasks_runs SET status = $3, finished_at = clock_timestamp(), exit_code = $4 \
              WHERE lock_key = $1 AND release = $2",
             &[
                 (&name, Type::TEXT),
@@ -224,7 +229,7 @@ pub fn wait(
         let mut pause = Duration::from_millis(500);
         let mut last = String::new();
         loop {
-            let client = db.connect(&mut signals).await?;
+            let (client, _) = db.connect(&mut signals).await?;
             let read_status = || async {
                 status_of(&client, &name, &release)
                     .await
@@ -342,7 +347,7 @@ pub fn read(
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         let db = Database::open(lock, env)?;
-        let client = db.connect(&mut signals).await?;
+        let (client, _) = db.connect(&mut signals).await?;
         let read = async {
             let answer = match query {
                 Query::Last(limit) => {
@@ -385,7 +390,7 @@ pub fn last_successes(
     let runtime = runtime().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let db = Database::open(lock, env).map_err(|e| e.to_string())?;
-        let client = tokio::time::timeout(Duration::from_secs(15), db.connect_once())
+        let (client, _) = tokio::time::timeout(Duration::from_secs(15), db.connect_once())
             .await
             .map_err(|_| "the database did not answer within 15s".to_owned())?
             .map_err(|e| db.scrub(&super::describe(&e)))?;

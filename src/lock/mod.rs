@@ -24,6 +24,8 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -66,6 +68,8 @@ pub struct ReleaseLock {
     /// The connection whose open transaction holds the lock; `None` when the release was already
     /// completed and no lock was needed.
     client: Option<Client>,
+    /// What the lock connection's driver saw when it ended.
+    watch: Arc<Watch>,
     /// Held from `key`, which the check looks for in `pg_locks`.
     key: i64,
     completed: Option<PreviousRun>,
@@ -203,7 +207,10 @@ pub(crate) struct Database {
     var: String,
     /// The URL reduced to scheme and host, for messages.
     shown: String,
-    config: tokio_postgres::Config,
+    /// The configs to connect with, tried in order (see `url::Target::attempts`).
+    attempts: Vec<tokio_postgres::Config>,
+    /// What an empty `attempts` (which `url::parse` never gives) would connect with.
+    attempts_fallback: tokio_postgres::Config,
     tls: tls::MakeRustls,
     secrets: Vec<String>,
     /// How long a database that refuses connections is tried again.
@@ -233,15 +240,18 @@ impl Database {
         let target = url::parse(url).map_err(bad)?;
         let tls = tls::MakeRustls::new(&target.tls).map_err(bad)?;
         let me = application_name(target.application_name.as_deref());
-        let mut config = target.config;
-        config.application_name(&me);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_ATTEMPT);
+        let mut attempts = target.attempts;
+        for config in &mut attempts {
+            config.application_name(&me);
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(CONNECT_ATTEMPT);
+            }
         }
         Ok(Database {
             var: var.to_owned(),
-            shown: redact::url(url),
-            config,
+            shown: shown_with_sockets(&redact::url(url), &target.config),
+            attempts,
+            attempts_fallback: target.config,
             tls,
             secrets,
             connect_timeout: lock.connect_timeout,
@@ -249,17 +259,37 @@ impl Database {
         })
     }
 
-    /// One connection attempt.
-    async fn connect_once(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await?;
-        tokio::spawn(watch(connection));
-        Ok(client)
+    /// One connection attempt (each of the URL's hosts in turn), and the watch on its connection.
+    async fn connect_once(&self) -> Result<(Client, Arc<Watch>), tokio_postgres::Error> {
+        // `url::parse` never gives an empty list; the first config stands in for one anyway.
+        let (last, earlier) = self
+            .attempts
+            .split_last()
+            .unwrap_or((&self.attempts_fallback, &[]));
+        let mut connected = None;
+        for config in earlier {
+            if let Ok(pair) = config.connect(self.tls.clone()).await {
+                connected = Some(pair);
+                break;
+            }
+        }
+        let (client, connection) = match connected {
+            Some(pair) => pair,
+            None => last.connect(self.tls.clone()).await?,
+        };
+        let watch = Arc::new(Watch {
+            holds_lock: AtomicBool::new(false),
+            ended: Mutex::new(None),
+            secrets: self.secrets.clone(),
+        });
+        tokio::spawn(drive(connection, Arc::clone(&watch)));
+        Ok((client, watch))
     }
 
     /// Connects, trying again with back-off while the database is not up yet (refused, not
     /// resolvable, starting up, too many connections), for up to `[lock] connect_timeout`; each
     /// failed attempt is logged. A wrong password, an unknown database or a TLS failure fails at once.
-    async fn connect(&self, signals: &mut Signals) -> Result<Client, Error> {
+    async fn connect(&self, signals: &mut Signals) -> Result<(Client, Arc<Watch>), Error> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(250);
         let mut attempt = 0u32;
@@ -271,7 +301,7 @@ impl Database {
                 result = self.connect_once() => result,
             };
             let err = match result {
-                Ok(client) => return Ok(client),
+                Ok(connected) => return Ok(connected),
                 Err(err) => err,
             };
             let reason = self.scrub(&describe(&err));
@@ -312,6 +342,29 @@ impl Database {
 
     fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
         Error::Database(self.scrub(&format!("[lock] {what}: {}", describe(err))))
+    }
+}
+
+/// The URL as it may be shown, followed by the socket files it names (a directory is no secret, and
+/// the file is where "No such file or directory" looked, as libpq says it).
+fn shown_with_sockets(shown: &str, config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let sockets: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, host)| match host {
+            tokio_postgres::config::Host::Unix(dir) => {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                Some(dir.join(format!(".s.PGSQL.{port}")).display().to_string())
+            }
+            tokio_postgres::config::Host::Tcp(_) => None,
+        })
+        .collect();
+    match sockets.len() {
+        0 => shown.to_owned(),
+        1 => format!("{shown} (socket {})", sockets[0]),
+        _ => format!("{shown} (sockets {})", sockets.join(", ")),
     }
 }
 
@@ -369,7 +422,7 @@ pub async fn acquire(
     let mut pause = RETRY_MIN;
     let mut ledger_ready = false;
     loop {
-        let client = db.connect(signals).await?;
+        let (client, watch) = db.connect(signals).await?;
         // The queries of one try: the ledger (with `once`), then the lock.
         let one_try = async {
             if let Some(release) = &release {
@@ -396,6 +449,7 @@ pub async fn acquire(
             Err(previous) => {
                 return Ok(ReleaseLock {
                     client: None,
+                    watch,
                     key,
                     completed: Some(previous),
                     name,
@@ -413,8 +467,10 @@ pub async fn acquire(
             } else {
                 tracing::info!(lock = %name, "took the release lock");
             }
+            watch.holds_lock.store(true, Ordering::Relaxed);
             return Ok(ReleaseLock {
                 client: Some(client),
+                watch,
                 key,
                 completed: None,
                 name,
@@ -507,13 +563,42 @@ async fn holder_of(client: &Client, key: i64) -> Result<Option<String>, tokio_po
     row.map(|r| r.try_get(0)).transpose()
 }
 
-/// Drives the connection; if it drops mid-release the lock is gone, and that must be said loudly.
-async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+/// What became of one connection, as its driver task saw it.
+struct Watch {
+    /// Set once the connection holds the release lock.
+    holds_lock: AtomicBool,
+    /// Why the connection ended, if it ended with an error (scrubbed).
+    ended: Mutex<Option<String>>,
+    secrets: Vec<String>,
+}
+
+impl Watch {
+    fn ended(&self) -> Option<String> {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Drives the connection. If the lock's connection drops mid-release the lock is gone, and that is
+/// said at once, loudly (a task running now is left to finish; the check before the next task
+/// stops the release).
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
+    connection: F,
+    watch: Arc<Watch>,
+) {
     if let Err(err) = connection.await {
-        tracing::error!(
-            error = %describe(&err),
-            "lost the [lock] database connection; PostgreSQL released the lock, so another replica may start the release"
-        );
+        let reason = redact::urls_in(&redact::scrub(&describe(&err), &watch.secrets));
+        if watch.holds_lock.load(Ordering::Relaxed) {
+            tracing::error!(
+                error = %reason,
+                "lost the [lock] database connection, and PostgreSQL releases the lock with it: another replica may start \
+                 the release; a task running now is left to finish, and no further task starts here but clean-up \
+                 (on = \"failure\" or \"always\")"
+            );
+        }
+        *watch.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
     }
 }
 
@@ -598,7 +683,7 @@ impl ReleaseLock {
         let mut pause = Duration::from_millis(200);
         for _ in 0..3 {
             match self.db.connect_once().await {
-                Ok(client) => {
+                Ok((client, _)) => {
                     ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
                         .await
                         .map_err(|e| failed(&e))?;
@@ -675,7 +760,7 @@ impl ReleaseLock {
         let mut writer = self.writer.borrow().clone();
         if writer.as_ref().is_some_and(|c| c.is_closed()) {
             writer = match tokio::time::timeout(RECORD_TIMEOUT, self.db.connect_once()).await {
-                Ok(Ok(client)) => Some(Rc::new(client)),
+                Ok(Ok((client, _))) => Some(Rc::new(client)),
                 _ => None,
             };
             self.writer.replace(writer.clone());
@@ -735,34 +820,61 @@ impl ReleaseLock {
 
     /// Records how `release` ended, in the lock's transaction: the outcome is committed with the
     /// unlock. A failure to record is logged: the release itself is over.
-    pub async fn finish(&self, release: &str, report: &Report) {
-        let Some(client) = &self.client else { return };
+    ///
+    /// `Err` says why the outcome could not be written (the lock's transaction is gone with its
+    /// connection, or the database refused), free of secrets: the ledger then does not record the
+    /// release as completed, and another replica may run it again.
+    pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
         let status = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        if let Err(err) =
-            ledger::finish(client, &self.name, release, status, report.exit_code()).await
-        {
-            tracing::error!(error = %self.db.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
-        }
+        let write = ledger::finish(client, &self.name, release, status, report.exit_code());
+        // Old task records go first, on the second connection (see `record::KEEP_RELEASES`).
         self.prune().await;
+        match tokio::time::timeout(FINISH_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.failure(&err)),
+            Err(_) => Err(format!(
+                "the database did not answer within {}s",
+                FINISH_TIMEOUT.as_secs()
+            )),
+        }
     }
 
-    /// Commits the lock's transaction, which releases the lock, and closes the connection.
-    pub async fn release(self) {
-        let Some(client) = &self.client else { return };
-        match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
-            Ok(Ok(())) => tracing::info!(lock = %self.name, "released the release lock"),
-            // Closing the connection (below, on drop) releases it anyway.
-            Ok(Err(err)) => {
-                tracing::warn!(error = %self.db.error("cannot commit", &err), "closing the connection instead");
-            }
-            Err(_) => tracing::warn!(
-                lock = %self.name, timeout_s = FINISH_TIMEOUT.as_secs(),
-                "the database did not answer the COMMIT; closing the connection instead"
-            ),
+    /// Commits the lock's transaction, which releases the lock (and, with `once`, makes the outcome
+    /// visible), and closes the connection. `Err` says why the COMMIT did not succeed; closing the
+    /// connection releases the lock anyway, but nothing of the transaction was written.
+    pub async fn release(self) -> Result<(), String> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        let result =
+            match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
+                Ok(Ok(())) => {
+                    tracing::info!(lock = %self.name, "released the release lock");
+                    return Ok(());
+                }
+                Ok(Err(err)) => self.failure(&err),
+                Err(_) => format!(
+                    "the database did not answer the COMMIT within {}s",
+                    FINISH_TIMEOUT.as_secs()
+                ),
+            };
+        tracing::warn!(lock = %self.name, error = %result, "cannot commit the lock's transaction; closing the connection instead, which releases the lock");
+        Err(result)
+    }
+
+    /// The driver's error, with why the connection ended when it did, free of secrets.
+    fn failure(&self, err: &tokio_postgres::Error) -> String {
+        let text = self.db.scrub(&describe(err));
+        match self.watch.ended() {
+            Some(why) if !text.contains(&why) => format!("{text} ({why})"),
+            _ => text,
         }
     }
 
@@ -775,7 +887,10 @@ impl ReleaseLock {
     /// One round trip in the lock's transaction: whether this backend still holds the advisory lock.
     async fn probe(&self, client: &Client) -> Result<(), String> {
         if client.is_closed() {
-            return Err("the database connection is closed".to_owned());
+            return Err(self.watch.ended().map_or_else(
+                || "the database connection is closed".to_owned(),
+                |why| format!("the database connection is closed ({why})"),
+            ));
         }
         let (high, low) = (
             i64::from((self.key >> 32) as u32),

@@ -13,9 +13,13 @@ mod ledger;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
+mod lock_ledger;
+#[cfg(feature = "postgres")]
 mod lock_loss;
 #[cfg(feature = "postgres")]
 mod lock_servers;
+#[cfg(feature = "postgres")]
+mod lock_sockets;
 mod notify;
 mod platform;
 mod retries;
