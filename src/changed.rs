@@ -274,9 +274,14 @@ impl Inputs {
     /// as text, a newline in it escaped).
     #[must_use]
     pub fn manifest(&self) -> String {
-        self.entries()
-            .map(|(path, hash)| format!("{hash} {path}\n"))
-            .collect()
+        let mut manifest = String::new();
+        for (path, hash) in self.entries() {
+            manifest.push_str(hash);
+            manifest.push(' ');
+            manifest.push_str(&path);
+            manifest.push('\n');
+        }
+        manifest
     }
 
     /// Each file as the manifest has it: (path, hash's first 16 hex digits).
