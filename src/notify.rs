@@ -322,6 +322,7 @@ mod slack_tests {
             duration: std::time::Duration::ZERO,
             allow_failure: false,
             output_tail: vec!["PG::UndefinedColumn <b> ``` & more".into()],
+            attempts: 1,
         });
         let text = slack_text(&report);
         assert!(text.contains("Last lines of `t`:\n```\nPG::UndefinedColumn &lt;b&gt; `\u{200b}`\u{200b}` &amp; more\n```"), "{text}");
@@ -343,6 +344,7 @@ mod slack_tests {
                 duration: std::time::Duration::ZERO,
                 allow_failure: false,
                 output_tail: Vec::new(),
+                attempts: 1,
             });
         }
         report.lock_lost = Some(crate::report::LockLoss {

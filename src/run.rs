@@ -24,6 +24,7 @@ use crate::notify::Webhook;
 use crate::output::Stdio;
 use crate::plan::{Plan, Step};
 use crate::process;
+use crate::record::{Recorder, TaskRecord};
 use crate::report::{
     EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
 };
@@ -73,7 +74,7 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
             stdio,
-            None,
+            (None, None),
         )
         .await?)
     })
@@ -108,6 +109,26 @@ async fn run_locked(
         held.begin(&release).await?;
     }
     let held_name = held.name().to_owned();
+    // The `changed` gates, decided under the lock from the ledger's last successful runs.
+    let mut plan = plan.clone();
+    let undecided = plan.undecided_changed();
+    if !undecided.is_empty() {
+        if plan.force {
+            plan.apply_ledger(&std::collections::HashMap::new(), true);
+        } else {
+            match held.last_successes(&undecided).await {
+                Ok(last) => plan.apply_ledger(&last, false),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the tasks' last successful runs; tasks with `changed` run");
+                    plan.ledger_unread(&err.to_string());
+                }
+            }
+        }
+        for step in plan.steps.iter().filter(|s| s.verdict.is_some()) {
+            tracing::info!(task = %step.task.name, decision = %step.reason, "changed gate");
+        }
+    }
+    let plan = &plan;
     let report = run(
         plan,
         meta,
@@ -115,7 +136,7 @@ async fn run_locked(
         guardian,
         crate::tail::secrets(env.iter()),
         stdio,
-        Some(&held),
+        (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
     let mut report = match report {
@@ -181,6 +202,7 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
         output_tail: Vec::new(),
+        attempts: 0,
         name: step.task.name.clone(),
         outcome: Outcome::Skipped(reason),
         duration: Duration::ZERO,
@@ -195,7 +217,7 @@ async fn run(
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
     stdio: &Stdio,
-    lock: Option<&dyn LockCheck>,
+    (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
 ) -> anyhow::Result<Report> {
     let defaults = &plan.defaults;
     let started = Instant::now();
@@ -221,11 +243,12 @@ async fn run(
         lock,
         last_task: None,
     };
-    for step in &plan.steps {
+    for (position, step) in (1u32..).zip(&plan.steps) {
         runner.listener.take_pending().await;
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
+            record_last(recorder, &report, position, step).await;
             continue;
         }
         let failed = report.failed_task().is_some()
@@ -235,34 +258,39 @@ async fn run(
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
+        let mut attempts = 0;
         let outcome = match next(task.on, failed, expired, runner.listener.stops.count) {
             Next::NotRun(outcome) => {
-                match &outcome {
-                    Outcome::TimedOut => {
-                        tracing::error!(task = %task.name, "release_timeout reached before the task could start");
-                    }
-                    Outcome::Skipped(reason) => {
-                        tracing::info!(task = %task.name, reason = %reason, "task skipped");
-                    }
-                    _ => {}
-                }
+                log_not_run(task, &outcome);
                 outcome
             }
+            Next::Run { .. }
+                if !lock.before_start(task, &mut report).await && task.on == On::Success =>
+            {
+                Outcome::LockLost
+            }
             Next::Run { within_release } => {
-                // Immediately before the task starts: the `[lock]` is proved still held, or only
-                // clean-up (on = "failure" or "always") starts.
-                if !lock.before_start(task, &mut report).await && task.on == On::Success {
-                    Outcome::LockLost
-                } else if lock
+                // Immediately before the task starts (the lock was checked by the arm above): a
+                // stop signal that came during the check keeps it from starting.
+                if lock
                     .stopped_meanwhile(&mut runner.listener, task, failed)
                     .await
                 {
                     Outcome::NotRun
                 } else {
                     let release = within_release.then_some(runner.release);
-                    let ran = runner.run_one(step, release, (&report, started)).await?;
-                    // A task cut off by release_timeout is the release's failure, which
-                    // allow_failure does not excuse: the release did not finish in time.
+                    let (ran, attempt) = runner
+                        .run_attempts(
+                            step,
+                            release,
+                            (&mut report, started),
+                            (&mut lock, recorder),
+                            position,
+                        )
+                        .await?;
+                    attempts = attempt;
+                    // A task cut off by release_timeout is the release's failure, which allow_failure
+                    // does not excuse: the release did not finish in time.
                     allow_failure &= !ran.cut_by_release;
                     Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
                     output_tail = ran.output_tail;
@@ -270,6 +298,7 @@ async fn run(
                 }
             }
         };
+        let outcome_ran = outcome.exit_code().is_some();
         let duration = if outcome.exit_code().is_some() {
             t0.elapsed()
         } else {
@@ -281,7 +310,9 @@ async fn run(
             duration,
             allow_failure,
             output_tail,
+            attempts: if outcome_ran { attempts.max(1) } else { 0 },
         });
+        record_last(recorder, &report, position, step).await;
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
@@ -292,37 +323,25 @@ async fn run(
     Ok(report)
 }
 
-/// What becomes of a step that is to run, decided before it starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Next {
-    /// It runs: within the release's deadline, or on its own timeout only.
-    Run { within_release: bool },
-    /// It does not run, and this is its outcome.
-    NotRun(Outcome),
+/// Says why a step that was to run does not (a second stop signal says nothing more).
+fn log_not_run(task: &Task, outcome: &Outcome) {
+    match outcome {
+        Outcome::TimedOut => {
+            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+        }
+        Outcome::Skipped(reason) => {
+            tracing::info!(task = %task.name, reason = %reason, "task skipped");
+        }
+        _ => {}
+    }
 }
 
-/// Whether the next task runs, from its `on`, whether the release has failed (a task failed, or a
-/// stop signal arrived), whether `release_timeout` has passed, and how many stop signals arrived.
-///
-/// An expired `release_timeout` fails the release like anything else, through the task it cut off
-/// or the next `on = "success"` task, which cannot start; what follows a failure (`on = "failure"`
-/// and `"always"`) still runs, on its own timeout only: it is how the failure gets cleaned up and
-/// told. After a second stop signal nothing starts.
-fn next(on: On, failed: bool, expired: bool, stops: u32) -> Next {
-    if stops >= 2 {
-        Next::NotRun(Outcome::NotRun)
-    } else if on == On::Success && !failed && expired {
-        Next::NotRun(Outcome::TimedOut)
-    } else if !on.runs(failed) {
-        Next::NotRun(if on == On::Failure {
-            Outcome::Skipped(SkipReason::OnFailure)
-        } else {
-            Outcome::NotRun
-        })
-    } else {
-        Next::Run {
-            within_release: !(failed || expired),
-        }
+/// Writes the record of the task last added to `report` (the ledger, with `once`).
+async fn record_last(recorder: Option<&dyn Recorder>, report: &Report, position: u32, step: &Step) {
+    if let (Some(recorder), Some(last)) = (recorder, report.tasks.last()) {
+        recorder
+            .record(TaskRecord::finished(last, position, step.inputs.as_ref()))
+            .await;
     }
 }
 
@@ -386,6 +405,40 @@ impl HeldLock<'_> {
                 }
                 false
             }
+        }
+    }
+}
+
+/// What becomes of a step that is to run, decided before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    /// It runs: within the release's deadline, or on its own timeout only.
+    Run { within_release: bool },
+    /// It does not run, and this is its outcome.
+    NotRun(Outcome),
+}
+
+/// Whether the next task runs, from its `on`, whether the release has failed (a task failed, or a
+/// stop signal arrived), whether `release_timeout` has passed, and how many stop signals arrived.
+///
+/// An expired `release_timeout` fails the release like anything else, through the task it cut off
+/// or the next `on = "success"` task, which cannot start; what follows a failure (`on = "failure"`
+/// and `"always"`) still runs, on its own timeout only: it is how the failure gets cleaned up and
+/// told. After a second stop signal nothing starts.
+fn next(on: On, failed: bool, expired: bool, stops: u32) -> Next {
+    if stops >= 2 {
+        Next::NotRun(Outcome::NotRun)
+    } else if on == On::Success && !failed && expired {
+        Next::NotRun(Outcome::TimedOut)
+    } else if !on.runs(failed) {
+        Next::NotRun(if on == On::Failure {
+            Outcome::Skipped(SkipReason::OnFailure)
+        } else {
+            Outcome::NotRun
+        })
+    } else {
+        Next::Run {
+            within_release: !(failed || expired),
         }
     }
 }
@@ -483,6 +536,83 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Waits `delay` between two attempts of a task, handling signals meanwhile; a stop signal ends
+    /// the wait at once. Whether the wait ran its course (no stop signal).
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                order = self.next() => match order {
+                    Order::Reap => drop(process::reap()),
+                    Order::Forward(sig) => {
+                        tracing::info!(signal = %sig, "received signal between two attempts; no task process is running to forward it to");
+                    }
+                    Order::Stop(sig, _) => {
+                        tracing::warn!(signal = %sig, "received signal; no further attempt or task will start");
+                        return false;
+                    }
+                },
+                () = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+}
+
+/// What follows an attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterAttempt {
+    /// Its outcome is the task's; with why a failed attempt is not tried again, when that is worth
+    /// saying (no time left, a timeout not listed in `retry_on`).
+    Done(Option<String>),
+    /// Another attempt, after this pause.
+    RetryIn(Duration),
+}
+
+/// The pure decision after attempt number `attempt` (from 1) ended with `outcome`: whether it is
+/// tried again and after how long. `cut_by_attempt` says a timeout came from `attempt_timeout` (not
+/// from the task's `timeout` or the release's); `left` is the time left for all attempts; `stops`
+/// counts the stop signals received.
+fn after_attempt(
+    retry: &crate::config::Retry,
+    attempt: u32,
+    outcome: &Outcome,
+    cut_by_attempt: bool,
+    left: Duration,
+    stops: u32,
+) -> AfterAttempt {
+    let statuses = &retry.on.statuses;
+    let listed = |code: i32| statuses.is_empty() || statuses.contains(&code);
+    let retryable = match outcome {
+        Outcome::Failed(code) => listed(*code),
+        Outcome::Signaled(sig) => listed(128 + *sig as i32),
+        Outcome::TimedOut if cut_by_attempt => {
+            if !retry.on.timeout {
+                return AfterAttempt::Done((attempt <= retry.retries).then(|| {
+                    "the attempt ran past attempt_timeout, and retry_on does not list \"timeout\"".to_owned()
+                }));
+            }
+            true
+        }
+        // A success is done; a timeout of the whole task or the release, a stop signal, a command
+        // that cannot start, a lost lock: another attempt would not be different.
+        _ => false,
+    };
+    if !retryable || attempt > retry.retries || stops > 0 {
+        return AfterAttempt::Done(None);
+    }
+    let doubled = retry.delay.saturating_mul(1u32 << (attempt - 1).min(20));
+    let delay = doubled.min(crate::config::Retry::MAX_DELAY.max(retry.delay));
+    if delay >= left {
+        return AfterAttempt::Done(Some(format!(
+            "the pause of {} before another attempt would pass the task's timeout (or the release's)",
+            humantime::format_duration(delay)
+        )));
+    }
+    AfterAttempt::RetryIn(delay)
+}
+
 impl Orders for Listener {
     async fn next(&mut self) -> Order {
         match self.signals.next().await {
@@ -524,6 +654,73 @@ impl Runner {
             release,
             grace: task.grace,
             heartbeat: self.heartbeat,
+        }
+    }
+
+    /// Runs a task's attempts: one, or with `retries` as many as [`after_attempt`] allows, all
+    /// within the task's `timeout` counted from the first start (and the release's deadline); the
+    /// lock is checked and the start recorded before each. The last attempt and how many there were.
+    async fn run_attempts(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (report, started): (&mut Report, Instant),
+        (lock, recorder): (&mut HeldLock<'_>, Option<&dyn Recorder>),
+        position: u32,
+    ) -> anyhow::Result<(Ran, u32)> {
+        let task = &step.task;
+        if let Some(recorder) = recorder {
+            recorder
+                .record(TaskRecord::started(&task.name, position, 1))
+                .await;
+        }
+        let task_until = tokio::time::Instant::now() + task.timeout;
+        let all_until = release.map_or(task_until, |r| r.at.min(task_until));
+        let mut attempt = 1;
+        loop {
+            let left = task_until.saturating_duration_since(tokio::time::Instant::now());
+            let limited = task.retry.attempt_timeout.filter(|t| *t < left);
+            let ran = if task.retry.retries == 0 {
+                self.run_one(step, release, (report, started)).await?
+            } else {
+                // Each attempt gets what is left of the task's timeout, or less.
+                let mut this = step.clone();
+                this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
+                self.run_one(&this, release, (report, started)).await?
+            };
+            let left = all_until.saturating_duration_since(tokio::time::Instant::now());
+            let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
+            match after_attempt(
+                &task.retry,
+                attempt,
+                &ran.outcome,
+                cut_by_attempt,
+                left,
+                self.listener.stops.count,
+            ) {
+                AfterAttempt::Done(why) => {
+                    if let Some(why) = why {
+                        tracing::warn!(task = %task.name, attempt, outcome = ran.outcome.label(), "not trying again: {why}");
+                    }
+                    return Ok((ran, attempt));
+                }
+                AfterAttempt::RetryIn(delay) => {
+                    tracing::warn!(
+                        task = %task.name, attempt, of = task.retry.retries + 1, outcome = ran.outcome.label(),
+                        exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
+                        "attempt failed; trying again"
+                    );
+                    if !self.listener.pause(delay).await || !lock.before_start(task, report).await {
+                        return Ok((ran, attempt));
+                    }
+                    attempt += 1;
+                    if let Some(recorder) = recorder {
+                        recorder
+                            .record(TaskRecord::started(&task.name, position, attempt))
+                            .await;
+                    }
+                }
+            }
         }
     }
 
@@ -684,6 +881,110 @@ mod tests {
     use nix::unistd::Pid;
 
     const PID: Pid = Pid::from_raw(7);
+
+    fn retry(retries: u32, statuses: &[i32], timeout: bool) -> crate::config::Retry {
+        crate::config::Retry {
+            retries,
+            delay: Duration::from_secs(5),
+            on: crate::config::RetryOn {
+                statuses: statuses.to_vec(),
+                timeout,
+            },
+            attempt_timeout: None,
+        }
+    }
+
+    const PLENTY: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn failed_attempts_are_retried_with_a_doubling_capped_pause() {
+        let r = retry(10, &[], false);
+        let failed = Outcome::Failed(1);
+        let pauses: Vec<_> = (1..=6)
+            .map(|n| after_attempt(&r, n, &failed, false, PLENTY, 0))
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 60, 60].map(|n| AfterAttempt::RetryIn(s(n)))
+        );
+        // A retry_delay above the cap is used as it is.
+        let long = crate::config::Retry {
+            delay: s(90),
+            ..r.clone()
+        };
+        assert_eq!(
+            after_attempt(&long, 3, &failed, false, PLENTY, 0),
+            AfterAttempt::RetryIn(s(90))
+        );
+        // The last attempt is the task's outcome.
+        assert_eq!(
+            after_attempt(&r, 11, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
+        assert_eq!(
+            after_attempt(&retry(2, &[], false), 3, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
+    }
+
+    #[test]
+    fn what_is_retried() {
+        let any = retry(2, &[], false);
+        let listed = retry(2, &[75, 137], false);
+        let r = |r: &crate::config::Retry, o: Outcome, by_attempt: bool| {
+            matches!(
+                after_attempt(r, 1, &o, by_attempt, PLENTY, 0),
+                AfterAttempt::RetryIn(_)
+            )
+        };
+        assert!(r(&any, Outcome::Failed(1), false));
+        assert!(r(&any, Outcome::Signaled(Signal::SIGKILL), false));
+        assert!(!r(&any, Outcome::Succeeded, false));
+        assert!(r(&listed, Outcome::Failed(75), false));
+        assert!(!r(&listed, Outcome::Failed(1), false));
+        assert!(
+            r(&listed, Outcome::Signaled(Signal::SIGKILL), false),
+            "128 + 9"
+        );
+        // Never: a stop signal, a command that cannot start, the whole task's timeout.
+        assert!(!r(&any, Outcome::Interrupted(Signal::SIGTERM), false));
+        assert!(!r(
+            &any,
+            Outcome::CouldNotStart {
+                code: 127,
+                reason: String::new()
+            },
+            false
+        ));
+        assert!(!r(&any, Outcome::TimedOut, false));
+        // An attempt cut off by attempt_timeout only with "timeout" in retry_on, and then it says why not.
+        assert!(!r(&any, Outcome::TimedOut, true));
+        assert!(matches!(
+            after_attempt(&any, 1, &Outcome::TimedOut, true, PLENTY, 0),
+            AfterAttempt::Done(Some(why)) if why.contains("retry_on")
+        ));
+        assert!(r(&retry(2, &[], true), Outcome::TimedOut, true));
+        assert!(r(&retry(2, &[3], true), Outcome::TimedOut, true));
+        assert!(!r(&retry(2, &[3], true), Outcome::Failed(1), true));
+    }
+
+    #[test]
+    fn no_retry_after_a_stop_signal_or_past_the_timeout() {
+        let r = retry(3, &[], false);
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, PLENTY, 1),
+            AfterAttempt::Done(None)
+        );
+        assert!(matches!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(5), 0),
+            AfterAttempt::Done(Some(why)) if why.contains("timeout")
+        ));
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(6), 0),
+            AfterAttempt::RetryIn(Duration::from_secs(5))
+        );
+    }
 
     #[test]
     fn the_first_stop_signal_is_the_releases_and_the_rest_come_again() {

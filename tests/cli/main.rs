@@ -10,6 +10,8 @@ mod harness;
 mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
+mod ledger;
+#[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
 mod lock_ledger;
@@ -23,6 +25,7 @@ mod notify;
 mod platform;
 #[cfg(feature = "postgres")]
 mod proxy;
+mod retries;
 mod shell;
 mod spawn;
 mod webhook;
