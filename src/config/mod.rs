@@ -41,6 +41,8 @@ pub struct Config {
 /// `[lock]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
+    /// Which database the lock is taken on: `postgres = ...` or `mysql = ...`.
+    pub backend: Backend,
     /// The variables that may hold the database URL (the URL itself carries a password); the first
     /// one set wins, so `["DIRECT_URL", "DATABASE_URL"]` prefers the unpooled URL.
     pub url_vars: Vec<String>,
@@ -52,6 +54,35 @@ pub struct Lock {
     pub once: bool,
     /// How long a database that refuses connections (still starting, too many connections) is tried.
     pub connect_timeout: Duration,
+}
+
+/// The database `[lock]` is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres = "DATABASE_URL"`: a transaction-level advisory lock.
+    Postgres,
+    /// `mysql = "DATABASE_URL"` (MySQL or MariaDB): `GET_LOCK` on one connection.
+    Mysql,
+}
+
+impl Backend {
+    /// The `[lock]` key that names the URL's variables.
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
+        }
+    }
+
+    /// The database's name, for people.
+    #[must_use]
+    pub fn product(self) -> &'static str {
+        match self {
+            Backend::Postgres => "PostgreSQL",
+            Backend::Mysql => "MySQL",
+        }
+    }
 }
 
 /// `[defaults]`, with the built-in values filled in.

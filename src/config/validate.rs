@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::raw::{
     Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema, Typed,
 };
-use super::{Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
+use super::{Backend, Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
 use crate::error::{Diagnostic, Error, Result};
 use crate::gate::Gate;
 
@@ -385,19 +385,49 @@ impl Validator<'_> {
     fn lock(&mut self, raw: Spanned<RawLock>) -> Option<Lock> {
         let span = raw.span();
         let raw = raw.into_inner();
-        if !cfg!(feature = "postgres") {
+        let (backend, vars) = match (raw.postgres, raw.mysql) {
+            (Some(vars), None) => (Backend::Postgres, vars),
+            (None, Some(vars)) => (Backend::Mysql, vars),
+            (None, None) => {
+                self.report(
+                    Some(span),
+                    "[lock] needs the database: postgres = \"DATABASE_URL\" for PostgreSQL, or mysql = \"DATABASE_URL\" \
+                     for MySQL and MariaDB (the variable that holds the URL)"
+                        .to_owned(),
+                );
+                return None;
+            }
+            (Some(_), Some(_)) => {
+                self.report(
+                    Some(span),
+                    "[lock] has both postgres and mysql; the lock is taken on one database: keep the one your app uses"
+                        .to_owned(),
+                );
+                return None;
+            }
+        };
+        let built = match backend {
+            Backend::Postgres => cfg!(feature = "postgres"),
+            Backend::Mysql => cfg!(feature = "mysql"),
+        };
+        if !built {
             self.report(
                 Some(span),
-                "[lock] needs PostgreSQL support, and this release-tasks was built without the `postgres` feature; \
-                 use the default build"
-                    .to_owned(),
+                format!(
+                    "[lock] {} = ... needs {} support, and this release-tasks was built without the `{}` feature; \
+                     use the default build",
+                    backend.key(),
+                    backend.product(),
+                    backend.key()
+                ),
             );
             return None;
         }
-        // A bad `postgres` is one problem; the other keys are still checked.
-        let url_vars = self.typed(Some(raw.postgres)).and_then(|postgres| {
-            let vars_span = postgres.span();
-            let url_vars = match postgres.into_inner() {
+        // A bad variable list is one problem; the other keys are still checked.
+        let key_name = backend.key();
+        let url_vars = self.typed(Some(vars)).and_then(|vars| {
+            let vars_span = vars.span();
+            let url_vars = match vars.into_inner() {
                 OneOrMany::One(name) => vec![name],
                 OneOrMany::Many(names) => names,
             };
@@ -405,7 +435,7 @@ impl Validator<'_> {
                 self.report(
                     Some(vars_span),
                     format!(
-                        "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                        "[lock] {key_name} = {:?} must name the variable that holds the database URL, like {key_name} = \"DATABASE_URL\" \
                          (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
                         crate::redact::urls_in(&url_vars.join(", "))
                     ),
@@ -432,6 +462,14 @@ impl Validator<'_> {
                 );
                 None
             }
+            Some(key) if backend == Backend::Mysql && key.get_ref().chars().count() > 255 => {
+                self.report(
+                    Some(key.span()),
+                    "[lock] key is longer than 255 characters, which the MySQL ledger cannot store; shorten it"
+                        .into(),
+                );
+                None
+            }
             other => other.map(Spanned::into_inner),
         };
         let timeout = self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60));
@@ -442,6 +480,7 @@ impl Validator<'_> {
             Duration::from_secs(60),
         );
         Some(Lock {
+            backend,
             url_vars: url_vars?,
             key,
             timeout,

@@ -86,10 +86,10 @@ pub(super) async fn completed(
 }
 
 /// One release's row.
-struct Status {
-    state: String,
-    holder: String,
-    finished_at: Option<String>,
+pub(super) struct Status {
+    pub(super) state: String,
+    pub(super) holder: String,
+    pub(super) finished_at: Option<String>,
 }
 
 async fn status_of(
@@ -227,18 +227,12 @@ pub fn wait(config: &Config, plan: &Plan, env: &Env, timeout: Option<Duration>) 
     runtime()?.block_on(async {
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
-        let db = Database::open(lock, env)?;
+        let db = Source::open(lock, env)?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(500);
         let mut last = String::new();
         loop {
-            let client = db.connect(&mut signals).await?;
-            let status = or_stop(&mut signals, async {
-                status_of(&client, &name, &release)
-                    .await
-                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))
-            })
-            .await?;
+            let (status, holder) = db.look(&mut signals, &name, &release).await?;
             if let Some(Status {
                 state,
                 holder,
@@ -254,13 +248,6 @@ pub fn wait(config: &Config, plan: &Plan, env: &Env, timeout: Option<Duration>) 
                     return Ok(0);
                 }
             }
-            let holder = or_stop(&mut signals, async {
-                holder_of(&client, key_for(&name))
-                    .await
-                    .map_err(|e| db.error("cannot read who holds the lock", &e))
-            })
-            .await?;
-            drop(client);
             let recorded = status
                 .as_ref()
                 .map_or("not recorded yet".to_owned(), |s| format!("recorded as {}", s.state));
@@ -317,6 +304,19 @@ pub fn history(
     let entries = runtime()?.block_on(async {
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        #[cfg(feature = "mysql")]
+        if lock.backend == crate::config::Backend::Mysql {
+            let db = super::mysql::Database::open(lock, env)?;
+            let mut conn = db.connect(&mut signals).await?;
+            let rows = or_stop(&mut signals, async {
+                super::mysql::ledger::history(&mut conn, &name, limit)
+                    .await
+                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))
+            })
+            .await?;
+            conn.quit().await;
+            return Ok(rows.into_iter().map(entry_of_text).collect());
+        }
         let db = Database::open(lock, env)?;
         let client = db.connect(&mut signals).await?;
         let limit = i64::from(limit);
@@ -354,6 +354,72 @@ pub fn history(
     print_history(&name, &entries, format)
         .map_err(|e| anyhow::anyhow!("cannot write the history: {e}"))?;
     Ok(0)
+}
+
+/// A `history` row read as text (MySQL's text protocol): release, version, commit, status, holder,
+/// started, duration in seconds, exit code.
+#[cfg(feature = "mysql")]
+fn entry_of_text(mut row: Vec<Option<String>>) -> Entry {
+    row.resize(8, None);
+    let mut take = |i: usize| row.get_mut(i).and_then(Option::take);
+    Entry {
+        release: take(0).unwrap_or_default(),
+        version: take(1),
+        commit: take(2),
+        status: take(3).unwrap_or_default(),
+        holder: take(4).unwrap_or_default(),
+        started_at: take(5).unwrap_or_default(),
+        duration_s: take(6).and_then(|d| d.parse().ok()),
+        exit_code: take(7).and_then(|c| c.parse().ok()),
+    }
+}
+
+/// Where `wait` reads the ledger and the lock's holder from.
+enum Source {
+    Postgres(Database),
+    #[cfg(feature = "mysql")]
+    Mysql(super::mysql::Database),
+}
+
+impl Source {
+    fn open(lock: &crate::config::Lock, env: &Env) -> Result<Source, Error> {
+        #[cfg(feature = "mysql")]
+        if lock.backend == crate::config::Backend::Mysql {
+            return super::mysql::Database::open(lock, env).map(Source::Mysql);
+        }
+        Database::open(lock, env).map(Source::Postgres)
+    }
+
+    /// One short connection: the release's row, and who holds the lock.
+    async fn look(
+        &self,
+        signals: &mut Signals,
+        name: &str,
+        release: &str,
+    ) -> Result<(Option<Status>, Option<String>), Error> {
+        match self {
+            Source::Postgres(db) => {
+                let client = db.connect(signals).await?;
+                or_stop(signals, async {
+                    let status = status_of(&client, name, release)
+                        .await
+                        .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+                    let holder = holder_of(&client, key_for(name))
+                        .await
+                        .map_err(|e| db.error("cannot read who holds the lock", &e))?;
+                    Ok((status, holder))
+                })
+                .await
+            }
+            #[cfg(feature = "mysql")]
+            Source::Mysql(db) => {
+                let mut conn = db.connect(signals).await?;
+                let found = or_stop(signals, db.look(&mut conn, name, release)).await?;
+                conn.quit().await;
+                Ok(found)
+            }
+        }
+    }
 }
 
 fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::Result<()> {

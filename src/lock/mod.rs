@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use crate::config::Lock;
+use crate::config::{Backend, Lock};
 use crate::error::Error;
 use crate::gate::Env;
 use crate::metadata::Metadata;
@@ -36,6 +36,8 @@ use crate::report::Report;
 use crate::signals::Signals;
 
 mod ledger;
+#[cfg(feature = "mysql")]
+mod mysql;
 mod tls;
 mod url;
 
@@ -47,8 +49,15 @@ const RETRY_MAX: Duration = Duration::from_secs(3);
 /// How long one connection attempt (TCP, TLS, login) may take, unless the URL says `connect_timeout`.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
 
-/// The held lock and its transaction, or a release found completed (nothing held).
-pub struct ReleaseLock {
+/// The held lock, on the database `[lock]` names, or a release found completed (nothing held).
+pub enum ReleaseLock {
+    Postgres(PgLock),
+    #[cfg(feature = "mysql")]
+    Mysql(mysql::Held),
+}
+
+/// The held PostgreSQL lock and its transaction, or a release found completed (nothing held).
+pub struct PgLock {
     /// The connection whose open transaction holds the lock; `None` when the release was already
     /// completed and no lock was needed.
     client: Option<Client>,
@@ -99,17 +108,17 @@ pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
     let mut problems = Vec::new();
     match chosen_url(lock, env) {
         None if lock.url_vars.len() == 1 => problems.push(format!(
-            "[lock] postgres names {}, which is not set; set it to the database URL",
+            "[lock] {} names {}, which is not set; set it to the database URL",
+            lock.backend.key(),
             lock.url_vars[0]
         )),
         None => problems.push(format!(
-            "[lock] postgres names {}, none of which is set; set one of them to the database URL",
+            "[lock] {} names {}, none of which is set; set one of them to the database URL",
+            lock.backend.key(),
             lock.url_vars.join(", ")
         )),
         Some((var, url)) => {
-            if let Err(err) =
-                url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
-            {
+            if let Err(err) = check_url(lock.backend, url) {
                 problems.push(format!(
                     "[lock] {var} is not a usable database URL: {}",
                     redact::scrub(&err, &secrets_of(url))
@@ -130,6 +139,35 @@ pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
         );
     }
     problems
+}
+
+/// Whether `url` is usable for `backend`: its form, its parameters and its certificate files. A URL
+/// of the other database says so.
+fn check_url(backend: Backend, url: &str) -> Result<(), String> {
+    #[cfg(feature = "mysql")]
+    let is_mysql = mysql::url::is_mysql(url);
+    #[cfg(not(feature = "mysql"))]
+    let is_mysql = ["mysql://", "mysql2://", "mariadb://"]
+        .iter()
+        .any(|s| url.starts_with(s));
+    match backend {
+        Backend::Postgres if is_mysql => Err(
+            "it is a MySQL URL, and [lock] says postgres = ...; write mysql = ... in [lock] for MySQL and MariaDB"
+                .into(),
+        ),
+        Backend::Postgres => {
+            url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
+        }
+        #[cfg(feature = "mysql")]
+        Backend::Mysql if !is_mysql && (url.starts_with("postgres") || url.contains('=')) => Err(
+            "it is a PostgreSQL URL, and [lock] says mysql = ...; write postgres = ... in [lock] for PostgreSQL"
+                .into(),
+        ),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => mysql::check_url(url),
+        #[cfg(not(feature = "mysql"))]
+        Backend::Mysql => Err("this release-tasks was built without MySQL support".into()),
+    }
 }
 
 /// The lock's name: `key`, else the app's name.
@@ -329,6 +367,77 @@ pub async fn acquire(
     meta: &Metadata,
     signals: &mut Signals,
 ) -> Result<ReleaseLock, Error> {
+    match lock.backend {
+        Backend::Postgres => acquire_postgres(lock, env, meta, signals)
+            .await
+            .map(ReleaseLock::Postgres),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => mysql::acquire(lock, env, meta, signals)
+            .await
+            .map(ReleaseLock::Mysql),
+        #[cfg(not(feature = "mysql"))]
+        Backend::Mysql => Err(Error::Database(
+            "[lock] mysql = ... needs MySQL support, and this release-tasks was built without it"
+                .into(),
+        )),
+    }
+}
+
+impl ReleaseLock {
+    /// The lock's name, for messages.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            ReleaseLock::Postgres(l) => l.name(),
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.name(),
+        }
+    }
+
+    /// The completed run of `release`, if the ledger has one (read under the lock).
+    pub async fn previous(&self, release: &str) -> Result<Option<PreviousRun>, Error> {
+        match self {
+            ReleaseLock::Postgres(l) => l.previous(release).await,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.previous(release).await,
+        }
+    }
+
+    /// Records that this replica is running `release`, visible to `wait` and `history` at once.
+    pub async fn begin(&self, release: &str) -> Result<(), Error> {
+        match self {
+            ReleaseLock::Postgres(l) => l.begin(release).await,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.begin(release).await,
+        }
+    }
+
+    /// Records how `release` ended; a failure to record is logged.
+    pub async fn finish(&self, release: &str, report: &Report) {
+        match self {
+            ReleaseLock::Postgres(l) => l.finish(release, report).await,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.finish(release, report).await,
+        }
+    }
+
+    /// Releases the lock and closes its connection.
+    pub async fn release(self) {
+        match self {
+            ReleaseLock::Postgres(l) => l.release().await,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.release().await,
+        }
+    }
+}
+
+/// [`acquire`] on PostgreSQL.
+async fn acquire_postgres(
+    lock: &Lock,
+    env: &Env,
+    meta: &Metadata,
+    signals: &mut Signals,
+) -> Result<PgLock, Error> {
     let db = Database::open(lock, env)?;
     let name = lock_name(lock, meta);
     let key = key_for(&name);
@@ -364,7 +473,7 @@ pub async fn acquire(
         let holder = match or_stop(signals, one_try).await? {
             Ok(holder) => holder,
             Err(previous) => {
-                return Ok(ReleaseLock {
+                return Ok(PgLock {
                     client: None,
                     completed: Some(previous),
                     name,
@@ -379,7 +488,7 @@ pub async fn acquire(
             } else {
                 tracing::info!(lock = %name, "took the release lock");
             }
-            return Ok(ReleaseLock {
+            return Ok(PgLock {
                 client: Some(client),
                 completed: None,
                 name,
@@ -517,7 +626,7 @@ fn secrets_of(url: &str) -> Vec<String> {
     secrets
 }
 
-impl ReleaseLock {
+impl PgLock {
     /// The lock's name, for messages.
     #[must_use]
     pub fn name(&self) -> &str {
