@@ -429,14 +429,20 @@ pub(super) async fn holder_of(conn: &mut Conn, lock: &str) -> Result<Option<Stri
     };
     let id: u64 = id.parse().unwrap_or_default();
     // Either may be missing (performance_schema off, as on MariaDB by default) or refused.
-    let program = conn
-        .value(&format!(
-            "SELECT ATTR_VALUE FROM performance_schema.session_connect_attrs \
-             WHERE PROCESSLIST_ID = {id} AND ATTR_NAME = 'program_name' LIMIT 1"
-        ))
-        .await
-        .ok()
-        .flatten();
+    let mut program = None;
+    for table in ["session_account_connect_attrs", "session_connect_attrs"] {
+        program = conn
+            .value(&format!(
+                "SELECT ATTR_VALUE FROM performance_schema.{table} \
+                 WHERE PROCESSLIST_ID = {id} AND ATTR_NAME = 'program_name' LIMIT 1"
+            ))
+            .await
+            .ok()
+            .flatten();
+        if program.is_some() {
+            break;
+        }
+    }
     if let Some(program) = program.filter(|p| !p.is_empty()) {
         return Ok(Some(format!("{program} (connection {id})")));
     }
