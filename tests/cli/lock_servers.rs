@@ -10,7 +10,7 @@ use crate::lock::{database_url, locked};
 
 /// Runs one of the project's scripts and returns what it prints, or `None` (the test is skipped; under
 /// CI it fails) when it cannot.
-fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Option<String> {
+pub fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Option<String> {
     let path = format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(&path)

@@ -10,6 +10,8 @@ mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
+#[cfg(feature = "mysql")]
+mod lock_mysql;
 #[cfg(feature = "postgres")]
 mod lock_servers;
 mod notify;
