@@ -382,6 +382,7 @@ impl Validator<'_> {
         }
     }
 
+    #[allow(clippy::too_many_lines)] // one check per key of [lock], in the table's order
     fn lock(&mut self, raw: Spanned<RawLock>) -> Option<Lock> {
         let span = raw.span();
         let raw = raw.into_inner();

@@ -1,5 +1,5 @@
 //! `[lock]` on a real MariaDB (started by `scripts/test-mariadb`, TLS on): the scenarios of
-//! `lock.rs` and `lock_servers.rs`, with `mysql = "DATABASE_URL"`. 8 racing replicas, a SIGKILLed holder,
+//! `lock.rs` and `lock_servers.rs`, with `mysql = "DATABASE_URL"`. 8 racing replicas, a holder killed,
 //! a failed release run again, a wrong password, the lock timeout, a server that starts late, 64
 //! replicas on a user limited to 20 connections, `wait`, `history`, URLs as apps have them, and servers
 //! that cannot give a shared lock (Vitess, Galera), played by a small fake server on loopback.

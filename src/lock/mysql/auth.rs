@@ -49,7 +49,7 @@ fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
 }
 
 /// The password for `caching_sha2_password`'s full authentication without TLS: `password + NUL`,
-/// XORed with the scramble (repeated), encrypted with the server's RSA public key (PEM) under OAEP.
+/// then `XOR` with the scramble (repeated), encrypted with the server's RSA public key (PEM) under OAEP.
 pub fn encrypt_password(password: &[u8], scramble: &[u8], pem: &[u8]) -> Result<Vec<u8>, String> {
     if scramble.is_empty() {
         return Err("no scramble for the RSA key exchange".into());
@@ -104,7 +104,7 @@ fn mgf1(seed: &[u8], len: usize) -> Vec<u8> {
 }
 
 /// The modulus and exponent (big-endian, without leading zeros) of a PEM `PUBLIC KEY`
-/// (SubjectPublicKeyInfo) or `RSA PUBLIC KEY` (PKCS#1).
+/// (`SubjectPublicKeyInfo`) or `RSA PUBLIC KEY` (PKCS#1).
 fn public_key(pem: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
     let bad = || "the server's RSA public key cannot be read".to_owned();
     let text = std::str::from_utf8(pem).map_err(|_| bad())?;
@@ -305,7 +305,11 @@ mod tests {
     use super::*;
 
     fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        bytes.iter().fold(String::new(), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
     }
 
     /// Vectors computed with Python's hashlib from the formulas in MySQL's documentation.

@@ -56,7 +56,8 @@ pub(super) struct Database {
     attempt_timeout: Duration,
     /// This replica's name, as other replicas see it (the `program_name` connection attribute).
     me: String,
-    database: String,
+    /// The database's name, part of the lock's name.
+    schema: String,
 }
 
 impl Database {
@@ -93,7 +94,7 @@ impl Database {
         Ok(Database {
             var: var.to_owned(),
             shown: redact::url(url),
-            database: target.database.clone().unwrap_or_default(),
+            schema: target.database.clone().unwrap_or_default(),
             options: wire::Options {
                 host: target.host,
                 port: target.port,
@@ -196,7 +197,7 @@ impl Database {
 
     /// The server-wide lock name for `name` on this database: at most 64 characters.
     fn lock_name(&self, name: &str) -> String {
-        named_lock(&self.database, name)
+        named_lock(&self.schema, name)
     }
 }
 
@@ -392,7 +393,10 @@ fn refusal_hint(err: &WireError) -> &'static str {
     match err {
         // 1235 "not supported yet" (MariaDB Galera), 1105 unknown error (PXC strict mode, Vitess),
         // 1305 no such function, 1148 not allowed.
-        WireError::Server { code, .. } if matches!(code, 1235 | 1105 | 1305 | 1148) => {
+        WireError::Server {
+            code: 1235 | 1105 | 1305 | 1148,
+            ..
+        } => {
             "; this server or proxy does not support GET_LOCK (Vitess/PlanetScale, a Galera cluster in strict \
              mode): point [lock] at a MySQL server that does, or run the release from one replica only"
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::super::url::{Roots, SslMode, Tls, decode, split_host_port};
 
-/// Parameters that ORMs and drivers put in the URL for themselves (Rails, Prisma, Go, SQLAlchemy,
+/// Parameters that ORMs and drivers put in the URL for themselves (Rails, Prisma, Go, `SQLAlchemy`,
 /// Laravel): they mean nothing to the lock's connection.
 const IGNORED: &[&str] = &[
     "encoding",
@@ -59,6 +59,7 @@ pub fn is_mysql(url: &str) -> bool {
 }
 
 /// Reads `url`. The error says which part or parameter is wrong and never contains the password.
+#[allow(clippy::too_many_lines)] // one arm per parameter reads best as one match
 pub fn parse(url: &str) -> Result<Target, String> {
     let Some(rest) = ["mysql://", "mysql2://", "mariadb://"]
         .iter()

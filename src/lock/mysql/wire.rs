@@ -30,7 +30,7 @@ const CLIENT_MULTI_RESULTS: u32 = 0x2_0000;
 const CLIENT_PLUGIN_AUTH: u32 = 0x8_0000;
 const CLIENT_CONNECT_ATTRS: u32 = 0x10_0000;
 const CLIENT_PLUGIN_AUTH_LENENC: u32 = 0x20_0000;
-/// utf8mb4_general_ci: every server since 5.5.3 has it.
+/// `utf8mb4_general_ci`: every server since 5.5.3 has it.
 const UTF8MB4: u8 = 45;
 const MAX_PACKET: u32 = 16 * 1024 * 1024;
 
