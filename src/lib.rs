@@ -13,6 +13,7 @@ pub mod guardian;
 pub mod init;
 #[cfg(feature = "postgres")]
 pub mod lock;
+pub mod lock_check;
 pub mod log;
 pub mod metadata;
 pub mod notify;

@@ -16,6 +16,20 @@ pub const EXIT_TIMEOUT: i32 = 124;
 pub const EXIT_CANNOT_RUN: i32 = 126;
 /// Exit status when a task's command is not found.
 pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit status of a release that lost its `[lock]` while it ran (`EX_UNAVAILABLE`, as for a lock
+/// database that cannot be reached before the release).
+pub const EXIT_LOCK_LOST: i32 = crate::error::EXIT_UNAVAILABLE;
+
+/// The release lost its `[lock]`: no task started after the loss was found, except the clean-up of
+/// `on = "failure"` and `on = "always"` tasks, and another replica may run the release again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockLoss {
+    /// What showed the loss (see `LockLost`), free of secrets.
+    pub reason: String,
+    /// The last task that started after a check proved the lock held; `None` when the lock was found
+    /// lost before the first task.
+    pub last_task: Option<String>,
+}
 
 /// What happened to one task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +54,8 @@ pub enum Outcome {
     Skipped(SkipReason),
     /// Not started because the release had already failed or was interrupted.
     NotRun,
+    /// Not started because the release lock was found lost before it could start (`LockCheck`).
+    LockLost,
 }
 
 impl Outcome {
@@ -54,7 +70,7 @@ impl Outcome {
             Outcome::Interrupted(_) => "interrupted",
             Outcome::CouldNotStart { .. } => "not-started",
             Outcome::Skipped(_) => "skipped",
-            Outcome::NotRun => "not-run",
+            Outcome::NotRun | Outcome::LockLost => "not-run",
         }
     }
 
@@ -67,7 +83,7 @@ impl Outcome {
             Outcome::Signaled(sig) | Outcome::Interrupted(sig) => Some(128 + *sig as i32),
             Outcome::TimedOut => Some(EXIT_TIMEOUT),
             Outcome::NotDelivered(_) => Some(1),
-            Outcome::Skipped(_) | Outcome::NotRun => None,
+            Outcome::Skipped(_) | Outcome::NotRun | Outcome::LockLost => None,
         }
     }
 
@@ -76,7 +92,7 @@ impl Outcome {
     pub fn is_failure(&self) -> bool {
         !matches!(
             self,
-            Outcome::Succeeded | Outcome::Skipped(_) | Outcome::NotRun
+            Outcome::Succeeded | Outcome::Skipped(_) | Outcome::NotRun | Outcome::LockLost
         )
     }
 }
@@ -93,6 +109,9 @@ impl fmt::Display for Outcome {
             Outcome::NotDelivered(reason) => write!(f, "not delivered: {reason}"),
             Outcome::Skipped(reason) => write!(f, "skipped ({reason})"),
             Outcome::NotRun => f.write_str("not run: the release had already stopped"),
+            Outcome::LockLost => {
+                f.write_str("not run: the release lock was lost before it could start")
+            }
         }
     }
 }
@@ -216,6 +235,8 @@ pub struct Report {
     pub tasks: Vec<TaskReport>,
     /// Set when release-tasks itself received a stopping signal.
     pub interrupted: Option<Signal>,
+    /// Set when the release's `[lock]` was found lost before a task could start.
+    pub lock_lost: Option<LockLoss>,
     pub duration: Duration,
 }
 
@@ -228,6 +249,7 @@ impl Report {
             started_at: SystemTime::now(),
             tasks: Vec::new(),
             interrupted: None,
+            lock_lost: None,
             duration: Duration::ZERO,
         }
     }
@@ -269,6 +291,11 @@ impl Report {
             "duration_ms": self.duration.as_millis() as u64,
             "failed_task": self.failed_task().map(|t| t.name.as_str()),
             "interrupted_by": self.interrupted.map(Signal::as_str),
+            "lock_lost": self.lock_lost.as_ref().map(|lost| json!({
+                "reason": lost.reason,
+                "last_task_under_lock": lost.last_task,
+                "rerun": "another replica may take the lock and run the release again",
+            })),
             "tasks": tasks,
         })
     }
@@ -338,12 +365,15 @@ impl Report {
             .find(|t| t.outcome.is_failure() && !t.allow_failure)
     }
 
-    /// The release's exit status: 128+N if release-tasks was stopped by signal N, else the first
-    /// required failure's own status, else 0.
+    /// The release's exit status: 128+N if release-tasks was stopped by signal N, else 69 if the
+    /// release lost its `[lock]`, else the first required failure's own status, else 0.
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         if let Some(sig) = self.interrupted {
             return 128 + sig as i32;
+        }
+        if self.lock_lost.is_some() {
+            return EXIT_LOCK_LOST;
         }
         self.failed_task()
             .and_then(|t| t.outcome.exit_code())
@@ -387,6 +417,14 @@ impl Report {
                 "release succeeded"
             );
         } else {
+            if let Some(lost) = &self.lock_lost {
+                let last_task_under_lock = lost.last_task.as_deref();
+                tracing::error!(
+                    exit_code, last_task_under_lock, reason = %lost.reason,
+                    "the release lock was lost; no task started without it but clean-up (on = \"failure\" or \"always\"); \
+                     another replica may take the lock and run the release again"
+                );
+            }
             let failed = self.failed_task();
             let failed_task = failed.map(|t| t.name.as_str());
             let last_line = failed

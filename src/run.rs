@@ -19,11 +19,14 @@ use tokio::time::sleep_until;
 use crate::config::{Defaults, On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
+use crate::lock_check::LockCheck;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::plan::{Plan, Step};
 use crate::process;
-use crate::report::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, Outcome, Report, SkipReason, TaskReport};
+use crate::report::{
+    EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
+};
 use crate::signals::{Event, Signals};
 use crate::supervisor::{Ended, Supervisor};
 use crate::tail::Tail;
@@ -71,6 +74,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
+            None,
         )
         .await?)
     })
@@ -97,11 +101,13 @@ async fn run_locked(
             );
             tracing::info!(lock = %held.name(), release = %release, reason = %reason, "skipping every task");
             let report = all_skipped(plan, Some(&reason), meta);
-            held.release().await;
+            // Nothing was written in the transaction: a failed COMMIT (logged) changes nothing.
+            let _ = held.release().await;
             return Ok(report);
         }
         held.begin(&release).await?;
     }
+    let held_name = held.name().to_owned();
     let report = run(
         plan,
         &plan.defaults,
@@ -109,13 +115,49 @@ async fn run_locked(
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
+        Some(&held),
     )
     .await;
-    if let (true, Ok(report)) = (lock.once, &report) {
-        held.finish(&release, report).await;
+    let mut report = match report {
+        Ok(report) => report,
+        Err(err) => {
+            let _ = held.release().await;
+            return Err(err.into());
+        }
+    };
+    // A lost lock took its transaction with it: nothing is written and nothing committed (another
+    // replica may hold the lock and the ledger's row by now).
+    if report.lock_lost.is_some() {
+        held.abandon();
+        return Ok(report);
     }
-    held.release().await;
-    Ok(report?)
+    let recorded = if lock.once {
+        held.finish(&release, &report).await
+    } else {
+        Ok(())
+    };
+    let committed = held.release().await;
+    // With `once`, the outcome is written in the lock's transaction: if it was not committed, the
+    // ledger does not have the release as completed, so another replica will run it again, which
+    // is a lost lock as far as the release is concerned. (A COMMIT that succeeds proves that the
+    // lock was held from the moment it was taken to the end.)
+    if let (true, Err(reason)) = (lock.once, recorded.and(committed)) {
+        let last_task = report
+            .tasks
+            .iter()
+            .rev()
+            .find(|t| t.outcome.exit_code().is_some())
+            .map(|t| t.name.clone());
+        tracing::error!(
+            lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+            "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
+        );
+        report.lock_lost = Some(LockLoss {
+            reason: format!("the outcome could not be recorded in release_tasks_runs: {reason}"),
+            last_task,
+        });
+    }
+    Ok(report)
 }
 
 /// The report of a release in which no task runs: each step skipped for `reason`, or for its own
@@ -153,6 +195,7 @@ async fn run(
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
+    lock: Option<&dyn LockCheck>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
@@ -169,6 +212,10 @@ async fn run(
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
     let mut report = Report::new(meta);
+    let mut lock = HeldLock {
+        lock,
+        last_task: None,
+    };
     for step in &plan.steps {
         runner.take_pending_events().await;
         let task = &step.task;
@@ -176,7 +223,9 @@ async fn run(
             report.tasks.push(skipped(step, step.skip_reason()));
             continue;
         }
-        let failed = report.failed_task().is_some() || runner.interrupted.is_some();
+        let failed = report.failed_task().is_some()
+            || runner.interrupted.is_some()
+            || report.lock_lost.is_some();
         // An expired release_timeout fails the release like anything else, through the task it cut
         // off or the next on = "success" task, which cannot start; what follows a failure
         // (on = "failure" and "always") still runs, on its own timeout.
@@ -197,6 +246,8 @@ async fn run(
             } else {
                 Outcome::NotRun
             }
+        } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
+            Outcome::LockLost
         } else {
             // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
             // of the release's: they are how the failure gets cleaned up and told.
@@ -239,6 +290,50 @@ async fn run(
     report.interrupted = runner.interrupted;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// The release's `[lock]` as the run loop sees it: checked immediately before each task starts.
+struct HeldLock<'a> {
+    /// `None` for a release without `[lock]`.
+    lock: Option<&'a dyn LockCheck>,
+    /// The last task that started after a check proved the lock held.
+    last_task: Option<String>,
+}
+
+impl HeldLock<'_> {
+    /// Whether `task` may start under the lock: one check of the lock (none without `[lock]`, none
+    /// once it is known lost). The first loss is recorded in the report, with the last task that
+    /// started under the lock; the caller decides what a task does without it (an `on = "success"`
+    /// task does not start, clean-up does).
+    async fn before_start(&mut self, task: &Task, report: &mut Report) -> bool {
+        let Some(lock) = self.lock else {
+            return true;
+        };
+        if report.lock_lost.is_some() {
+            tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
+            return false;
+        }
+        match lock.check().await {
+            Ok(()) => {
+                self.last_task = Some(task.name.clone());
+                true
+            }
+            Err(lost) => {
+                tracing::error!(
+                    task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
+                    "the release lock is lost; another replica may take it and run the release again, so no further task starts but clean-up (on = \"failure\" or \"always\")"
+                );
+                report.lock_lost = Some(LockLoss {
+                    reason: lost.to_string(),
+                    last_task: self.last_task.clone(),
+                });
+                if task.on != On::Success {
+                    tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
+                }
+                false
+            }
+        }
+    }
 }
 
 struct Runner {

@@ -124,7 +124,12 @@ fn is_undefined_table(err: &tokio_postgres::Error) -> bool {
         .is_some_and(|db| db.code().code() == "42P01")
 }
 
-/// Records `release` as running by `holder`.
+/// Records `release` as running by `holder`, started now.
+///
+/// Times come from `clock_timestamp()`, the server's clock when the statement runs: `now()` is the
+/// start of the transaction, and the ledger may be written in the lock's transaction, which was
+/// opened when the lock was taken (a 3 s release would show as 0 s, "completed at" would name the
+/// moment the lock was taken).
 pub(super) async fn begin(
     client: &Client,
     name: &str,
@@ -134,10 +139,10 @@ pub(super) async fn begin(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .query_typed(
-            "INSERT INTO release_tasks_runs (lock_key, release, status, holder, version, commit) \
-             VALUES ($1, $2, 'running', $3, $4, $5) \
+            "INSERT INTO release_tasks_runs (lock_key, release, status, holder, started_at, version, commit) \
+             VALUES ($1, $2, 'running', $3, clock_timestamp(), $4, $5) \
              ON CONFLICT (lock_key, release) DO UPDATE \
-             SET status = 'running', holder = $3, started_at = now(), finished_at = NULL, exit_code = NULL, \
+             SET status = 'running', holder = $3, started_at = clock_timestamp(), finished_at = NULL, exit_code = NULL, \
                  version = $4, commit = $5",
             &[
                 (&name, Type::TEXT),
@@ -151,7 +156,7 @@ pub(super) async fn begin(
         .map(drop)
 }
 
-/// Records how `release` ended.
+/// Records how `release` ended, finished now (`clock_timestamp()`, see [`begin`]).
 pub(super) async fn finish(
     client: &Client,
     name: &str,
@@ -161,7 +166,7 @@ pub(super) async fn finish(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .query_typed(
-            "UPDATE release_tasks_runs SET status = $3, finished_at = now(), exit_code = $4 \
+            "UPDATE release_tasks_runs SET status = $3, finished_at = clock_timestamp(), exit_code = $4 \
              WHERE lock_key = $1 AND release = $2",
             &[
                 (&name, Type::TEXT),
@@ -318,7 +323,7 @@ pub fn history(
             return Ok(rows.into_iter().map(entry_of_text).collect());
         }
         let db = Database::open(lock, env)?;
-        let client = db.connect(&mut signals).await?;
+        let (client, _) = db.connect(&mut signals).await?;
         let limit = i64::from(limit);
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
             [(&name, Type::TEXT), (&limit, Type::INT8)];
@@ -399,7 +404,7 @@ impl Source {
     ) -> Result<(Option<Status>, Option<String>), Error> {
         match self {
             Source::Postgres(db) => {
-                let client = db.connect(signals).await?;
+                let (client, _) = db.connect(signals).await?;
                 or_stop(signals, async {
                     let status = status_of(&client, name, release)
                         .await
@@ -451,29 +456,30 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
             }
         }
         LogFormat::Text if entries.is_empty() => {
-            writeln!(out, "no releases recorded for `{name}`")?;
+            writeln!(out, "no releases recorded for `{}`", shown(name))?;
         }
         LogFormat::Text => {
             let rows: Vec<[String; 6]> = entries
                 .iter()
                 .map(|e| {
                     [
-                        e.version.clone().unwrap_or_else(|| e.release.clone()),
-                        e.commit.clone().unwrap_or_else(|| "-".to_owned()),
-                        e.status.clone(),
-                        e.started_at.clone(),
+                        shown(e.version.as_deref().unwrap_or(&e.release)),
+                        shown(e.commit.as_deref().unwrap_or("-")),
+                        shown(&e.status),
+                        shown(&e.started_at),
                         duration(e),
-                        e.holder.clone(),
+                        shown(&e.holder),
                     ]
                 })
                 .collect();
             let header = [
                 "VERSION", "COMMIT", "STATUS", "STARTED", "DURATION", "HOLDER",
             ];
+            // In characters, as `{:<w$}` pads: a version in Cyrillic must not shift the columns.
             let mut widths = header.map(str::len);
             for row in &rows {
                 for (w, cell) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(cell.len());
+                    *w = (*w).max(cell.chars().count());
                 }
             }
             for row in std::iter::once(header.map(str::to_owned)).chain(rows) {
@@ -490,4 +496,56 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
         }
     }
     out.flush()
+}
+
+/// A stored value as the text table shows it: data, never markup. The ledger holds what any client
+/// wrote (a version with a newline would draw a row of its own, an escape sequence would reach the
+/// terminal), so control characters (C0, DEL, C1), the Unicode line and paragraph separators and the
+/// bidirectional controls are written as escapes: `\n`, `\r`, `\t`, else `\u{..}`; a backslash is
+/// doubled, so that an escape shown is never mistaken for the characters it names. JSON escapes by
+/// itself.
+fn shown(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                )
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c) =>
+            {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_values_are_shown_as_data() {
+        assert_eq!(shown("v1.2.3"), "v1.2.3");
+        assert_eq!(shown("Версия 2"), "Версия 2");
+        assert_eq!(shown("v1\nv0  fake  succeeded"), "v1\\nv0  fake  succeeded");
+        assert_eq!(
+            shown("\u{1b}[2J\u{1b}]0;title\u{7}x\ry\tz"),
+            "\\u{1b}[2J\\u{1b}]0;title\\u{7}x\\ry\\tz"
+        );
+        assert_eq!(shown("a\\nb"), "a\\\\nb", "a backslash is not an escape");
+        assert_eq!(shown("\u{7f}\u{85}\u{9b}"), "\\u{7f}\\u{85}\\u{9b}");
+        assert_eq!(
+            shown("abc\u{202e}fed\u{2066}\u{2028}"),
+            "abc\\u{202e}fed\\u{2066}\\u{2028}"
+        );
+    }
 }

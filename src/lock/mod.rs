@@ -22,6 +22,9 @@
 //!
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -30,6 +33,7 @@ use tokio_postgres::types::Type;
 use crate::config::{Backend, Lock};
 use crate::error::Error;
 use crate::gate::Env;
+use crate::lock_check::{CheckFuture, LockCheck, LockLost};
 use crate::metadata::Metadata;
 use crate::redact;
 use crate::report::Report;
@@ -48,6 +52,12 @@ const RETRY_MIN: Duration = Duration::from_millis(300);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 /// How long one connection attempt (TCP, TLS, login) may take, unless the URL says `connect_timeout`.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
+/// How long the check before a task may wait for its answer: a database that cannot answer one
+/// small query in this time (a network that went silent) is taken to have lost the lock.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the ledger's outcome and the COMMIT that releases the lock may take before the
+/// connection is closed instead (which releases the lock too, without the outcome).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The held lock, on the database `[lock]` names, or a release found completed (nothing held).
 pub enum ReleaseLock {
@@ -61,10 +71,16 @@ pub struct PgLock {
     /// The connection whose open transaction holds the lock; `None` when the release was already
     /// completed and no lock was needed.
     client: Option<Client>,
+    /// What the lock connection's driver saw when it ended.
+    watch: Arc<Watch>,
+    /// Held from `key`, which the check looks for in `pg_locks`.
+    key: i64,
     completed: Option<PreviousRun>,
     name: String,
     meta: Metadata,
     db: Database,
+    /// Why the lock was found lost, once it was; every later check fails with it.
+    lost: RefCell<Option<String>>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -211,7 +227,10 @@ pub(crate) struct Database {
     var: String,
     /// The URL reduced to scheme and host, for messages.
     shown: String,
-    config: tokio_postgres::Config,
+    /// The configs to connect with, tried in order (see `url::Target::attempts`).
+    attempts: Vec<tokio_postgres::Config>,
+    /// What an empty `attempts` (which `url::parse` never gives) would connect with.
+    attempts_fallback: tokio_postgres::Config,
     tls: tls::MakeRustls,
     secrets: Vec<String>,
     /// How long a database that refuses connections is tried again.
@@ -241,15 +260,18 @@ impl Database {
         let target = url::parse(url).map_err(bad)?;
         let tls = tls::MakeRustls::new(&target.tls).map_err(bad)?;
         let me = application_name(target.application_name.as_deref());
-        let mut config = target.config;
-        config.application_name(&me);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_ATTEMPT);
+        let mut attempts = target.attempts;
+        for config in &mut attempts {
+            config.application_name(&me);
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(CONNECT_ATTEMPT);
+            }
         }
         Ok(Database {
             var: var.to_owned(),
-            shown: redact::url(url),
-            config,
+            shown: shown_with_sockets(&redact::url(url), &target.config),
+            attempts,
+            attempts_fallback: target.config,
             tls,
             secrets,
             connect_timeout: lock.connect_timeout,
@@ -257,17 +279,37 @@ impl Database {
         })
     }
 
-    /// One connection attempt.
-    async fn connect_once(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await?;
-        tokio::spawn(watch(connection));
-        Ok(client)
+    /// One connection attempt (each of the URL's hosts in turn), and the watch on its connection.
+    async fn connect_once(&self) -> Result<(Client, Arc<Watch>), tokio_postgres::Error> {
+        // `url::parse` never gives an empty list; the first config stands in for one anyway.
+        let (last, earlier) = self
+            .attempts
+            .split_last()
+            .unwrap_or((&self.attempts_fallback, &[]));
+        let mut connected = None;
+        for config in earlier {
+            if let Ok(pair) = config.connect(self.tls.clone()).await {
+                connected = Some(pair);
+                break;
+            }
+        }
+        let (client, connection) = match connected {
+            Some(pair) => pair,
+            None => last.connect(self.tls.clone()).await?,
+        };
+        let watch = Arc::new(Watch {
+            holds_lock: AtomicBool::new(false),
+            ended: Mutex::new(None),
+            secrets: self.secrets.clone(),
+        });
+        tokio::spawn(drive(connection, Arc::clone(&watch)));
+        Ok((client, watch))
     }
 
     /// Connects, trying again with back-off while the database is not up yet (refused, not
     /// resolvable, starting up, too many connections), for up to `[lock] connect_timeout`; each
     /// failed attempt is logged. A wrong password, an unknown database or a TLS failure fails at once.
-    async fn connect(&self, signals: &mut Signals) -> Result<Client, Error> {
+    async fn connect(&self, signals: &mut Signals) -> Result<(Client, Arc<Watch>), Error> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(250);
         let mut attempt = 0u32;
@@ -279,7 +321,7 @@ impl Database {
                 result = self.connect_once() => result,
             };
             let err = match result {
-                Ok(client) => return Ok(client),
+                Ok(connected) => return Ok(connected),
                 Err(err) => err,
             };
             let reason = self.scrub(&describe(&err));
@@ -320,6 +362,29 @@ impl Database {
 
     fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
         Error::Database(self.scrub(&format!("[lock] {what}: {}", describe(err))))
+    }
+}
+
+/// The URL as it may be shown, followed by the socket files it names (a directory is no secret, and
+/// the file is where "No such file or directory" looked, as libpq says it).
+fn shown_with_sockets(shown: &str, config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let sockets: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, host)| match host {
+            tokio_postgres::config::Host::Unix(dir) => {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                Some(dir.join(format!(".s.PGSQL.{port}")).display().to_string())
+            }
+            tokio_postgres::config::Host::Tcp(_) => None,
+        })
+        .collect();
+    match sockets.len() {
+        0 => shown.to_owned(),
+        1 => format!("{shown} (socket {})", sockets[0]),
+        _ => format!("{shown} (sockets {})", sockets.join(", ")),
     }
 }
 
@@ -412,8 +477,9 @@ impl ReleaseLock {
         }
     }
 
-    /// Records how `release` ended; a failure to record is logged.
-    pub async fn finish(&self, release: &str, report: &Report) {
+    /// Records how `release` ended. `Err` says why the outcome could not be written under the lock
+    /// (free of secrets): the ledger then does not record the release as completed.
+    pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
         match self {
             ReleaseLock::Postgres(l) => l.finish(release, report).await,
             #[cfg(feature = "mysql")]
@@ -421,12 +487,31 @@ impl ReleaseLock {
         }
     }
 
-    /// Releases the lock and closes its connection.
-    pub async fn release(self) {
+    /// Releases the lock and closes its connection. `Err` says why the release was not clean.
+    pub async fn release(self) -> Result<(), String> {
         match self {
             ReleaseLock::Postgres(l) => l.release().await,
             #[cfg(feature = "mysql")]
             ReleaseLock::Mysql(l) => l.release().await,
+        }
+    }
+
+    /// Closes the connection of a lock found lost, writing nothing.
+    pub fn abandon(self) {
+        match self {
+            ReleaseLock::Postgres(l) => l.abandon(),
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.abandon(),
+        }
+    }
+}
+
+impl LockCheck for ReleaseLock {
+    fn check(&self) -> CheckFuture<'_> {
+        match self {
+            ReleaseLock::Postgres(l) => l.check(),
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(l) => l.check(),
         }
     }
 }
@@ -448,7 +533,7 @@ async fn acquire_postgres(
     let mut pause = RETRY_MIN;
     let mut ledger_ready = false;
     loop {
-        let client = db.connect(signals).await?;
+        let (client, watch) = db.connect(signals).await?;
         // The queries of one try: the ledger (with `once`), then the lock.
         let one_try = async {
             if let Some(release) = &release {
@@ -475,10 +560,13 @@ async fn acquire_postgres(
             Err(previous) => {
                 return Ok(PgLock {
                     client: None,
+                    watch,
+                    key,
                     completed: Some(previous),
                     name,
                     meta: meta.clone(),
                     db,
+                    lost: RefCell::new(None),
                 });
             }
         };
@@ -488,12 +576,16 @@ async fn acquire_postgres(
             } else {
                 tracing::info!(lock = %name, "took the release lock");
             }
+            watch.holds_lock.store(true, Ordering::Relaxed);
             return Ok(PgLock {
                 client: Some(client),
+                watch,
+                key,
                 completed: None,
                 name,
                 meta: meta.clone(),
                 db,
+                lost: RefCell::new(None),
             });
         };
         // Waiting costs the database no connection.
@@ -578,13 +670,42 @@ async fn holder_of(client: &Client, key: i64) -> Result<Option<String>, tokio_po
     row.map(|r| r.try_get(0)).transpose()
 }
 
-/// Drives the connection; if it drops mid-release the lock is gone, and that must be said loudly.
-async fn watch<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+/// What became of one connection, as its driver task saw it.
+struct Watch {
+    /// Set once the connection holds the release lock.
+    holds_lock: AtomicBool,
+    /// Why the connection ended, if it ended with an error (scrubbed).
+    ended: Mutex<Option<String>>,
+    secrets: Vec<String>,
+}
+
+impl Watch {
+    fn ended(&self) -> Option<String> {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Drives the connection. If the lock's connection drops mid-release the lock is gone, and that is
+/// said at once, loudly (a task running now is left to finish; the check before the next task
+/// stops the release).
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
+    connection: F,
+    watch: Arc<Watch>,
+) {
     if let Err(err) = connection.await {
-        tracing::error!(
-            error = %describe(&err),
-            "lost the [lock] database connection; PostgreSQL released the lock, so another replica may start the release"
-        );
+        let reason = redact::urls_in(&redact::scrub(&describe(&err), &watch.secrets));
+        if watch.holds_lock.load(Ordering::Relaxed) {
+            tracing::error!(
+                error = %reason,
+                "lost the [lock] database connection, and PostgreSQL releases the lock with it: another replica may start \
+                 the release; a task running now is left to finish, and no further task starts here but clean-up \
+                 (on = \"failure\" or \"always\")"
+            );
+        }
+        *watch.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
     }
 }
 
@@ -664,7 +785,7 @@ impl PgLock {
         let mut pause = Duration::from_millis(200);
         for _ in 0..3 {
             match self.db.connect_once().await {
-                Ok(client) => {
+                Ok((client, _)) => {
                     return ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
                         .await
                         .map_err(|e| {
@@ -695,30 +816,121 @@ impl PgLock {
 
     /// Records how `release` ended, in the lock's transaction: the outcome is committed with the
     /// unlock. A failure to record is logged: the release itself is over.
-    pub async fn finish(&self, release: &str, report: &Report) {
-        let Some(client) = &self.client else { return };
+    ///
+    /// `Err` says why the outcome could not be written (the lock's transaction is gone with its
+    /// connection, or the database refused), free of secrets: the ledger then does not record the
+    /// release as completed, and another replica may run it again.
+    pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
         let status = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        if let Err(err) =
-            ledger::finish(client, &self.name, release, status, report.exit_code()).await
-        {
-            tracing::error!(error = %self.db.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
+        let write = ledger::finish(client, &self.name, release, status, report.exit_code());
+        match tokio::time::timeout(FINISH_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.failure(&err)),
+            Err(_) => Err(format!(
+                "the database did not answer within {}s",
+                FINISH_TIMEOUT.as_secs()
+            )),
         }
     }
 
-    /// Commits the lock's transaction, which releases the lock, and closes the connection.
-    pub async fn release(self) {
-        let Some(client) = &self.client else { return };
-        match client.batch_execute("COMMIT").await {
-            Ok(()) => tracing::info!(lock = %self.name, "released the release lock"),
-            // Closing the connection (below, on drop) releases it anyway.
-            Err(err) => {
-                tracing::warn!(error = %self.db.error("cannot commit", &err), "closing the connection instead");
-            }
+    /// Commits the lock's transaction, which releases the lock (and, with `once`, makes the outcome
+    /// visible), and closes the connection. `Err` says why the COMMIT did not succeed; closing the
+    /// connection releases the lock anyway, but nothing of the transaction was written.
+    pub async fn release(self) -> Result<(), String> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        let result =
+            match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
+                Ok(Ok(())) => {
+                    tracing::info!(lock = %self.name, "released the release lock");
+                    return Ok(());
+                }
+                Ok(Err(err)) => self.failure(&err),
+                Err(_) => format!(
+                    "the database did not answer the COMMIT within {}s",
+                    FINISH_TIMEOUT.as_secs()
+                ),
+            };
+        tracing::warn!(lock = %self.name, error = %result, "cannot commit the lock's transaction; closing the connection instead, which releases the lock");
+        Err(result)
+    }
+
+    /// The driver's error, with why the connection ended when it did, free of secrets.
+    fn failure(&self, err: &tokio_postgres::Error) -> String {
+        let text = self.db.scrub(&describe(err));
+        match self.watch.ended() {
+            Some(why) if !text.contains(&why) => format!("{text} ({why})"),
+            _ => text,
         }
+    }
+
+    /// Closes the connection of a lock found lost, writing and committing nothing: its transaction
+    /// is gone, and another replica may hold the lock by now.
+    pub fn abandon(self) {
+        drop(self);
+    }
+
+    /// One round trip in the lock's transaction: whether this backend still holds the advisory lock.
+    async fn probe(&self, client: &Client) -> Result<(), String> {
+        if client.is_closed() {
+            return Err(self.watch.ended().map_or_else(
+                || "the database connection is closed".to_owned(),
+                |why| format!("the database connection is closed ({why})"),
+            ));
+        }
+        let (high, low) = (
+            i64::from((self.key >> 32) as u32),
+            i64::from(self.key as u32),
+        );
+        let params = [(&high as _, Type::INT8), (&low as _, Type::INT8)];
+        let query = client.query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+               AND pid = pg_backend_pid() AND objsubid = 1 \
+               AND classid::bigint = $1 AND objid::bigint = $2)",
+            &params,
+        );
+        match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+            Err(_) => Err(format!(
+                "the database did not answer within {}s",
+                CHECK_TIMEOUT.as_secs()
+            )),
+            Ok(Err(err)) => Err(self.db.scrub(&describe(&err))),
+            Ok(Ok(row)) => match row.try_get::<_, bool>(0) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the lock's session no longer holds it".to_owned()),
+                Err(err) => Err(self.db.scrub(&describe(&err))),
+            },
+        }
+    }
+}
+
+impl LockCheck for PgLock {
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move {
+            let Some(client) = &self.client else {
+                return Ok(());
+            };
+            let known = self.lost.borrow().clone();
+            let result = match known {
+                Some(reason) => Err(reason),
+                None => self.probe(client).await,
+            };
+            result.map_err(|reason| {
+                self.lost.replace(Some(reason.clone()));
+                LockLost {
+                    lock: self.name.clone(),
+                    reason,
+                }
+            })
+        })
     }
 }
 

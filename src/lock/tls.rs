@@ -111,10 +111,16 @@ where
     type TlsConnect = Connector;
     type Error = rustls::pki_types::InvalidDnsNameError;
 
+    /// `domain` is empty for a Unix socket, which never gets TLS (`url.rs` turns TLS off for
+    /// sockets): its connector has no name and refuses to be used.
     fn make_tls_connect(&mut self, domain: &str) -> Result<Connector, Self::Error> {
         Ok(Connector {
             config: Arc::clone(&self.config),
-            name: ServerName::try_from(domain.to_owned())?,
+            name: if domain.is_empty() {
+                None
+            } else {
+                Some(ServerName::try_from(domain.to_owned())?)
+            },
         })
     }
 }
@@ -122,7 +128,8 @@ where
 /// Connects one stream.
 pub struct Connector {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    /// `None` for a Unix socket.
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for Connector
@@ -135,8 +142,14 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let name = self.name.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "no TLS over a Unix socket (it has no host name to check)",
+                )
+            })?;
             let tls = tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await?;
             Ok(Stream(tls))
         })

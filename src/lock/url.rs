@@ -56,10 +56,22 @@ pub struct Tls {
     pub client: Option<(PathBuf, PathBuf)>,
 }
 
+/// TCP keepalives on every connection unless the URL says otherwise (libpq's `keepalives_idle`,
+/// `keepalives_interval`, `keepalives_count`): a network that goes silent (no RST, no FIN) is noticed
+/// after about 10 + 3 x 5 = 25 s without an answer, not after the system's two hours and more.
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVES_COUNT: u32 = 3;
+
 /// A parsed database URL.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// Every parameter and every host, as the URL gives them.
     pub config: tokio_postgres::Config,
+    /// What to connect with, tried in order: `config` itself, or, when the hosts mix Unix-socket
+    /// directories with TCP hosts and TLS is required, one config per host (a Unix socket never
+    /// gets TLS, as in libpq, while the TCP hosts keep the `sslmode` asked for).
+    pub attempts: Vec<tokio_postgres::Config>,
     pub tls: Tls,
     /// `application_name` from the URL, kept beside release-tasks's own name for the session.
     pub application_name: Option<String>,
@@ -91,6 +103,8 @@ pub fn parse(url: &str) -> Result<Target, String> {
     };
     let (mut cert, mut key) = (None, None);
     let mut application_name = None;
+    // libpq's keepalive settings, in seconds; 0 means the system's default.
+    let (mut idle, mut interval, mut count) = (None, None, None);
     for (name, value) in pairs {
         let bad = |expected: &str| {
             if name == "password" {
@@ -155,10 +169,25 @@ pub fn parse(url: &str) -> Result<Target, String> {
                     _ => return Err(bad("use disable or random")),
                 });
             }
-            "keepalives" => drop(config.keepalives(value != "0")),
+            "keepalives" => drop(config.keepalives(value.trim() != "0")),
             "keepalives_idle" => {
-                let seconds: u64 = value.parse().map_err(|_| bad("use whole seconds"))?;
-                config.keepalives_idle(Duration::from_secs(seconds));
+                idle = Some(value.parse::<u64>().map_err(|_| bad("use whole seconds"))?);
+            }
+            "keepalives_interval" => {
+                interval = Some(value.parse::<u64>().map_err(|_| bad("use whole seconds"))?);
+            }
+            "keepalives_count" => {
+                count = Some(
+                    value
+                        .parse::<u32>()
+                        .map_err(|_| bad("use a whole number"))?,
+                );
+            }
+            "tcp_user_timeout" => {
+                let millis: u64 = value.parse().map_err(|_| bad("use whole milliseconds"))?;
+                if millis > 0 {
+                    config.tcp_user_timeout(Duration::from_millis(millis));
+                }
             }
             other if IGNORED.contains(&other) => {
                 tracing::debug!(
@@ -169,13 +198,30 @@ pub fn parse(url: &str) -> Result<Target, String> {
             other => {
                 return Err(format!(
                     "parameter {other} is not one release-tasks knows (it reads libpq's sslmode, sslrootcert, \
-                     sslcert, sslkey, channel_binding, connect_timeout, application_name, options, \
-                     target_session_attrs, host, port, user, password, dbname, and ignores {}); remove it \
+                     sslcert, sslkey, channel_binding, connect_timeout, keepalives, keepalives_idle, \
+                     keepalives_interval, keepalives_count, tcp_user_timeout, application_name, options, \
+                     target_session_attrs, load_balance_hosts, host, port, user, password, dbname, and ignores {}); remove it \
                      from the URL, or use a URL without it for [lock]",
                     IGNORED.join(", ")
                 ));
             }
         }
+    }
+    // 0 leaves the system's default, as in libpq.
+    match idle {
+        Some(0) => {}
+        Some(seconds) => drop(config.keepalives_idle(Duration::from_secs(seconds))),
+        None => drop(config.keepalives_idle(KEEPALIVES_IDLE)),
+    }
+    match interval {
+        Some(0) => {}
+        Some(seconds) => drop(config.keepalives_interval(Duration::from_secs(seconds))),
+        None => drop(config.keepalives_interval(KEEPALIVES_INTERVAL)),
+    }
+    match count {
+        Some(0) => {}
+        Some(n) => drop(config.keepalives_retries(n)),
+        None => drop(config.keepalives_retries(KEEPALIVES_COUNT)),
     }
     if hosts.is_empty() {
         hosts.push("localhost".to_owned());
@@ -187,21 +233,22 @@ pub fn parse(url: &str) -> Result<Target, String> {
             ports.len()
         ));
     }
-    for host in &hosts {
-        if host.starts_with('/') {
-            config.host_path(host);
-        } else {
-            config.host(host);
-        }
-    }
+    let mut port_numbers = Vec::with_capacity(ports.len());
     for (i, port) in ports.iter().enumerate() {
-        let port = match port.as_deref() {
+        port_numbers.push(match port.as_deref() {
             None | Some("") => 5432,
             Some(port) => port
                 .parse()
                 .map_err(|_| format!("port {port:?} of host {} is not a port number", i + 1))?,
-        };
-        config.port(port);
+        });
+    }
+    // Everything but the hosts, for the per-host configs below.
+    let base = config.clone();
+    for host in &hosts {
+        add_host(&mut config, host);
+    }
+    for port in &port_numbers {
+        config.port(*port);
     }
     match (cert, key) {
         (Some(cert), Some(key)) => tls.client = Some((cert, key)),
@@ -218,16 +265,61 @@ pub fn parse(url: &str) -> Result<Target, String> {
                 .into(),
         );
     }
-    config.ssl_mode(match tls.mode {
+    let mode = match tls.mode {
         SslMode::Disable => DriverSslMode::Disable,
         SslMode::Prefer => DriverSslMode::Prefer,
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverSslMode::Require,
-    });
+    };
+    config.ssl_mode(mode);
+    // libpq never uses TLS over a Unix socket, whatever sslmode says (`require` is accepted and
+    // simply has no TLS there). The driver has one sslmode for all hosts: sockets only get
+    // `disable`, a mix gets one config per host.
+    let sockets = hosts.iter().filter(|h| is_socket_directory(h)).count();
+    let attempts = if sockets == 0 || mode == DriverSslMode::Disable {
+        vec![config.clone()]
+    } else if sockets == hosts.len() {
+        let mut plain = config.clone();
+        plain.ssl_mode(DriverSslMode::Disable);
+        vec![plain]
+    } else {
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let mut one = base.clone();
+                add_host(&mut one, host);
+                if let Some(port) = port_numbers.get(i).or(port_numbers.first()) {
+                    one.port(*port);
+                }
+                one.ssl_mode(if is_socket_directory(host) {
+                    DriverSslMode::Disable
+                } else {
+                    mode
+                });
+                one
+            })
+            .collect()
+    };
     Ok(Target {
         config,
+        attempts,
         tls,
         application_name,
     })
+}
+
+/// libpq's rule: a host that is an absolute path is the directory of a Unix socket
+/// (`.s.PGSQL.<port>` in it); anything else is a TCP host name or address.
+fn is_socket_directory(host: &str) -> bool {
+    host.starts_with('/')
+}
+
+fn add_host(config: &mut tokio_postgres::Config, host: &str) {
+    if is_socket_directory(host) {
+        config.host_path(host);
+    } else {
+        config.host(host);
+    }
 }
 
 /// The parts of a URL after its scheme, as libpq's parameters: user, password, host, port and dbname
@@ -441,5 +533,81 @@ mod tests {
         let t = parse("postgres://u@%2Fvar%2Frun/db").unwrap();
         assert_eq!(t.config.get_hosts().len(), 1);
         assert!(matches!(t.config.get_hosts()[0], Host::Unix(_)));
+    }
+
+    #[test]
+    fn keepalives_notice_a_silent_network_within_half_a_minute_unless_the_url_says() {
+        let t = parse("postgres://u@h/db").unwrap();
+        assert!(t.config.get_keepalives());
+        assert_eq!(t.config.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(
+            t.config.get_keepalives_interval(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(t.config.get_keepalives_retries(), Some(3));
+        let t = parse(
+            "postgres://u@h/db?keepalives_idle=30&keepalives_interval=2&keepalives_count=7&tcp_user_timeout=9000",
+        )
+        .unwrap();
+        assert_eq!(t.config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            t.config.get_keepalives_interval(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(t.config.get_keepalives_retries(), Some(7));
+        assert_eq!(
+            t.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(9))
+        );
+        // 0 is the system's default, as in libpq.
+        let t = parse("host=h keepalives=0 keepalives_idle=0 keepalives_count=0").unwrap();
+        assert!(!t.config.get_keepalives());
+        assert_eq!(
+            t.config.get_keepalives_idle(),
+            Duration::from_secs(2 * 3600)
+        );
+        assert_eq!(t.config.get_keepalives_retries(), None);
+        let err = parse("postgres://u@h/db?keepalives_interval=soon").unwrap_err();
+        assert!(err.contains("keepalives_interval=\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn a_unix_socket_never_gets_tls() {
+        for url in [
+            "postgresql://u:p@/db?host=/cloudsql/project:region:instance",
+            "postgresql://u:p@/db?host=/cloudsql/project:region:instance&sslmode=require",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql:6432/db?sslmode=require",
+            "host=/var/run/postgresql port=6432 dbname=db sslmode=verify-full",
+        ] {
+            let t = parse(url).unwrap();
+            assert_eq!(t.attempts.len(), 1, "{url}");
+            assert!(
+                matches!(t.attempts[0].get_hosts()[0], Host::Unix(_)),
+                "{url}"
+            );
+            assert_eq!(
+                t.attempts[0].get_ssl_mode(),
+                DriverSslMode::Disable,
+                "{url}"
+            );
+        }
+        let t = parse("host=/var/run/postgresql port=6432").unwrap();
+        assert_eq!(t.attempts[0].get_ports(), [6432]);
+        // A mix: the socket without TLS, the TCP host with the TLS asked for, each on its own port.
+        let t = parse("host=/run/pg,db.example.com port=6432,5433 sslmode=require").unwrap();
+        assert_eq!(t.attempts.len(), 2);
+        assert_eq!(t.attempts[0].get_hosts(), [Host::Unix("/run/pg".into())]);
+        assert_eq!(t.attempts[0].get_ports(), [6432]);
+        assert_eq!(t.attempts[0].get_ssl_mode(), DriverSslMode::Disable);
+        assert_eq!(
+            t.attempts[1].get_hosts(),
+            [Host::Tcp("db.example.com".into())]
+        );
+        assert_eq!(t.attempts[1].get_ports(), [5433]);
+        assert_eq!(t.attempts[1].get_ssl_mode(), DriverSslMode::Require);
+        // TCP alone: one config, as given.
+        let t = parse("postgres://u@a,b/db?sslmode=require").unwrap();
+        assert_eq!(t.attempts.len(), 1);
+        assert_eq!(t.attempts[0].get_ssl_mode(), DriverSslMode::Require);
     }
 }

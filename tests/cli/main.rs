@@ -10,10 +10,16 @@ mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
 mod lock;
+#[cfg(feature = "postgres")]
+mod lock_ledger;
+#[cfg(feature = "postgres")]
+mod lock_loss;
 #[cfg(feature = "mysql")]
 mod lock_mysql;
 #[cfg(feature = "postgres")]
 mod lock_servers;
+#[cfg(feature = "postgres")]
+mod lock_sockets;
 mod notify;
 mod platform;
 mod shell;

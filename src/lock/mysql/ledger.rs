@@ -115,23 +115,28 @@ pub(in crate::lock) async fn begin(
     .map(drop)
 }
 
-/// Records how `release` ended.
+/// Records how `release` ended, only if this session still holds `lock` (checked in the same
+/// statement, so no other replica can have taken the lock between the check and the write): `false`
+/// when it no longer does and nothing was written.
 pub(in crate::lock) async fn finish(
     conn: &mut Conn,
     name: &str,
     release: &str,
+    lock: &str,
     status: &str,
     exit_code: i32,
-) -> Result<(), WireError> {
-    conn.query(&format!(
-        "UPDATE release_tasks_runs SET status = {}, finished_at = UTC_TIMESTAMP(6), exit_code = {exit_code} \
-         WHERE lock_key = {} AND `release` = {}",
-        quote(status),
-        quote(name),
-        quote(release)
-    ))
-    .await
-    .map(drop)
+) -> Result<bool, WireError> {
+    let changed = conn
+        .execute(&format!(
+            "UPDATE release_tasks_runs SET status = {}, finished_at = UTC_TIMESTAMP(6), exit_code = {exit_code} \
+             WHERE lock_key = {} AND `release` = {} AND IS_USED_LOCK({}) = CONNECTION_ID()",
+            quote(status),
+            quote(name),
+            quote(release),
+            quote(lock)
+        ))
+        .await?;
+    Ok(changed > 0)
 }
 
 /// The last `limit` releases of `name`, newest first, as `history` shows them: release, version,

@@ -14,17 +14,19 @@
 //! node's only and PXC's strict mode refuses it, and Vitess (PlanetScale), which does not support it
 //! on its own terms. The client is `wire.rs`, the URL `url.rs`, the ledger `ledger.rs`.
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
 use super::{
-    CONNECT_ATTEMPT, PreviousRun, RETRY_MAX, RETRY_MIN, application_name, chosen_url, jittered,
-    key_for, lock_name, or_stop, release_id, secrets_of,
+    CHECK_TIMEOUT, CONNECT_ATTEMPT, FINISH_TIMEOUT, PreviousRun, RETRY_MAX, RETRY_MIN,
+    application_name, chosen_url, jittered, key_for, lock_name, or_stop, release_id, secrets_of,
 };
 use crate::config::Lock;
 use crate::error::Error;
 use crate::gate::Env;
+use crate::lock_check::{CheckFuture, LockCheck, LockLost};
 use crate::metadata::Metadata;
 use crate::redact;
 use crate::report::Report;
@@ -290,6 +292,8 @@ pub struct Held {
     lock: String,
     meta: Metadata,
     db: Database,
+    /// Why the lock is known lost (a failed check or write); every later check fails with it.
+    lost: RefCell<Option<String>>,
 }
 
 /// Takes the lock on MySQL: as `super::acquire` does on PostgreSQL.
@@ -346,6 +350,7 @@ pub(super) async fn acquire(
                     lock: lock_id,
                     meta: meta.clone(),
                     db,
+                    lost: RefCell::new(None),
                 });
             }
         };
@@ -362,6 +367,7 @@ pub(super) async fn acquire(
                 lock: lock_id,
                 meta: meta.clone(),
                 db,
+                lost: RefCell::new(None),
             });
         };
         conn.quit().await;
@@ -481,28 +487,22 @@ impl Held {
             .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
     }
 
-    /// One round trip on the lock's connection that proves the connection is alive and this session
-    /// still holds the lock.
-    pub async fn check(&self) -> Result<(), Error> {
-        let Some(conn) = &self.conn else {
-            return Ok(());
-        };
-        let held = conn
-            .lock()
-            .await
-            .value(&format!(
-                "SELECT IS_USED_LOCK({}) = CONNECTION_ID()",
-                quote(&self.lock)
-            ))
-            .await
-            .map_err(|e| self.db.error("lost the lock's connection", &e))?;
-        if held.as_deref() == Some("1") {
-            Ok(())
-        } else {
-            Err(Error::Database(format!(
-                "[lock] the lock's connection no longer holds the release lock `{}`",
-                self.name
-            )))
+    /// One round trip on the lock's connection that proves it is alive and this session still
+    /// holds the lock, within `CHECK_TIMEOUT`.
+    async fn probe(&self, conn: &Mutex<Conn>) -> Result<(), String> {
+        let sql = format!(
+            "SELECT IS_USED_LOCK({}) = CONNECTION_ID()",
+            quote(&self.lock)
+        );
+        let mut conn = conn.lock().await;
+        match tokio::time::timeout(CHECK_TIMEOUT, conn.value(&sql)).await {
+            Err(_) => Err(format!(
+                "the database did not answer within {}s",
+                CHECK_TIMEOUT.as_secs()
+            )),
+            Ok(Err(err)) => Err(self.db.scrub(&err.to_string())),
+            Ok(Ok(held)) if held.as_deref() == Some("1") => Ok(()),
+            Ok(Ok(_)) => Err("the lock's session no longer holds it".to_owned()),
         }
     }
 
@@ -526,41 +526,94 @@ impl Held {
         })
     }
 
-    /// Records how `release` ended (then [`Held::release`] unlocks). A failure is logged.
-    pub async fn finish(&self, release: &str, report: &Report) {
-        let Some(conn) = &self.conn else { return };
+    /// Records how `release` ended, in one statement that writes only while this session holds the
+    /// lock. `Err` says why it was not written (free of secrets).
+    pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
+        let Some(conn) = &self.conn else {
+            return Ok(());
+        };
         let status = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        if let Err(err) = ledger::finish(
-            &mut *conn.lock().await,
+        let mut conn = conn.lock().await;
+        let write = ledger::finish(
+            &mut conn,
             &self.name,
             release,
+            &self.lock,
             status,
             report.exit_code(),
-        )
-        .await
-        {
-            tracing::error!(error = %self.db.error("cannot record the outcome in release_tasks_runs", &err), "ledger not updated");
-        }
+        );
+        let result = match tokio::time::timeout(FINISH_TIMEOUT, write).await {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => "the lock's session no longer holds it".to_owned(),
+            Ok(Err(err)) => self.db.scrub(&err.to_string()),
+            Err(_) => format!(
+                "the database did not answer within {}s",
+                FINISH_TIMEOUT.as_secs()
+            ),
+        };
+        self.lost.replace(Some(result.clone()));
+        Err(result)
     }
 
-    /// `RELEASE_LOCK`, then the connection is closed (which would release it anyway).
-    pub async fn release(self) {
-        let Some(conn) = self.conn else { return };
+    /// `RELEASE_LOCK`, then the connection is closed (which releases the lock anyway). `Err` says
+    /// why the release was not clean: the lock was no longer this session's, or no answer.
+    pub async fn release(self) -> Result<(), String> {
+        let Some(conn) = self.conn else {
+            return Ok(());
+        };
         let mut conn = conn.into_inner();
-        match conn
-            .value(&format!("SELECT RELEASE_LOCK({})", quote(&self.lock)))
-            .await
-        {
-            Ok(_) => tracing::info!(lock = %self.name, "released the release lock"),
-            Err(err) => {
-                tracing::warn!(error = %self.db.error("cannot release the lock", &err), "closing the connection instead");
-            }
+        // After a failed write the connection's state is unknown: closing it is the release.
+        if let Some(reason) = self.lost.into_inner() {
+            drop(conn);
+            return Err(reason);
         }
-        conn.quit().await;
+        let sql = format!("SELECT RELEASE_LOCK({})", quote(&self.lock));
+        let result = match tokio::time::timeout(FINISH_TIMEOUT, conn.value(&sql)).await {
+            Ok(Ok(Some(released))) if released == "1" => {
+                tracing::info!(lock = %self.name, "released the release lock");
+                conn.quit().await;
+                return Ok(());
+            }
+            Ok(Ok(_)) => "the lock's session no longer held it".to_owned(),
+            Ok(Err(err)) => self.db.scrub(&err.to_string()),
+            Err(_) => format!(
+                "the database did not answer RELEASE_LOCK within {}s",
+                FINISH_TIMEOUT.as_secs()
+            ),
+        };
+        tracing::warn!(lock = %self.name, error = %result, "cannot release the lock; closing the connection instead, which releases it");
+        Err(result)
+    }
+
+    /// Closes the connection of a lock found lost, writing nothing.
+    pub fn abandon(self) {
+        drop(self);
+    }
+}
+
+impl LockCheck for Held {
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move {
+            let Some(conn) = &self.conn else {
+                return Ok(());
+            };
+            let known = self.lost.borrow().clone();
+            let result = match known {
+                Some(reason) => Err(reason),
+                None => self.probe(conn).await,
+            };
+            result.map_err(|reason| {
+                self.lost.replace(Some(reason.clone()));
+                LockLost {
+                    lock: self.name.clone(),
+                    reason,
+                }
+            })
+        })
     }
 }
 

@@ -306,6 +306,27 @@ impl Conn {
         }
     }
 
+    /// Runs `sql` (one statement without a result set) and returns how many rows it changed.
+    pub async fn execute(&mut self, sql: &str) -> Result<u64> {
+        self.seq = 0;
+        let mut packet = Vec::with_capacity(sql.len() + 1);
+        packet.push(0x03);
+        packet.extend_from_slice(sql.as_bytes());
+        self.write_packet(&packet).await?;
+        let answer = self.read_packet().await?;
+        match answer.first() {
+            Some(0x00) => {
+                let mut at = 1;
+                lenenc_int(&answer, &mut at)
+                    .ok_or_else(|| WireError::Protocol("an OK packet cut short".into()))
+            }
+            Some(0xff) => Err(server_error(&answer)),
+            _ => Err(WireError::Protocol(
+                "rows for a statement that returns none".into(),
+            )),
+        }
+    }
+
     /// Runs `sql` (one statement) and returns its rows (none for a statement without a result).
     pub async fn query(&mut self, sql: &str) -> Result<Rows> {
         self.seq = 0;
