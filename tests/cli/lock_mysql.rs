@@ -479,3 +479,56 @@ fn servers_without_a_shared_get_lock_are_refused_before_any_task() {
         assert!(!t.path("ran").exists());
     }
 }
+
+/// Ends the MariaDB session of the release-tasks with this pid (found by its `program_name`
+/// connection attribute), as root, as a failover or an idle-connection reaper would; returns how
+/// many sessions were ended.
+fn kill_session_of(pid: i32) -> usize {
+    let find = format!(
+        "SELECT PROCESSLIST_ID FROM performance_schema.session_connect_attrs \
+         WHERE ATTR_NAME = 'program_name' AND ATTR_VALUE LIKE 'release-tasks pid {pid} on %'"
+    );
+    let ids = script("test-mariadb", &["sql", "-N", "-e", &find], &[]).unwrap_or_default();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    for id in &ids {
+        script("test-mariadb", &["sql", "-e", &format!("KILL {id}")], &[]);
+    }
+    ids.len()
+}
+
+#[test]
+fn no_task_starts_after_the_lock_is_lost_and_another_replica_runs_the_release() {
+    let Some(url) = mysql_url() else { return };
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+[tasks.seed]
+run = "echo seed >> rows"
+[tasks.maintenance-off]
+run = "echo maintenance-off >> rows"
+on = "failure"
+"#;
+    let t = locked(url, "my-lost", "once = true", tasks).env("RELEASE_TASKS_VERSION", "v1");
+    let holder = t.spawn_until("| ready");
+    assert_eq!(kill_session_of(holder.pid()), 1);
+    std::fs::write(t.path("go"), "").unwrap();
+    let out = holder.wait();
+    out.status(69)
+        .stderr_has("last_task_under_lock=migrate")
+        .stderr_has("another replica may take the lock and run the release again")
+        .stderr_has("task=seed outcome=not-run")
+        .stderr_lacks("nothing was run")
+        .stderr_lacks("task=seed outcome=succeeded");
+    assert_eq!(
+        std::fs::read_to_string(t.path("rows")).unwrap(),
+        "migrate\nmaintenance-off\n",
+        "the task running at the loss finishes, the next does not start, clean-up does"
+    );
+    // The ledger was left "running"; the next replica runs the release whole, once.
+    t.run().status(0).stderr_lacks("skipping every task");
+    t.run().status(0).stderr_has("skipping every task");
+    assert_eq!(
+        std::fs::read_to_string(t.path("rows")).unwrap(),
+        "migrate\nmaintenance-off\nmigrate\nseed\n"
+    );
+}
