@@ -355,6 +355,13 @@ pub(super) async fn acquire(
             }
         };
         let Some(holder) = holder else {
+            // The lock's connection sits idle while tasks run: the server must not close it as idle
+            // after `wait_timeout` (8 h by default, minutes on some hosts), which would release the
+            // lock. A server or proxy that refuses the setting keeps its own; the check before each
+            // task notices a connection it closed.
+            if let Err(err) = conn.query("SET SESSION wait_timeout = 31536000").await {
+                tracing::warn!(error = %db.scrub(&err.to_string()), "cannot raise wait_timeout on the lock's connection; a task longer than the server's wait_timeout loses the lock");
+            }
             if last_holder.is_some() {
                 tracing::info!(lock = %name, waited_s = started.elapsed().as_secs(), "took the release lock");
             } else {
