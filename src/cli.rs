@@ -22,10 +22,10 @@ use crate::plan::Selection;
     version,
     about,
     after_help = "Put `release: release-tasks` in your Procfile. Every option can also be set with a \
-RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT, _OUTPUT_FORMAT); flags win.\n\n\
+RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT, _OUTPUT_FORMAT, _FORCE); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
-(nothing ran); 74 check, plan or init could not write their output; 70 release-tasks itself failed; \
+(nothing ran); 74 check, plan, history or init could not write their output; 70 release-tasks itself failed; \
 2 bad usage."
 )]
 pub struct Cli {
@@ -77,6 +77,11 @@ pub struct Cli {
     /// the first file that sets a variable)
     #[arg(long = "env-file", global = true, value_name = "PATH")]
     pub env_files: Vec<PathBuf>,
+
+    /// Run (or plan) tasks whose `changed` files did not change since their last successful run;
+    /// with `init`, replace an existing config file
+    #[arg(long, global = true)]
+    pub force: bool,
 }
 
 /// What to do.
@@ -102,23 +107,29 @@ pub enum Command {
     Check,
     /// Write a release.toml for the framework in this directory (Rails, Django, Laravel, Phoenix,
     /// Node with Prisma, Knex or Sequelize)
-    Init {
-        /// Replace an existing config file
-        #[arg(long)]
-        force: bool,
-    },
+    /// (`--force` replaces an existing config file)
+    Init,
     /// Wait until the lock's ledger records this release as completed (for worker and web pods
     /// that must not start before the release ran; needs once = true in the lock table)
     Wait {
         /// Give up (exit 75) after this long [default: the lock's timeout]
         #[arg(long, value_name = "DURATION", value_parser = wait_timeout)]
         timeout: Option<std::time::Duration>,
+        /// Exit 1 as soon as the ledger records this release as failed and no replica holds the
+        /// lock, instead of waiting for another replica to run it again
+        #[arg(long)]
+        fail_fast: bool,
     },
-    /// Show the last releases recorded in the lock's ledger
+    /// Show the last releases recorded in the lock's ledger, or one release's tasks (--show);
+    /// needs no release version
     History {
         /// How many releases to show
         #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
         limit: u32,
+        /// Show this release's tasks: outcome, exit status, start, duration, attempts, and a
+        /// failed task's last output lines (VERSION as the ledger shows it, or a commit)
+        #[arg(long, value_name = "VERSION")]
+        show: Option<String>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell)
     Completions {
@@ -141,6 +152,10 @@ pub struct Settings {
     pub env_files: Vec<PathBuf>,
     /// Where they were named, for messages: `--env-file` or `RELEASE_TASKS_ENV_FILE`.
     pub env_files_from: &'static str,
+    /// `--force` or `RELEASE_TASKS_FORCE`: tasks with a `changed` gate run whatever their files say.
+    pub force: bool,
+    /// `--force` itself (`init` takes only the flag: a variable left set must not overwrite a file).
+    pub force_flag: bool,
 }
 
 impl Settings {
@@ -153,8 +168,18 @@ impl Settings {
             cli.skip.is_some(),
             cli.log_format.is_some(),
             cli.output_format.is_some(),
+            cli.force,
         ];
         let vars = EnvSettings::read(env, given)?;
+        let force = match &vars.force {
+            _ if cli.force => true,
+            None => false,
+            Some(value) => crate::gate::parse_bool(value).ok_or_else(|| Error::Environment {
+                problems: vec![format!(
+                    "RELEASE_TASKS_FORCE={value:?} is not true or false; use true, 1, yes or on to run tasks whose `changed` files did not change (false, 0, no, off or unset: not)"
+                )],
+            })?,
+        };
         let (only, skip, log_format) = (vars.only, vars.skip, vars.log_format);
         let output_format = format_setting(
             cli.output_format,
@@ -207,6 +232,8 @@ impl Settings {
             (cli.env_files, "--env-file")
         };
         Ok(Settings {
+            force,
+            force_flag: cli.force,
             env_files,
             env_files_from,
             command: cli.command.unwrap_or(Command::Run),
@@ -236,15 +263,16 @@ struct EnvSettings {
     skip: Option<String>,
     log_format: Option<String>,
     output_format: Option<String>,
+    force: Option<String>,
 }
 
 impl EnvSettings {
-    const NAMES: [&str; 4] = ["ONLY", "SKIP", "LOG_FORMAT", "OUTPUT_FORMAT"];
+    const NAMES: [&str; 5] = ["ONLY", "SKIP", "LOG_FORMAT", "OUTPUT_FORMAT", "FORCE"];
 
     /// Reads the settings from `env`; an empty variable is the same as an unset one, and a value
     /// that is not UTF-8 is an error that names its variable (never taken as unset).
     /// `given[i]` says that the flag of `NAMES[i]` was given, so its variable is left unread.
-    fn read(env: &Env, given: [bool; 4]) -> Result<EnvSettings> {
+    fn read(env: &Env, given: [bool; 5]) -> Result<EnvSettings> {
         let mut vars = Vec::new();
         let mut not_text = Vec::new();
         for (name, _) in Self::NAMES

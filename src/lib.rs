@@ -3,6 +3,7 @@
 //! Data flows one way: settings + config -> plan -> run -> report. `main.rs` owns the process (exit
 //! status, logging set-up); this crate root wires the stages together for each subcommand.
 
+pub mod changed;
 pub mod cli;
 pub mod config;
 pub mod env_file;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod exec;
 pub mod gate;
 pub mod guardian;
+pub mod history;
 pub mod init;
 #[cfg(feature = "postgres")]
 pub mod lock;
@@ -20,14 +22,15 @@ pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod process;
+pub mod record;
 pub mod redact;
 pub mod report;
 pub mod run;
 pub mod shell;
 pub mod signals;
 pub mod spawn;
-pub mod supervisor;
 pub mod tail;
+pub mod task_run;
 
 use std::io::Write;
 
@@ -112,8 +115,8 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
                 .map_err(Error::Output)?;
             Ok(0)
         }
-        Command::Init { force } => {
-            let written = init::write(&settings.config, *force)?;
+        Command::Init => {
+            let written = init::write(&settings.config, settings.force_flag)?;
             say(&written.message())?;
             Ok(0)
         }
@@ -142,7 +145,10 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Plan => {
-            let (_, plan) = load(settings, env)?;
+            #[allow(unused_mut)] // decided from the ledger only with the postgres feature
+            let (_, mut plan) = load(settings, env)?;
+            #[cfg(feature = "postgres")]
+            decide_changed_for_plan(&mut plan, env);
             let mut out = std::io::stdout().lock();
             plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
@@ -167,21 +173,112 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]
-        Command::Wait { timeout } => {
-            let (config, plan) = load(settings, env)?;
-            lock::wait(&config, &plan, env, *timeout)
-        }
+        Command::Wait { timeout, fail_fast } => wait(settings, env, *timeout, *fail_fast),
         #[cfg(feature = "postgres")]
-        Command::History { limit } => {
-            let (config, plan) = load(settings, env)?;
-            lock::history(&config, &plan, env, *limit, settings.log_format)
-        }
+        Command::History { limit, show } => history(settings, env, *limit, show.as_deref()),
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
             "wait and history read the [lock] ledger; this release-tasks was built without the `postgres` feature"
                 .into(),
         )),
     }
+}
+
+/// `release-tasks wait`: the ledger of `[lock]` with `once = true`.
+#[cfg(feature = "postgres")]
+fn wait(
+    settings: &Settings,
+    env: &Env,
+    timeout: Option<std::time::Duration>,
+    fail_fast: bool,
+) -> Result<i32> {
+    let (config, plan) = load(settings, env)?;
+    let lock = ledger_lock(&config, "wait")?;
+    if !lock.once {
+        return Err(Error::ConfigInvalid {
+            path: config.path.clone(),
+            problems: vec![error::Diagnostic {
+                location: None,
+                message: "`release-tasks wait` waits for the ledger to record the release, which [lock] keeps only \
+                          with once = true; add once = true to [lock]"
+                    .into(),
+            }],
+        });
+    }
+    lock::wait(lock, env, &plan.meta, timeout, fail_fast)
+}
+
+/// `release-tasks history [--show VERSION]`: read by the lock layer, printed by `history.rs`; a
+/// stdout that cannot be written is an output error (74), as for `check` and `plan`.
+#[cfg(feature = "postgres")]
+fn history(settings: &Settings, env: &Env, limit: u32, show: Option<&str>) -> Result<i32> {
+    let (config, plan) = load(settings, env)?;
+    let lock = ledger_lock(&config, "history")?;
+    let query = match show {
+        Some(version) => lock::Query::Show(version),
+        None => lock::Query::Last(limit),
+    };
+    let (name, answer) = lock::read(lock, env, &plan.meta, &query)?;
+    let mut out = std::io::stdout().lock();
+    let format = settings.log_format;
+    match answer {
+        lock::Answer::Releases(entries) => {
+            history::print_releases(&name, &entries, format, &mut out).map_err(Error::Output)?;
+        }
+        lock::Answer::Release(Some((release, tasks))) => {
+            history::print_release(&name, &release, &tasks, format, &mut out)
+                .map_err(Error::Output)?;
+        }
+        lock::Answer::Release(None) => {
+            drop(out);
+            let wanted = history::shown(show.unwrap_or_default());
+            match format {
+                LogFormat::Text => tell(&format!(
+                    "release-tasks: no release {wanted} recorded for `{}`; `release-tasks history` lists the recorded ones\n",
+                    history::shown(&name)
+                )),
+                LogFormat::Json => {
+                    tracing::error!(lock = %name, release = %wanted, "no such release recorded");
+                }
+            }
+            return Ok(history::EXIT_NOT_RECORDED);
+        }
+    }
+    Ok(0)
+}
+
+/// `plan`: the `changed` gates decided from the ledger as `run` would (without the lock), or, where
+/// the ledger cannot be read (no database URL in CI), said to be decided by `run`.
+#[cfg(feature = "postgres")]
+fn decide_changed_for_plan(plan: &mut Plan, env: &Env) {
+    let undecided = plan.undecided_changed();
+    let Some(lock) = plan.lock.as_ref().filter(|_| !undecided.is_empty()) else {
+        return;
+    };
+    if plan.force {
+        plan.apply_ledger(&std::collections::HashMap::new(), true);
+        return;
+    }
+    match lock::last_successes(lock, env, &plan.meta, &undecided) {
+        Ok(last) => plan.apply_ledger(&last, false),
+        Err(why) => plan.ledger_unread(&why),
+    }
+}
+
+/// The `[lock]` table whose ledger `wait` and `history` read; a config without one is a config
+/// error that says what to add.
+#[cfg(feature = "postgres")]
+fn ledger_lock<'a>(config: &'a config::Config, command: &str) -> Result<&'a config::Lock> {
+    config.lock.as_ref().ok_or_else(|| Error::ConfigInvalid {
+        path: config.path.clone(),
+        problems: vec![error::Diagnostic {
+            location: None,
+            message: format!(
+                "`release-tasks {command}` reads the release ledger of [lock], and this config has no [lock] table; \
+                 add [lock] with postgres = \"DATABASE_URL\" and once = true"
+            ),
+        }],
+    })
 }
 
 /// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
@@ -233,7 +330,16 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 /// `run` is a warning; `run` itself refuses to start with it.
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
-    let plan = Plan::new(&config, env, &settings.selection)?;
+    #[allow(unused_mut)] // hashed only with the postgres feature, which `changed` needs
+    let mut plan = Plan::new(&config, env, &settings.selection)?;
+    plan.force = settings.force;
+    #[cfg(feature = "postgres")]
+    if !matches!(
+        settings.command,
+        Command::Wait { .. } | Command::History { .. }
+    ) {
+        plan.hash_inputs(&config.dir())?;
+    }
     // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).
     let run = !matches!(settings.command, Command::Check | Command::Plan);
     let preflight = if run { &[][..] } else { &plan.preflight[..] };

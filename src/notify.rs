@@ -1,5 +1,5 @@
 //! The built-in notify task: the release report `POSTed` to a webhook (JSON, or Slack's `text`), with
-//! retries on connection errors and 5xx answers. A delivery runs on a thread the task's supervisor
+//! retries on connection errors and 5xx answers. A delivery runs on a thread the task's `TaskRun`
 //! owns and can be cancelled through [`Cancel`] at any point, so a stop signal or the task's deadline
 //! ends it within the grace and nothing is sent after its task has ended.
 //!
@@ -310,6 +310,7 @@ mod slack_tests {
             duration: std::time::Duration::ZERO,
             allow_failure: false,
             output_tail: vec!["PG::UndefinedColumn <b> ``` & more".into()],
+            attempts: 1,
         });
         let text = slack_text(&report);
         assert!(text.contains("Last lines of `t`:\n```\nPG::UndefinedColumn &lt;b&gt; `\u{200b}`\u{200b}` &amp; more\n```"), "{text}");

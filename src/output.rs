@@ -10,7 +10,7 @@
 //! slow reader of release-tasks's output can never delay a timeout or a signal in the run loop; a
 //! thread that finished a stream waits for the next task's rather than ending (starting two threads
 //! per task cost more than the rest of the pumping of a short task). A
-//! task's supervisor (`supervisor.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
+//! task's `TaskRun` (`task_run.rs`) owns its two [`Pump`]s: it waits for them to finish, and tells
 //! them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
 //!
 //! With `--output-format json` ([`OutputFormat::Json`], chosen once at start-up with [`set_format`])

@@ -7,6 +7,7 @@
 
 use std::io::Write;
 
+use crate::changed::{Changed, Inputs, LastSuccess};
 use crate::config::{Command, Config, Defaults, Lock, On, Task};
 use crate::error::{Error, Result};
 use crate::gate::{Env, Verdict};
@@ -40,6 +41,8 @@ pub struct Plan {
     pub defaults: Defaults,
     /// `[lock]`, if the release runs under one.
     pub lock: Option<Lock>,
+    /// `--force` or `RELEASE_TASKS_FORCE`: `changed` gates let their tasks run.
+    pub force: bool,
 }
 
 /// One task and its decision.
@@ -53,6 +56,10 @@ pub struct Step {
     pub skip: Option<SkipReason>,
     /// For a notify task that runs: its webhook, `${VAR}`s expanded.
     pub webhook: Option<Webhook>,
+    /// For a task with a `changed` gate, once hashed ([`Plan::hash_inputs`]): its files and their hash.
+    pub inputs: Option<Inputs>,
+    /// And, once compared with the ledger ([`Plan::apply_ledger`]), what that says.
+    pub verdict: Option<Changed>,
 }
 
 impl Step {
@@ -142,6 +149,8 @@ impl Plan {
                 reason,
                 skip,
                 webhook,
+                inputs: None,
+                verdict: None,
             });
         }
         if !bad_values.is_empty() {
@@ -167,6 +176,7 @@ impl Plan {
             meta,
             defaults: config.defaults.clone(),
             lock: config.lock.clone(),
+            force: false,
         })
     }
 
@@ -174,7 +184,107 @@ impl Plan {
     pub fn to_run(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().filter(|s| s.run)
     }
+
+    /// Finds and hashes the files of every task with a `changed` gate (for `run`, `plan` and
+    /// `check`; `wait` and `history` do not need them). A pattern that matches nothing is a
+    /// warning; a file that cannot be read is an error that names it (nothing has run yet).
+    #[cfg(feature = "postgres")]
+    pub fn hash_inputs(&mut self, base: &std::path::Path) -> Result<()> {
+        let mut problems = Vec::new();
+        for step in &mut self.steps {
+            if step.task.changed.is_empty() {
+                continue;
+            }
+            match crate::changed::hash(base, &step.task.changed) {
+                Ok(inputs) => {
+                    for pattern in &inputs.unmatched {
+                        self.warnings.push(format!(
+                            "task `{}`: `changed` pattern {pattern:?} matches no file below {}; check the path \
+                             (patterns are relative to the config file's directory)",
+                            step.task.name,
+                            base.display()
+                        ));
+                    }
+                    step.inputs = Some(inputs);
+                }
+                Err(message) => problems.push(format!("task `{}`: {message}", step.task.name)),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Environment { problems })
+        }
+    }
+
+    /// Decides the `changed` gates from the ledger: `last` holds, per task, what its last
+    /// successful run recorded (a task missing from it has none: its first run runs); `force`
+    /// runs them all. Only steps whose other gates hold are decided: the others are skipped anyway.
+    pub fn apply_ledger(
+        &mut self,
+        last: &std::collections::HashMap<String, LastSuccess>,
+        force: bool,
+    ) {
+        for step in &mut self.steps {
+            let Some(inputs) = &step.inputs else { continue };
+            if !step.run {
+                continue;
+            }
+            let verdict = Changed::decide(inputs, last.get(&step.task.name), force);
+            let text = verdict.describe(inputs);
+            if let Changed::Unchanged { since, hash } = &verdict {
+                step.run = false;
+                step.skip = Some(SkipReason::Unchanged {
+                    patterns: inputs.patterns.clone(),
+                    since: since.clone(),
+                    hash: hash.clone(),
+                });
+                step.reason = text;
+            } else if step.reason == NO_GATE {
+                step.reason = text;
+            } else {
+                step.reason = format!("{}; {text}", step.reason);
+            }
+            step.verdict = Some(verdict);
+        }
+    }
+
+    /// The tasks whose `changed` gate is still to be decided from the ledger.
+    #[must_use]
+    pub fn undecided_changed(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter(|s| s.run && s.inputs.is_some() && s.verdict.is_none())
+            .map(|s| s.task.name.clone())
+            .collect()
+    }
+
+    /// For `plan` where the ledger cannot be read (no database URL in CI): says so in each
+    /// undecided `changed` step's reason; `run` decides under the lock.
+    pub fn ledger_unread(&mut self, why: &str) {
+        for step in &mut self.steps {
+            let Some(inputs) = &step.inputs else { continue };
+            if !step.run || step.verdict.is_some() {
+                continue;
+            }
+            let text = format!(
+                "changed: {} match {} file{} ({}); `run` compares them with the ledger, which cannot be read here ({why})",
+                inputs.shown_patterns(),
+                inputs.files.len(),
+                if inputs.files.len() == 1 { "" } else { "s" },
+                inputs.short()
+            );
+            step.reason = if step.reason == NO_GATE {
+                text
+            } else {
+                format!("{}; {text}", step.reason)
+            };
+        }
+    }
 }
+
+/// The reason of a task that runs with no gate.
+const NO_GATE: &str = "no gate";
 
 /// Every variable the config names (outside gates, which check their own) and the release metadata
 /// overrides, whose value is not UTF-8: each is a problem that names it, so that none is read as unset.
@@ -362,7 +472,7 @@ fn decide(
         why.push(format!("unless does not hold: {}", describe(unless)));
     }
     if why.is_empty() {
-        why.push("no gate".to_owned());
+        why.push(NO_GATE.to_owned());
     }
     (None, why.join("; "))
 }
@@ -443,6 +553,14 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
                 });
                 if let Some(skip) = &step.skip {
                     line["skip"] = skip.to_json();
+                }
+                if let Some(inputs) = &step.inputs {
+                    line["changed"] = serde_json::json!({
+                        "patterns": inputs.patterns,
+                        "files": inputs.files.len(),
+                        "hash": inputs.hash,
+                        "decided": step.verdict.is_some(),
+                    });
                 }
                 writeln!(out, "{line}")?;
             }

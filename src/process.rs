@@ -2,7 +2,7 @@
 //! group and what escaped it), reaping, and becoming the subreaper that finds escaped processes.
 //!
 //! This is the one place that makes process system calls for tasks. It knows nothing of deadlines or
-//! of what a signal means to the release: the task's supervisor (`supervisor.rs`) calls it, on
+//! of what a signal means to the release: the task's `TaskRun` (`task_run.rs`) calls it, on
 //! `run.rs`'s word. The guardian (`guardian.rs`) uses its process listing and finds a run's processes
 //! by [`RUN_ID_VAR`], which is defined here because every task gets it here.
 //!

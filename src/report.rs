@@ -138,6 +138,15 @@ pub enum SkipReason {
     NamedInSkip,
     /// `on = "failure"`, and the release has not failed.
     OnFailure,
+    /// `changed`: the files its globs match are what they were at its last successful run.
+    Unchanged {
+        /// The globs, as written.
+        patterns: Vec<String>,
+        /// The release of that run.
+        since: String,
+        /// The files' hash (its first 6 hex digits).
+        hash: String,
+    },
     /// Anything else, as a sentence (the `[lock] once` ledger says the release already ran).
     Other(String),
 }
@@ -183,6 +192,11 @@ impl SkipReason {
             SkipReason::NotInOnly => json!({ "selection": "only" }),
             SkipReason::NamedInSkip => json!({ "selection": "skip" }),
             SkipReason::OnFailure => json!({ "on": "failure" }),
+            SkipReason::Unchanged {
+                patterns,
+                since,
+                hash,
+            } => json!({ "changed": patterns, "unchanged_since": since, "hash": hash }),
             SkipReason::Other(text) => json!({ "text": text }),
         }
     }
@@ -211,6 +225,15 @@ impl fmt::Display for SkipReason {
             SkipReason::NotInOnly => f.write_str("not in --only"),
             SkipReason::NamedInSkip => f.write_str("named in --skip"),
             SkipReason::OnFailure => f.write_str("on = \"failure\" and the release has not failed"),
+            SkipReason::Unchanged {
+                patterns,
+                since,
+                hash,
+            } => write!(
+                f,
+                "{} unchanged since {since} ({hash})",
+                patterns.join(", ")
+            ),
             SkipReason::Other(text) => f.write_str(text),
         }
     }
@@ -225,6 +248,8 @@ pub struct TaskReport {
     pub allow_failure: bool,
     /// The last lines of the task's stdout and stderr, merged, ready to show (see `tail.rs`).
     pub output_tail: Vec<String>,
+    /// How many attempts it took (more than 1 only with `retries`); 0 when it did not run.
+    pub attempts: u32,
 }
 
 /// The whole release.
@@ -275,6 +300,7 @@ impl Report {
                 }
                 if t.outcome.exit_code().is_some() {
                     task["output_tail"] = json!(t.output_tail);
+                    task["attempts"] = json!(t.attempts);
                 }
                 task
             })
@@ -478,6 +504,7 @@ mod tests {
     fn task(name: &str, outcome: Outcome, allow_failure: bool) -> TaskReport {
         TaskReport {
             output_tail: Vec::new(),
+            attempts: 1,
             name: name.into(),
             outcome,
             duration: Duration::ZERO,

@@ -1,20 +1,19 @@
-//! Executes a [`Plan`]: one task at a time, each under a select loop over its end, its deadline, a
-//! heartbeat and the signals release-tasks receives.
+//! Executes a [`Plan`]: the order of tasks, and the decisions between them.
 //!
-//! This module is policy only: which deadline applies to a task (its own `timeout` or what is left of
-//! `release_timeout`, computed once when it starts), what a signal means (a stop ends the task and
-//! the release, a forwarded one only reaches the task's processes), which tasks still run after a
-//! failure, and which outcome follows. The mechanism (spawning, signalling a process group with
-//! SIGTERM + SIGCONT then SIGKILL, reaping, output pumps, cancelling a webhook delivery, cleaning up
-//! what a task leaves) belongs to the task's [`Supervisor`], which the run loop asks and tells.
+//! This module is policy only, and its decisions are pure functions with unit tests below: whether
+//! the next task runs and within which deadline ([`next`]: after a failure, `on = "failure"` and
+//! `"always"` tasks run on their own timeout; after a second stop signal nothing starts), and which
+//! outcome follows from how a task ended ([`command_outcome`], [`delivery_outcome`]). Each running
+//! task is owned whole by its [`TaskRun`] (`task_run.rs`): spawning is done here, then its process
+//! group, output, deadline, SIGTERM + SIGCONT -> grace -> SIGKILL and its leftovers are the
+//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the [`Listener`] and returns a
+//! typed result. Exit statuses are derived from the outcomes in `report.rs`.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use tokio::time::sleep_until;
 
 use crate::config::{Defaults, On, Task};
 use crate::gate::Env;
@@ -24,12 +23,12 @@ use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::plan::{Plan, Step};
 use crate::process;
+use crate::record::{Recorder, TaskRecord};
 use crate::report::{
     EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
 };
 use crate::signals::{Event, Signals};
-use crate::supervisor::{Ended, Supervisor};
-use crate::tail::Tail;
+use crate::task_run::{Bound, Order, Orders, Policy, ReleaseDeadline, SignalCount, TaskRun};
 
 /// The shortest heartbeat; the config validator refuses less, and this keeps the loop honest anyway.
 const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -74,7 +73,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
-            None,
+            (None, None),
         )
         .await?)
     })
@@ -108,6 +107,26 @@ async fn run_locked(
         held.begin(&release).await?;
     }
     let held_name = held.name().to_owned();
+    // The `changed` gates, decided under the lock from the ledger's last successful runs.
+    let mut plan = plan.clone();
+    let undecided = plan.undecided_changed();
+    if !undecided.is_empty() {
+        if plan.force {
+            plan.apply_ledger(&std::collections::HashMap::new(), true);
+        } else {
+            match held.last_successes(&undecided).await {
+                Ok(last) => plan.apply_ledger(&last, false),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the tasks' last successful runs; tasks with `changed` run");
+                    plan.ledger_unread(&err.to_string());
+                }
+            }
+        }
+        for step in plan.steps.iter().filter(|s| s.verdict.is_some()) {
+            tracing::info!(task = %step.task.name, decision = %step.reason, "changed gate");
+        }
+    }
+    let plan = &plan;
     let report = run(
         plan,
         &plan.defaults,
@@ -115,7 +134,7 @@ async fn run_locked(
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
-        Some(&held),
+        (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
     let mut report = match report {
@@ -181,6 +200,7 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     tracing::info!(task = %step.task.name, reason = %reason, "task skipped");
     TaskReport {
         output_tail: Vec::new(),
+        attempts: 0,
         name: step.task.name.clone(),
         outcome: Outcome::Skipped(reason),
         duration: Duration::ZERO,
@@ -195,19 +215,23 @@ async fn run(
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
-    lock: Option<&dyn LockCheck>,
+    (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut runner = Runner {
         tail_lines: defaults.tail_lines,
         secrets,
-        signals,
+        listener: Listener {
+            signals,
+            stops: 0,
+            interrupted: None,
+        },
         guardian,
-        interrupted: None,
-        stopping_signals: 0,
         run_id,
-        release_deadline: started + defaults.release_timeout,
-        release_timeout: defaults.release_timeout,
+        release: ReleaseDeadline {
+            at: tokio::time::Instant::now() + defaults.release_timeout,
+            limit: defaults.release_timeout,
+        },
         heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
         name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
     };
@@ -216,60 +240,61 @@ async fn run(
         lock,
         last_task: None,
     };
-    for step in &plan.steps {
-        runner.take_pending_events().await;
+    for (position, step) in (1u32..).zip(&plan.steps) {
+        runner.listener.take_pending().await;
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
+            record_last(recorder, &report, position, step).await;
             continue;
         }
         let failed = report.failed_task().is_some()
-            || runner.interrupted.is_some()
+            || runner.listener.interrupted.is_some()
             || report.lock_lost.is_some();
-        // An expired release_timeout fails the release like anything else, through the task it cut
-        // off or the next on = "success" task, which cannot start; what follows a failure
-        // (on = "failure" and "always") still runs, on its own timeout.
-        let expired = Instant::now() >= runner.release_deadline;
+        let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
-        let outcome = if runner.stopping_signals >= 2 {
-            Outcome::NotRun
-        } else if task.on == On::Success && !failed && expired {
-            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
-            Outcome::TimedOut
-        } else if !task.on.runs(failed) {
-            if task.on == On::Failure {
-                let reason = SkipReason::OnFailure;
-                tracing::info!(task = %task.name, reason = %reason, "task skipped");
-                Outcome::Skipped(reason)
-            } else {
-                Outcome::NotRun
-            }
-        } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
-            Outcome::LockLost
-        } else {
-            // After a failure, on = "failure"/"always" tasks get their own timeout, not what is left
-            // of the release's: they are how the failure gets cleaned up and told.
-            let release_deadline = (!(failed || expired)).then_some(runner.release_deadline);
-            let ran = match &step.webhook {
-                Some(webhook) => {
-                    let mut so_far = report.clone();
-                    so_far.duration = started.elapsed();
-                    so_far.interrupted = runner.interrupted;
-                    runner
-                        .run_notify(task, webhook, &so_far, release_deadline)
-                        .await?
+        let mut attempts = 0;
+        let outcome = match next(task.on, failed, expired, runner.listener.stops) {
+            Next::NotRun(outcome) => {
+                match &outcome {
+                    Outcome::TimedOut => {
+                        tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+                    }
+                    Outcome::Skipped(reason) => {
+                        tracing::info!(task = %task.name, reason = %reason, "task skipped");
+                    }
+                    _ => {}
                 }
-                None => runner.run_task(task, release_deadline).await?,
-            };
-            // A task cut off by release_timeout is the release's failure, which allow_failure does not
-            // excuse: the release did not finish in time.
-            allow_failure &= !ran.cut_by_release;
-            Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
-            output_tail = ran.output_tail;
-            ran.outcome
+                outcome
+            }
+            Next::Run { .. }
+                if !lock.before_start(task, &mut report).await && task.on == On::Success =>
+            {
+                Outcome::LockLost
+            }
+            Next::Run { within_release } => {
+                let release = within_release.then_some(runner.release);
+                let (ran, attempt) = runner
+                    .run_attempts(
+                        step,
+                        release,
+                        (&mut report, started),
+                        (&mut lock, recorder),
+                        position,
+                    )
+                    .await?;
+                attempts = attempt;
+                // A task cut off by release_timeout is the release's failure, which allow_failure
+                // does not excuse: the release did not finish in time.
+                allow_failure &= !ran.cut_by_release;
+                Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                output_tail = ran.output_tail;
+                ran.outcome
+            }
         };
+        let outcome_ran = outcome.exit_code().is_some();
         let duration = if outcome.exit_code().is_some() {
             t0.elapsed()
         } else {
@@ -281,15 +306,26 @@ async fn run(
             duration,
             allow_failure,
             output_tail,
+            attempts: if outcome_ran { attempts.max(1) } else { 0 },
         });
+        record_last(recorder, &report, position, step).await;
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
     crate::exec::hold_stop_signals();
-    runner.take_pending_events().await;
-    report.interrupted = runner.interrupted;
+    runner.listener.take_pending().await;
+    report.interrupted = runner.listener.interrupted;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Writes the record of the task last added to `report` (the ledger, with `once`).
+async fn record_last(recorder: Option<&dyn Recorder>, report: &Report, position: u32, step: &Step) {
+    if let (Some(recorder), Some(last)) = (recorder, report.tasks.last()) {
+        recorder
+            .record(TaskRecord::finished(last, position, step.inputs.as_ref()))
+            .await;
+    }
 }
 
 /// The release's `[lock]` as the run loop sees it: checked immediately before each task starts.
@@ -336,31 +372,224 @@ impl HeldLock<'_> {
     }
 }
 
-struct Runner {
+/// What becomes of a step that is to run, decided before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    /// It runs: within the release's deadline, or on its own timeout only.
+    Run { within_release: bool },
+    /// It does not run, and this is its outcome.
+    NotRun(Outcome),
+}
+
+/// Whether the next task runs, from its `on`, whether the release has failed (a task failed, or a
+/// stop signal arrived), whether `release_timeout` has passed, and how many stop signals arrived.
+///
+/// An expired `release_timeout` fails the release like anything else, through the task it cut off
+/// or the next `on = "success"` task, which cannot start; what follows a failure (`on = "failure"`
+/// and `"always"`) still runs, on its own timeout only: it is how the failure gets cleaned up and
+/// told. After a second stop signal nothing starts.
+fn next(on: On, failed: bool, expired: bool, stops: u32) -> Next {
+    if stops >= 2 {
+        Next::NotRun(Outcome::NotRun)
+    } else if on == On::Success && !failed && expired {
+        Next::NotRun(Outcome::TimedOut)
+    } else if !on.runs(failed) {
+        Next::NotRun(if on == On::Failure {
+            Outcome::Skipped(SkipReason::OnFailure)
+        } else {
+            Outcome::NotRun
+        })
+    } else {
+        Next::Run {
+            within_release: !(failed || expired),
+        }
+    }
+}
+
+/// The outcome of a command task from how it ended: a timeout first (whatever the process did
+/// after its SIGTERM), then a clean exit (a task that exits 0 on its stop signal succeeded), then the
+/// release's stop signal, then its own code or signal.
+fn command_outcome(
+    status: WaitStatus,
+    timed_out: Option<Bound>,
+    stopped: Option<Signal>,
+) -> Outcome {
+    match (status, timed_out, stopped) {
+        (_, Some(_), _) => Outcome::TimedOut,
+        (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
+        (_, _, Some(sig)) => Outcome::Interrupted(sig),
+        (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
+        (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
+        // waitpid without WUNTRACED reports only exits and deaths by signal.
+        _ => Outcome::Failed(1),
+    }
+}
+
+/// The outcome of a notify task: a timeout first, then the webhook's answer, then the release's
+/// stop signal that cancelled it, then why it was not delivered.
+fn delivery_outcome(
+    result: Result<u16, String>,
+    timed_out: Option<Bound>,
+    stopped: Option<Signal>,
+) -> Outcome {
+    match (result, timed_out, stopped) {
+        (_, Some(_), _) => Outcome::TimedOut,
+        (Ok(_), _, _) => Outcome::Succeeded,
+        (Err(_), _, Some(sig)) => Outcome::Interrupted(sig),
+        (Err(why), _, _) => Outcome::NotDelivered(why),
+    }
+}
+
+/// The signals release-tasks receives, as orders for the running task, and what they add up to for
+/// the release: how many stop signals arrived, and the first.
+struct Listener {
     signals: Signals,
-    guardian: Option<Guardian>,
-    /// The first stopping signal release-tasks received.
+    /// How many stop signals arrived; after the second nothing more starts.
+    stops: u32,
+    /// The first stop signal release-tasks received.
     interrupted: Option<Signal>,
-    /// How many stopping signals arrived; after the second nothing more starts.
-    stopping_signals: u32,
+}
+
+impl Listener {
+    /// Counts a stop signal: the release's first, or a later one.
+    fn count(&mut self, sig: Signal) -> SignalCount {
+        self.stops += 1;
+        if self.interrupted.is_none() {
+            self.interrupted = Some(sig);
+            SignalCount::First
+        } else {
+            SignalCount::Again
+        }
+    }
+
+    /// Handles events that queued up while no task was running, without waiting for more.
+    async fn take_pending(&mut self) {
+        // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
+        // an event when it next runs. Yielding lets it run, or a signal that arrived since the last
+        // await would be missed here (and a task would start after a stop, or `exec` go on).
+        tokio::task::yield_now().await;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            let order = {
+                let mut next = std::pin::pin!(self.next());
+                match next.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(order) => order,
+                    std::task::Poll::Pending => return,
+                }
+            };
+            match order {
+                // Between tasks only orphans exit; collecting them is all there is to do.
+                Order::Reap => drop(process::reap()),
+                Order::Forward(sig) => {
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
+                }
+                Order::Stop(sig, _) => {
+                    tracing::warn!(signal = %sig, "received signal; no further task will start");
+                }
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Waits `delay` between two attempts of a task, handling signals meanwhile; a stop signal ends
+    /// the wait at once. Whether the wait ran its course (no stop signal).
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                order = self.next() => match order {
+                    Order::Reap => drop(process::reap()),
+                    Order::Forward(sig) => {
+                        tracing::info!(signal = %sig, "received signal between two attempts; no task process is running to forward it to");
+                    }
+                    Order::Stop(sig, _) => {
+                        tracing::warn!(signal = %sig, "received signal; no further attempt or task will start");
+                        return false;
+                    }
+                },
+                () = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+}
+
+/// What follows an attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterAttempt {
+    /// Its outcome is the task's; with why a failed attempt is not tried again, when that is worth
+    /// saying (no time left, a timeout not listed in `retry_on`).
+    Done(Option<String>),
+    /// Another attempt, after this pause.
+    RetryIn(Duration),
+}
+
+/// The pure decision after attempt number `attempt` (from 1) ended with `outcome`: whether it is
+/// tried again and after how long. `cut_by_attempt` says a timeout came from `attempt_timeout` (not
+/// from the task's `timeout` or the release's); `left` is the time left for all attempts; `stops`
+/// counts the stop signals received.
+fn after_attempt(
+    retry: &crate::config::Retry,
+    attempt: u32,
+    outcome: &Outcome,
+    cut_by_attempt: bool,
+    left: Duration,
+    stops: u32,
+) -> AfterAttempt {
+    let statuses = &retry.on.statuses;
+    let listed = |code: i32| statuses.is_empty() || statuses.contains(&code);
+    let retryable = match outcome {
+        Outcome::Failed(code) => listed(*code),
+        Outcome::Signaled(sig) => listed(128 + *sig as i32),
+        Outcome::TimedOut if cut_by_attempt => {
+            if !retry.on.timeout {
+                return AfterAttempt::Done((attempt <= retry.retries).then(|| {
+                    "the attempt ran past attempt_timeout, and retry_on does not list \"timeout\"".to_owned()
+                }));
+            }
+            true
+        }
+        // A success is done; a timeout of the whole task or the release, a stop signal, a command
+        // that cannot start, a lost lock: another attempt would not be different.
+        _ => false,
+    };
+    if !retryable || attempt > retry.retries || stops > 0 {
+        return AfterAttempt::Done(None);
+    }
+    let doubled = retry.delay.saturating_mul(1u32 << (attempt - 1).min(20));
+    let delay = doubled.min(crate::config::Retry::MAX_DELAY.max(retry.delay));
+    if delay >= left {
+        return AfterAttempt::Done(Some(format!(
+            "the pause of {} before another attempt would pass the task's timeout (or the release's)",
+            humantime::format_duration(delay)
+        )));
+    }
+    AfterAttempt::RetryIn(delay)
+}
+
+impl Orders for Listener {
+    async fn next(&mut self) -> Order {
+        match self.signals.next().await {
+            Event::Child => Order::Reap,
+            Event::Forward(sig) => Order::Forward(sig),
+            Event::Stop(sig) => Order::Stop(sig, self.count(sig)),
+        }
+    }
+}
+
+struct Runner {
+    listener: Listener,
+    guardian: Option<Guardian>,
     /// Marks this run's processes for the guardian.
     run_id: String,
-    release_deadline: Instant,
-    release_timeout: Duration,
+    release: ReleaseDeadline,
     heartbeat: Duration,
     name_width: usize,
     /// How many last lines of each task's output to keep for the report.
     tail_lines: usize,
     /// Values hidden wherever a task's output is shown again (see `tail.rs`).
     secrets: Vec<String>,
-}
-
-/// The deadline that applies to one task, decided once when it starts.
-struct Deadline {
-    at: Instant,
-    /// Which setting it comes from (`timeout` or `release_timeout`), and that setting's value.
-    bound: &'static str,
-    limit: Duration,
 }
 
 /// How a task that was started went.
@@ -372,36 +601,108 @@ struct Ran {
     cut_by_release: bool,
 }
 
-/// How the run loop left a supervised task.
-struct Supervised {
-    ended: Ended,
-    timed_out: Option<&'static str>,
-    /// The stopping signal that arrived while this task ran, if it was the release's first.
-    interrupted: Option<Signal>,
-}
-
 impl Runner {
-    /// `min(task timeout, what is left of release_timeout)` from `started`, and which one it is.
-    fn deadline(&self, task: &Task, started: Instant, release: Option<Instant>) -> Deadline {
-        let own = started + task.timeout;
-        match release {
-            Some(release) if release < own => Deadline {
-                at: release,
-                bound: "release_timeout",
-                limit: self.release_timeout,
-            },
-            _ => Deadline {
-                at: own,
-                bound: "timeout",
-                limit: task.timeout,
-            },
+    fn policy(&self, task: &Task, release: Option<ReleaseDeadline>) -> Policy {
+        Policy {
+            timeout: task.timeout,
+            release,
+            grace: task.grace,
+            heartbeat: self.heartbeat,
         }
     }
 
+    /// Runs a task's attempts: one, or with `retries` as many as [`after_attempt`] allows, all
+    /// within the task's `timeout` counted from the first start (and the release's deadline); the
+    /// lock is checked and the start recorded before each. The last attempt and how many there were.
+    async fn run_attempts(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (report, started): (&mut Report, Instant),
+        (lock, recorder): (&mut HeldLock<'_>, Option<&dyn Recorder>),
+        position: u32,
+    ) -> anyhow::Result<(Ran, u32)> {
+        let task = &step.task;
+        if let Some(recorder) = recorder {
+            recorder
+                .record(TaskRecord::started(&task.name, position, 1))
+                .await;
+        }
+        let task_until = tokio::time::Instant::now() + task.timeout;
+        let all_until = release.map_or(task_until, |r| r.at.min(task_until));
+        let mut attempt = 1;
+        loop {
+            let left = task_until.saturating_duration_since(tokio::time::Instant::now());
+            let limited = task.retry.attempt_timeout.filter(|t| *t < left);
+            let ran = if task.retry.retries == 0 {
+                self.run_one(step, release, (report, started)).await?
+            } else {
+                // Each attempt gets what is left of the task's timeout, or less.
+                let mut this = step.clone();
+                this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
+                self.run_one(&this, release, (report, started)).await?
+            };
+            let left = all_until.saturating_duration_since(tokio::time::Instant::now());
+            let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
+            match after_attempt(
+                &task.retry,
+                attempt,
+                &ran.outcome,
+                cut_by_attempt,
+                left,
+                self.listener.stops,
+            ) {
+                AfterAttempt::Done(why) => {
+                    if let Some(why) = why {
+                        tracing::warn!(task = %task.name, attempt, outcome = ran.outcome.label(), "not trying again: {why}");
+                    }
+                    return Ok((ran, attempt));
+                }
+                AfterAttempt::RetryIn(delay) => {
+                    tracing::warn!(
+                        task = %task.name, attempt, of = task.retry.retries + 1, outcome = ran.outcome.label(),
+                        exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
+                        "attempt failed; trying again"
+                    );
+                    if !self.listener.pause(delay).await || !lock.before_start(task, report).await {
+                        return Ok((ran, attempt));
+                    }
+                    attempt += 1;
+                    if let Some(recorder) = recorder {
+                        recorder
+                            .record(TaskRecord::started(&task.name, position, attempt))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one task, start to end: the one call a step that runs makes, whatever its kind. A
+    /// notify task sends `so_far` (the report until now, and when the release started).
+    async fn run_one(
+        &mut self,
+        step: &Step,
+        release: Option<ReleaseDeadline>,
+        (so_far, started): (&Report, Instant),
+    ) -> anyhow::Result<Ran> {
+        let task = &step.task;
+        Ok(match &step.webhook {
+            Some(webhook) => {
+                let mut so_far = so_far.clone();
+                so_far.duration = started.elapsed();
+                so_far.interrupted = self.listener.interrupted;
+                self.run_notify(task, webhook, &so_far, release).await
+            }
+            None => self.run_task(task, release).await?,
+        })
+    }
+
+    /// Runs a command task: started here, then owned by its [`TaskRun`] to its end.
     async fn run_task(
         &mut self,
         task: &Task,
-        release_deadline: Option<Instant>,
+        release: Option<ReleaseDeadline>,
     ) -> anyhow::Result<Ran> {
         let command = crate::redact::command(&task.command.to_string());
         tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
@@ -415,224 +716,62 @@ impl Runner {
                 });
             }
         };
-        let started = Instant::now();
-        let pid = spawned.pid;
-        let exempt = self.guardian.iter().map(Guardian::pid).collect();
         let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
-        let tail = Arc::new(Mutex::new(Tail::new(self.tail_lines)));
-        let supervisor =
-            Supervisor::command(&task.name, task.grace, spawned, exempt, &prefix, &tail)?;
-        if let Some(g) = &self.guardian {
-            g.tell(pid, true);
-        }
-        let deadline = self.deadline(task, started, release_deadline);
-        let done = self.supervise(task, supervisor, &deadline, started).await;
-        if let Some(g) = &self.guardian {
-            g.tell(pid, false);
-        }
-        let Ended::Command(status) = done.ended else {
-            unreachable!("a command task ends as a command");
-        };
-        let outcome = match (status, done.timed_out, done.interrupted) {
-            (_, Some(_), _) => Outcome::TimedOut,
-            (WaitStatus::Exited(_, 0), _, _) => Outcome::Succeeded,
-            (_, _, Some(sig)) => Outcome::Interrupted(sig),
-            (WaitStatus::Exited(_, code), _, _) => Outcome::Failed(code),
-            (WaitStatus::Signaled(_, sig, _), _, _) => Outcome::Signaled(sig),
-            // waitpid without WUNTRACED reports only exits and deaths by signal.
-            _ => Outcome::Failed(1),
-        };
-        let output_tail = {
-            let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
-            tail.finish();
-            let mut secrets = self.secrets.clone();
-            secrets.extend(crate::tail::secrets(task.env.iter()));
-            tail.render(&secrets)
-        };
+        let mut secrets = self.secrets.clone();
+        secrets.extend(crate::tail::secrets(task.env.iter()));
+        let policy = self.policy(task, release);
+        let run = TaskRun::command(
+            &task.name,
+            policy,
+            spawned,
+            self.guardian.as_ref(),
+            &prefix,
+            (self.tail_lines, secrets),
+        )?;
+        let ended = run.run(&mut self.listener).await;
         Ok(Ran {
-            outcome,
-            output_tail,
-            cut_by_release: done.timed_out == Some("release_timeout"),
+            outcome: command_outcome(ended.end.status, ended.timed_out, ended.stopped),
+            output_tail: ended.end.output_tail,
+            cut_by_release: ended.timed_out == Some(Bound::ReleaseTimeout),
         })
     }
 
-    /// Runs a notify task: the report so far, sent from the supervisor's delivery thread while the
-    /// run loop keeps handling signals and the deadline, either of which cancels the delivery.
+    /// Runs a notify task: the report so far, sent from its [`TaskRun`]'s delivery thread while
+    /// signals and the deadline are still handled, either of which cancels the delivery.
     async fn run_notify(
         &mut self,
         task: &Task,
         webhook: &Webhook,
         report: &Report,
-        release_deadline: Option<Instant>,
-    ) -> anyhow::Result<Ran> {
+        release: Option<ReleaseDeadline>,
+    ) -> Ran {
         tracing::info!(
             task = %task.name, url = %webhook.shown_url(), format = %webhook.format,
             retries = webhook.retries, "task started"
         );
-        let started = Instant::now();
-        let supervisor =
-            match Supervisor::notify(&task.name, task.grace, webhook, webhook.body(report)) {
-                Ok(supervisor) => supervisor,
-                Err(err) => {
-                    return Ok(Ran {
-                        outcome: Outcome::NotDelivered(format!(
-                            "cannot start the sending thread: {err}"
-                        )),
-                        output_tail: Vec::new(),
-                        cut_by_release: false,
-                    });
-                }
-            };
-        let deadline = self.deadline(task, started, release_deadline);
-        let done = self.supervise(task, supervisor, &deadline, started).await;
-        let Ended::Notify(result) = done.ended else {
-            unreachable!("a notify task ends as a notify task");
-        };
-        let outcome = match (result, done.timed_out, done.interrupted) {
-            (_, Some(_), _) => Outcome::TimedOut,
-            (Ok(status), _, _) => {
-                tracing::info!(task = %task.name, status, "the webhook took the report");
-                Outcome::Succeeded
-            }
-            (Err(_), _, Some(sig)) => Outcome::Interrupted(sig),
-            (Err(why), _, _) => Outcome::NotDelivered(why),
-        };
-        Ok(Ran {
-            outcome,
-            output_tail: Vec::new(),
-            cut_by_release: done.timed_out == Some("release_timeout"),
-        })
-    }
-
-    /// The select loop over one task: its end, its deadline (SIGTERM + SIGCONT), SIGKILL after the
-    /// grace, the heartbeat, and signals; then the clean-up of what it left, still handling signals.
-    async fn supervise(
-        &mut self,
-        task: &Task,
-        mut sup: Supervisor,
-        deadline: &Deadline,
-        started: Instant,
-    ) -> Supervised {
-        let interrupted_before = self.interrupted;
-        let mut timed_out = None;
-        let mut next_beat = started + self.heartbeat;
-        let far = started + Duration::from_secs(100 * 365 * 24 * 3600);
-        while !sup.has_ended() {
-            let kill_due = sup.kill_due();
-            let terminating = sup.terminating();
-            tokio::select! {
-                biased;
-                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
-                () = sup.ended() => {}
-                () = sleep_until(deadline.at.into()), if !terminating => {
-                    timed_out = Some(deadline.bound);
-                    let action = if sup.is_process() {
-                        "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period"
-                    } else {
-                        "task timed out; cancelling the webhook delivery"
-                    };
-                    tracing::error!(
-                        task = %task.name, bound = deadline.bound,
-                        limit = %humantime::format_duration(deadline.limit),
-                        grace_s = task.grace.as_secs_f64(), "{action}"
-                    );
-                    sup.begin(Signal::SIGTERM);
-                }
-                () = sleep_until(kill_due.unwrap_or(far).into()), if kill_due.is_some() => {
-                    if sup.is_process() {
-                        tracing::warn!(task = %task.name, "grace period over; sending SIGKILL to the task's process group");
-                    }
-                    sup.kill();
-                }
-                () = sleep_until(next_beat.into()), if !terminating => {
-                    tracing::info!(
-                        task = %task.name,
-                        elapsed = %humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
-                        timeout_in = %humantime::format_duration(whole_seconds_up(deadline.at.saturating_duration_since(Instant::now()))),
-                        "task still running"
-                    );
-                    // From now, not from the last beat: after a stall, one beat, not a burst of them.
-                    next_beat = Instant::now() + self.heartbeat;
-                }
-            }
-        }
-        while let Some(until) = sup.settle_step() {
-            tokio::select! {
-                biased;
-                event = self.signals.next() => self.on_event(event, Some(&mut sup)),
-                () = sup.settle_wait(until) => {}
-            }
-        }
-        let interrupted = self.interrupted.filter(|_| interrupted_before.is_none());
-        Supervised {
-            ended: sup.finish().await,
-            timed_out,
-            interrupted,
-        }
-    }
-
-    /// Acts on one event: reaps on SIGCHLD, forwards a signal to the running task's processes, and
-    /// records a stopping signal, which begins ending the running task (a second SIGINT or SIGTERM
-    /// kills it at once).
-    fn on_event(&mut self, event: Event, sup: Option<&mut Supervisor>) {
-        match event {
-            Event::Child => match sup {
-                Some(sup) => sup.reap(),
-                // Between tasks only orphans exit; collecting them is all there is to do.
-                None => drop(process::reap()),
-            },
-            Event::Forward(sig) => match sup {
-                Some(sup) if sup.forward(sig) => {
-                    tracing::info!(signal = %sig, task = %sup.task(), "signal forwarded to the task");
-                }
-                _ => {
-                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
-                }
-            },
-            Event::Stop(sig) => {
-                self.stopping_signals += 1;
-                let again =
-                    self.stopping_signals >= 2 && matches!(sig, Signal::SIGINT | Signal::SIGTERM);
-                self.interrupted.get_or_insert(sig);
-                let Some(sup) = sup else {
-                    tracing::warn!(signal = %sig, "received signal; no further task will start");
-                    return;
+        let policy = self.policy(task, release);
+        let run = match TaskRun::delivery(&task.name, policy, webhook, webhook.body(report)) {
+            Ok(run) => run,
+            Err(err) => {
+                return Ran {
+                    outcome: Outcome::NotDelivered(format!(
+                        "cannot start the sending thread: {err}"
+                    )),
+                    output_tail: Vec::new(),
+                    cut_by_release: false,
                 };
-                if again {
-                    if !sup.killed() {
-                        tracing::warn!(signal = %sig, "received a second stopping signal; sending SIGKILL to the task's process group");
-                        sup.kill();
-                    }
-                } else if sup.is_process() {
-                    tracing::warn!(
-                        signal = %sig, grace_s = sup.grace().as_secs_f64(),
-                        "received signal; forwarding it to the task's process group, SIGKILL after the grace period; no further task will start"
-                    );
-                    sup.begin(sig);
-                } else {
-                    tracing::warn!(signal = %sig, task = %sup.task(), "received signal; cancelling the webhook delivery; no further task will start");
-                    sup.begin(sig);
-                }
+            }
+        };
+        let ended = run.run(&mut self.listener).await;
+        if let Ok(status) = &ended.end {
+            if ended.timed_out.is_none() {
+                tracing::info!(task = %task.name, status, "the webhook took the report");
             }
         }
-    }
-
-    /// Handles events that queued up while no task was running, without waiting for more.
-    async fn take_pending_events(&mut self) {
-        // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
-        // an event when it next runs. Yielding lets it run, or a signal that arrived since the last
-        // await would be missed here (and a task would start after a stop, or `exec` go on).
-        tokio::task::yield_now().await;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        loop {
-            let event = {
-                let mut next = std::pin::pin!(self.signals.next());
-                match next.as_mut().poll(&mut cx) {
-                    std::task::Poll::Ready(event) => event,
-                    std::task::Poll::Pending => return,
-                }
-            };
-            self.on_event(event, None);
+        Ran {
+            outcome: delivery_outcome(ended.end, ended.timed_out, ended.stopped),
+            output_tail: Vec::new(),
+            cut_by_release: ended.timed_out == Some(Bound::ReleaseTimeout),
         }
     }
 
@@ -645,11 +784,6 @@ impl Runner {
             tracing::info!(task = %task.name, outcome = outcome.label(), exit_code, duration_ms, "task finished");
         }
     }
-}
-
-/// `d` in whole seconds, rounded up: "timeout in 0s" must not appear while time is left.
-fn whole_seconds_up(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
@@ -692,4 +826,237 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         _ => (EXIT_CANNOT_RUN, format!("cannot start the task: {err}")),
     };
     Outcome::CouldNotStart { code, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::Pid;
+
+    const PID: Pid = Pid::from_raw(7);
+
+    fn retry(retries: u32, statuses: &[i32], timeout: bool) -> crate::config::Retry {
+        crate::config::Retry {
+            retries,
+            delay: Duration::from_secs(5),
+            on: crate::config::RetryOn {
+                statuses: statuses.to_vec(),
+                timeout,
+            },
+            attempt_timeout: None,
+        }
+    }
+
+    const PLENTY: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn failed_attempts_are_retried_with_a_doubling_capped_pause() {
+        let r = retry(10, &[], false);
+        let failed = Outcome::Failed(1);
+        let pauses: Vec<_> = (1..=6)
+            .map(|n| after_attempt(&r, n, &failed, false, PLENTY, 0))
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 60, 60].map(|n| AfterAttempt::RetryIn(s(n)))
+        );
+        // A retry_delay above the cap is used as it is.
+        let long = crate::config::Retry {
+            delay: s(90),
+            ..r.clone()
+        };
+        assert_eq!(
+            after_attempt(&long, 3, &failed, false, PLENTY, 0),
+            AfterAttempt::RetryIn(s(90))
+        );
+        // The last attempt is the task's outcome.
+        assert_eq!(
+            after_attempt(&r, 11, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
+        assert_eq!(
+            after_attempt(&retry(2, &[], false), 3, &failed, false, PLENTY, 0),
+            AfterAttempt::Done(None)
+        );
+    }
+
+    #[test]
+    fn what_is_retried() {
+        let any = retry(2, &[], false);
+        let listed = retry(2, &[75, 137], false);
+        let r = |r: &crate::config::Retry, o: Outcome, by_attempt: bool| {
+            matches!(
+                after_attempt(r, 1, &o, by_attempt, PLENTY, 0),
+                AfterAttempt::RetryIn(_)
+            )
+        };
+        assert!(r(&any, Outcome::Failed(1), false));
+        assert!(r(&any, Outcome::Signaled(Signal::SIGKILL), false));
+        assert!(!r(&any, Outcome::Succeeded, false));
+        assert!(r(&listed, Outcome::Failed(75), false));
+        assert!(!r(&listed, Outcome::Failed(1), false));
+        assert!(
+            r(&listed, Outcome::Signaled(Signal::SIGKILL), false),
+            "128 + 9"
+        );
+        // Never: a stop signal, a command that cannot start, the whole task's timeout.
+        assert!(!r(&any, Outcome::Interrupted(Signal::SIGTERM), false));
+        assert!(!r(
+            &any,
+            Outcome::CouldNotStart {
+                code: 127,
+                reason: String::new()
+            },
+            false
+        ));
+        assert!(!r(&any, Outcome::TimedOut, false));
+        // An attempt cut off by attempt_timeout only with "timeout" in retry_on, and then it says why not.
+        assert!(!r(&any, Outcome::TimedOut, true));
+        assert!(matches!(
+            after_attempt(&any, 1, &Outcome::TimedOut, true, PLENTY, 0),
+            AfterAttempt::Done(Some(why)) if why.contains("retry_on")
+        ));
+        assert!(r(&retry(2, &[], true), Outcome::TimedOut, true));
+        assert!(r(&retry(2, &[3], true), Outcome::TimedOut, true));
+        assert!(!r(&retry(2, &[3], true), Outcome::Failed(1), true));
+    }
+
+    #[test]
+    fn no_retry_after_a_stop_signal_or_past_the_timeout() {
+        let r = retry(3, &[], false);
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, PLENTY, 1),
+            AfterAttempt::Done(None)
+        );
+        assert!(matches!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(5), 0),
+            AfterAttempt::Done(Some(why)) if why.contains("timeout")
+        ));
+        assert_eq!(
+            after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(6), 0),
+            AfterAttempt::RetryIn(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn tasks_run_on_success_until_something_fails() {
+        let within = Next::Run {
+            within_release: true,
+        };
+        assert_eq!(next(On::Success, false, false, 0), within);
+        assert_eq!(next(On::Always, false, false, 0), within);
+        assert_eq!(
+            next(On::Success, true, false, 0),
+            Next::NotRun(Outcome::NotRun)
+        );
+        assert_eq!(
+            next(On::Failure, false, false, 0),
+            Next::NotRun(Outcome::Skipped(SkipReason::OnFailure))
+        );
+    }
+
+    #[test]
+    fn after_a_failure_cleanup_tasks_run_on_their_own_timeout() {
+        let own = Next::Run {
+            within_release: false,
+        };
+        assert_eq!(next(On::Failure, true, false, 0), own);
+        assert_eq!(next(On::Always, true, false, 0), own);
+        // A first stop signal fails the release: clean-up still runs.
+        assert_eq!(next(On::Failure, true, false, 1), own);
+        assert_eq!(next(On::Always, true, true, 1), own);
+    }
+
+    #[test]
+    fn an_expired_release_timeout_fails_the_next_success_task() {
+        assert_eq!(
+            next(On::Success, false, true, 0),
+            Next::NotRun(Outcome::TimedOut)
+        );
+        assert_eq!(
+            next(On::Always, false, true, 0),
+            Next::Run {
+                within_release: false
+            }
+        );
+        assert_eq!(
+            next(On::Failure, false, true, 0),
+            Next::NotRun(Outcome::Skipped(SkipReason::OnFailure))
+        );
+    }
+
+    #[test]
+    fn after_a_second_stop_signal_nothing_starts() {
+        for on in [On::Success, On::Failure, On::Always] {
+            for (failed, expired) in [(false, false), (true, false), (true, true)] {
+                assert_eq!(
+                    next(on, failed, expired, 2),
+                    Next::NotRun(Outcome::NotRun),
+                    "{on} {failed} {expired}"
+                );
+                assert_eq!(next(on, failed, expired, 3), Next::NotRun(Outcome::NotRun));
+            }
+        }
+    }
+
+    #[test]
+    fn a_commands_outcome() {
+        let exited = |code| WaitStatus::Exited(PID, code);
+        let killed = |sig| WaitStatus::Signaled(PID, sig, false);
+        let term = Some(Signal::SIGTERM);
+        let timeout = Some(Bound::Timeout);
+        assert_eq!(command_outcome(exited(0), None, None), Outcome::Succeeded);
+        assert_eq!(command_outcome(exited(3), None, None), Outcome::Failed(3));
+        assert_eq!(
+            command_outcome(killed(Signal::SIGSEGV), None, None),
+            Outcome::Signaled(Signal::SIGSEGV)
+        );
+        // A timeout wins over whatever the process did after its SIGTERM.
+        assert_eq!(command_outcome(exited(0), timeout, None), Outcome::TimedOut);
+        assert_eq!(
+            command_outcome(killed(Signal::SIGKILL), Some(Bound::ReleaseTimeout), term),
+            Outcome::TimedOut
+        );
+        // A task that exits 0 on the stop signal succeeded; otherwise it was interrupted.
+        assert_eq!(command_outcome(exited(0), None, term), Outcome::Succeeded);
+        assert_eq!(
+            command_outcome(exited(143), None, term),
+            Outcome::Interrupted(Signal::SIGTERM)
+        );
+        assert_eq!(
+            command_outcome(killed(Signal::SIGKILL), None, Some(Signal::SIGINT)),
+            Outcome::Interrupted(Signal::SIGINT)
+        );
+        assert_eq!(
+            command_outcome(WaitStatus::StillAlive, None, None),
+            Outcome::Failed(1)
+        );
+    }
+
+    #[test]
+    fn a_deliverys_outcome() {
+        let no = || Err::<u16, _>("HTTP 500".to_owned());
+        assert_eq!(delivery_outcome(Ok(200), None, None), Outcome::Succeeded);
+        assert_eq!(
+            delivery_outcome(Ok(200), Some(Bound::Timeout), None),
+            Outcome::TimedOut
+        );
+        assert_eq!(
+            delivery_outcome(Ok(204), None, Some(Signal::SIGTERM)),
+            Outcome::Succeeded
+        );
+        assert_eq!(
+            delivery_outcome(no(), None, Some(Signal::SIGHUP)),
+            Outcome::Interrupted(Signal::SIGHUP)
+        );
+        assert_eq!(
+            delivery_outcome(no(), None, None),
+            Outcome::NotDelivered("HTTP 500".into())
+        );
+        assert_eq!(
+            delivery_outcome(no(), Some(Bound::ReleaseTimeout), None),
+            Outcome::TimedOut
+        );
+    }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::changed::Glob;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 
@@ -34,8 +35,20 @@ pub struct Config {
     pub tasks: Vec<Task>,
     /// `[require] env`: variables that must be set and not empty before anything runs.
     pub required_env: Vec<String>,
-    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock.
+    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock or a MySQL named lock.
     pub lock: Option<Lock>,
+}
+
+impl Config {
+    /// The config file's directory, which `dir` and `changed` are relative to.
+    #[must_use]
+    pub fn dir(&self) -> PathBuf {
+        let dir = match self.path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned())
+    }
 }
 
 /// `[lock]`, validated.
@@ -128,6 +141,51 @@ pub struct Task {
     pub env: BTreeMap<String, String>,
     /// Absolute working directory (a relative `dir` is taken from the config file's directory).
     pub dir: PathBuf,
+    /// `changed`: the task runs only if the files these globs match (relative to the config file's
+    /// directory) changed since its last successful run; empty when the task has no such gate.
+    pub changed: Vec<Glob>,
+    /// `retries`, `retry_delay`, `retry_on`, `attempt_timeout`.
+    pub retry: Retry,
+}
+
+/// How a failed attempt of a task is tried again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Further attempts after a failed one (0: none).
+    pub retries: u32,
+    /// The pause before the second attempt; it doubles for each further one, up to
+    /// [`Retry::MAX_DELAY`] (a longer `retry_delay` is used as it is).
+    pub delay: Duration,
+    /// Which failed attempts are tried again.
+    pub on: RetryOn,
+    /// A bound on each attempt, within the task's `timeout` (which bounds all attempts together).
+    pub attempt_timeout: Option<Duration>,
+}
+
+impl Retry {
+    /// Where the doubling of `retry_delay` stops.
+    pub const MAX_DELAY: Duration = Duration::from_secs(60);
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            retries: 0,
+            delay: Duration::from_secs(1),
+            on: RetryOn::default(),
+            attempt_timeout: None,
+        }
+    }
+}
+
+/// `retry_on`: the exit statuses worth another attempt, and whether an attempt cut off by
+/// `attempt_timeout` is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Empty: any failed exit status (or death by a signal release-tasks did not send).
+    pub statuses: Vec<i32>,
+    /// `"timeout"` in the list: an attempt that ran past `attempt_timeout` is tried again.
+    pub timeout: bool,
 }
 
 impl Task {

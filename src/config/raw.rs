@@ -93,6 +93,11 @@ pub(super) struct RawTask {
     #[serde(default)]
     pub(super) env: BTreeMap<String, Typed<String>>,
     pub(super) dir: Option<Typed<String>>,
+    pub(super) changed: Option<Spanned<toml::Value>>,
+    pub(super) retries: Option<Typed<u32>>,
+    pub(super) retry_delay: Option<Typed<String>>,
+    pub(super) retry_on: Option<Spanned<toml::Value>>,
+    pub(super) attempt_timeout: Option<Typed<String>>,
 }
 
 /// A value whose type the validator checks, not serde: serde stops at the first value of the wrong

@@ -13,7 +13,10 @@ use toml::Spanned;
 use super::raw::{
     Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema, Typed,
 };
-use super::{Backend, Command, Config, Defaults, Lock, Notify, NotifyFormat, On, Task, Template};
+use super::{
+    Backend, Command, Config, Defaults, Glob, Lock, Notify, NotifyFormat, On, Retry, RetryOn, Task,
+    Template,
+};
 use crate::error::{Diagnostic, Error, Result};
 use crate::gate::Gate;
 
@@ -46,6 +49,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         source,
         base: absolute(&base),
         problems: Vec::new(),
+        changed_at: Vec::new(),
     };
     v.unknown_keys(&doc, &Schema::new());
     // Leaf values are `Typed`, so a value of the wrong type is one problem among the rest; only a
@@ -63,6 +67,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let tasks = v.tasks(raw.tasks.0, &defaults);
     let required_env = v.required_env(raw.require);
     let lock = raw.lock.and_then(|l| v.lock(l));
+    v.changed_needs_once(lock.as_ref());
     // In file order, whichever pass found them; a problem without a place goes last.
     v.problems
         .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
@@ -176,6 +181,8 @@ struct Validator<'a> {
     source: &'a str,
     base: PathBuf,
     problems: Vec<Diagnostic>,
+    /// The tasks with a `changed` gate and where it is, checked against `[lock]` at the end.
+    changed_at: Vec<(String, std::ops::Range<usize>)>,
 }
 
 impl Validator<'_> {
@@ -490,6 +497,27 @@ impl Validator<'_> {
         })
     }
 
+    /// A `changed` gate compares with the ledger, which only `[lock]` with `once = true` keeps.
+    fn changed_needs_once(&mut self, lock: Option<&Lock>) {
+        let why = match lock {
+            Some(lock) if lock.once => return,
+            Some(_) => {
+                "[lock] keeps the release ledger only with once = true; add once = true to [lock]"
+            }
+            None => {
+                "add [lock] with postgres = \"DATABASE_URL\" and once = true (the ledger lives in the app's database)"
+            }
+        };
+        for (name, span) in std::mem::take(&mut self.changed_at) {
+            self.report(
+                Some(span),
+                format!(
+                    "task `{name}`: `changed` compares the files with the release ledger's record of the task's last successful run; {why}"
+                ),
+            );
+        }
+    }
+
     fn required_env(&mut self, raw: Option<RawRequire>) -> Vec<String> {
         let mut names = Vec::new();
         for name in raw.map(|r| r.env).unwrap_or_default() {
@@ -603,8 +631,48 @@ impl Validator<'_> {
                 path
             }
         };
+        let env = self.task_env(&name, raw.env);
+        let is_notify = matches!(command, Command::Notify(_));
+        let changed = raw
+            .changed
+            .map(|c| self.changed(&name, c))
+            .unwrap_or_default();
+        let retry = self.retry(
+            &name,
+            (
+                raw.retries,
+                raw.retry_delay,
+                raw.retry_on,
+                raw.attempt_timeout,
+            ),
+            is_notify,
+        );
+        Task {
+            timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
+            grace: self.duration(raw.grace, "grace", defaults.grace),
+            changed,
+            retry,
+            name,
+            command,
+            when,
+            unless,
+            allow_failure: self
+                .typed(raw.allow_failure)
+                .is_some_and(Spanned::into_inner),
+            on,
+            env,
+            dir,
+        }
+    }
+
+    /// A task's `env`: names and values a process can receive.
+    fn task_env(
+        &mut self,
+        name: &str,
+        raw: std::collections::BTreeMap<String, Typed<String>>,
+    ) -> std::collections::BTreeMap<String, String> {
         let mut env = std::collections::BTreeMap::new();
-        for (key, value) in raw.env {
+        for (key, value) in raw {
             let Some(value) = self.typed(Some(value)) else {
                 continue;
             };
@@ -624,20 +692,7 @@ impl Validator<'_> {
             }
             env.insert(key, value.into_inner());
         }
-        Task {
-            timeout: self.duration(raw.timeout, "timeout", defaults.timeout),
-            grace: self.duration(raw.grace, "grace", defaults.grace),
-            name,
-            command,
-            when,
-            unless,
-            allow_failure: self
-                .typed(raw.allow_failure)
-                .is_some_and(Spanned::into_inner),
-            on,
-            env,
-            dir,
-        }
+        env
     }
 
     fn command(&mut self, name: &str, run: Spanned<toml::Value>, defaults: &Defaults) -> Command {
@@ -783,6 +838,154 @@ impl Validator<'_> {
                 Some(n) => n.into_inner(),
             },
         })
+    }
+
+    /// `changed = "glob"` or a list of globs. The span is kept: whether `[lock]` keeps the ledger
+    /// that the gate compares with is known once `[lock]` is read.
+    fn changed(&mut self, name: &str, value: Spanned<toml::Value>) -> Vec<Glob> {
+        let span = value.span();
+        let items = match value.into_inner() {
+            toml::Value::String(one) => vec![toml::Value::String(one)],
+            toml::Value::Array(items) if !items.is_empty() => items,
+            _ => {
+                self.report(
+                    Some(span),
+                    format!(
+                        "task `{name}`: `changed` must be a glob or a list of globs, like changed = [\"db/migrate/**\"]"
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut globs = Vec::new();
+        for item in items {
+            let Some(text) = item.as_str() else {
+                self.report(
+                    Some(span.clone()),
+                    format!("task `{name}`: every item of `changed` must be a string, like \"db/migrate/**\""),
+                );
+                continue;
+            };
+            match Glob::parse(text) {
+                Ok(glob) => globs.push(glob),
+                Err(message) => self.report(
+                    Some(span.clone()),
+                    format!("task `{name}`: `changed`: {message}"),
+                ),
+            }
+        }
+        if !globs.is_empty() {
+            self.changed_at.push((name.to_owned(), span));
+        }
+        globs
+    }
+
+    /// `retries`, `retry_delay`, `retry_on` and `attempt_timeout`.
+    #[allow(clippy::type_complexity)] // the four keys as the raw task has them
+    fn retry(
+        &mut self,
+        name: &str,
+        (retries, retry_delay, retry_on, attempt_timeout): (
+            Option<Typed<u32>>,
+            Option<Typed<String>>,
+            Option<Spanned<toml::Value>>,
+            Option<Typed<String>>,
+        ),
+        is_notify: bool,
+    ) -> Retry {
+        let builtin = Retry::default();
+        let span_of = |t: &Option<Typed<String>>| {
+            t.as_ref()
+                .and_then(|t| t.0.as_ref().ok())
+                .map(Spanned::span)
+        };
+        let given = [
+            ("retry_delay", span_of(&retry_delay)),
+            ("retry_on", retry_on.as_ref().map(Spanned::span)),
+            ("attempt_timeout", span_of(&attempt_timeout)),
+        ];
+        let retries_given = retries.is_some();
+        let retries = match self.typed(retries) {
+            None => 0,
+            Some(n) if is_notify => {
+                self.report(
+                    Some(n.span()),
+                    format!(
+                        "task `{name}`: a notify task retries with notify's own `retries` (notify = {{ url = ..., retries = 3 }}); move it there"
+                    ),
+                );
+                0
+            }
+            Some(n) if *n.get_ref() > MAX_RETRIES => {
+                self.report(
+                    Some(n.span()),
+                    format!(
+                        "task `{name}`: `retries = {}` is more than the maximum of {MAX_RETRIES}; a task that fails that often needs fixing, not retrying",
+                        n.get_ref()
+                    ),
+                );
+                MAX_RETRIES
+            }
+            Some(n) => n.into_inner(),
+        };
+        if !retries_given && !is_notify {
+            for (key, span) in given {
+                if let Some(span) = span {
+                    self.report(
+                        Some(span),
+                        format!(
+                            "task `{name}`: `{key}` has no effect without `retries`; add retries = 2 (further attempts after a failed one)"
+                        ),
+                    );
+                }
+            }
+        }
+        let delay = self.duration(retry_delay, "retry_delay", builtin.delay);
+        let attempt_timeout = attempt_timeout
+            .map(|t| self.duration(Some(t), "attempt_timeout", Duration::MAX))
+            .filter(|t| *t != Duration::MAX);
+        let on = retry_on
+            .map(|on| self.retry_on(name, &on))
+            .unwrap_or_default();
+        Retry {
+            retries,
+            delay,
+            on,
+            attempt_timeout,
+        }
+    }
+
+    /// `retry_on = [75, 1, "timeout"]`: exit statuses from 1 to 255, and `"timeout"`.
+    fn retry_on(&mut self, name: &str, value: &Spanned<toml::Value>) -> RetryOn {
+        let mut on = RetryOn::default();
+        let bad = |v: &mut Self| {
+            v.report(
+                Some(value.span()),
+                format!(
+                    "task `{name}`: `retry_on` must list exit statuses from 1 to 255 and, to retry an attempt that ran past attempt_timeout, \"timeout\"; like retry_on = [75, \"timeout\"]"
+                ),
+            );
+        };
+        let toml::Value::Array(items) = value.get_ref() else {
+            bad(self);
+            return on;
+        };
+        if items.is_empty() {
+            bad(self);
+        }
+        for item in items {
+            match item {
+                toml::Value::Integer(code) if (1..=255).contains(code) => {
+                    on.statuses.push(*code as i32);
+                }
+                toml::Value::String(word) if word == "timeout" => on.timeout = true,
+                _ => {
+                    bad(self);
+                    return on;
+                }
+            }
+        }
+        on
     }
 
     fn gate(&mut self, name: &str, key: &str, value: &Spanned<toml::Value>) -> Option<Gate> {
@@ -934,6 +1137,73 @@ mod tests {
 
     fn parse_str(src: &str) -> Result<Config> {
         parse(Path::new("release.toml"), src)
+    }
+
+    #[test]
+    fn changed_and_retries_are_read_and_checked() {
+        let ok = parse_str(
+            "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n\
+             [tasks.m]\nrun = \"m\"\nchanged = [\"db/migrate/**\", \"prisma/*.sql\"]\n\
+             retries = 2\nretry_delay = \"2s\"\nretry_on = [75, \"timeout\"]\nattempt_timeout = \"1m\"\n\
+             [tasks.s]\nrun = \"s\"\nchanged = \"db/seeds.rb\"\n",
+        );
+        let config = ok.unwrap();
+        let m = &config.tasks[0];
+        assert_eq!(m.changed.len(), 2);
+        assert_eq!(m.retry.retries, 2);
+        assert_eq!(m.retry.delay, Duration::from_secs(2));
+        assert_eq!(m.retry.on.statuses, [75]);
+        assert!(m.retry.on.timeout);
+        assert_eq!(m.retry.attempt_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(config.tasks[1].changed[0].raw, "db/seeds.rb");
+        assert_eq!(config.tasks[1].retry, crate::config::Retry::default());
+    }
+
+    #[test]
+    fn changed_needs_lock_once_and_says_why() {
+        let without = problems("[tasks.m]\nrun = \"m\"\nchanged = [\"db/**\"]\n");
+        assert_eq!(without.len(), 1);
+        assert_eq!(without[0].location, Some((3, 11)));
+        assert_eq!(
+            without[0].message,
+            "task `m`: `changed` compares the files with the release ledger's record of the task's last successful run; \
+             add [lock] with postgres = \"DATABASE_URL\" and once = true (the ledger lives in the app's database)"
+        );
+        let not_once = problems(
+            "[lock]\npostgres = \"DATABASE_URL\"\n[tasks.m]\nrun = \"m\"\nchanged = \"db/**\"\n",
+        );
+        assert!(
+            not_once[0].message.ends_with("add once = true to [lock]"),
+            "{not_once:?}"
+        );
+    }
+
+    #[test]
+    fn bad_changed_and_retry_values() {
+        let found = problems(
+            "[lock]\npostgres = \"DATABASE_URL\"\nonce = true\n\
+             [tasks.a]\nrun = \"a\"\nchanged = [\"../x\", 5]\n\
+             [tasks.b]\nrun = \"b\"\nretries = 11\nretry_on = [0, \"never\"]\n\
+             [tasks.c]\nrun = \"c\"\nretry_delay = \"5s\"\n\
+             [tasks.d]\nnotify = { url = \"https://x\" }\nretries = 1\n\
+             [tasks.e]\nrun = \"e\"\nchanged = []\n",
+        );
+        let messages: Vec<&str> = found.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 7, "{messages:#?}");
+        for (i, says) in [
+            "goes up with `..`",
+            "every item of `changed` must be a string",
+            "`retries = 11` is more than the maximum of 10",
+            "`retry_on` must list exit statuses from 1 to 255",
+            "`retry_delay` has no effect without `retries`",
+            "a notify task retries with notify's own `retries`",
+            "`changed` must be a glob or a list of globs",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(messages[i].contains(says), "{i}: {}", messages[i]);
+        }
     }
 
     fn problems(src: &str) -> Vec<Diagnostic> {

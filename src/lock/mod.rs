@@ -23,6 +23,7 @@
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use crate::error::Error;
 use crate::gate::Env;
 use crate::lock_check::{CheckFuture, LockCheck, LockLost};
 use crate::metadata::Metadata;
+use crate::record::{RecordFuture, Recorder, TaskRecord};
 use crate::redact;
 use crate::report::Report;
 use crate::signals::Signals;
@@ -42,10 +44,11 @@ use crate::signals::Signals;
 mod ledger;
 #[cfg(feature = "mysql")]
 mod mysql;
+mod records;
 mod tls;
 mod url;
 
-pub use ledger::{history, wait};
+pub use ledger::{Answer, EXIT_FAILED_RELEASE, Query, last_successes, read, wait};
 
 /// The first pause before a waiting replica tries the lock again; it grows to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(300);
@@ -55,6 +58,9 @@ const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
 /// How long the check before a task may wait for its answer: a database that cannot answer one
 /// small query in this time (a network that went silent) is taken to have lost the lock.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a task record's write (or the read of the last successful runs) may take; a database that
+/// does not answer costs each task at most this, and the release goes on.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the ledger's outcome and the COMMIT that releases the lock may take before the
 /// connection is closed instead (which releases the lock too, without the outcome).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +87,12 @@ pub struct PgLock {
     db: Database,
     /// Why the lock was found lost, once it was; every later check fails with it.
     lost: RefCell<Option<String>>,
+    /// With `once`: the second connection that writes the ledger outside the lock's transaction,
+    /// so that other sessions see each record at once (`None` until `begin`, or when the database
+    /// had no connection to spare: then records go in the lock's transaction).
+    writer: RefCell<Option<Rc<Client>>>,
+    /// The release being recorded (set by `begin`).
+    recording: RefCell<Option<String>>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -121,6 +133,12 @@ fn chosen_url<'a>(lock: &'a Lock, env: &'a Env) -> Option<(&'a str, &'a str)> {
 /// parameters and certificate files) and, for `once`, the release's version.
 #[must_use]
 pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
+    preflight_for(lock, env, meta, lock.once)
+}
+
+/// [`preflight`], asking for the release's version only when `needs_release` (`history` reads any
+/// release, so it needs none).
+fn preflight_for(lock: &Lock, env: &Env, meta: &Metadata, needs_release: bool) -> Vec<String> {
     let mut problems = Vec::new();
     match chosen_url(lock, env) {
         None if lock.url_vars.len() == 1 => problems.push(format!(
@@ -147,7 +165,7 @@ pub fn preflight(lock: &Lock, env: &Env, meta: &Metadata) -> Vec<String> {
             "[lock] has no key and the app's name is unknown; set `key` in [lock] or RELEASE_TASKS_APP".into(),
         );
     }
-    if lock.once && release_id(meta).is_none() {
+    if needs_release && release_id(meta).is_none() {
         problems.push(
             "[lock] once = true needs to know which release this is; set RELEASE_TASKS_VERSION (or enable Heroku's \
              runtime-dyno-metadata)"
@@ -448,71 +466,70 @@ pub async fn acquire(
     }
 }
 
+/// Runs `$call` on the backend's lock, whichever it is.
+macro_rules! each_backend {
+    ($lock:expr, $l:ident => $call:expr) => {
+        match $lock {
+            ReleaseLock::Postgres($l) => $call,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql($l) => $call,
+        }
+    };
+}
+
 impl ReleaseLock {
     /// The lock's name, for messages.
     #[must_use]
     pub fn name(&self) -> &str {
-        match self {
-            ReleaseLock::Postgres(l) => l.name(),
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.name(),
-        }
+        each_backend!(self, l => l.name())
     }
 
     /// The completed run of `release`, if the ledger has one (read under the lock).
     pub async fn previous(&self, release: &str) -> Result<Option<PreviousRun>, Error> {
-        match self {
-            ReleaseLock::Postgres(l) => l.previous(release).await,
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.previous(release).await,
-        }
+        each_backend!(self, l => l.previous(release).await)
     }
 
-    /// Records that this replica is running `release`, visible to `wait` and `history` at once.
+    /// Records that this replica is running `release`, visible to `wait` and `history` at once, and
+    /// forgets the task records of an earlier run of it.
     pub async fn begin(&self, release: &str) -> Result<(), Error> {
-        match self {
-            ReleaseLock::Postgres(l) => l.begin(release).await,
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.begin(release).await,
-        }
+        each_backend!(self, l => l.begin(release).await)
+    }
+
+    /// What each task of `tasks` recorded at its last successful run under this key (for the
+    /// `changed` gate), read under the lock.
+    pub async fn last_successes(
+        &self,
+        tasks: &[String],
+    ) -> Result<std::collections::HashMap<String, crate::changed::LastSuccess>, Error> {
+        each_backend!(self, l => l.last_successes(tasks).await)
     }
 
     /// Records how `release` ended. `Err` says why the outcome could not be written under the lock
     /// (free of secrets): the ledger then does not record the release as completed.
     pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
-        match self {
-            ReleaseLock::Postgres(l) => l.finish(release, report).await,
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.finish(release, report).await,
-        }
+        each_backend!(self, l => l.finish(release, report).await)
     }
 
     /// Releases the lock and closes its connection. `Err` says why the release was not clean.
     pub async fn release(self) -> Result<(), String> {
-        match self {
-            ReleaseLock::Postgres(l) => l.release().await,
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.release().await,
-        }
+        each_backend!(self, l => l.release().await)
     }
 
     /// Closes the connection of a lock found lost, writing nothing.
     pub fn abandon(self) {
-        match self {
-            ReleaseLock::Postgres(l) => l.abandon(),
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.abandon(),
-        }
+        each_backend!(self, l => l.abandon());
+    }
+}
+
+impl Recorder for ReleaseLock {
+    fn record(&self, record: TaskRecord) -> RecordFuture<'_> {
+        each_backend!(self, l => l.record(record))
     }
 }
 
 impl LockCheck for ReleaseLock {
     fn check(&self) -> CheckFuture<'_> {
-        match self {
-            ReleaseLock::Postgres(l) => l.check(),
-            #[cfg(feature = "mysql")]
-            ReleaseLock::Mysql(l) => l.check(),
-        }
+        each_backend!(self, l => l.check())
     }
 }
 
@@ -567,6 +584,8 @@ async fn acquire_postgres(
                     meta: meta.clone(),
                     db,
                     lost: RefCell::new(None),
+                    writer: RefCell::new(None),
+                    recording: RefCell::new(None),
                 });
             }
         };
@@ -586,6 +605,8 @@ async fn acquire_postgres(
                 meta: meta.clone(),
                 db,
                 lost: RefCell::new(None),
+                writer: RefCell::new(None),
+                recording: RefCell::new(None),
             });
         };
         // Waiting costs the database no connection.
@@ -782,16 +803,23 @@ impl PgLock {
     /// `wait` and `history`) while the lock's transaction stays open; when the database has no
     /// connection to spare for it, written in the lock's transaction instead (visible with the outcome).
     pub async fn begin(&self, release: &str) -> Result<(), Error> {
+        let failed = |e: &tokio_postgres::Error| {
+            self.db
+                .error("cannot record the release in release_tasks_runs", e)
+        };
+        self.recording.replace(Some(release.to_owned()));
         let mut pause = Duration::from_millis(200);
         for _ in 0..3 {
             match self.db.connect_once().await {
                 Ok((client, _)) => {
-                    return ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
+                    ledger::begin(&client, &self.name, release, &self.db.me, &self.meta)
                         .await
-                        .map_err(|e| {
-                            self.db
-                                .error("cannot record the release in release_tasks_runs", &e)
-                        });
+                        .map_err(|e| failed(&e))?;
+                    records::clear(&client, &self.name, release)
+                        .await
+                        .map_err(|e| failed(&e))?;
+                    self.writer.replace(Some(Rc::new(client)));
+                    return Ok(());
                 }
                 Err(err) if is_transient(&err) => {
                     tracing::debug!(reason = %self.db.scrub(&describe(&err)), "no second connection for the ledger yet");
@@ -808,10 +836,114 @@ impl PgLock {
         };
         ledger::begin(client, &self.name, release, &self.db.me, &self.meta)
             .await
-            .map_err(|e| {
-                self.db
-                    .error("cannot record the release in release_tasks_runs", &e)
-            })
+            .map_err(|e| failed(&e))?;
+        records::clear(client, &self.name, release)
+            .await
+            .map_err(|e| failed(&e))
+    }
+
+    /// What each task of `tasks` recorded at its last successful run under this key (for the
+    /// `changed` gate), read under the lock.
+    pub async fn last_successes(
+        &self,
+        tasks: &[String],
+    ) -> Result<std::collections::HashMap<String, crate::changed::LastSuccess>, Error> {
+        let Some(client) = self.client.as_ref().filter(|_| !tasks.is_empty()) else {
+            return Ok(std::collections::HashMap::new());
+        };
+        // In a savepoint that is rolled back, as `previous` reads: the lock's transaction keeps no
+        // lock on the table.
+        let read = async {
+            client.batch_execute("SAVEPOINT ledger").await?;
+            let found = records::last_successes(client, &self.name, tasks).await?;
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT ledger; RELEASE SAVEPOINT ledger")
+                .await?;
+            Ok(found)
+        };
+        let found = tokio::time::timeout(RECORD_TIMEOUT, read)
+            .await
+            .map_err(|_| {
+                Error::Database(format!(
+                    "[lock] cannot read release_tasks_task_runs: the database did not answer within {}s",
+                    RECORD_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| self.db.error("cannot read release_tasks_task_runs", &e))?;
+        Ok(found.into_iter().collect())
+    }
+
+    /// Writes one task's record: on the second connection (visible at once), reconnecting once if it
+    /// dropped; failing that, in the lock's transaction, in a savepoint so that a failed write cannot
+    /// abort the transaction that holds the lock (visible with the outcome). A record that cannot be
+    /// written is logged; the release goes on.
+    async fn write_record(&self, record: TaskRecord) {
+        let Some(release) = self.recording.borrow().clone() else {
+            return;
+        };
+        // A lost lock may be someone else's by now, and the ledger with it.
+        if self.lost.borrow().is_some() {
+            return;
+        }
+        let mut writer = self.writer.borrow().clone();
+        if writer.as_ref().is_some_and(|c| c.is_closed()) {
+            writer = match tokio::time::timeout(RECORD_TIMEOUT, self.db.connect_once()).await {
+                Ok(Ok((client, _))) => Some(Rc::new(client)),
+                _ => None,
+            };
+            self.writer.replace(writer.clone());
+        }
+        let mut why = String::new();
+        if let Some(writer) = writer {
+            match tokio::time::timeout(
+                RECORD_TIMEOUT,
+                records::write(&writer, &self.name, &release, &record),
+            )
+            .await
+            {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => why = self.db.scrub(&describe(&err)),
+                Err(_) => why = format!("no answer within {}s", RECORD_TIMEOUT.as_secs()),
+            }
+        }
+        if let Some(client) = &self.client {
+            let in_lock = async {
+                client.batch_execute("SAVEPOINT record").await?;
+                match records::write(client, &self.name, &release, &record).await {
+                    Ok(()) => client.batch_execute("RELEASE SAVEPOINT record").await,
+                    Err(err) => {
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT record; RELEASE SAVEPOINT record")
+                            .await?;
+                        Err(err)
+                    }
+                }
+            };
+            match tokio::time::timeout(RECORD_TIMEOUT, in_lock).await {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => why = self.db.scrub(&describe(&err)),
+                Err(_) => why = format!("no answer within {}s", RECORD_TIMEOUT.as_secs()),
+            }
+        }
+        tracing::warn!(
+            task = %record.task, outcome = %record.outcome, reason = %why,
+            "cannot write the task's record to release_tasks_task_runs; `history --show` will not have it"
+        );
+    }
+
+    /// Prunes old task records (see `record::KEEP_RELEASES`) on the second connection; a failure is
+    /// logged.
+    async fn prune(&self) {
+        let Some(writer) = self.writer.borrow().clone() else {
+            return;
+        };
+        match tokio::time::timeout(RECORD_TIMEOUT, records::prune(&writer, &self.name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(reason = %self.db.scrub(&describe(&err)), "cannot prune old task records");
+            }
+            Err(_) => tracing::warn!("cannot prune old task records: the database did not answer"),
+        }
     }
 
     /// Records how `release` ended, in the lock's transaction: the outcome is committed with the
@@ -830,6 +962,8 @@ impl PgLock {
             "failed"
         };
         let write = ledger::finish(client, &self.name, release, status, report.exit_code());
+        // Old task records go first, on the second connection (see `record::KEEP_RELEASES`).
+        self.prune().await;
         match tokio::time::timeout(FINISH_TIMEOUT, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(self.failure(&err)),
@@ -909,6 +1043,12 @@ impl PgLock {
                 Err(err) => Err(self.db.scrub(&describe(&err))),
             },
         }
+    }
+}
+
+impl Recorder for PgLock {
+    fn record(&self, record: TaskRecord) -> RecordFuture<'_> {
+        Box::pin(self.write_record(record))
     }
 }
 

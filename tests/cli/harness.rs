@@ -105,8 +105,13 @@ impl Test {
         self.file("release.toml", toml)
     }
 
+    /// Writes a file in the test's directory (its directories made as needed).
     pub fn file(self, name: &str, contents: &str) -> Test {
-        std::fs::write(self.dir.path().join(name), contents).expect("write test file");
+        let path = self.dir.path().join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("make the test file's directory");
+        }
+        std::fs::write(path, contents).expect("write test file");
         self
     }
 

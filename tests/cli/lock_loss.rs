@@ -6,13 +6,16 @@ use std::process::Command;
 
 use crate::lock::{database_url, locked};
 
-/// Terminates the database backend of the release-tasks with this pid (found by its
-/// `application_name`), as the superuser; returns how many backends were terminated.
+/// Terminates the database backend that holds the lock for the release-tasks with this pid (found
+/// by its `application_name` and its advisory lock: with `once`, its second connection, which
+/// writes the ledger's task records, is left alone), as the superuser; returns how many backends
+/// were terminated.
 pub fn terminate_backend_of(pid: i32) -> usize {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres");
     let sql = format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name LIKE 'release-tasks pid {pid} on %'"
+         WHERE application_name LIKE 'release-tasks pid {pid} on %' \
+           AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
     );
     let out = Command::new("bash")
         .args([script, "psql", "-At", "-c", &sql])

@@ -9,6 +9,8 @@ mod harness;
 mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
+mod ledger;
+#[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
 mod lock_ledger;
@@ -22,6 +24,7 @@ mod lock_servers;
 mod lock_sockets;
 mod notify;
 mod platform;
+mod retries;
 mod shell;
 mod spawn;
 mod webhook;

@@ -73,7 +73,8 @@ fn oaep_encrypt(n: &[u8], e: &[u8], message: &[u8], seed: &[u8; 20]) -> Result<V
         return Err("the password is too long for the server's RSA key".into());
     }
     let mut db = digest(&SHA1, b"").as_ref().to_vec();
-    db.resize(k - message.len() - 20 - 1, 0);
+    // DB = lHash || PS (zeros) || 0x01 || M, k - 21 bytes long.
+    db.resize(k - 21 - 1 - message.len(), 0);
     db.push(1);
     db.extend_from_slice(message);
     for (b, m) in db.iter_mut().zip(mgf1(seed, k - 21)) {

@@ -13,14 +13,15 @@
 //! - Times come from the server's clock at the moment of each write (`UTC_TIMESTAMP(6)`, evaluated
 //!   per statement, outside any transaction), so durations are the release's real length.
 
-use super::wire::{Conn, Rows, WireError, quote};
+use super::wire::{Conn, WireError, quote};
 use crate::lock::PreviousRun;
 use crate::lock::ledger::Status;
 use crate::metadata::Metadata;
 
-/// Creates the ledger table if it is missing. Costs one statement when it is there.
+/// Creates the ledger's tables if they are missing (the releases, and the tasks' records).
 pub(in crate::lock) async fn ensure_table(conn: &mut Conn) -> Result<(), WireError> {
-    conn.query(
+    conn.execute(super::records::CREATE_TABLE).await?;
+    conn.execute(
         "CREATE TABLE IF NOT EXISTS release_tasks_runs (\
            lock_key VARCHAR(255) NOT NULL, \
            `release` VARCHAR(255) NOT NULL, \
@@ -137,26 +138,4 @@ pub(in crate::lock) async fn finish(
         ))
         .await?;
     Ok(changed > 0)
-}
-
-/// The last `limit` releases of `name`, newest first, as `history` shows them: release, version,
-/// commit, status, holder, started (UTC, ISO 8601), duration in seconds, exit code.
-pub(in crate::lock) async fn history(
-    conn: &mut Conn,
-    name: &str,
-    limit: u32,
-) -> Result<Rows, WireError> {
-    match conn
-        .query(&format!(
-            "SELECT `release`, version, `commit`, status, holder, \
-               DATE_FORMAT(started_at, '%Y-%m-%dT%H:%i:%sZ'), \
-               TIMESTAMPDIFF(MICROSECOND, started_at, finished_at) / 1000000, exit_code \
-             FROM release_tasks_runs WHERE lock_key = {} ORDER BY started_at DESC LIMIT {limit}",
-            quote(name)
-        ))
-        .await
-    {
-        Err(err) if is_missing_table(&err) => Ok(Vec::new()),
-        other => other,
-    }
 }

@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::{
-    CHECK_TIMEOUT, CONNECT_ATTEMPT, FINISH_TIMEOUT, PreviousRun, RETRY_MAX, RETRY_MIN,
-    application_name, chosen_url, jittered, key_for, lock_name, or_stop, release_id, secrets_of,
+    Answer, CHECK_TIMEOUT, CONNECT_ATTEMPT, FINISH_TIMEOUT, PreviousRun, Query, RECORD_TIMEOUT,
+    RETRY_MAX, RETRY_MIN, application_name, chosen_url, jittered, key_for, lock_name, or_stop,
+    release_id, secrets_of,
 };
 use crate::config::Lock;
 use crate::error::Error;
 use crate::gate::Env;
 use crate::lock_check::{CheckFuture, LockCheck, LockLost};
 use crate::metadata::Metadata;
+use crate::record::{RecordFuture, Recorder, TaskRecord};
 use crate::redact;
 use crate::report::Report;
 use crate::signals::Signals;
@@ -35,6 +37,7 @@ use wire::{Conn, WireError, quote};
 
 mod auth;
 pub(super) mod ledger;
+mod records;
 pub(super) mod url;
 mod wire;
 
@@ -197,6 +200,46 @@ impl Database {
         Ok((status, holder))
     }
 
+    /// For `history`: the ledger's answer to `query`.
+    pub(super) async fn read(
+        &self,
+        conn: &mut Conn,
+        name: &str,
+        query: &Query<'_>,
+    ) -> Result<Answer, Error> {
+        let answer = match query {
+            Query::Last(limit) => records::releases(conn, name, *limit)
+                .await
+                .map(Answer::Releases),
+            Query::Show(wanted) => match records::release(conn, name, wanted).await {
+                Ok(None) => Ok(Answer::Release(None)),
+                Ok(Some(entry)) => records::tasks(conn, name, &entry.release)
+                    .await
+                    .map(|tasks| Answer::Release(Some((entry, tasks)))),
+                Err(err) => Err(err),
+            },
+        };
+        answer.map_err(|e| self.error("cannot read the release ledger", &e))
+    }
+
+    /// For `plan`: what each of `tasks` recorded at its last successful run (`Err`: why not, in a few
+    /// words, free of secrets).
+    pub(super) async fn last_successes(
+        &self,
+        name: &str,
+        tasks: &[String],
+    ) -> Result<Vec<(String, crate::changed::LastSuccess)>, String> {
+        let mut conn = self
+            .connect_once()
+            .await
+            .map_err(|e| self.scrub(&e.to_string()))?;
+        let found = records::last_successes(&mut conn, name, tasks)
+            .await
+            .map_err(|e| self.scrub(&e.to_string()));
+        conn.quit().await;
+        found
+    }
+
     /// The server-wide lock name for `name` on this database: at most 64 characters.
     fn lock_name(&self, name: &str) -> String {
         named_lock(&self.schema, name)
@@ -294,6 +337,8 @@ pub struct Held {
     db: Database,
     /// Why the lock is known lost (a failed check or write); every later check fails with it.
     lost: RefCell<Option<String>>,
+    /// The release being recorded (set by `begin`).
+    recording: RefCell<Option<String>>,
 }
 
 /// Takes the lock on MySQL: as `super::acquire` does on PostgreSQL.
@@ -351,6 +396,7 @@ pub(super) async fn acquire(
                     meta: meta.clone(),
                     db,
                     lost: RefCell::new(None),
+                    recording: RefCell::new(None),
                 });
             }
         };
@@ -375,6 +421,7 @@ pub(super) async fn acquire(
                 meta: meta.clone(),
                 db,
                 lost: RefCell::new(None),
+                recording: RefCell::new(None),
             });
         };
         conn.quit().await;
@@ -519,18 +566,75 @@ impl Held {
         let Some(conn) = &self.conn else {
             return Ok(());
         };
-        ledger::begin(
-            &mut *conn.lock().await,
-            &self.name,
-            release,
-            &self.db.me,
-            &self.meta,
-        )
-        .await
-        .map_err(|e| {
+        self.recording.replace(Some(release.to_owned()));
+        let mut conn = conn.lock().await;
+        let failed = |e: &WireError| {
             self.db
-                .error("cannot record the release in release_tasks_runs", &e)
-        })
+                .error("cannot record the release in release_tasks_runs", e)
+        };
+        ledger::begin(&mut conn, &self.name, release, &self.db.me, &self.meta)
+            .await
+            .map_err(|e| failed(&e))?;
+        records::clear(&mut conn, &self.name, release)
+            .await
+            .map_err(|e| failed(&e))
+    }
+
+    /// What each task of `tasks` recorded at its last successful run under this key (for the
+    /// `changed` gate), read under the lock.
+    pub async fn last_successes(
+        &self,
+        tasks: &[String],
+    ) -> Result<std::collections::HashMap<String, crate::changed::LastSuccess>, Error> {
+        let Some(conn) = self.conn.as_ref().filter(|_| !tasks.is_empty()) else {
+            return Ok(std::collections::HashMap::new());
+        };
+        let mut conn = conn.lock().await;
+        let read = records::last_successes(&mut conn, &self.name, tasks);
+        match tokio::time::timeout(RECORD_TIMEOUT, read).await {
+            Ok(Ok(found)) => Ok(found.into_iter().collect()),
+            Ok(Err(err)) => Err(self.db.error("cannot read release_tasks_task_runs", &err)),
+            Err(_) => {
+                let why = format!(
+                    "the database did not answer within {}s",
+                    RECORD_TIMEOUT.as_secs()
+                );
+                self.lost.replace(Some(why.clone()));
+                Err(Error::Database(format!(
+                    "[lock] cannot read release_tasks_task_runs: {why}"
+                )))
+            }
+        }
+    }
+
+    /// Writes one task's record on the lock's connection (each statement commits by itself, so it is
+    /// visible at once). A record that cannot be written is logged; the release goes on. A write that
+    /// gets no answer leaves the connection in an unknown state: the lock is then taken as lost.
+    async fn write_record(&self, record: TaskRecord) {
+        let Some(release) = self.recording.borrow().clone() else {
+            return;
+        };
+        let Some(conn) = &self.conn else { return };
+        if self.lost.borrow().is_some() {
+            return;
+        }
+        let mut conn = conn.lock().await;
+        let write = records::write(&mut conn, &self.name, &release, &record);
+        let why = match tokio::time::timeout(RECORD_TIMEOUT, write).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => self.db.scrub(&err.to_string()),
+            Err(_) => {
+                let why = format!("no answer within {}s", RECORD_TIMEOUT.as_secs());
+                self.lost.replace(Some(format!(
+                    "the database did not answer a record's write: {why}"
+                )));
+                why
+            }
+        };
+        tracing::warn!(
+            task = %record.task, outcome = %record.outcome, reason = %why,
+            "cannot write the task's record to release_tasks_task_runs; `history --show` will not have it"
+        );
     }
 
     /// Records how `release` ended, in one statement that writes only while this session holds the
@@ -545,6 +649,19 @@ impl Held {
             "failed"
         };
         let mut conn = conn.lock().await;
+        // Old task records go first (see `record::KEEP_RELEASES`); a failure is logged.
+        match tokio::time::timeout(RECORD_TIMEOUT, records::prune(&mut conn, &self.name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(reason = %self.db.scrub(&err.to_string()), "cannot prune old task records");
+            }
+            Err(_) => {
+                let why =
+                    "the database did not answer while old task records were pruned".to_owned();
+                self.lost.replace(Some(why.clone()));
+                return Err(why);
+            }
+        }
         let write = ledger::finish(
             &mut conn,
             &self.name,
@@ -599,6 +716,12 @@ impl Held {
     /// Closes the connection of a lock found lost, writing nothing.
     pub fn abandon(self) {
         drop(self);
+    }
+}
+
+impl Recorder for Held {
+    fn record(&self, record: TaskRecord) -> RecordFuture<'_> {
+        Box::pin(self.write_record(record))
     }
 }
 

@@ -1,0 +1,142 @@
+//! Task retries: `retries`, `retry_delay` (doubling), `retry_on` and `attempt_timeout`, with every
+//! attempt logged and counted, all of them within the task's `timeout`, and a stop signal that ends
+//! the pause between two attempts at once.
+
+use std::time::Duration;
+
+use crate::harness::Test;
+
+/// A task that fails with `code` until it has run `fails` times, then succeeds; each run appends a
+/// line to `runs`.
+fn flaky(fails: u32, code: i32, keys: &str) -> Test {
+    Test::new().config(&format!(
+        "[tasks.purge]\nrun = \"echo run >> runs; test $(wc -l < runs) -gt {fails} || {{ echo 'HTTP 503'; exit {code}; }}\"\n{keys}\n"
+    ))
+}
+
+fn runs(t: &Test) -> usize {
+    std::fs::read_to_string(t.path("runs"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_flaky_task_succeeds_on_a_later_attempt_and_the_attempts_are_counted() {
+    let t = flaky(2, 1, "retries = 2\nretry_delay = \"100ms\"");
+    let out = t.run_with(&["--report", "report.json"]);
+    out.status(0);
+    assert_eq!(runs(&t), 3);
+    let warned: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("attempt failed; trying again"))
+        .collect();
+    assert_eq!(warned.len(), 2, "{}", out.stderr);
+    assert!(
+        warned[0].contains("attempt=1 of=3 outcome=failed exit_code=1 retry_in_ms=100"),
+        "{}",
+        warned[0]
+    );
+    assert!(
+        warned[1].contains("attempt=2 of=3 outcome=failed exit_code=1 retry_in_ms=200"),
+        "{}",
+        warned[1]
+    );
+    assert_eq!(
+        out.stderr.matches("task started task=purge").count(),
+        3,
+        "each attempt is logged"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
+    assert_eq!(report["tasks"][0]["attempts"], 3);
+    assert_eq!(report["tasks"][0]["outcome"], "succeeded");
+}
+
+#[test]
+fn attempts_run_out_and_the_last_ones_status_is_the_tasks() {
+    let t = flaky(9, 7, "retries = 1\nretry_delay = \"50ms\"");
+    let out = t.run_with(&["--report", "report.json"]);
+    out.status(7);
+    assert_eq!(runs(&t), 2);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
+    assert_eq!(report["tasks"][0]["attempts"], 2);
+    assert_eq!(
+        report["tasks"][0]["output_tail"],
+        serde_json::json!(["HTTP 503"])
+    );
+}
+
+#[test]
+fn retry_on_limits_the_statuses_that_are_tried_again() {
+    let t = flaky(
+        9,
+        2,
+        "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]",
+    );
+    t.run().status(2);
+    assert_eq!(runs(&t), 1, "exit 2 is not in retry_on");
+    let t = flaky(
+        1,
+        75,
+        "retries = 3\nretry_delay = \"50ms\"\nretry_on = [75, 1]",
+    );
+    t.run().status(0);
+    assert_eq!(runs(&t), 2);
+}
+
+#[test]
+fn all_attempts_stay_within_the_tasks_timeout() {
+    let t = flaky(
+        99,
+        1,
+        "retries = 10\nretry_delay = \"400ms\"\ntimeout = \"2s\"",
+    );
+    let out = t.run();
+    out.status(1).stderr_has(
+        "not trying again: the pause of 1s 600ms before another attempt would pass the task's timeout (or the release's)",
+    );
+    // 0.4 + 0.8 (+ 1.6 would pass 2s): three attempts.
+    assert_eq!(runs(&t), 3);
+    assert!(out.elapsed < Duration::from_secs(10), "{:?}", out.elapsed);
+    // A task that times out as a whole is not tried again.
+    let t = Test::new().config(
+        "[tasks.slow]\nrun = \"echo run >> runs; sleep 30\"\ntimeout = \"1s\"\nretries = 3\nretry_delay = \"10ms\"\ngrace = \"1s\"\n",
+    );
+    t.run().status(124);
+    assert_eq!(runs(&t), 1);
+}
+
+#[test]
+fn a_timed_out_attempt_is_retried_only_when_retry_on_says_timeout() {
+    let task = "[tasks.slow]\nrun = \"echo run >> runs; test $(wc -l < runs) -gt 1 || sleep 30\"\n\
+                retries = 2\nretry_delay = \"10ms\"\nattempt_timeout = \"1s\"\ngrace = \"1s\"\n";
+    let t = Test::new().config(task);
+    t.run()
+        .status(124)
+        .stderr_has("not trying again: the attempt ran past attempt_timeout, and retry_on does not list \"timeout\"");
+    assert_eq!(runs(&t), 1);
+    let t = Test::new().config(&format!("{task}retry_on = [\"timeout\"]\n"));
+    t.run().status(0);
+    assert_eq!(runs(&t), 2);
+}
+
+#[test]
+fn a_stop_signal_ends_the_pause_between_attempts_at_once() {
+    let t = flaky(99, 1, "retries = 3\nretry_delay = \"30s\"");
+    let running = t.spawn();
+    running.wait_for("attempt failed; trying again", Duration::from_secs(20));
+    let sent = std::time::Instant::now();
+    running.signal("TERM");
+    let out = running.wait();
+    out.status(143)
+        .stderr_has("received signal; no further attempt or task will start");
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(runs(&t), 1);
+}
