@@ -532,3 +532,37 @@ on = "failure"
         "migrate\nmaintenance-off\nmigrate\nseed\n"
     );
 }
+
+#[test]
+fn task_records_are_visible_as_the_release_proceeds_and_history_show_says_why_it_failed() {
+    let Some(url) = mysql_url() else { return };
+    crate::ledger::records_while_held("mysql", url, "my-why");
+}
+
+#[test]
+fn wait_fail_fast_ends_as_soon_as_the_release_failed_and_nobody_holds_the_lock() {
+    let Some(url) = mysql_url() else { return };
+    crate::ledger::wait_fail_fast_on("mysql", url, "my-failfast");
+}
+
+#[test]
+fn the_changed_gate_skips_what_did_not_change() {
+    let Some(url) = mysql_url() else { return };
+    let release = |v: &str| crate::ledger::changed_release_on("mysql", url, "my-changed", v);
+    let t = release("v41");
+    t.run().status(0);
+    assert_eq!(crate::ledger::ran(&t), "migrating\n");
+    // A config-only release: the migration's files are as at v41.
+    let t = release("v42");
+    t.run().status(0).stderr_has("unchanged since v41");
+    assert_eq!(crate::ledger::ran(&t), "", "migrate was skipped");
+    // A new migration file: it runs.
+    let t = release("v43").file("db/migrate/002_more.rb", "alter table");
+    t.run().status(0);
+    assert_eq!(crate::ledger::ran(&t), "migrating\n");
+    let out = t.run_with(&["history", "--show", "v43", "--log-format", "json"]);
+    out.status(0);
+    let doc: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+    assert_eq!(doc["tasks"][0]["task"], "migrate");
+    assert_eq!(doc["tasks"][0]["outcome"], "succeeded");
+}
