@@ -566,3 +566,79 @@ fn the_changed_gate_skips_what_did_not_change() {
     assert_eq!(doc["tasks"][0]["task"], "migrate");
     assert_eq!(doc["tasks"][0]["outcome"], "succeeded");
 }
+
+/// A loopback TCP proxy to `target` that can stop forwarding while it keeps every socket open, as a
+/// network partition does (no RST, no FIN). Returns its port and the switch.
+fn partition_proxy(target: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cut = Arc::new(AtomicBool::new(false));
+    let switch = Arc::clone(&cut);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let cut = Arc::clone(&cut);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = from.read(&mut buf) else { return };
+                        if n == 0 {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        // Partitioned: what was read is never delivered, and nothing more is read.
+                        while cut.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (port, switch)
+}
+
+#[test]
+fn a_silent_network_is_noticed_before_the_next_task() {
+    let Some(url) = mysql_url() else { return };
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .and_then(|(port, _)| port.parse().ok())
+        .unwrap();
+    let (proxy, cut) = partition_proxy(port);
+    let through = url.replace(&format!(":{port}/"), &format!(":{proxy}/"));
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+[tasks.seed]
+run = "echo seed >> rows"
+"#;
+    let t = locked(&through, "my-partition", "", tasks);
+    let holder = t.spawn_until("| ready");
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::fs::write(t.path("go"), "").unwrap();
+    let out = holder.wait();
+    out.status(69)
+        .stderr_has("the database did not answer within 10s")
+        .stderr_has("last_task_under_lock=migrate")
+        .stderr_has("task=seed outcome=not-run");
+    assert!(out.elapsed < Duration::from_secs(60), "{:?}", out.elapsed);
+    assert_eq!(
+        std::fs::read_to_string(t.path("rows")).unwrap(),
+        "migrate\n",
+        "no task starts once the lock cannot be proved"
+    );
+}
