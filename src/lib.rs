@@ -38,7 +38,7 @@ use cli::{Command, Settings};
 use error::{Error, Result};
 use gate::Env;
 use log::LogFormat;
-use output::Target;
+use output::Stdio;
 use plan::Plan;
 
 /// Takes the environment snapshot that every decision is made from, values as they are (see
@@ -74,36 +74,8 @@ fn say(text: &str) -> Result<()> {
         .map_err(Error::Output)
 }
 
-/// Writes a line to stderr for people. Where stderr cannot be written there is nobody to tell, and
-/// the exit status still says what happened, so the error is dropped. A stderr that nobody reads (a
-/// full pipe) would block the write, and the output lock behind it, for ever: the write gets
-/// `TELL_WAIT` (5 s) on a thread of its own, then release-tasks goes on without it; once a line has
-/// timed out, later ones are dropped at once (`check` with many warnings waits once, not per line).
-pub fn tell(line: &str) {
-    static STALLED: log::Stall = log::Stall::new();
-    let deadline = STALLED.deadline(TELL_WAIT);
-    if deadline <= std::time::Instant::now() {
-        return;
-    }
-    let line = line.to_owned();
-    let (said, wait) = std::sync::mpsc::channel();
-    let writer = std::thread::Builder::new().spawn(move || {
-        let _ = output::write(Target::Stderr, line.as_bytes());
-        let _ = said.send(());
-    });
-    if writer.is_ok() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if wait.recv_timeout(left).is_err() {
-            STALLED.timed_out(deadline);
-        }
-    }
-}
-
-/// How long [`tell`] waits for a stalled stderr, once.
-const TELL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Carries out `settings.command` and returns the exit status.
-pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
+pub fn execute(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
     match &settings.command {
         Command::Completions { shell } => {
             let mut script = Vec::new();
@@ -121,7 +93,7 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             Ok(0)
         }
         Command::Check => {
-            let (config, plan) = load(settings, env)?;
+            let (config, plan) = load(settings, env, stdio)?;
             check_report_paths(settings)?;
             let runs = plan.to_run().count();
             match settings.log_format {
@@ -146,16 +118,16 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         }
         Command::Plan => {
             #[allow(unused_mut)] // decided from the ledger only with the postgres feature
-            let (_, mut plan) = load(settings, env)?;
+            let (_, mut plan) = load(settings, env, stdio)?;
             #[cfg(feature = "postgres")]
             decide_changed_for_plan(&mut plan, env);
             let mut out = std::io::stdout().lock();
             plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
             Ok(0)
         }
-        Command::Run => run(settings, env),
+        Command::Run => run(settings, env, stdio),
         Command::Exec { command } => {
-            let status = run(settings, env)?;
+            let status = run(settings, env, stdio)?;
             if status != 0 {
                 return Ok(status);
             }
@@ -166,16 +138,16 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
             }
             tracing::info!(command = %redact::command(&shown_command(command)), "release succeeded; starting the command");
             // What release-tasks still has to say must be out before it is replaced.
-            log::flush(std::time::Duration::from_secs(5));
+            stdio.flush();
             if let Some(sig) = exec::stop_received() {
                 return Err(exec::interrupted(sig));
             }
             Err(exec::replace_with(command, &std::env::vars_os().collect::<Vec<_>>()))
         }
         #[cfg(feature = "postgres")]
-        Command::Wait { timeout, fail_fast } => wait(settings, env, *timeout, *fail_fast),
+        Command::Wait { timeout, fail_fast } => wait(settings, env, stdio, *timeout, *fail_fast),
         #[cfg(feature = "postgres")]
-        Command::History { limit, show } => history(settings, env, *limit, show.as_deref()),
+        Command::History { limit, show } => history(settings, env, stdio, *limit, show.as_deref()),
         #[cfg(not(feature = "postgres"))]
         Command::Wait { .. } | Command::History { .. } => Err(error::Error::Usage(
             "wait and history read the [lock] ledger; this release-tasks was built without the `postgres` feature"
@@ -189,10 +161,11 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
 fn wait(
     settings: &Settings,
     env: &Env,
+    stdio: &Stdio,
     timeout: Option<std::time::Duration>,
     fail_fast: bool,
 ) -> Result<i32> {
-    let (config, plan) = load(settings, env)?;
+    let (config, plan) = load(settings, env, stdio)?;
     let lock = ledger_lock(&config, "wait")?;
     if !lock.once {
         return Err(Error::ConfigInvalid {
@@ -205,14 +178,22 @@ fn wait(
             }],
         });
     }
+    // Log lines from now on by a thread of their own: signals are acted on while waiting.
+    stdio.write_in_background();
     lock::wait(lock, env, &plan.meta, timeout, fail_fast)
 }
 
 /// `release-tasks history [--show VERSION]`: read by the lock layer, printed by `history.rs`; a
 /// stdout that cannot be written is an output error (74), as for `check` and `plan`.
 #[cfg(feature = "postgres")]
-fn history(settings: &Settings, env: &Env, limit: u32, show: Option<&str>) -> Result<i32> {
-    let (config, plan) = load(settings, env)?;
+fn history(
+    settings: &Settings,
+    env: &Env,
+    stdio: &Stdio,
+    limit: u32,
+    show: Option<&str>,
+) -> Result<i32> {
+    let (config, plan) = load(settings, env, stdio)?;
     let lock = ledger_lock(&config, "history")?;
     let query = match show {
         Some(version) => lock::Query::Show(version),
@@ -233,7 +214,7 @@ fn history(settings: &Settings, env: &Env, limit: u32, show: Option<&str>) -> Re
             drop(out);
             let wanted = history::shown(show.unwrap_or_default());
             match format {
-                LogFormat::Text => tell(&format!(
+                LogFormat::Text => stdio.tell(&format!(
                     "release-tasks: no release {wanted} recorded for `{}`; `release-tasks history` lists the recorded ones\n",
                     history::shown(&name)
                 )),
@@ -282,8 +263,8 @@ fn ledger_lock<'a>(config: &'a config::Config, command: &str) -> Result<&'a conf
 }
 
 /// `run` (and the release part of `exec`): plan, run, report; the release's exit status.
-fn run(settings: &Settings, env: &Env) -> Result<i32> {
-    let (config, plan) = load(settings, env)?;
+fn run(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
+    let (config, plan) = load(settings, env, stdio)?;
     if !plan.preflight.is_empty() {
         return Err(error::Error::Environment {
             problems: plan.preflight,
@@ -304,7 +285,9 @@ fn run(settings: &Settings, env: &Env) -> Result<i32> {
         "release started"
     );
     metadata::warn_if_fly_stops_first(env, plan.defaults.release_timeout);
-    let report = run::run_release(&plan, env)?;
+    let report = run::run_release(&plan, env, stdio);
+    stdio.ending();
+    let report = report?;
     report.log_summary();
     write_reports(report_files, &report);
     Ok(report.exit_code())
@@ -328,7 +311,7 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 
 /// Reads the config and plans the release. For `check` and `plan`, what the environment lacks for
 /// `run` is a warning; `run` itself refuses to start with it.
-fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
+fn load(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     #[allow(unused_mut)] // hashed only with the postgres feature, which `changed` needs
     let mut plan = Plan::new(&config, env, &settings.selection)?;
@@ -345,13 +328,13 @@ fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let preflight = if run { &[][..] } else { &plan.preflight[..] };
     for warning in &plan.warnings {
         match settings.log_format {
-            LogFormat::Text if !run => tell(&format!("release-tasks: warning: {warning}\n")),
+            LogFormat::Text if !run => stdio.tell(&format!("release-tasks: warning: {warning}\n")),
             _ => tracing::warn!(problem = %warning, "check the config"),
         }
     }
     for missing in preflight {
         match settings.log_format {
-            LogFormat::Text => tell(&format!(
+            LogFormat::Text => stdio.tell(&format!(
                 "release-tasks: warning: {missing}; `release-tasks run` would stop here\n"
             )),
             LogFormat::Json => {

@@ -7,9 +7,6 @@
 //! a log line that cannot be written (stderr closed or full) is dropped: it never stops the release.
 
 use std::fmt::Write as _;
-use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -17,7 +14,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::output::{self, Target};
+use crate::output::Stdio;
 
 /// How release-tasks writes its own log lines (task output is passed through as it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -48,10 +45,11 @@ pub fn colour<S: AsRef<str>>(var: impl Fn(&str) -> Option<S>, stderr_is_terminal
     }
 }
 
-/// Starts logging in `format`; `colour` (see [`colour`]) applies to the text format only.
-pub fn init(format: LogFormat, colour: bool) {
+/// Starts logging in `format` to `stdio`'s stderr; `colour` (see [`colour`]) applies to the text
+/// format only.
+pub fn init(format: LogFormat, colour: bool, stdio: &Stdio) {
     let builder = tracing_subscriber::fmt()
-        .with_writer(LogWriter)
+        .with_writer(LogWriter(stdio.clone()))
         .with_max_level(Level::INFO);
     match format {
         LogFormat::Text => builder.event_format(Logfmt { colour }).init(),
@@ -154,114 +152,14 @@ fn push_value(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// Lines for the background writer, once there is one.
-static BACKGROUND: OnceLock<Sender<Message>> = OnceLock::new();
-
-enum Message {
-    Line(Vec<u8>),
-    /// Answered once every line sent before it is written.
-    Flush(SyncSender<()>),
-}
-
-/// From now on, log lines are written by a thread of their own, so that the run loop never waits on
-/// a stalled log reader: a timeout or a signal must be acted on even when nobody reads stderr.
-pub fn write_in_background() {
-    if BACKGROUND.get().is_some() {
-        return;
-    }
-    let (tx, rx) = channel::<Message>();
-    let started = std::thread::Builder::new()
-        .name("log".into())
-        .stack_size(output::SMALL_STACK)
-        .spawn(move || {
-            for message in rx {
-                match message {
-                    // A closed stderr must not stop the release; the line is lost either way.
-                    Message::Line(line) => drop(output::write(Target::Stderr, &line)),
-                    Message::Flush(done) => drop(done.send(())),
-                }
-            }
-        });
-    // Without the thread, lines are written directly, as before the release started.
-    if started.is_ok() {
-        let _ = BACKGROUND.set(tx);
-    }
-}
-
-/// Waits until the log lines sent so far are written, for at most `limit` (stderr may be stalled).
-/// Once a flush has timed out, later ones wait no longer than it did: a stalled stderr costs
-/// release-tasks one wait at its end, not one per flush.
-pub fn flush(limit: Duration) {
-    if let Some(tx) = BACKGROUND.get() {
-        let (done, wait) = sync_channel(1);
-        if tx.send(Message::Flush(done)).is_ok() {
-            let deadline = FLUSH_STALLED.deadline(limit);
-            let left = deadline.saturating_duration_since(Instant::now());
-            if wait.recv_timeout(left).is_err() {
-                FLUSH_STALLED.timed_out(deadline);
-            }
-        }
-    }
-}
-
-/// How long log lines written directly may wait for a stalled stderr, in all.
-const DIRECT_WAIT: Duration = Duration::from_secs(5);
-
-/// When a line written directly (before the background writer) first timed out: later ones wait
-/// no longer than that, so that a stalled stderr costs one wait before the release, not one a line.
-static DIRECT_STALLED: Stall = Stall::new();
-
-/// The same for flushes. Kept apart from [`DIRECT_STALLED`]: a reader that stalled before the
-/// release may be back by its end, and the last lines (and a stop signal that arrives while they
-/// go out, before `exec`) deserve their wait.
-static FLUSH_STALLED: Stall = Stall::new();
-
-/// Waits for a stderr that may be stalled (a full pipe that nobody reads), given up on once: the
-/// first wait that times out sets when every later one ends, so that release-tasks waits for a
-/// stalled stderr once, not once per line.
-pub(crate) struct Stall(Mutex<Option<Instant>>);
-
-impl Stall {
-    pub(crate) const fn new() -> Stall {
-        Stall(Mutex::new(None))
-    }
-
-    /// When a wait that may last `limit` must end: `limit` from now, or when the first wait that
-    /// timed out ended (then it may be past already).
-    pub(crate) fn deadline(&self, limit: Duration) -> Instant {
-        let stalled = *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        stalled.unwrap_or_else(|| Instant::now() + limit)
-    }
-
-    /// Remembers that a wait ended at `deadline` with its lines still waiting.
-    pub(crate) fn timed_out(&self, deadline: Instant) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_or_insert(deadline);
-    }
-}
-
-/// Writes each formatted event to stderr in one locked write (or hands it to the background writer).
-#[derive(Clone, Copy)]
-struct LogWriter;
+/// Writes each formatted event to stderr through the [`Stdio`] handle, in one locked write (or
+/// handed to its background writer), never for ever (see [`Stdio::log`]).
+#[derive(Clone)]
+struct LogWriter(Stdio);
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(tx) = BACKGROUND.get() {
-            drop(tx.send(Message::Line(buf.to_vec())));
-        } else {
-            // Before the background writer exists (before the release starts, and for the other
-            // commands) a stalled stderr must not hold release-tasks up for ever: a line waits at
-            // most DIRECT_WAIT, and once one has timed out, the later ones no longer than it did.
-            let deadline = DIRECT_STALLED.deadline(DIRECT_WAIT);
-            if output::write_until(Target::Stderr, buf, deadline).is_err() {
-                DIRECT_STALLED.timed_out(deadline);
-            }
-        }
+        self.0.log(buf);
         Ok(buf.len())
     }
 
@@ -274,7 +172,7 @@ impl MakeWriter<'_> for LogWriter {
     type Writer = LogWriter;
 
     fn make_writer(&self) -> Self::Writer {
-        LogWriter
+        self.clone()
     }
 }
 

@@ -41,6 +41,8 @@ fn main() {
             std::process::exit(err.exit_code());
         }
     };
+    // The one handle on stdout and stderr, passed down to everything that writes to them.
+    let stdio = release_tasks::output::Stdio::new();
     let mut env = release_tasks::env_snapshot();
     // Lossily, so that a NO_COLOR that is not UTF-8 still counts as set.
     let colour =
@@ -61,33 +63,36 @@ fn main() {
             } else {
                 LogFormat::Text
             };
-            release_tasks::log::init(format, colour);
-            report_error(&err, format);
+            release_tasks::log::init(format, colour, &stdio);
+            stdio.ending();
+            report_error(&stdio, &err, format);
             std::process::exit(err.exit_code());
         }
     };
-    release_tasks::log::init(settings.log_format, colour);
-    release_tasks::output::set_format(settings.output_format);
-    let result = release_tasks::execute(&settings, &env);
+    release_tasks::log::init(settings.log_format, colour, &stdio);
+    stdio.set_output_format(settings.output_format);
+    let result = release_tasks::execute(&settings, &env, &stdio);
     // Log lines may still be on their way to a slow reader: let them out first (an error message must
-    // come after them), waiting a little, never forever.
-    release_tasks::log::flush(std::time::Duration::from_secs(5));
+    // come after them), waiting a little, never forever: a stalled stderr costs one wait at the end,
+    // shared by these flushes and the error message.
+    stdio.ending();
+    stdio.flush();
     let code = match result {
         Ok(code) => code,
         Err(err) => {
-            report_error(&err, settings.log_format);
+            report_error(&stdio, &err, settings.log_format);
             err.exit_code()
         }
     };
-    release_tasks::log::flush(std::time::Duration::from_secs(5));
+    stdio.flush();
     std::process::exit(code);
 }
 
 /// Errors go to stderr: as plain text a person reads, or as one JSON event for a log pipeline. A
 /// stderr that cannot be written loses the message, never the exit status.
-fn report_error(err: &Error, format: LogFormat) {
+fn report_error(stdio: &release_tasks::output::Stdio, err: &Error, format: LogFormat) {
     match format {
-        LogFormat::Text => release_tasks::tell(&format!("release-tasks: error: {err}\n")),
+        LogFormat::Text => stdio.tell(&format!("release-tasks: error: {err}\n")),
         LogFormat::Json => {
             tracing::error!(error = %err, exit_code = err.exit_code(), "release-tasks stopped");
         }

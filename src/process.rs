@@ -25,7 +25,7 @@ use crate::config::Task;
 pub const RUN_ID_VAR: &str = "RELEASE_TASKS_RUN_ID";
 
 /// The process groups of the tasks running now (0: a free slot), kept by [`TaskProcesses`] for the
-/// panic hook ([`kill_every_task`]): the release profile aborts on panic, so no destructor runs.
+/// panic hook, which is why this is a process-wide static and not owned by a value passed down ([`kill_every_task`]): the release profile aborts on panic, so no destructor runs.
 /// Tasks run one at a time; the spare slots cost nothing. Atomics, because a panic may strike while
 /// any lock is held.
 static LIVE_GROUPS: [AtomicI32; 4] = [const { AtomicI32::new(0) }; 4];
@@ -159,6 +159,8 @@ fn spawn_argv(
 /// /dev/null, opened once: every task's stdin.
 #[cfg(target_os = "linux")]
 fn dev_null() -> io::Result<&'static OwnedFd> {
+    // Not state but a cache: set once, never changed, and the same for every caller (one `open`
+    // fewer per task).
     static NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
     if let Some(fd) = NULL.get() {
         return Ok(fd);

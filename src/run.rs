@@ -1,12 +1,12 @@
 //! Executes a [`Plan`]: the order of tasks, and the decisions between them.
 //!
 //! This module is policy only, and its decisions are pure functions with unit tests below: whether
-//! the next task runs and within which deadline ([`next`]: after a failure, `on = "failure"` and
+//! the next task runs and within which deadline (`next`: after a failure, `on = "failure"` and
 //! `"always"` tasks run on their own timeout; after a second stop signal nothing starts), and which
-//! outcome follows from how a task ended ([`command_outcome`], [`delivery_outcome`]). Each running
+//! outcome follows from how a task ended (`command_outcome`, `delivery_outcome`). Each running
 //! task is owned whole by its [`TaskRun`] (`task_run.rs`): spawning is done here, then its process
 //! group, output, deadline, SIGTERM + SIGCONT -> grace -> SIGKILL and its leftovers are the
-//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the [`Listener`] and returns a
+//! `TaskRun`'s, which takes the run loop's signals as [`Order`]s from the `Listener` and returns a
 //! typed result. Exit statuses are derived from the outcomes in `report.rs`.
 
 use std::future::Future;
@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 
-use crate::config::{Defaults, On, Task};
+use crate::config::{On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
 use crate::lock_check::LockCheck;
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
+use crate::output::Stdio;
 use crate::plan::{Plan, Step};
 use crate::process;
 use crate::record::{Recorder, TaskRecord};
@@ -38,7 +39,7 @@ const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The async runtime and the signal handlers are set up only when some task is to run, so a release
 /// with every gate off costs no more than reading the config (it replaces a shell script that costs
 /// about a millisecond).
-pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
+pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Result<Report> {
     let meta = plan.meta.clone();
     if plan.to_run().next().is_none() {
         return Ok(all_skipped(plan, None, meta));
@@ -52,7 +53,7 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             None
         }
     };
-    crate::log::write_in_background();
+    stdio.write_in_background();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -62,17 +63,17 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
-            return run_locked(plan, lock, env, meta, signals, (guardian, run_id)).await;
+            return run_locked(plan, lock, env, meta, signals, (guardian, run_id), stdio).await;
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
         Ok(run(
             plan,
-            &plan.defaults,
             meta,
             signals,
             (guardian, run_id),
             crate::tail::secrets(env.iter()),
+            stdio,
             (None, None),
         )
         .await?)
@@ -89,6 +90,7 @@ async fn run_locked(
     meta: Metadata,
     mut signals: Signals,
     guardian: (Option<Guardian>, String),
+    stdio: &Stdio,
 ) -> crate::error::Result<Report> {
     let held = crate::lock::acquire(lock, env, &meta, &mut signals).await?;
     let release = crate::lock::release_id(&meta).unwrap_or_default();
@@ -129,11 +131,11 @@ async fn run_locked(
     let plan = &plan;
     let report = run(
         plan,
-        &plan.defaults,
         meta,
         signals,
         guardian,
         crate::tail::secrets(env.iter()),
+        stdio,
         (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
@@ -210,15 +212,17 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
 
 async fn run(
     plan: &Plan,
-    defaults: &Defaults,
     meta: Metadata,
     signals: Signals,
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
+    stdio: &Stdio,
     (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
 ) -> anyhow::Result<Report> {
+    let defaults = &plan.defaults;
     let started = Instant::now();
     let mut runner = Runner {
+        stdio: stdio.clone(),
         tail_lines: defaults.tail_lines,
         secrets,
         listener: Listener {
@@ -579,6 +583,7 @@ impl Orders for Listener {
 }
 
 struct Runner {
+    stdio: Stdio,
     listener: Listener,
     guardian: Option<Guardian>,
     /// Marks this run's processes for the guardian.
@@ -721,6 +726,7 @@ impl Runner {
         secrets.extend(crate::tail::secrets(task.env.iter()));
         let policy = self.policy(task, release);
         let run = TaskRun::command(
+            &self.stdio,
             &task.name,
             policy,
             spawned,

@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::guardian::Guardian;
 use crate::notify::{Cancel, Webhook};
-use crate::output::{Pump, Target};
+use crate::output::{Pump, Stdio, Target};
 use crate::process::{self, TaskProcesses};
 use crate::tail::Tail;
 
@@ -519,10 +519,10 @@ pub struct Process<'g> {
 
 impl<'g> TaskRun<Process<'g>> {
     /// Takes over a command task from what `process::spawn` returned: its process group (with
-    /// what escapes it; `SIGKILLed` if this is dropped), its output pumped to release-tasks's own
-    /// stdout and stderr under `prefix` with its last `tail_lines` lines kept (`secrets` hidden),
+    /// what escapes it; `SIGKILLed` if this is dropped), its output pumped to `stdio` under `prefix` with its last `tail_lines` lines kept (`secrets` hidden),
     /// and its registration with the guardian.
     pub fn command(
+        stdio: &Stdio,
         task: &str,
         policy: Policy,
         spawned: process::Spawned,
@@ -535,8 +535,15 @@ impl<'g> TaskRun<Process<'g>> {
         // Owned before the pumps start, so a failure to start them still kills the group on drop.
         let procs = TaskProcesses::new(pid, exempt);
         let tail = Arc::new(Mutex::new(Tail::new(tail_lines)));
-        let pump =
-            |source, target| Pump::start(source, target, prefix.to_vec(), Some(Arc::clone(&tail)));
+        let pump = |source, target| {
+            Pump::start(
+                stdio,
+                source,
+                target,
+                prefix.to_vec(),
+                Some(Arc::clone(&tail)),
+            )
+        };
         let pumps = [
             pump(spawned.stdout, Target::Stdout)?,
             pump(spawned.stderr, Target::Stderr)?,

@@ -220,7 +220,6 @@ pub fn wait(
     let timeout = timeout.unwrap_or(lock.timeout);
     let name = lock_name(lock, meta);
     let release = release_id(meta).unwrap_or_default();
-    crate::log::write_in_background();
     runtime()?.block_on(async {
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;

@@ -793,6 +793,31 @@ fn a_stalled_stderr_is_waited_for_once_not_once_per_line() {
     drop(reader);
 }
 
+/// A stalled stderr costs one wait (5 s) before the release and one at its end, in all: an `exec`
+/// whose command cannot be found logs before the release (a wait), then flushes its log lines,
+/// reports the error and flushes again at the end, which share the second wait. Three separate
+/// memories of the stall made this 15 s.
+#[test]
+fn a_stalled_stderr_costs_one_wait_before_the_release_and_one_at_its_end() {
+    let t = Test::new().config("[tasks.a]\nrun = \"touch ran\"\n");
+    let (reader, writer) = full_pipe();
+    let started = std::time::Instant::now();
+    let code = t.run_into(
+        &["exec", "--", "release-tasks-no-such-command"],
+        std::process::Stdio::null(),
+        writer.into(),
+    );
+    let took = started.elapsed();
+    assert_eq!(code, Some(127), "the command is not found");
+    assert!(t.path("ran").exists(), "the task did not run");
+    assert!(
+        took >= Duration::from_secs(9),
+        "took {took:?}: the waits did not happen, so the test shows nothing"
+    );
+    assert!(took < Duration::from_secs(13), "took {took:?}, not 5 + 5 s");
+    drop(reader);
+}
+
 /// A stderr that is slow rather than stalled (its reader comes back within the wait) loses no line
 /// written before the release starts.
 #[test]

@@ -422,3 +422,35 @@ pub fn wait_fail_fast_on(backend: &str, url: &str, app: &str) {
         .run_with(&["wait", "--fail-fast", "--timeout", "2s"])
         .status(75);
 }
+
+#[test]
+fn history_exits_74_when_stdout_cannot_be_written() {
+    let Some(url) = database_url() else { return };
+    let t = locked(
+        url,
+        "history74",
+        "once = true",
+        "[tasks.a]\nrun = \"true\"\n",
+    )
+    .env("RELEASE_TASKS_VERSION", "v1");
+    t.run().status(0);
+    let full = || -> std::process::Stdio {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("open /dev/full")
+            .into()
+    };
+    for args in [
+        &["history"][..],
+        &["history", "--log-format", "json"],
+        &["history", "--show", "v1"],
+        &["history", "--show", "v1", "--log-format", "json"],
+    ] {
+        assert_eq!(
+            t.run_into(args, full(), std::process::Stdio::piped()),
+            Some(74),
+            "{args:?} >/dev/full"
+        );
+    }
+}
