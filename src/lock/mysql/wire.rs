@@ -94,10 +94,18 @@ pub struct Options {
     pub keepalive: (Duration, Duration, u32),
 }
 
-/// The socket, in clear or in TLS.
+/// The socket, in clear or in TLS; `Moving` only while the clear one is being wrapped in TLS.
 enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Moving,
+}
+
+fn moving() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the TLS handshake did not finish",
+    )
 }
 
 impl Stream {
@@ -105,17 +113,21 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.read_exact(buf).await.map(drop),
             Stream::Tls(s) => s.read_exact(buf).await.map(drop),
+            Stream::Moving => Err(moving()),
         }
     }
 
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
-            Stream::Plain(s) => s.write_all(buf).await?,
-            Stream::Tls(s) => s.write_all(buf).await?,
-        }
-        match self {
-            Stream::Plain(s) => s.flush().await,
-            Stream::Tls(s) => s.flush().await,
+            Stream::Plain(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+            Stream::Tls(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+            Stream::Moving => Err(moving()),
         }
     }
 }
@@ -208,8 +220,7 @@ impl Conn {
     async fn upgrade(&mut self, config: Arc<rustls::ClientConfig>, host: &str) -> Result<()> {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| WireError::Tls(format!("{host} is not a host name TLS can check: {e}")))?;
-        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Plain(dead_socket()?))
-        else {
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Moving) else {
             return Err(WireError::Protocol("TLS was started twice".into()));
         };
         let tls = tokio_rustls::TlsConnector::from(config)
@@ -435,15 +446,6 @@ impl Conn {
         self.stream.write_all(&out).await?;
         Ok(())
     }
-}
-
-/// A placeholder socket for the instant the TCP stream moves into TLS: never used for I/O.
-fn dead_socket() -> Result<TcpStream> {
-    let socket = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    let addr = socket.local_addr()?;
-    let std = std::net::TcpStream::connect(addr)?;
-    std.set_nonblocking(true)?;
-    Ok(TcpStream::from_std(std)?)
 }
 
 fn unsupported_plugin(plugin: &str) -> WireError {
