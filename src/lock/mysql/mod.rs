@@ -384,7 +384,20 @@ pub(super) async fn acquire(
                 )))
             })
         };
-        let holder = match or_stop(signals, one_try).await? {
+        // A server that accepted the login but stops answering must not hold the release forever.
+        let bounded = async {
+            tokio::time::timeout(db.attempt_timeout, one_try)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Database(format!(
+                        "[lock] the database at {} (from {}) did not answer within {} before the first task",
+                        db.shown,
+                        db.var,
+                        humantime::format_duration(db.attempt_timeout)
+                    )))
+                })
+        };
+        let holder = match or_stop(signals, bounded).await? {
             Ok(holder) => holder,
             Err(previous) => {
                 conn.quit().await;
