@@ -184,6 +184,24 @@ impl Database {
         Error::Database(self.scrub(&format!("[lock] {what}: {err}")))
     }
 
+    /// `work` (queries before the first task), within the connection attempt's timeout: a server
+    /// that accepted the login but stops answering must not hold the release forever.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(self.attempt_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Database(format!(
+                    "[lock] the database at {} (from {}) did not answer within {} before the first task",
+                    self.shown,
+                    self.var,
+                    humantime::format_duration(self.attempt_timeout)
+                )))
+            })
+    }
+
     /// For `wait`: the release's row, and who holds the lock.
     pub(super) async fn look(
         &self,
@@ -384,20 +402,7 @@ pub(super) async fn acquire(
                 )))
             })
         };
-        // A server that accepted the login but stops answering must not hold the release forever.
-        let bounded = async {
-            tokio::time::timeout(db.attempt_timeout, one_try)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Database(format!(
-                        "[lock] the database at {} (from {}) did not answer within {} before the first task",
-                        db.shown,
-                        db.var,
-                        humantime::format_duration(db.attempt_timeout)
-                    )))
-                })
-        };
-        let holder = match or_stop(signals, bounded).await? {
+        let holder = match or_stop(signals, db.bounded(one_try)).await? {
             Ok(holder) => holder,
             Err(previous) => {
                 conn.quit().await;
