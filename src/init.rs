@@ -114,6 +114,139 @@ pub fn detect(dir: &Path) -> Option<Framework> {
     None
 }
 
+/// The database an app uses, as its files say: which `[lock]` key to suggest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    Postgres,
+    Mysql,
+}
+
+/// Looks at the files in `dir` for the app's database: what the Gemfile, Rails' database.yml, a
+/// Laravel `.env`, Django's settings, Prisma's schema, package.json, mix.exs or the Python
+/// requirements name. Returns the database and the file and word that said so.
+#[must_use]
+pub fn detect_database(dir: &Path) -> Option<(Database, String)> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let mut django = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        for candidate in [path.join("settings.py"), path.join("settings/base.py")] {
+            if let Ok(text) = std::fs::read_to_string(&candidate) {
+                let shown = candidate
+                    .strip_prefix(dir)
+                    .unwrap_or(&candidate)
+                    .display()
+                    .to_string();
+                django.push((shown, text));
+            }
+        }
+    }
+    django.sort();
+    // (file, text, MySQL's words, PostgreSQL's words), in the order an app's own choice is most
+    // likely to be found.
+    let gemfile = read("Gemfile");
+    let database_yml = read("config/database.yml");
+    let env = read(".env");
+    let env_example = read(".env.example");
+    let prisma = read("prisma/schema.prisma");
+    let package = read("package.json");
+    let mix = read("mix.exs");
+    let requirements = read("requirements.txt");
+    let pyproject = read("pyproject.toml");
+    let laravel: &[&str] = &["DB_CONNECTION=mysql", "DB_CONNECTION=mariadb"];
+    let python: &[&str] = &[
+        "mysqlclient",
+        "PyMySQL",
+        "pymysql",
+        "mysql-connector-python",
+    ];
+    let mut sources: Vec<(String, &str, &[&str], &[&str])> = vec![
+        (
+            "config/database.yml".into(),
+            &database_yml,
+            &["adapter: mysql2", "adapter: trilogy"],
+            &["adapter: postgresql"],
+        ),
+        (
+            "Gemfile".into(),
+            &gemfile,
+            &[
+                "gem 'mysql2'",
+                "gem \"mysql2\"",
+                "gem 'trilogy'",
+                "gem \"trilogy\"",
+            ],
+            &["gem 'pg'", "gem \"pg\""],
+        ),
+        (".env".into(), &env, laravel, &["DB_CONNECTION=pgsql"]),
+        (
+            ".env.example".into(),
+            &env_example,
+            laravel,
+            &["DB_CONNECTION=pgsql"],
+        ),
+        (
+            "prisma/schema.prisma".into(),
+            &prisma,
+            &["provider = \"mysql\""],
+            &["provider = \"postgresql\"", "provider = \"postgres\""],
+        ),
+        ("mix.exs".into(), &mix, &[":myxql"], &[":postgrex"]),
+        (
+            "package.json".into(),
+            &package,
+            &["\"mysql2\"", "\"mysql\"", "\"mariadb\""],
+            &["\"pg\"", "\"postgres\""],
+        ),
+        (
+            "requirements.txt".into(),
+            &requirements,
+            python,
+            &["psycopg"],
+        ),
+        ("pyproject.toml".into(), &pyproject, python, &["psycopg"]),
+    ];
+    for (file, text) in &django {
+        sources.insert(
+            3,
+            (
+                file.clone(),
+                text,
+                &["django.db.backends.mysql"],
+                &["django.db.backends.postgresql"],
+            ),
+        );
+    }
+    for (file, text, mysql, postgres) in sources {
+        if let Some(word) = mysql.iter().find(|w| text.contains(**w)) {
+            return Some((Database::Mysql, format!("{file}: {word}")));
+        }
+        if let Some(word) = postgres.iter().find(|w| text.contains(**w)) {
+            return Some((Database::Postgres, format!("{file}: {word}")));
+        }
+    }
+    None
+}
+
+/// A commented `[lock]` table for the app's database, to turn on when several replicas run the
+/// release at once.
+fn lock_section(database: Option<&(Database, String)>) -> String {
+    let Some((database, evidence)) = database else {
+        return String::new();
+    };
+    let key = match database {
+        Database::Postgres => "postgres",
+        Database::Mysql => "mysql",
+    };
+    format!(
+        "\n# Several replicas running the release at once (Kubernetes, ECS, Fly Machines)? Uncomment to let\n\
+         # one of them run it, once per version (README, `[lock]`). Detected from {evidence}.\n\
+         # [lock]\n\
+         # {key} = \"DATABASE_URL\"\n\
+         # once = true\n"
+    )
+}
+
 /// The release.toml for `framework` (a generic one with placeholders when none was detected).
 #[must_use]
 pub fn template(framework: Option<Framework>) -> String {
@@ -192,6 +325,8 @@ after = ["migrate"]
 pub struct Written {
     pub path: PathBuf,
     pub framework: Option<Framework>,
+    /// The app's database and what said so, for the `[lock]` suggestion.
+    pub database: Option<(Database, String)>,
     /// The Procfile's current `release:` line, if it has one.
     pub procfile_release: Option<String>,
     /// How the app installs its tools, and so release-tasks.
@@ -212,7 +347,8 @@ pub fn write(config: &Path, force: bool) -> Result<Written> {
         )));
     }
     let framework = detect(&dir);
-    let text = template(framework);
+    let database = detect_database(&dir);
+    let text = template(framework) + &lock_section(database.as_ref());
     // The template must be a valid config; a failure here is a bug in release-tasks, not the user's.
     crate::config::parse(config, &text)
         .map_err(|e| anyhow::anyhow!("the generated config is invalid: {e}"))?;
@@ -232,6 +368,7 @@ pub fn write(config: &Path, force: bool) -> Result<Written> {
     Ok(Written {
         path: config.to_owned(),
         framework,
+        database,
         procfile_release,
         installer: Installer::detect(&dir),
     })
@@ -326,8 +463,21 @@ impl Written {
             }
             None => format!("Add this line to your Procfile:\n\n    release: {command}"),
         };
+        let lock = match &self.database {
+            Some((Database::Mysql, evidence)) => format!(
+                "\n\nThe app uses MySQL ({evidence}): for several replicas, uncomment [lock] with \
+                 mysql = \"DATABASE_URL\" at the end of {}.",
+                self.path.display()
+            ),
+            Some((Database::Postgres, evidence)) => format!(
+                "\n\nThe app uses PostgreSQL ({evidence}): for several replicas, uncomment [lock] with \
+                 postgres = \"DATABASE_URL\" at the end of {}.",
+                self.path.display()
+            ),
+            None => String::new(),
+        };
         format!(
-            "wrote {} ({what})\n\n{}\n\n{procfile}\n\nThen check it with the variables your platform will set:\n\n    \
+            "wrote {} ({what}){lock}\n\n{}\n\n{procfile}\n\nThen check it with the variables your platform will set:\n\n    \
              RUN_MIGRATIONS_DURING_RELEASE=true {command} plan\n",
             self.path.display(),
             self.installer.how(),
@@ -375,6 +525,83 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{f:?}: {e}"));
             assert!(config.tasks.iter().any(|t| t.name == "migrate"), "{f:?}");
         }
+    }
+
+    #[test]
+    fn the_database_is_found_where_each_framework_names_it() {
+        let cases: &[(&str, &str, Option<Database>)] = &[
+            (
+                "Gemfile",
+                "gem 'rails'\ngem 'mysql2', '~> 0.5'\n",
+                Some(Database::Mysql),
+            ),
+            ("Gemfile", "gem \"trilogy\"\n", Some(Database::Mysql)),
+            ("Gemfile", "gem 'pg'\n", Some(Database::Postgres)),
+            (
+                "config/database.yml",
+                "default:\n  adapter: mysql2\n",
+                Some(Database::Mysql),
+            ),
+            (
+                ".env.example",
+                "DB_CONNECTION=mysql\n",
+                Some(Database::Mysql),
+            ),
+            (".env", "DB_CONNECTION=pgsql\n", Some(Database::Postgres)),
+            (
+                "shop/settings.py",
+                "'ENGINE': 'django.db.backends.mysql',\n",
+                Some(Database::Mysql),
+            ),
+            (
+                "prisma/schema.prisma",
+                "datasource db {\n  provider = \"mysql\"\n}\n",
+                Some(Database::Mysql),
+            ),
+            (
+                "package.json",
+                r#"{"dependencies": {"mysql2": "3"}}"#,
+                Some(Database::Mysql),
+            ),
+            ("mix.exs", "{:myxql, \">= 0.0.0\"}", Some(Database::Mysql)),
+            (
+                "requirements.txt",
+                "Django\nmysqlclient==2.2\n",
+                Some(Database::Mysql),
+            ),
+            ("Gemfile", "gem 'sqlite3'\n", None),
+        ];
+        for (file, text, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            let found = detect_database(dir.path());
+            assert_eq!(found.as_ref().map(|f| f.0), *expected, "{file}: {text}");
+            if let Some((_, evidence)) = found {
+                assert!(
+                    evidence.starts_with(file.trim_end_matches(".example")),
+                    "{evidence}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_lock_suggestion_is_a_valid_config_once_uncommented() {
+        let mysql = lock_section(Some(&(Database::Mysql, "Gemfile: gem 'mysql2'".into())));
+        assert!(mysql.contains("# mysql = \"DATABASE_URL\"\n"), "{mysql}");
+        let text = template(Some(Framework::Rails)) + &mysql;
+        crate::config::parse(Path::new("release.toml"), &text).unwrap();
+        let uncommented = text
+            .replace("# [lock]", "[lock]")
+            .replace("# mysql =", "mysql =")
+            .replace("# once =", "once =");
+        let config = crate::config::parse(Path::new("release.toml"), &uncommented).unwrap();
+        assert_eq!(
+            config.lock.map(|l| l.backend),
+            Some(crate::config::Backend::Mysql)
+        );
     }
 
     #[test]

@@ -303,7 +303,7 @@ fn not_text(config: &Config, env: &Env) -> Vec<String> {
         named.extend(
             lock.url_vars
                 .iter()
-                .map(|var| ("[lock] postgres: ".to_owned(), var.as_str())),
+                .map(|var| (format!("[lock] {}: ", lock.backend.key()), var.as_str())),
         );
     }
     for task in &config.tasks {
@@ -499,7 +499,11 @@ pub fn print_plan(plan: &Plan, format: LogFormat, out: &mut dyn Write) -> std::i
     if let (Some(lock), LogFormat::Text) = (&plan.lock, format) {
         writeln!(
             out,
-            "lock  PostgreSQL advisory lock `{}` through {}, waiting up to {}{}",
+            "lock  {} `{}` through {}, waiting up to {}{}",
+            match lock.backend {
+                crate::config::Backend::Postgres => "PostgreSQL advisory lock",
+                crate::config::Backend::Mysql => "MySQL named lock (GET_LOCK)",
+            },
             lock.key
                 .as_deref()
                 .or(plan.meta.app.as_deref())

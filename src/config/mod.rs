@@ -35,7 +35,7 @@ pub struct Config {
     pub tasks: Vec<Task>,
     /// `[require] env`: variables that must be set and not empty before anything runs.
     pub required_env: Vec<String>,
-    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock.
+    /// `[lock]`: once per release across replicas, through a PostgreSQL advisory lock or a MySQL named lock.
     pub lock: Option<Lock>,
 }
 
@@ -54,6 +54,8 @@ impl Config {
 /// `[lock]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
+    /// Which database the lock is taken on: `postgres = ...` or `mysql = ...`.
+    pub backend: Backend,
     /// The variables that may hold the database URL (the URL itself carries a password); the first
     /// one set wins, so `["DIRECT_URL", "DATABASE_URL"]` prefers the unpooled URL.
     pub url_vars: Vec<String>,
@@ -65,6 +67,35 @@ pub struct Lock {
     pub once: bool,
     /// How long a database that refuses connections (still starting, too many connections) is tried.
     pub connect_timeout: Duration,
+}
+
+/// The database `[lock]` is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres = "DATABASE_URL"`: a transaction-level advisory lock.
+    Postgres,
+    /// `mysql = "DATABASE_URL"` (MySQL or MariaDB): `GET_LOCK` on one connection.
+    Mysql,
+}
+
+impl Backend {
+    /// The `[lock]` key that names the URL's variables.
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
+        }
+    }
+
+    /// The database's name, for people.
+    #[must_use]
+    pub fn product(self) -> &'static str {
+        match self {
+            Backend::Postgres => "PostgreSQL",
+            Backend::Mysql => "MySQL",
+        }
+    }
 }
 
 /// `[defaults]`, with the built-in values filled in.

@@ -33,17 +33,19 @@ pub(super) struct RawRequire {
 }
 
 #[derive(Deserialize)]
-#[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\"")]
+#[serde(expecting = "a [lock] table, like postgres = \"DATABASE_URL\" or mysql = \"DATABASE_URL\"")]
 pub(super) struct RawLock {
-    /// Required; `None` is reported by the validator, among the other problems.
+    /// One of `postgres` and `mysql` is required; the validator reports a missing one among the
+    /// other problems.
     pub(super) postgres: Option<Typed<OneOrMany>>,
+    pub(super) mysql: Option<Typed<OneOrMany>>,
     pub(super) key: Option<Typed<String>>,
     pub(super) timeout: Option<Typed<String>>,
     pub(super) once: Option<Typed<bool>>,
     pub(super) connect_timeout: Option<Typed<String>>,
 }
 
-/// `[lock] postgres`: one variable name, or a list of them.
+/// `[lock] postgres` or `mysql`: one variable name, or a list of them.
 #[derive(Deserialize)]
 #[serde(
     untagged,
@@ -332,6 +334,6 @@ mod tests {
         let schema = Schema::new();
         assert_eq!(schema.root, ["defaults", "require", "lock", "tasks"]);
         assert!(schema.task.contains(&"timeout") && schema.task.contains(&"notify"));
-        assert!(schema.lock.contains(&"postgres"));
+        assert!(schema.lock.contains(&"postgres") && schema.lock.contains(&"mysql"));
     }
 }

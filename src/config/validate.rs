@@ -15,7 +15,8 @@ use super::raw::{
     RawRequire, RawTask, Schema, Typed,
 };
 use super::{
-    Command, Config, Defaults, Glob, Lock, Notify, NotifyFormat, On, Retry, RetryOn, Task, Template,
+    Backend, Command, Config, Defaults, Glob, Lock, Notify, NotifyFormat, On, Retry, RetryOn, Task,
+    Template,
 };
 use crate::error::{Diagnostic, Error, Result};
 use crate::gate::Gate;
@@ -448,23 +449,54 @@ impl Validator<'_> {
         }
     }
 
+    #[allow(clippy::too_many_lines)] // one check per key of [lock], in the table's order
     fn lock(&mut self, raw: Spanned<RawLock>) -> Option<Lock> {
         let span = raw.span();
         let raw = raw.into_inner();
-        if !cfg!(feature = "postgres") {
+        let (backend, vars) = match (raw.postgres, raw.mysql) {
+            (Some(vars), None) => (Backend::Postgres, Some(vars)),
+            (None, Some(vars)) => (Backend::Mysql, Some(vars)),
+            // One problem among the rest: the other keys of [lock] are still checked.
+            (None, None) => {
+                self.report(
+                    Some(span.clone()),
+                    "[lock] needs the database: postgres = \"DATABASE_URL\" for PostgreSQL, or mysql = \"DATABASE_URL\" \
+                     for MySQL and MariaDB (the variable that holds the URL)"
+                        .to_owned(),
+                );
+                (Backend::Postgres, None)
+            }
+            (Some(_), Some(_)) => {
+                self.report(
+                    Some(span),
+                    "[lock] has both postgres and mysql; the lock is taken on one database: keep the one your app uses"
+                        .to_owned(),
+                );
+                return None;
+            }
+        };
+        let built = match backend {
+            Backend::Postgres => cfg!(feature = "postgres"),
+            Backend::Mysql => cfg!(feature = "mysql"),
+        };
+        if !built {
             self.report(
                 Some(span),
-                "[lock] needs PostgreSQL support, and this release-tasks was built without the `postgres` feature; \
-                 use the default build"
-                    .to_owned(),
+                format!(
+                    "[lock] {} = ... needs {} support, and this release-tasks was built without the `{}` feature; \
+                     use the default build",
+                    backend.key(),
+                    backend.product(),
+                    backend.key()
+                ),
             );
             return None;
         }
-        // A bad `postgres` is one problem; the other keys are still checked.
-        let postgres = self.required(raw.postgres, "postgres", span.clone());
-        let url_vars = self.typed(postgres).and_then(|postgres| {
-            let vars_span = postgres.span();
-            let url_vars = match postgres.into_inner() {
+        // A bad variable list is one problem; the other keys are still checked.
+        let key_name = backend.key();
+        let url_vars = self.typed(vars).and_then(|vars| {
+            let vars_span = vars.span();
+            let url_vars = match vars.into_inner() {
                 OneOrMany::One(name) => vec![name],
                 OneOrMany::Many(names) => names,
             };
@@ -472,7 +504,7 @@ impl Validator<'_> {
                 self.report(
                     Some(vars_span),
                     format!(
-                        "[lock] postgres = {:?} must name the variable that holds the database URL, like postgres = \"DATABASE_URL\" \
+                        "[lock] {key_name} = {:?} must name the variable that holds the database URL, like {key_name} = \"DATABASE_URL\" \
                          (or a list: [\"DIRECT_URL\", \"DATABASE_URL\"])",
                         crate::redact::urls_in(&url_vars.join(", "))
                     ),
@@ -499,6 +531,14 @@ impl Validator<'_> {
                 );
                 None
             }
+            Some(key) if backend == Backend::Mysql && key.get_ref().chars().count() > 255 => {
+                self.report(
+                    Some(key.span()),
+                    "[lock] key is longer than 255 characters, which the MySQL ledger cannot store; shorten it"
+                        .into(),
+                );
+                None
+            }
             other => other.map(Spanned::into_inner),
         };
         let timeout = self.duration(raw.timeout, "timeout", Duration::from_secs(30 * 60));
@@ -509,6 +549,7 @@ impl Validator<'_> {
             Duration::from_secs(60),
         );
         Some(Lock {
+            backend,
             url_vars: url_vars?,
             key,
             timeout,
@@ -1291,7 +1332,7 @@ mod tests {
         };
         let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
         assert!(
-            messages[0].starts_with("missing field `postgres`; add it"),
+            messages[0].starts_with("[lock] needs the database: postgres = "),
             "{messages:?}"
         );
         assert!(

@@ -92,10 +92,10 @@ pub(super) async fn completed(
 }
 
 /// One release's row.
-struct Status {
-    state: String,
-    holder: String,
-    finished_at: Option<String>,
+pub(super) struct Status {
+    pub(super) state: String,
+    pub(super) holder: String,
+    pub(super) finished_at: Option<String>,
 }
 
 async fn status_of(
@@ -223,18 +223,12 @@ pub fn wait(
     runtime()?.block_on(async {
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
-        let db = Database::open(lock, env)?;
+        let db = Source::open(lock, env)?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(500);
         let mut last = String::new();
         loop {
-            let (client, _) = db.connect(&mut signals).await?;
-            let read_status = || async {
-                status_of(&client, &name, &release)
-                    .await
-                    .map_err(|e| db.error("cannot read release_tasks_runs", &e))
-            };
-            let status = or_stop(&mut signals, read_status()).await?;
+            let (status, holder) = db.look(&mut signals, &name, &release).await?;
             if let Some(Status {
                 state,
                 holder,
@@ -250,15 +244,9 @@ pub fn wait(
                     return Ok(0);
                 }
             }
-            let holder = or_stop(&mut signals, async {
-                holder_of(&client, key_for(&name))
-                    .await
-                    .map_err(|e| db.error("cannot read who holds the lock", &e))
-            })
-            .await?;
             if fail_fast && holder.is_none() && status.is_some() {
                 // The release may have completed between the two reads: read it once more.
-                let again = or_stop(&mut signals, read_status()).await?;
+                let (again, _) = db.look(&mut signals, &name, &release).await?;
                 match again {
                     Some(s) if s.state == "succeeded" => {
                         tracing::info!(lock = %name, release = %release, by = %s.holder, "the release completed; done waiting");
@@ -281,7 +269,6 @@ pub fn wait(
                     None => {}
                 }
             }
-            drop(client);
             let recorded = status
                 .as_ref()
                 .map_or("not recorded yet".to_owned(), |s| format!("recorded as {}", s.state));
@@ -345,6 +332,14 @@ pub fn read(
     let answer = runtime()?.block_on(async {
         let mut signals = Signals::install()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        #[cfg(feature = "mysql")]
+        if lock.backend == crate::config::Backend::Mysql {
+            let db = super::mysql::Database::open(lock, env)?;
+            let mut conn = db.connect(&mut signals).await?;
+            let answer = or_stop(&mut signals, db.read(&mut conn, &name, query)).await?;
+            conn.quit().await;
+            return Ok(answer);
+        }
         let db = Database::open(lock, env)?;
         let (client, _) = db.connect(&mut signals).await?;
         let read = async {
@@ -388,6 +383,15 @@ pub fn last_successes(
     let name = lock_name(lock, meta);
     let runtime = runtime().map_err(|e| e.to_string())?;
     runtime.block_on(async {
+        #[cfg(feature = "mysql")]
+        if lock.backend == crate::config::Backend::Mysql {
+            let db = super::mysql::Database::open(lock, env).map_err(|e| e.to_string())?;
+            let found =
+                tokio::time::timeout(Duration::from_secs(15), db.last_successes(&name, tasks))
+                    .await
+                    .map_err(|_| "the database did not answer within 15s".to_owned())??;
+            return Ok(found.into_iter().collect());
+        }
         let db = Database::open(lock, env).map_err(|e| e.to_string())?;
         let (client, _) = tokio::time::timeout(Duration::from_secs(15), db.connect_once())
             .await
@@ -398,4 +402,52 @@ pub fn last_successes(
             .map_err(|e| db.scrub(&super::describe(&e)))?;
         Ok(found.into_iter().collect())
     })
+}
+
+/// Where `wait` reads the ledger and the lock's holder from.
+enum Source {
+    Postgres(Database),
+    #[cfg(feature = "mysql")]
+    Mysql(super::mysql::Database),
+}
+
+impl Source {
+    fn open(lock: &Lock, env: &Env) -> Result<Source, Error> {
+        #[cfg(feature = "mysql")]
+        if lock.backend == crate::config::Backend::Mysql {
+            return super::mysql::Database::open(lock, env).map(Source::Mysql);
+        }
+        Database::open(lock, env).map(Source::Postgres)
+    }
+
+    /// One short connection: the release's row, then who holds the lock.
+    async fn look(
+        &self,
+        signals: &mut Signals,
+        name: &str,
+        release: &str,
+    ) -> Result<(Option<Status>, Option<String>), Error> {
+        match self {
+            Source::Postgres(db) => {
+                let (client, _) = db.connect(signals).await?;
+                or_stop(signals, async {
+                    let status = status_of(&client, name, release)
+                        .await
+                        .map_err(|e| db.error("cannot read release_tasks_runs", &e))?;
+                    let holder = holder_of(&client, key_for(name))
+                        .await
+                        .map_err(|e| db.error("cannot read who holds the lock", &e))?;
+                    Ok((status, holder))
+                })
+                .await
+            }
+            #[cfg(feature = "mysql")]
+            Source::Mysql(db) => {
+                let mut conn = db.connect(signals).await?;
+                let found = or_stop(signals, db.look(&mut conn, name, release)).await?;
+                conn.quit().await;
+                Ok(found)
+            }
+        }
+    }
 }

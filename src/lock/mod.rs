@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use crate::config::Lock;
+use crate::config::{Backend, Lock};
 use crate::error::Error;
 use crate::gate::Env;
 use crate::lock_check::{CheckFuture, LockCheck, LockLost};
@@ -42,6 +42,8 @@ use crate::report::Report;
 use crate::signals::Signals;
 
 mod ledger;
+#[cfg(feature = "mysql")]
+mod mysql;
 mod records;
 mod tls;
 mod url;
@@ -63,8 +65,15 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
 /// connection is closed instead (which releases the lock too, without the outcome).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The held lock and its transaction, or a release found completed (nothing held).
-pub struct ReleaseLock {
+/// The held lock, on the database `[lock]` names, or a release found completed (nothing held).
+pub enum ReleaseLock {
+    Postgres(PgLock),
+    #[cfg(feature = "mysql")]
+    Mysql(mysql::Held),
+}
+
+/// The held PostgreSQL lock and its transaction, or a release found completed (nothing held).
+pub struct PgLock {
     /// The connection whose open transaction holds the lock; `None` when the release was already
     /// completed and no lock was needed.
     client: Option<Client>,
@@ -133,17 +142,17 @@ fn preflight_for(lock: &Lock, env: &Env, meta: &Metadata, needs_release: bool) -
     let mut problems = Vec::new();
     match chosen_url(lock, env) {
         None if lock.url_vars.len() == 1 => problems.push(format!(
-            "[lock] postgres names {}, which is not set; set it to the database URL",
+            "[lock] {} names {}, which is not set; set it to the database URL",
+            lock.backend.key(),
             lock.url_vars[0]
         )),
         None => problems.push(format!(
-            "[lock] postgres names {}, none of which is set; set one of them to the database URL",
+            "[lock] {} names {}, none of which is set; set one of them to the database URL",
+            lock.backend.key(),
             lock.url_vars.join(", ")
         )),
         Some((var, url)) => {
-            if let Err(err) =
-                url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
-            {
+            if let Err(err) = check_url(lock.backend, url) {
                 problems.push(format!(
                     "[lock] {var} is not a usable database URL: {}",
                     redact::scrub(&err, &secrets_of(url))
@@ -164,6 +173,35 @@ fn preflight_for(lock: &Lock, env: &Env, meta: &Metadata, needs_release: bool) -
         );
     }
     problems
+}
+
+/// Whether `url` is usable for `backend`: its form, its parameters and its certificate files. A URL
+/// of the other database says so.
+fn check_url(backend: Backend, url: &str) -> Result<(), String> {
+    #[cfg(feature = "mysql")]
+    let is_mysql = mysql::url::is_mysql(url);
+    #[cfg(not(feature = "mysql"))]
+    let is_mysql = ["mysql://", "mysql2://", "mariadb://"]
+        .iter()
+        .any(|s| url.starts_with(s));
+    match backend {
+        Backend::Postgres if is_mysql => Err(
+            "it is a MySQL URL, and [lock] says postgres = ...; write mysql = ... in [lock] for MySQL and MariaDB"
+                .into(),
+        ),
+        Backend::Postgres => {
+            url::parse(url).and_then(|target| tls::MakeRustls::new(&target.tls).map(drop))
+        }
+        #[cfg(feature = "mysql")]
+        Backend::Mysql if !is_mysql && (url.starts_with("postgres") || url.contains('=')) => Err(
+            "it is a PostgreSQL URL, and [lock] says mysql = ...; write postgres = ... in [lock] for PostgreSQL"
+                .into(),
+        ),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => mysql::check_url(url),
+        #[cfg(not(feature = "mysql"))]
+        Backend::Mysql => Err("this release-tasks was built without MySQL support".into()),
+    }
 }
 
 /// The lock's name: `key`, else the app's name.
@@ -481,6 +519,96 @@ pub async fn acquire(
     meta: &Metadata,
     signals: &mut Signals,
 ) -> Result<ReleaseLock, Error> {
+    match lock.backend {
+        Backend::Postgres => acquire_postgres(lock, env, meta, signals)
+            .await
+            .map(ReleaseLock::Postgres),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => mysql::acquire(lock, env, meta, signals)
+            .await
+            .map(ReleaseLock::Mysql),
+        #[cfg(not(feature = "mysql"))]
+        Backend::Mysql => Err(Error::Database(
+            "[lock] mysql = ... needs MySQL support, and this release-tasks was built without it"
+                .into(),
+        )),
+    }
+}
+
+/// Runs `$call` on the backend's lock, whichever it is.
+macro_rules! each_backend {
+    ($lock:expr, $l:ident => $call:expr) => {
+        match $lock {
+            ReleaseLock::Postgres($l) => $call,
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql($l) => $call,
+        }
+    };
+}
+
+impl ReleaseLock {
+    /// The lock's name, for messages.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        each_backend!(self, l => l.name())
+    }
+
+    /// The completed run of `release`, if the ledger has one (read under the lock).
+    pub async fn previous(&self, release: &str) -> Result<Option<PreviousRun>, Error> {
+        each_backend!(self, l => l.previous(release).await)
+    }
+
+    /// Records that this replica is running `release`, visible to `wait` and `history` at once, and
+    /// forgets the task records of an earlier run of it.
+    pub async fn begin(&self, release: &str) -> Result<(), Error> {
+        each_backend!(self, l => l.begin(release).await)
+    }
+
+    /// What each task of `tasks` recorded at its last successful run under this key (for the
+    /// `changed` gate), read under the lock.
+    pub async fn last_successes(
+        &self,
+        tasks: &[String],
+    ) -> Result<std::collections::HashMap<String, crate::changed::LastSuccess>, Error> {
+        each_backend!(self, l => l.last_successes(tasks).await)
+    }
+
+    /// Records how `release` ended. `Err` says why the outcome could not be written under the lock
+    /// (free of secrets): the ledger then does not record the release as completed.
+    pub async fn finish(&self, release: &str, report: &Report) -> Result<(), String> {
+        each_backend!(self, l => l.finish(release, report).await)
+    }
+
+    /// Releases the lock and closes its connection. `Err` says why the release was not clean.
+    pub async fn release(self) -> Result<(), String> {
+        each_backend!(self, l => l.release().await)
+    }
+
+    /// Closes the connection of a lock found lost, writing nothing.
+    pub fn abandon(self) {
+        each_backend!(self, l => l.abandon());
+    }
+}
+
+impl Recorder for ReleaseLock {
+    fn record(&self, record: TaskRecord) -> RecordFuture<'_> {
+        each_backend!(self, l => l.record(record))
+    }
+}
+
+impl LockCheck for ReleaseLock {
+    fn check(&self) -> CheckFuture<'_> {
+        each_backend!(self, l => l.check())
+    }
+}
+
+/// [`acquire`] on PostgreSQL.
+async fn acquire_postgres(
+    lock: &Lock,
+    env: &Env,
+    meta: &Metadata,
+    signals: &mut Signals,
+) -> Result<PgLock, Error> {
     let db = Database::open(lock, env)?;
     let name = lock_name(lock, meta);
     let key = key_for(&name);
@@ -516,7 +644,7 @@ pub async fn acquire(
         let holder = match or_stop(signals, db.bounded(one_try)).await? {
             Ok(holder) => holder,
             Err(previous) => {
-                return Ok(ReleaseLock {
+                return Ok(PgLock {
                     client: None,
                     watch,
                     key,
@@ -537,7 +665,7 @@ pub async fn acquire(
                 tracing::info!(lock = %name, "took the release lock");
             }
             watch.holds_lock.store(true, Ordering::Relaxed);
-            return Ok(ReleaseLock {
+            return Ok(PgLock {
                 client: Some(client),
                 watch,
                 key,
@@ -709,7 +837,7 @@ fn secrets_of(url: &str) -> Vec<String> {
     secrets
 }
 
-impl ReleaseLock {
+impl PgLock {
     /// The lock's name, for messages.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -998,13 +1126,13 @@ impl ReleaseLock {
     }
 }
 
-impl Recorder for ReleaseLock {
+impl Recorder for PgLock {
     fn record(&self, record: TaskRecord) -> RecordFuture<'_> {
         Box::pin(self.write_record(record))
     }
 }
 
-impl LockCheck for ReleaseLock {
+impl LockCheck for PgLock {
     fn check(&self) -> CheckFuture<'_> {
         Box::pin(async move {
             let Some(client) = &self.client else {

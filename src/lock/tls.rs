@@ -59,6 +59,12 @@ impl MakeRustls {
             config: Arc::new(config),
         })
     }
+
+    /// The rustls configuration itself, for the MySQL client, which upgrades its socket by hand.
+    #[cfg(feature = "mysql")]
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config)
+    }
 }
 
 /// The roots to check against, and the certificates of an `sslrootcert` file as they are: a

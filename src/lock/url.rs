@@ -415,7 +415,7 @@ fn keyword_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port`.
-fn split_host_port(entry: &str) -> Result<(&str, Option<&str>), String> {
+pub(super) fn split_host_port(entry: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(rest) = entry.strip_prefix('[') {
         let (host, after) = rest
             .split_once(']')
@@ -435,7 +435,7 @@ fn split_host_port(entry: &str) -> Result<(&str, Option<&str>), String> {
 }
 
 /// Percent-decoding, as in URLs (`%2F` in a host is a socket directory's `/`).
-fn decode(text: &str, what: &str) -> Result<String, String> {
+pub(super) fn decode(text: &str, what: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

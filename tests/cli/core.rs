@@ -347,7 +347,15 @@ fn config_errors_exit_78_with_file_line_and_a_hint() {
             "[tasks]\na = 1\n",
             "expected a task table, like [tasks.migrate]",
         ),
-        ("[lock]\nkey = \"x\"\n", "missing field `postgres`; add it"),
+        (
+            "[lock]\nkey = \"x\"\n",
+            "release.toml:1:1: [lock] needs the database: postgres = \"DATABASE_URL\" for PostgreSQL, or \
+             mysql = \"DATABASE_URL\" for MySQL and MariaDB (the variable that holds the URL)",
+        ),
+        (
+            "[lock]\npostgres = \"DATABASE_URL\"\nmysql = \"DATABASE_URL\"\n",
+            "[lock] has both postgres and mysql; the lock is taken on one database: keep the one your app uses",
+        ),
     ];
     for (config, needle) in cases {
         let t = Test::new().config(&format!(

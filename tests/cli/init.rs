@@ -293,3 +293,31 @@ fn init_on_a_real_django_project_then_migrate_for_real() {
         .stderr_has("task=migrate outcome=succeeded");
     sh(&t, &tables.replace("$WANT", "1"));
 }
+
+#[test]
+fn init_suggests_a_mysql_lock_for_a_mysql_app() {
+    let t = Test::new().file("artisan", "#!/usr/bin/env php\n").file(
+        ".env.example",
+        "APP_NAME=shop\nDB_CONNECTION=mysql\nDB_HOST=127.0.0.1\n",
+    );
+    let out = t.run_with(&["init"]);
+    out.status(0);
+    assert_eq!(
+        out.stdout(),
+        "wrote release.toml (detected Laravel)\n\n\
+         The app uses MySQL (.env.example: DB_CONNECTION=mysql): for several replicas, uncomment [lock] \
+         with mysql = \"DATABASE_URL\" at the end of release.toml.\n\n\
+         Add this line to your Procfile:\n\n    release: release-tasks\n\n\
+         Then check it with the variables your platform will set:\n\n    \
+         RUN_MIGRATIONS_DURING_RELEASE=true release-tasks plan\n"
+    );
+    let written = std::fs::read_to_string(t.path("release.toml")).unwrap();
+    assert!(
+        written.ends_with(
+            "# one of them run it, once per version (README, `[lock]`). Detected from .env.example: DB_CONNECTION=mysql.\n\
+             # [lock]\n# mysql = \"DATABASE_URL\"\n# once = true\n"
+        ),
+        "{written}"
+    );
+    t.run_with(&["check"]).status(0);
+}

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::harness::{Output, Test};
-use crate::lock::{database_url, locked};
+use crate::lock::{database_url, locked, locked_on};
 
 /// The text a person reads, with what changes from run to run replaced: timestamps (`<T>`),
 /// durations (`<D>`), the holder's pid and host; runs of spaces (table padding, which follows the
@@ -70,11 +70,11 @@ run = "echo cleared"
 
 /// Records are written as the release proceeds and read back, while the lock is held, by a
 /// session that has only the database URL and the app's name (no release version).
-fn records_while_held(url: &str, app: &str) {
-    let t = locked(url, app, "once = true", TASKS).env("RELEASE_TASKS_VERSION", "v43");
+pub fn records_while_held(backend: &str, url: &str, app: &str) {
+    let t = locked_on(backend, url, app, "once = true", TASKS).env("RELEASE_TASKS_VERSION", "v43");
     let holder = t.spawn_until("seed    | ready");
     // From "a laptop": no version, no [require]d variables, no gates.
-    let laptop = locked(url, app, "once = true", TASKS);
+    let laptop = locked_on(backend, url, app, "once = true", TASKS);
     let out = laptop.run_with(&["history", "--show", "v43"]);
     out.status(0);
     assert_eq!(
@@ -139,7 +139,7 @@ seed: failed with exit code 3; its last output lines:
 #[test]
 fn records_are_visible_as_the_release_proceeds_and_history_show_says_why_it_failed() {
     let Some(url) = database_url() else { return };
-    records_while_held(url, "why");
+    records_while_held("postgres", url, "why");
 }
 
 #[test]
@@ -150,7 +150,7 @@ fn records_work_through_pgbouncer_in_transaction_mode() {
     let Some(pooled) = crate::lock_servers::script("test-pgbouncer", &["transaction"], &[]) else {
         return;
     };
-    records_while_held(&pooled, "why-pooled");
+    records_while_held("postgres", &pooled, "why-pooled");
 }
 
 #[test]
@@ -245,6 +245,11 @@ fn task_records_are_pruned_to_the_last_100_releases_keeping_each_tasks_last_succ
 }
 
 fn changed_release(url: &str, app: &str, version: &str) -> Test {
+    changed_release_on("postgres", url, app, version)
+}
+
+/// [`changed_release`] on the database `backend` names.
+pub fn changed_release_on(backend: &str, url: &str, app: &str, version: &str) -> Test {
     let tasks = r#"
 [tasks.migrate]
 run = "echo migrating >> ran"
@@ -254,7 +259,7 @@ run = "echo seeding >> ran"
 changed = "db/seeds.rb"
 when = "SEED"
 "#;
-    let t = locked(url, app, "once = true\ntimeout = \"1m\"", tasks)
+    let t = locked_on(backend, url, app, "once = true\ntimeout = \"1m\"", tasks)
         .env("RELEASE_TASKS_VERSION", version)
         .file("db/migrate/001_init.rb", "create table")
         .file("db/seeds.rb", "seed");
@@ -263,7 +268,7 @@ when = "SEED"
 }
 
 /// The tasks that ran, from the file each appends to.
-fn ran(t: &Test) -> String {
+pub fn ran(t: &Test) -> String {
     std::fs::read_to_string(t.path("ran")).unwrap_or_default()
 }
 
@@ -394,8 +399,13 @@ fn changed_without_the_ledger_is_a_config_error_and_an_empty_glob_a_warning() {
 #[test]
 fn wait_fail_fast_ends_as_soon_as_the_release_failed_and_nobody_holds_the_lock() {
     let Some(url) = database_url() else { return };
+    wait_fail_fast_on("postgres", url, "failfast");
+}
+
+/// `wait --fail-fast` against the database `backend` names.
+pub fn wait_fail_fast_on(backend: &str, url: &str, app: &str) {
     let tasks = "[tasks.migrate]\nrun = \"exit 4\"\n";
-    let t = locked(url, "failfast", "once = true", tasks).env("RELEASE_TASKS_VERSION", "v9");
+    let t = locked_on(backend, url, app, "once = true", tasks).env("RELEASE_TASKS_VERSION", "v9");
     t.run().status(4);
     let out = t.run_with(&["wait", "--fail-fast", "--timeout", "60s"]);
     out.status(1)
@@ -407,7 +417,7 @@ fn wait_fail_fast_ends_as_soon_as_the_release_failed_and_nobody_holds_the_lock()
         .status(75)
         .stderr_has("it is recorded as failed");
     // A release not recorded yet is waited for even with --fail-fast.
-    locked(url, "failfast", "once = true", tasks)
+    locked_on(backend, url, app, "once = true", tasks)
         .env("RELEASE_TASKS_VERSION", "v10")
         .run_with(&["wait", "--fail-fast", "--timeout", "2s"])
         .status(75);

@@ -44,9 +44,14 @@ pub fn database_url() -> Option<&'static str> {
 
 /// A test dir whose release is named uniquely, so that tests running at once do not share a lock.
 pub fn locked(url: &str, app: &str, lock: &str, tasks: &str) -> Test {
+    locked_on("postgres", url, app, lock, tasks)
+}
+
+/// [`locked`] on the database `backend` names (`postgres` or `mysql`).
+pub fn locked_on(backend: &str, url: &str, app: &str, lock: &str, tasks: &str) -> Test {
     Test::new()
         .config(&format!(
-            "[lock]\npostgres = \"DATABASE_URL\"\n{lock}\n{tasks}"
+            "[lock]\n{backend} = \"DATABASE_URL\"\n{lock}\n{tasks}"
         ))
         .env("DATABASE_URL", url)
         .env(

@@ -17,6 +17,8 @@ mod lock;
 mod lock_ledger;
 #[cfg(feature = "postgres")]
 mod lock_loss;
+#[cfg(feature = "mysql")]
+mod lock_mysql;
 #[cfg(feature = "postgres")]
 mod lock_servers;
 #[cfg(feature = "postgres")]
