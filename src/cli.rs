@@ -25,7 +25,8 @@ use crate::plan::Selection;
 RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT, _OUTPUT_FORMAT); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
-(nothing ran); 74 check, plan or init could not write their output; 70 release-tasks itself failed; \
+(nothing ran); 74 check, plan or init could not write their output; 71 a system limit (ulimit -n, ulimit -u) \
+stopped release-tasks itself; 70 release-tasks itself failed; \
 2 bad usage."
 )]
 pub struct Cli {

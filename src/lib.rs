@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gate;
 pub mod guardian;
 pub mod init;
+pub mod limits;
 #[cfg(feature = "postgres")]
 pub mod lock;
 pub mod log;
@@ -82,15 +83,25 @@ pub fn tell(line: &str) {
         return;
     }
     let line = line.to_owned();
+    let theirs = line.clone();
     let (said, wait) = std::sync::mpsc::channel();
     let writer = std::thread::Builder::new().spawn(move || {
-        let _ = output::write(Target::Stderr, line.as_bytes());
+        let _ = output::write(Target::Stderr, theirs.as_bytes());
         let _ = said.send(());
     });
-    if writer.is_ok() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if wait.recv_timeout(left).is_err() {
-            STALLED.timed_out(deadline);
+    match writer {
+        Ok(_) => {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if wait.recv_timeout(left).is_err() {
+                STALLED.timed_out(deadline);
+            }
+        }
+        // No thread can be made (the limit on processes, `ulimit -u`): the message still goes
+        // out, written from here, for as long as the deadline allows.
+        Err(_) => {
+            if output::write_until(Target::Stderr, line.as_bytes(), deadline).is_err() {
+                STALLED.timed_out(deadline);
+            }
         }
     }
 }
@@ -191,6 +202,7 @@ fn run(settings: &Settings, env: &Env) -> Result<i32> {
             problems: plan.preflight,
         });
     }
+    limits::check_open_files()?;
     // Open the report files first: a path that cannot be written is found before anything runs.
     let report_files = open_report_files(settings)?;
     process::become_subreaper();

@@ -121,8 +121,9 @@ fn spawn_argv(
 ) -> io::Result<Spawned> {
     use std::ffi::OsStr;
     // Not the kind of the error: a missing /dev/null must not read as a missing program.
-    let set_up = |what: &str, err: &dyn std::fmt::Display| {
-        io::Error::other(format!("cannot {what} for its process: {err}"))
+    let set_up = |what: &str, err: &io::Error| match crate::limits::explain(err) {
+        Some(limit) => io::Error::other(format!("cannot {what} for its process: {limit}")),
+        None => io::Error::other(format!("cannot {what} for its process: {err}")),
     };
     let pipes = || -> io::Result<_> {
         let stdout = crate::output::cloexec_pipe()?;

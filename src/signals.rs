@@ -64,7 +64,17 @@ pub struct Signals {
 
 impl Signals {
     /// Installs handlers for SIGCHLD, the stopping signals, SIGUSR1 and SIGUSR2. Needs a runtime.
+    ///
+    /// tokio's first handler makes a socket pair for its signal driver and panics when it cannot
+    /// (`ulimit -n` reached): a pair is made and closed here first, so that running out of file
+    /// descriptors is an error (EMFILE) the caller reports, not a panic.
     pub fn install() -> std::io::Result<Signals> {
+        drop(nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?);
         let mut handled = Vec::new();
         let stops = STOPPING.iter().map(|&s| (s, Event::Stop(s)));
         let forwards = FORWARDED.iter().map(|&s| (s, Event::Forward(s)));

@@ -8,6 +8,7 @@ mod formats;
 mod harness;
 mod hostile;
 mod init;
+mod limits;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
