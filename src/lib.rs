@@ -52,6 +52,8 @@ pub fn env_snapshot() -> Env {
 pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
     let loaded = env_file::load(&settings.env_files, settings.env_files_from, |name| {
         env.contains_key(name)
+            .then(|| env.get_lossy(name).map(std::borrow::Cow::into_owned))
+            .flatten()
     })?;
     for var in loaded {
         // SAFETY: called from `main` before any thread is started (see above), so nothing reads
