@@ -23,6 +23,7 @@ pub mod process;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod secrets;
 pub mod shell;
 pub mod signals;
 pub mod spawn;
@@ -47,6 +48,7 @@ pub fn env_snapshot() -> Env {
 
 /// Reads the `--env-file` files (none unless named) into `env` and into the process environment,
 /// which every task inherits and `exec` hands on. The process environment wins over the files.
+/// Then `env` is complete, and its secrets are the ones every output hides (`secrets.rs`).
 ///
 /// Call it before any thread starts: it changes the process environment.
 pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
@@ -61,12 +63,14 @@ pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
         unsafe { std::env::set_var(&var.name, &var.value) };
         env.insert_from(var.name, var.value, var.file.display().to_string());
     }
+    secrets::install(secrets::Secrets::from_env(env));
     Ok(())
 }
 
 /// Writes what a command has to say to stdout; a failure (a closed pipe, a full disk) is an error
 /// with its own exit status (74), never a panic.
 fn say(text: &str) -> Result<()> {
+    let text = secrets::mask(text);
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -84,7 +88,7 @@ pub fn tell(line: &str) {
     if deadline <= std::time::Instant::now() {
         return;
     }
-    let line = line.to_owned();
+    let line = secrets::mask(line).into_owned();
     let theirs = line.clone();
     let (said, wait) = std::sync::mpsc::channel();
     let writer = std::thread::Builder::new().spawn(move || {
@@ -155,8 +159,9 @@ pub fn execute(settings: &Settings, env: &Env) -> Result<i32> {
         }
         Command::Plan => {
             let (_, plan) = load(settings, env)?;
-            let mut out = std::io::stdout().lock();
-            plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
+            let mut text = Vec::new();
+            plan::print_plan(&plan, settings.log_format, &mut text).map_err(Error::Output)?;
+            say(&String::from_utf8_lossy(&text))?;
             Ok(0)
         }
         Command::Run => run(settings, env),
@@ -246,6 +251,9 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 /// `run` is a warning; `run` itself refuses to start with it.
 fn load(settings: &Settings, env: &Env) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
+    // Before anything is planned or printed: the notify URLs and headers, and the tasks' own
+    // variables, are secrets too.
+    secrets::add_config(&config, env);
     let plan = Plan::new(&config, env, &settings.selection)?;
     // `check` and `plan` show what `run` would stop on; the others log it (or stop on it).
     let run = !matches!(settings.command, Command::Check | Command::Plan);
@@ -331,7 +339,7 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
     ];
     for (file, render) in outputs {
         if let Some((path, mut file)) = file {
-            if let Err(err) = file.write_all(render().as_bytes()) {
+            if let Err(err) = file.write_all(secrets::mask(&render()).as_bytes()) {
                 tracing::error!(path = %path.display(), error = %err, "cannot write the report file");
             }
         }

@@ -250,7 +250,17 @@ impl Stall {
 struct LogWriter;
 
 impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+    fn write(&mut self, whole: &[u8]) -> std::io::Result<usize> {
+        // Every log line, text or JSON, error or not, passes here: the one place its secrets are
+        // hidden (`secrets.rs`), in whatever form the formatter escaped them.
+        let masked = match std::str::from_utf8(whole) {
+            Ok(text) => match crate::secrets::mask(text) {
+                std::borrow::Cow::Owned(masked) => Some(masked.into_bytes()),
+                std::borrow::Cow::Borrowed(_) => None,
+            },
+            Err(_) => None,
+        };
+        let buf = masked.as_deref().unwrap_or(whole);
         if let Some(tx) = BACKGROUND.get() {
             drop(tx.send(Message::Line(buf.to_vec())));
         } else {
@@ -262,7 +272,7 @@ impl std::io::Write for LogWriter {
                 DIRECT_STALLED.timed_out(deadline);
             }
         }
-        Ok(buf.len())
+        Ok(whole.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

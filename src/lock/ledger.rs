@@ -381,7 +381,7 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
                     "exit_code": e.exit_code,
                     "holder": e.holder,
                 });
-                writeln!(out, "{line}")?;
+                writeln!(out, "{}", crate::secrets::mask(&line.to_string()))?;
             }
         }
         LogFormat::Text if entries.is_empty() => {
@@ -419,7 +419,7 @@ fn print_history(name: &str, entries: &[Entry], format: LogFormat) -> std::io::R
                         let _ = write!(line, "{cell:<w$}  ");
                     }
                 }
-                writeln!(out, "{line}")?;
+                writeln!(out, "{}", crate::secrets::mask(&line))?;
             }
         }
     }
