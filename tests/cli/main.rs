@@ -15,6 +15,7 @@ mod lock;
 mod lock_servers;
 mod notify;
 mod platform;
+mod secrets;
 mod shell;
 mod spawn;
 mod webhook;
