@@ -3,6 +3,7 @@
 
 mod adoption;
 mod core;
+mod differential;
 mod faults;
 mod formats;
 mod harness;
