@@ -12,7 +12,8 @@
 //!
 //! [`Secrets::mask`] replaces each of them with `[redacted]`, in the forms in which release-tasks's
 //! output can carry it: as it is, JSON- or logfmt-escaped (a quote, a backslash or a newline in it),
-//! percent-encoded (in a URL), and, for a value of several lines (a PEM key, a JSON credential),
+//! XML-escaped (the JUnit file), percent-encoded or percent-decoded (in a URL), and, for a value of
+//! several lines (a PEM key, a JSON credential),
 //! each of its lines on its own (output is split into lines, and the tail keeps only the last ones).
 //! It is applied by the sinks, not by each message: the log writer (every log line, text or JSON,
 //! errors included), `tell` (errors and warnings on stderr), `check`'s and `plan`'s stdout, the
@@ -133,6 +134,8 @@ impl Secrets {
         if let Ok(json) = serde_json::to_string(value) {
             forms.push(json[1..json.len() - 1].to_owned());
         }
+        // The JUnit file's XML escaping.
+        forms.push(crate::report::xml_escape(value));
         forms.push(percent_encoded(value, true));
         forms.push(percent_encoded(value, false));
         if let Some(decoded) = percent_decoded(value) {
@@ -299,13 +302,18 @@ mod tests {
         ] {
             assert!(!qualifies(value), "{value:?}");
         }
-        for value in ["hunter", "hunter2", "s3cr3t-token", "123abc", "ünïcø"] {
-            assert!(
-                qualifies(value) || value.chars().count() < MIN_CHARS,
-                "{value:?}"
-            );
+        for value in [
+            "hunter",
+            "hunter2",
+            "s3cr3t-token",
+            "123abc",
+            "ünïcød",
+            " abcdef ",
+        ] {
+            assert!(qualifies(value), "{value:?}");
         }
-        assert!(qualifies("hunter"));
+        // Characters are counted, not bytes: five accented letters are ten bytes.
+        assert!(!qualifies("ünïcø"));
         assert!(!qualifies("hunte"));
         let s = of(&["1", "true", "production"]);
         assert!(s.is_empty());
@@ -319,6 +327,10 @@ mod tests {
         assert_eq!(s.mask(r#"{"x":"p@ss w\"rd/1"}"#), r#"{"x":"[redacted]"}"#);
         assert_eq!(s.mask("u=p%40ss%20w%22rd%2F1"), "u=[redacted]");
         assert_eq!(s.mask("u=p%40ss%20w%22rd%2f1"), "u=[redacted]");
+        assert_eq!(
+            s.mask("<x a=\"p@ss w&quot;rd/1\"/>"),
+            "<x a=\"[redacted]\"/>"
+        );
         assert!(matches!(s.mask("nothing here"), Cow::Borrowed(_)));
     }
 
