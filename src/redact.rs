@@ -187,7 +187,7 @@ pub fn urls_in(text: &str) -> String {
 /// A command as it may be shown (the log's `command=`, `plan`): URLs reduced as by [`urls_in`],
 /// and the value of each `NAME=value` whose name looks secret hidden, whether a shell assignment
 /// (`API_TOKEN=abc ./deploy`, an `env` argument) or an option (`--password=abc`); then the
-/// space-separated options and headers (see [`options_and_headers`]).
+/// space-separated options and headers whose names look secret (`--password X`, `-H 'Authorization: X'`).
 ///
 /// These shape rules are the second net: a secret that is in the environment is hidden by value
 /// wherever it appears (`secrets.rs`); these catch one written into release.toml itself.
@@ -213,7 +213,7 @@ fn assignments(text: &str) -> String {
             let eq = name_start + name_len;
             if name_len > 0 && bytes.get(eq) == Some(&b'=') && is_secret_name(&text[name_start..eq])
             {
-                let end = value_end(&text, eq + 1, before.filter(|b| b"\"'".contains(b)));
+                let end = value_end(text, eq + 1, before.filter(|b| b"\"'".contains(b)));
                 out.push_str(&text[i..=eq]);
                 if end > eq + 1 {
                     out.push_str(REDACTED);

@@ -27,6 +27,7 @@
 //! shape rules (`redact.rs`) where it appears as `NAME=value`, `--password value` or in a URL.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::{Command, Config};
@@ -202,9 +203,9 @@ fn percent_encoded(value: &str, upper: bool) -> String {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             out.push(char::from(b));
         } else if upper {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         } else {
-            out.push_str(&format!("%{b:02x}"));
+            let _ = write!(out, "%{b:02x}");
         }
     }
     out

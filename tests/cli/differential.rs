@@ -11,23 +11,20 @@ use crate::harness::BIN;
 
 /// The exit status of `argv` run in `dir` with only `PATH` set, as user `uid` when given.
 fn status_of(dir: &Path, path: &str, argv: &[&str], uid: Option<u32>) -> (i32, String) {
-    let mut cmd = match uid {
-        Some(uid) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-                "--",
-            ])
-            .args(argv);
-            c
-        }
-        None => {
-            let mut c = Command::new(argv[0]);
-            c.args(&argv[1..]);
-            c
-        }
+    let mut cmd = if let Some(uid) = uid {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+        ])
+        .args(argv);
+        c
+    } else {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..]);
+        c
     };
     let out = cmd
         .current_dir(dir)
