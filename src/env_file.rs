@@ -94,6 +94,12 @@ fn read(file: &Path, from: &str) -> Result<String> {
         ))
     };
     let opened = std::fs::File::open(file).map_err(|err| {
+        if let Some(limit) = crate::limits::explain(&err) {
+            return Error::Limit(format!(
+                "{from} {}: cannot read it: {limit}",
+                file.display()
+            ));
+        }
         usage(match err.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_owned(),
             _ => format!("cannot read it ({err})"),

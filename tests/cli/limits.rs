@@ -18,7 +18,17 @@ run = ["sh", "-c", "echo c-ran"]
 /// Runs `release-tasks run` in `t`'s directory under `limit` (a `ulimit` command), as user `uid`
 /// when given; returns the status and stderr.
 fn run_limited(t: &Test, limit: &str, uid: Option<u32>) -> (Option<i32>, String) {
-    let script = format!("{limit} && exec \"$0\" run");
+    run_limited_with(t, limit, uid, "run")
+}
+
+/// [`run_limited`] with another subcommand.
+fn run_limited_with(
+    t: &Test,
+    limit: &str,
+    uid: Option<u32>,
+    command: &str,
+) -> (Option<i32>, String) {
+    let script = format!("{limit} && exec \"$0\" {command}");
     let mut cmd = match uid {
         Some(uid) => {
             let mut c = Command::new("setpriv");
@@ -76,6 +86,22 @@ fn every_open_file_limit_from_3_to_64_ends_in_a_status_with_a_message() {
         }
     }
     assert!(refused > 0, "a limit of 4 must be refused");
+    for n in 3..=8 {
+        let (code, stderr) = run_limited_with(&t, &format!("ulimit -n {n}"), None, "check");
+        assert!(
+            !stderr.contains("panicked"),
+            "check, ulimit -n {n}: {stderr}"
+        );
+        match code {
+            Some(0) => {}
+            Some(71) => assert!(stderr.contains("`ulimit -n` is"), "{stderr}"),
+            Some(127) if n == 3 => assert!(
+                stderr.contains("error while loading shared libraries"),
+                "{stderr}"
+            ),
+            other => panic!("check, ulimit -n {n}: status {other:?}\n{stderr}"),
+        }
+    }
     let (code, stderr) = run_limited(&t, "ulimit -n 64", None);
     assert_eq!(code, Some(0), "{stderr}");
 }
