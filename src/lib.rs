@@ -340,7 +340,8 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
     for (file, render) in outputs {
         if let Some((path, mut file)) = file {
             if let Err(err) = file.write_all(secrets::mask(&render()).as_bytes()) {
-                tracing::error!(path = %path.display(), error = %err, "cannot write the report file");
+                let error = limits::explain(&err).unwrap_or_else(|| err.to_string());
+                tracing::error!(path = %path.display(), error = %error, "cannot write the report file");
             }
         }
     }

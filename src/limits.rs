@@ -65,6 +65,7 @@ pub fn explain(err: &io::Error) -> Option<String> {
         nix::libc::ENFILE => {
             Some("the system's limit on open files was reached (fs.file-max)".to_owned())
         }
+        nix::libc::EFBIG => Some("the limit on file size was reached (`ulimit -f`)".to_owned()),
         _ => None,
     }
 }

@@ -53,6 +53,11 @@ pub fn reset_inherited() {
         // SAFETY: SIG_IGN installs no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
+    // A write past `ulimit -f` would kill release-tasks with SIGXFSZ, silently, after the release
+    // (writing a report file); ignored, the write fails with EFBIG, which is reported and names the
+    // limit (`limits::explain`). Tasks and `exec`'s command get the default back.
+    // SAFETY: SIG_IGN installs no handler code.
+    let _ = unsafe { signal::signal(Signal::SIGXFSZ, SigHandler::SigIgn) };
     let _ = signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled), None);
 }
 

@@ -142,3 +142,22 @@ fn a_low_process_limit_ends_in_126_or_71_naming_it_or_succeeds() {
         }
     }
 }
+
+/// `ulimit -f`: a report file that cannot be written past the limit is an error that names it (the
+/// release's status stands), not a silent SIGXFSZ; a task still gets SIGXFSZ's default action.
+#[test]
+fn a_file_size_limit_is_named_and_tasks_keep_the_default_sigxfsz() {
+    let t = Test::new().config("[tasks.t]\nrun = \"true\"\n");
+    let (code, stderr) =
+        run_limited_with(&t, "ulimit -f 0", None, "run --report r.json --junit j.xml");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cannot write the report file path=r.json error=\"the limit on file size was reached (`ulimit -f`)\""
+        ),
+        "{stderr}"
+    );
+    let t = Test::new().config("[tasks.t]\nrun = [\"sh\", \"-c\", \"echo x > out\"]\n");
+    let (code, stderr) = run_limited(&t, "ulimit -f 0", None);
+    assert_eq!(code, Some(128 + 25), "SIGXFSZ kills the task:\n{stderr}");
+}
