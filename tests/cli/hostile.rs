@@ -634,15 +634,25 @@ fn a_url_pasted_where_a_name_belongs_is_redacted_in_every_config_error() {
     let config = "[require]\nenv = [\"https://u:reqpw@h/x\"]\n\
                   [tasks.a]\nrun = \"true\"\nwhen = \"https://u:whenpw@h/x\"\n\
                   unless = { env = \"postgres://u:unlpw@h/x\", equals = \"y\" }\n\
-                  on = \"https://u:onpw@h/x\"\ndir = \"https://u:dirpw@h/x\"\ntimeout = \"https://u:tmpw@h/x\"\n\
+                  on = \"https://u:onpw@h/x\"\ndir = \"https://u:dirpw@h/x\"\ntimeout = \"https://u:timeoutpw@h/x\"\n\
                   after = [\"https://u:afterpw@h/x\"]\nenv = { \"https://u:envkpw@h\" = \"1\" }\n\
                   [tasks.n]\nnotify = { url = \"ftp://u:urlpw@h/x\", headers = { \"https://u:hdrkpw@h\" = \"x\", X = \"${https://u:tplpw@h}\" } }\n\
                   [tasks.\"https://u:namepw@h\"]\nrun = \"true\"\n";
     let out = Test::new().config(config).run_with(&["check"]);
     out.status(78).stderr_has("https://[redacted]@h/[redacted]");
     for leak in [
-        "reqpw", "whenpw", "unlpw", "onpw", "dirpw", "tmpw", "afterpw", "envkpw", "urlpw",
-        "hdrkpw", "tplpw", "namepw",
+        "reqpw",
+        "whenpw",
+        "unlpw",
+        "onpw",
+        "dirpw",
+        "timeoutpw",
+        "afterpw",
+        "envkpw",
+        "urlpw",
+        "hdrkpw",
+        "tplpw",
+        "namepw",
     ] {
         out.stderr_lacks(leak);
     }
