@@ -1,7 +1,7 @@
 //! Direct exec is `sh -c`, in every error path: each way a PATH search and an exec can fail is run
 //! through `sh -c` (dash is /bin/sh here), through release-tasks's direct path (a plain string) and
 //! its shell path (the same string with a quote), which must all give the same exit status; and a
-//! `run` array must give what execvp gives (`env PROGRAM`, which uses it).
+//! `run` array and `exec`'s command must give what execvp gives (`env PROGRAM`, which uses it).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -70,11 +70,14 @@ fn compare(dir: &Path, path: &str, word: &str, uid: Option<u32>) -> Option<Strin
     let (quoted, quoted_said) = release_status(dir, path, &toml_string(&format!("'{word}'")), uid);
     let (env, env_said) = status_of(dir, path, &["env", word], uid);
     let (array, array_said) = release_status(dir, path, &format!("[{}]", toml_string(word)), uid);
+    // `exec`'s command follows execvp's rules too (a release with no task runs first).
+    std::fs::write(dir.join("release.toml"), "").unwrap();
+    let (exec, exec_said) = status_of(dir, path, &[BIN, "exec", "--", word], uid);
     let short: String = word.chars().take(40).collect();
-    (sh != direct || sh != quoted || env != array).then(|| {
+    (sh != direct || sh != quoted || env != array || env != exec).then(|| {
         format!(
-            "{short} (PATH={path}): sh -c {sh}, direct {direct}, quoted {quoted}; env {env}, array {array}\n\
-             sh: {sh_said}\ndirect: {direct_said}\nquoted: {quoted_said}\nenv: {env_said}\narray: {array_said}\n"
+            "{short} (PATH={path}): sh -c {sh}, direct {direct}, quoted {quoted}; env {env}, array {array}, exec {exec}\n\
+             sh: {sh_said}\ndirect: {direct_said}\nquoted: {quoted_said}\nenv: {env_said}\narray: {array_said}\nexec: {exec_said}\n"
         )
     })
 }
