@@ -32,8 +32,9 @@ const SECRET_WORDS: &[&str] = &[
 #[must_use]
 pub fn is_secret_name(name: &str) -> bool {
     let upper = name.to_ascii_uppercase();
-    // `PWD` is also the shell's working directory, which is not a secret.
-    upper != "PWD" && SECRET_WORDS.iter().any(|w| upper.contains(w))
+    // `PWD` and `OLDPWD` are the shell's working directories, which are not secrets (and hiding the
+    // app's directory by value would hide every path in the log).
+    upper != "PWD" && upper != "OLDPWD" && SECRET_WORDS.iter().any(|w| upper.contains(w))
 }
 
 /// The form of `value` that may be shown, given the variable it came from.
@@ -499,6 +500,7 @@ mod tests {
             "RUN_MIGRATIONS_DURING_RELEASE",
             "APP_ENV",
             "PWD",
+            "OLDPWD",
             "RAILS_ENV",
         ] {
             assert!(!is_secret_name(name), "{name}");
