@@ -360,6 +360,24 @@ mod tests {
     }
 
     #[test]
+    fn the_config_gives_notify_urls_header_values_and_task_secrets() {
+        let config = crate::config::parse(
+            std::path::Path::new("release.toml"),
+            "[tasks.t]\nrun = \"true\"\nenv = { DEPLOY_TOKEN = \"task-token-1\", MODE = \"fast-mode\" }\n\
+             [tasks.n]\nnotify = { url = \"https://hooks.example/${HOOK}\", headers = { Authorization = \"Bearer ${BEARER}\" } }\n",
+        )
+        .unwrap();
+        let env = crate::gate::env_of(&[("HOOK", "T0/B0/x"), ("BEARER", "bearer-tok-2")]);
+        let mut s = Secrets::default();
+        s.add_config(&config, &env);
+        assert_eq!(
+            s.mask("task-token-1 fast-mode https://hooks.example/T0/B0/x bearer-tok-2"),
+            "[redacted] fast-mode [redacted] [redacted]"
+        );
+        assert_eq!(s.mask("Bearer bearer-tok-2"), "[redacted]");
+    }
+
+    #[test]
     fn the_environment_gives_secret_names_and_url_passwords() {
         let env = crate::gate::env_of(&[
             ("API_TOKEN", "tok-123456"),
