@@ -55,6 +55,7 @@ pub fn load(
             text: &text,
             at: 0,
             file,
+            expanded: 0,
         };
         while let Some((name, value)) = parser.assignment(|name| {
             process(name).or_else(|| {
@@ -165,7 +166,13 @@ struct Parser<'a> {
     /// The byte offset of the next character to read.
     at: usize,
     file: &'a Path,
+    /// Bytes that `${}` expansions have added so far, bounded by [`MAX_EXPANDED_BYTES`].
+    expanded: usize,
 }
+
+/// The most that expansions may add in one file: more than exec takes in all, so no real file
+/// reaches it, while `B=$A$A$A...` lines cannot make gigabytes out of a small file.
+const MAX_EXPANDED_BYTES: usize = 4 * 1024 * 1024;
 
 /// What every syntax error tells the user to do.
 const HOW: &str =
@@ -346,7 +353,7 @@ impl Parser<'_> {
                 ));
             }
             self.bump();
-            out.push_str(&lookup(&name).unwrap_or_default());
+            self.push_expanded(out, lookup(&name), dollar)?;
         } else if self
             .peek()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -356,10 +363,29 @@ impl Parser<'_> {
                 .unwrap_or(self.text.len() - self.at);
             let name = &self.text[self.at..self.at + len];
             self.at += len;
-            out.push_str(&lookup(name).unwrap_or_default());
+            self.push_expanded(out, lookup(name), dollar)?;
         } else {
             out.push('$');
         }
+        Ok(())
+    }
+
+    /// Appends an expansion's value, within [`MAX_EXPANDED_BYTES`] for the file.
+    fn push_expanded(&mut self, out: &mut String, value: Option<String>, at: usize) -> Result<()> {
+        let value = value.unwrap_or_default();
+        self.expanded += value.len();
+        if self.expanded > MAX_EXPANDED_BYTES {
+            let (line, col) = position(self.text, at);
+            return Err(invalid(
+                self.file,
+                line,
+                col,
+                "the expansions in this file add up to more than 4 MiB, more than exec could hand \
+                 on to a task; expand less (each ${NAME} copies the whole value)"
+                    .to_owned(),
+            ));
+        }
+        out.push_str(&value);
         Ok(())
     }
 }
@@ -570,6 +596,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(shown.contains("over the 1048576-byte limit"), "{shown}");
+    }
+
+    #[test]
+    fn expansions_cannot_blow_a_small_file_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("A={}\n{}", "x".repeat(100_000), "A=$A$A\n".repeat(10));
+        let f = write(dir.path(), ".env", &text);
+        let shown = load(&[f], "--env-file", |_| None).unwrap_err().to_string();
+        assert!(shown.contains("add up to more than 4 MiB"), "{shown}");
+        assert!(!shown.contains("xxxx"), "{shown}");
     }
 
     #[test]
