@@ -137,6 +137,12 @@ fn a_low_process_limit_ends_in_126_or_71_naming_it_or_succeeds() {
                     stderr.contains("the limit on processes was reached"),
                     "ulimit -u {u}: {stderr}"
                 ),
+                // The task's own shell could not fork: the task's failure, in its own words.
+                Some(2) => assert!(
+                    stderr.contains("a | /bin/sh: 1: Cannot fork")
+                        && stderr.contains("task=a outcome=failed exit_code=2"),
+                    "ulimit -u {u}: {stderr}"
+                ),
                 other => panic!("ulimit -u {u}: status {other:?}\n{stderr}"),
             }
         }
