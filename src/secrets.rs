@@ -345,6 +345,17 @@ mod tests {
             s.mask(r"-----BEGIN KEY-----\nMIIEabcdefSECRET\n-----END KEY-----"),
             "[redacted]"
         );
+        // A short line of it (a JSON credential's braces) is not hidden on its own.
+        let s = of(&["{\n  \"private_key\": \"k-123456789\"\n}"]);
+        assert_eq!(s.mask("{ } ok"), "{ } ok");
+        assert_eq!(s.mask("\"private_key\": \"k-123456789\""), "[redacted]");
+        assert_eq!(
+            s.needles().len(),
+            s.needles()
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        );
     }
 
     #[test]
