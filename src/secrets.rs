@@ -361,6 +361,7 @@ mod tests {
     #[test]
     fn a_secret_that_holds_another_is_hidden_whole() {
         let s = of(&["abcdef", "abcdefghij"]);
+        assert_eq!(s.needles(), ["abcdefghij", "abcdef"]);
         assert_eq!(s.mask("abcdefghij abcdef"), "[redacted] [redacted]");
     }
 
