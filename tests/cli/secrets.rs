@@ -153,3 +153,20 @@ fn an_env_file_that_is_a_device_is_refused_unread() {
         .status(2)
         .stderr_has("--env-file /dev/zero: it is not a regular file");
 }
+
+/// A line cut at the tail's length limit in the middle of a secret shows none of it: here a URL's
+/// password (not a secret-looking name), which only the collected values know.
+#[test]
+fn a_tail_line_cut_inside_a_secret_shows_no_part_of_it() {
+    let t = Test::new()
+        .config(
+            "[tasks.t]\nrun = [\"sh\", \"-c\", \"printf '%1015s%s\\\\n' x \\\"$PW\\\"; exit 1\"]\n",
+        )
+        .env("REDIS_URL", "redis://:pw-abcdefgh-123@cache:6379")
+        .env("PW", "pw-abcdefgh-123")
+        .args(&["--report", "r.json"]);
+    t.run().status(1);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    assert!(report.contains("…"), "the line was cut: {report}");
+    assert!(!report.contains("pw-a"), "{report}");
+}
