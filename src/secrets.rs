@@ -318,6 +318,7 @@ mod tests {
         assert!(!qualifies("hunte"));
         let s = of(&["1", "true", "production"]);
         assert!(s.is_empty());
+        assert!(!of(&["hunter22"]).is_empty());
         assert_eq!(s.mask("exit 1 true production"), "exit 1 true production");
     }
 
