@@ -27,7 +27,7 @@ Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
 (nothing ran); 69 the [lock] database is unavailable, or the release lost its lock (another replica \
 may run it again); 75 another replica held the lock too long; 74 check, plan, history or init could not \
-write their output; 70 release-tasks itself failed; 2 bad usage."
+write their output; 71 a system limit (ulimit -n, ulimit -u) stopped release-tasks itself; 70 release-tasks itself failed; 2 bad usage."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -18,6 +18,9 @@ pub const EXIT_UNAVAILABLE: i32 = 69;
 /// `EX_IOERR` from sysexits.h: `check`, `plan` or `init` could not write their output (a closed pipe,
 /// a full disk).
 pub const EXIT_IOERR: i32 = 74;
+/// `EX_OSERR` from sysexits.h: a limit of the system (open files, processes) keeps release-tasks
+/// itself from running.
+pub const EXIT_OSERR: i32 = 71;
 /// `EX_TEMPFAIL` from sysexits.h: another replica held the release lock past `lock.timeout`; nothing ran.
 pub const EXIT_TEMPFAIL: i32 = 75;
 
@@ -58,6 +61,9 @@ pub enum Error {
     Exec { code: i32, message: String },
     /// What `check`, `plan` or `init` had to say could not be written to stdout.
     Output(std::io::Error),
+    /// A limit of the system (`ulimit -n`, `ulimit -u`) keeps release-tasks itself from running;
+    /// the message names the limit.
+    Limit(String),
     /// release-tasks itself could not go on (an I/O error, a failed system call).
     Internal(anyhow::Error),
 }
@@ -77,6 +83,7 @@ impl Error {
             Error::Interrupted(sig) => 128 + *sig as i32,
             Error::Exec { code, .. } => *code,
             Error::Output(_) => EXIT_IOERR,
+            Error::Limit(_) => EXIT_OSERR,
             Error::Internal(_) => EXIT_INTERNAL,
         }
     }
@@ -124,7 +131,9 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Usage(message) | Error::Exec { message, .. } => write!(f, "{message}"),
+            Error::Usage(message) | Error::Exec { message, .. } | Error::Limit(message) => {
+                write!(f, "{message}")
+            }
             Error::Database(message) | Error::LockTimeout(message) => {
                 write!(f, "{message}; nothing was run")
             }
@@ -143,8 +152,17 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl From<anyhow::Error> for Error {
+    /// An `Error` that went through `anyhow` comes back as itself, and a limit of the system
+    /// reached anywhere under it is [`Error::Limit`]: neither is release-tasks's own failure.
     fn from(err: anyhow::Error) -> Self {
-        Error::Internal(err)
+        let err = match err.downcast::<Error>() {
+            Ok(err) => return err,
+            Err(err) => err,
+        };
+        match err.chain().find_map(crate::limits::reached) {
+            Some(limit) => Error::Limit(format!("{limit}; the release stopped here")),
+            None => Error::Internal(err),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod guardian;
 pub mod history;
 pub mod init;
+pub mod limits;
 #[cfg(feature = "postgres")]
 pub mod lock;
 pub mod lock_check;
@@ -26,6 +27,7 @@ pub mod record;
 pub mod redact;
 pub mod report;
 pub mod run;
+pub mod secrets;
 pub mod shell;
 pub mod signals;
 pub mod spawn;
@@ -50,11 +52,14 @@ pub fn env_snapshot() -> Env {
 
 /// Reads the `--env-file` files (none unless named) into `env` and into the process environment,
 /// which every task inherits and `exec` hands on. The process environment wins over the files.
+/// Then `env` is complete, and its secrets are the ones every output hides (`secrets.rs`).
 ///
 /// Call it before any thread starts: it changes the process environment.
 pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
     let loaded = env_file::load(&settings.env_files, settings.env_files_from, |name| {
         env.contains_key(name)
+            .then(|| env.get_lossy(name).map(std::borrow::Cow::into_owned))
+            .flatten()
     })?;
     for var in loaded {
         // SAFETY: called from `main` before any thread is started (see above), so nothing reads
@@ -62,12 +67,14 @@ pub fn load_env_files(settings: &Settings, env: &mut Env) -> Result<()> {
         unsafe { std::env::set_var(&var.name, &var.value) };
         env.insert_from(var.name, var.value, var.file.display().to_string());
     }
+    secrets::install(secrets::Secrets::from_env(env));
     Ok(())
 }
 
 /// Writes what a command has to say to stdout; a failure (a closed pipe, a full disk) is an error
 /// with its own exit status (74), never a panic.
 fn say(text: &str) -> Result<()> {
+    let text = secrets::mask(text);
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -121,8 +128,9 @@ pub fn execute(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
             let (_, mut plan) = load(settings, env, stdio)?;
             #[cfg(feature = "postgres")]
             decide_changed_for_plan(&mut plan, env);
-            let mut out = std::io::stdout().lock();
-            plan::print_plan(&plan, settings.log_format, &mut out).map_err(Error::Output)?;
+            let mut text = Vec::new();
+            plan::print_plan(&plan, settings.log_format, &mut text).map_err(Error::Output)?;
+            say(&String::from_utf8_lossy(&text))?;
             Ok(0)
         }
         Command::Run => run(settings, env, stdio),
@@ -200,18 +208,20 @@ fn history(
         None => lock::Query::Last(limit),
     };
     let (name, answer) = lock::read(lock, env, &plan.meta, &query)?;
-    let mut out = std::io::stdout().lock();
+    // Rendered whole, then written through `say`, which hides the secrets known here by value.
+    let mut out = Vec::new();
     let format = settings.log_format;
     match answer {
         lock::Answer::Releases(entries) => {
             history::print_releases(&name, &entries, format, &mut out).map_err(Error::Output)?;
+            say(&String::from_utf8_lossy(&out))?;
         }
         lock::Answer::Release(Some((release, tasks))) => {
             history::print_release(&name, &release, &tasks, format, &mut out)
                 .map_err(Error::Output)?;
+            say(&String::from_utf8_lossy(&out))?;
         }
         lock::Answer::Release(None) => {
-            drop(out);
             let wanted = history::shown(show.unwrap_or_default());
             match format {
                 LogFormat::Text => stdio.tell(&format!(
@@ -270,6 +280,7 @@ fn run(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<i32> {
             problems: plan.preflight,
         });
     }
+    limits::check_open_files()?;
     // Open the report files first: a path that cannot be written is found before anything runs.
     let report_files = open_report_files(settings)?;
     process::become_subreaper();
@@ -314,6 +325,9 @@ fn shown_command(command: &[std::ffi::OsString]) -> String {
 fn load(settings: &Settings, env: &Env, stdio: &Stdio) -> Result<(config::Config, Plan)> {
     let config = config::load(&settings.config)?;
     #[allow(unused_mut)] // hashed only with the postgres feature, which `changed` needs
+    // Before anything is planned or printed: the notify URLs and headers, and the tasks' own
+    // variables, are secrets too.
+    secrets::add_config(&config, env);
     let mut plan = Plan::new(&config, env, &settings.selection)?;
     plan.force = settings.force;
     #[cfg(feature = "postgres")]
@@ -407,8 +421,9 @@ fn write_reports(files: ReportFiles, report: &report::Report) {
     ];
     for (file, render) in outputs {
         if let Some((path, mut file)) = file {
-            if let Err(err) = file.write_all(render().as_bytes()) {
-                tracing::error!(path = %path.display(), error = %err, "cannot write the report file");
+            if let Err(err) = file.write_all(secrets::mask(&render()).as_bytes()) {
+                let error = limits::explain(&err).unwrap_or_else(|| err.to_string());
+                tracing::error!(path = %path.display(), error = %error, "cannot write the report file");
             }
         }
     }

@@ -159,7 +159,16 @@ struct LogWriter(Stdio);
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.log(buf);
+        // Every log line, text or JSON, error or not, passes here: the one place its secrets are
+        // hidden (`secrets.rs`), in whatever form the formatter escaped them.
+        let masked = match std::str::from_utf8(buf) {
+            Ok(text) => match crate::secrets::mask(text) {
+                std::borrow::Cow::Owned(masked) => Some(masked.into_bytes()),
+                std::borrow::Cow::Borrowed(_) => None,
+            },
+            Err(_) => None,
+        };
+        self.0.log(masked.as_deref().unwrap_or(buf));
         Ok(buf.len())
     }
 

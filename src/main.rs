@@ -44,6 +44,9 @@ fn main() {
     // The one handle on stdout and stderr, passed down to everything that writes to them.
     let stdio = release_tasks::output::Stdio::new();
     let mut env = release_tasks::env_snapshot();
+    // The environment's secrets are hidden from the first line written (the `--env-file` ones join
+    // them once the files are read).
+    release_tasks::secrets::install(release_tasks::secrets::Secrets::from_env(&env));
     // Lossily, so that a NO_COLOR that is not UTF-8 still counts as set.
     let colour =
         release_tasks::log::colour(|name| env.get_lossy(name), std::io::stderr().is_terminal());

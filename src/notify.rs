@@ -81,12 +81,12 @@ impl Webhook {
     /// The request body for `report`.
     #[must_use]
     pub fn body(&self, report: &Report) -> Vec<u8> {
-        match self.format {
-            NotifyFormat::Json => report.to_json().to_string().into_bytes(),
-            NotifyFormat::Slack => serde_json::json!({ "text": slack_text(report) })
-                .to_string()
-                .into_bytes(),
-        }
+        let body = match self.format {
+            NotifyFormat::Json => report.to_json().to_string(),
+            NotifyFormat::Slack => serde_json::json!({ "text": slack_text(report) }).to_string(),
+        };
+        // What leaves the machine hides the same secrets as the log.
+        crate::secrets::mask(&body).into_owned().into_bytes()
     }
 
     /// POSTs `body`, retrying connection errors and 5xx answers with backoff. Blocking: call it off

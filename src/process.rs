@@ -79,9 +79,11 @@ pub struct Spawned {
 /// Linux), and `RELEASE_TASKS_RUN_ID`, which marks every process it starts as this release's.
 ///
 /// A `run` string without shell syntax is exec'd directly (see `shell.rs`), with the `PWD` the shell
-/// would have exported; a file without a `#!` line, which exec refuses (`ENOEXEC`) and the shell runs
-/// as a script, falls back to the shell, as does everything when `PATH` is unset (the shell's default
-/// search path differs from exec's).
+/// would have exported. When that exec fails for any reason but "not found" (which both answer with
+/// 127), the string is run by the shell after all, so that every error path gives `sh -c`'s status
+/// and message; so is everything when `PATH` is unset (the shell's default search path differs from
+/// exec's). A `run` array follows execvp's rules, a file without a `#!` line included (run by
+/// `/bin/sh`).
 ///
 /// A `run` array gets that `PWD` too: release-tasks's own would name another directory than the
 /// task's `dir`.
@@ -99,7 +101,12 @@ pub fn spawn(task: &Task, run_id: &str) -> io::Result<Spawned> {
     };
     if argv != through_shell && path_set {
         match spawn_argv(task, run_id, &argv, pwd().as_deref()) {
-            Err(err) if err.raw_os_error() == Some(nix::libc::ENOEXEC) => {}
+            // The exec failed for a reason other than "not found anywhere" (a directory or a file
+            // without execute permission on PATH, a symlink loop, a name too long, a busy file):
+            // the shell's PATH search and its exit status differ from execvp's there (dash skips
+            // what is not a regular file, and answers 127 or 126 or 2 by its own rules), so the
+            // shell runs the string and decides, which makes the result `sh -c`'s by construction.
+            Err(err) if err.raw_os_error().is_some_and(|e| e != nix::libc::ENOENT) => {}
             spawned => return spawned,
         }
     }
@@ -121,8 +128,9 @@ fn spawn_argv(
 ) -> io::Result<Spawned> {
     use std::ffi::OsStr;
     // Not the kind of the error: a missing /dev/null must not read as a missing program.
-    let set_up = |what: &str, err: &dyn std::fmt::Display| {
-        io::Error::other(format!("cannot {what} for its process: {err}"))
+    let set_up = |what: &str, err: &io::Error| match crate::limits::explain(err) {
+        Some(limit) => io::Error::other(format!("cannot {what} for its process: {limit}")),
+        None => io::Error::other(format!("cannot {what} for its process: {err}")),
     };
     let pipes = || -> io::Result<_> {
         let stdout = crate::output::cloexec_pipe()?;

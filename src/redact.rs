@@ -32,8 +32,9 @@ const SECRET_WORDS: &[&str] = &[
 #[must_use]
 pub fn is_secret_name(name: &str) -> bool {
     let upper = name.to_ascii_uppercase();
-    // `PWD` is also the shell's working directory, which is not a secret.
-    upper != "PWD" && SECRET_WORDS.iter().any(|w| upper.contains(w))
+    // `PWD` and `OLDPWD` are the shell's working directories, which are not secrets (and hiding the
+    // app's directory by value would hide every path in the log).
+    upper != "PWD" && upper != "OLDPWD" && SECRET_WORDS.iter().any(|w| upper.contains(w))
 }
 
 /// The form of `value` that may be shown, given the variable it came from.
@@ -186,10 +187,18 @@ pub fn urls_in(text: &str) -> String {
 
 /// A command as it may be shown (the log's `command=`, `plan`): URLs reduced as by [`urls_in`],
 /// and the value of each `NAME=value` whose name looks secret hidden, whether a shell assignment
-/// (`API_TOKEN=abc ./deploy`, an `env` argument) or an option (`--password=abc`).
+/// (`API_TOKEN=abc ./deploy`, an `env` argument) or an option (`--password=abc`); then the
+/// space-separated options and headers whose names look secret (`--password X`, `-H 'Authorization: X'`).
+///
+/// These shape rules are the second net: a secret that is in the environment is hidden by value
+/// wherever it appears (`secrets.rs`); these catch one written into release.toml itself.
 #[must_use]
 pub fn command(text: &str) -> String {
-    let text = urls_in(text);
+    options_and_headers(&assignments(&urls_in(text)))
+}
+
+/// The value of each `NAME=value` whose name looks secret hidden (see [`command`]).
+fn assignments(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
@@ -205,7 +214,7 @@ pub fn command(text: &str) -> String {
             let eq = name_start + name_len;
             if name_len > 0 && bytes.get(eq) == Some(&b'=') && is_secret_name(&text[name_start..eq])
             {
-                let end = value_end(&text, eq + 1, before.filter(|b| b"\"'".contains(b)));
+                let end = value_end(text, eq + 1, before.filter(|b| b"\"'".contains(b)));
                 out.push_str(&text[i..=eq]);
                 if end > eq + 1 {
                     out.push_str(REDACTED);
@@ -218,6 +227,122 @@ pub fn command(text: &str) -> String {
         i += c.len_utf8();
     }
     out
+}
+
+/// Long options whose name looks secret take their value as the next word (`--password hunter2`,
+/// `--token X`, `--auth-token X`, `--api-key X`, `--client-secret X`): that word is hidden. An option
+/// that says it takes no secret (`--no-password`, `--password-file PATH`, `--key-id ID`) is left
+/// alone; so are short options (`-p` is a port to psql and a prompt to mysql). A header whose name
+/// looks secret (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`, `X-Auth-Token`,
+/// any `*-Key`, `*-Token`, `*-Secret`) has its value hidden, in `-H 'Name: value'`,
+/// `--header=Name:value` or `Name: value` form: to the end of the quote it is in, else to the end
+/// of the word (and the next word after `Bearer`, `Basic` or `Token`).
+fn options_and_headers(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut hide_next_word = false;
+    while i < text.len() {
+        let before = i.checked_sub(1).map(|b| bytes[b]);
+        let word_start =
+            before.is_none_or(|b| b.is_ascii_whitespace() || b"=;&|(\"',[".contains(&b));
+        let quote = before.filter(|b| b"\"'".contains(b));
+        if word_start
+            && !text[i..]
+                .starts_with(|c: char| c.is_whitespace() || c == ',' || c == '"' || c == '\'')
+        {
+            let end = value_end(text, i, quote);
+            let word = &text[i..end];
+            if hide_next_word && !word.starts_with('-') {
+                hide_next_word = false;
+                out.push_str(REDACTED);
+                i = end;
+                continue;
+            }
+            hide_next_word = false;
+            if let Some(name) = word.strip_prefix("--") {
+                // `--header=X-Api-Key:k`: what follows the `=` is a word of its own.
+                if let Some(eq) = word.find('=') {
+                    out.push_str(&text[i..=i + eq]);
+                    i += eq + 1;
+                    continue;
+                }
+                hide_next_word = is_secret_option(name);
+            } else if let Some(colon) = header_colon(word) {
+                let mut value_start = i + colon + 1;
+                value_start += text[value_start..]
+                    .bytes()
+                    .take_while(|&b| b == b' ' || b == b'\t')
+                    .count();
+                let value_end = match quote {
+                    Some(q) => text[value_start..]
+                        .find(char::from(q))
+                        .map_or(text.len(), |at| value_start + at),
+                    None => value_end(text, value_start, None),
+                };
+                out.push_str(&text[i..value_start]);
+                if value_end > value_start {
+                    out.push_str(REDACTED);
+                    // `Authorization: Bearer TOKEN` unquoted: the scheme is one word, the token the next.
+                    let scheme = &text[value_start..value_end];
+                    hide_next_word = quote.is_none()
+                        && ["bearer", "basic", "token", "digest"]
+                            .iter()
+                            .any(|s| s.eq_ignore_ascii_case(scheme));
+                } else {
+                    // `-H 'Authorization:' ...`, `Authorization: Bearer` split by the shell.
+                    hide_next_word = quote.is_none();
+                }
+                i = value_end;
+                continue;
+            }
+        }
+        if let Some(c) = text[i..].chars().next() {
+            if !(c.is_whitespace() || c == ',' || c == '"' || c == '\'') {
+                // Inside a word that is not an option or a header: nothing to decide until it ends.
+                let end = i + text[i..]
+                    .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ',')
+                    .unwrap_or(text.len() - i);
+                out.push_str(&text[i..end]);
+                i = end;
+                continue;
+            }
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+/// Whether a long option (without its `--`) takes a secret as its value.
+fn is_secret_option(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let not_a_secret = lower.starts_with("no-")
+        || [
+            "-file", "_file", "-path", "-id", "_id", "-name", "-env", "-url", "-type", "-length",
+        ]
+        .iter()
+        .any(|s| lower.ends_with(s));
+    !name.is_empty() && !not_a_secret && is_secret_name(name)
+}
+
+/// Where the `:` of `word` is, when `word` starts with a header whose name looks secret: a header
+/// name (letters, digits, `-`, `_`) that holds a `-` or is `Authorization`/`Cookie`, or one that is
+/// followed by `: ` (a rake task such as `auth:setup` is not a header).
+fn header_colon(word: &str) -> Option<usize> {
+    let len = word
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        .count();
+    if len == 0 || word.as_bytes().get(len) != Some(&b':') {
+        return None;
+    }
+    let name = &word[..len];
+    let lower = name.to_ascii_lowercase();
+    let header_like = name.contains('-')
+        || matches!(lower.as_str(), "authorization" | "cookie")
+        || word.len() == len + 1;
+    (header_like && is_secret_name(name)).then_some(len)
 }
 
 /// Where the value that starts at `start` ends: at whitespace or a shell operator outside quotes,
@@ -285,6 +410,67 @@ mod tests {
     }
 
     #[test]
+    fn secret_options_and_headers_in_commands() {
+        for (command, shown) in [
+            (
+                "tool --password hunter2 -v",
+                "tool --password [redacted] -v",
+            ),
+            (
+                "tool --token X --auth-token Y --api-key Z",
+                "tool --token [redacted] --auth-token [redacted] --api-key [redacted]",
+            ),
+            (
+                "vault --client-secret abc",
+                "vault --client-secret [redacted]",
+            ),
+            (
+                r#"["tool", "--password", "hunter2", "x"]"#,
+                r#"["tool", "--password", "[redacted]", "x"]"#,
+            ),
+            (
+                "curl -H 'Authorization: Bearer X1' https://h",
+                "curl -H 'Authorization: [redacted]' https://h",
+            ),
+            (
+                "curl -H \"X-Api-Key: k1\" u",
+                "curl -H \"X-Api-Key: [redacted]\" u",
+            ),
+            (
+                "curl --header=X-Api-Key:k2 u",
+                "curl --header=X-Api-Key:[redacted] u",
+            ),
+            (
+                "curl -H Authorization:Bearer tok3 u",
+                "curl -H Authorization:[redacted] [redacted] u",
+            ),
+            (
+                "curl -H X-Auth-Token:t4 -H Cookie:c5 u",
+                "curl -H X-Auth-Token:[redacted] -H Cookie:[redacted] u",
+            ),
+            // Not secrets: a flag, a file, a rake task, a port, an id.
+            ("psql --no-password db", "psql --no-password db"),
+            (
+                "tool --password-file /run/pw x",
+                "tool --password-file /run/pw x",
+            ),
+            (
+                "rake auth:setup tokens:prune",
+                "rake auth:setup tokens:prune",
+            ),
+            ("psql -p 5432 db", "psql -p 5432 db"),
+            ("aws --access-key-id AKIA x", "aws --access-key-id AKIA x"),
+            ("tool --password --verbose", "tool --password --verbose"),
+            (
+                "curl -H 'Content-Type: json' u",
+                "curl -H 'Content-Type: json' u",
+            ),
+        ] {
+            assert_eq!(super::command(command), shown, "{command}");
+        }
+    }
+
+    #[test]
     fn a_long_value_is_shown_by_its_start() {
         let long = "é".repeat(100_000);
         let shown = value("GATE", &long);
@@ -314,6 +500,7 @@ mod tests {
             "RUN_MIGRATIONS_DURING_RELEASE",
             "APP_ENV",
             "PWD",
+            "OLDPWD",
             "RAILS_ENV",
         ] {
             assert!(!is_secret_name(name), "{name}");

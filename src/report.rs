@@ -473,7 +473,7 @@ impl Report {
 /// 1.0 forbids (controls but tab and newline, lone surrogates cannot occur in a `str`, U+FFFE, U+FFFF)
 /// replaced with U+FFFD. Newlines and tabs are written as character references, so an attribute
 /// keeps them instead of having them normalised to spaces.
-fn xml_escape(text: &str) -> String {
+pub(crate) fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -57,10 +57,10 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+        .map_err(|e| crate::limits::or_internal("cannot start the runtime", &e))?;
     runtime.block_on(async {
         let signals = Signals::install()
-            .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+            .map_err(|e| crate::limits::or_internal("cannot install signal handlers", &e))?;
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
             return run_locked(plan, lock, env, meta, signals, (guardian, run_id), stdio).await;

@@ -53,6 +53,11 @@ pub fn reset_inherited() {
         // SAFETY: SIG_IGN installs no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
+    // A write past `ulimit -f` would kill release-tasks with SIGXFSZ, silently, after the release
+    // (writing a report file); ignored, the write fails with EFBIG, which is reported and names the
+    // limit (`limits::explain`). Tasks and `exec`'s command get the default back.
+    // SAFETY: SIG_IGN installs no handler code.
+    let _ = unsafe { signal::signal(Signal::SIGXFSZ, SigHandler::SigIgn) };
     let _ = signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled), None);
 }
 
@@ -64,7 +69,17 @@ pub struct Signals {
 
 impl Signals {
     /// Installs handlers for SIGCHLD, the stopping signals, SIGUSR1 and SIGUSR2. Needs a runtime.
+    ///
+    /// tokio's first handler makes a socket pair for its signal driver and panics when it cannot
+    /// (`ulimit -n` reached): a pair is made and closed here first, so that running out of file
+    /// descriptors is an error (EMFILE) the caller reports, not a panic.
     pub fn install() -> std::io::Result<Signals> {
+        drop(nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?);
         let mut handled = Vec::new();
         let stops = STOPPING.iter().map(|&s| (s, Event::Stop(s)));
         let forwards = FORWARDED.iter().map(|&s| (s, Event::Forward(s)));

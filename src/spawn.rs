@@ -129,6 +129,9 @@ mod linux {
         /// Null-terminated lists of pointers into `_strings`.
         files: Vec<*const c_char>,
         argv: Vec<*const c_char>,
+        /// `/bin/sh FILE ARGS...` for a file without a `#!` line (execvp's rule): the child writes
+        /// the file's pointer into the second slot before it execs it.
+        script_argv: std::cell::UnsafeCell<Vec<*const c_char>>,
         envp: Vec<*const c_char>,
         dir: CString,
         fds: [RawFd; 3],
@@ -350,6 +353,13 @@ mod linux {
             };
             let argv = list(&mut child.argv.iter().map(|a| a.as_bytes().to_vec()))
                 .ok_or_else(|| nul("the command"))?;
+            // The second slot (the script's path) is filled in by the child; "/bin/sh" stands in.
+            let script_argv = list(
+                &mut [b"/bin/sh".to_vec(), b"/bin/sh".to_vec()]
+                    .into_iter()
+                    .chain(child.argv.iter().skip(1).map(|a| a.as_bytes().to_vec())),
+            )
+            .ok_or_else(|| nul("the command"))?;
             let envp = list(&mut env.iter().map(|(k, v)| {
                 let mut kv = k.as_bytes().to_vec();
                 kv.push(b'=');
@@ -363,6 +373,7 @@ mod linux {
             let plan = Plan {
                 files,
                 argv,
+                script_argv: std::cell::UnsafeCell::new(script_argv),
                 envp,
                 dir,
                 fds: [
@@ -440,11 +451,19 @@ mod linux {
             );
             // glibc's execvp search: a missing file or directory, or one without permission (or on
             // a stale or absent file system), moves on to the next PATH entry (EACCES is
-            // remembered); any other error ends the search.
+            // remembered); any other error ends the search. A file without a `#!` line (ENOEXEC)
+            // is run by /bin/sh, as execvp runs it.
             let mut denied = false;
             let mut file = plan.files.as_ptr();
             while !(*file).is_null() {
                 libc::execve(*file, plan.argv.as_ptr(), plan.envp.as_ptr());
+                if *libc::__errno_location() == libc::ENOEXEC {
+                    let script = (*plan.script_argv.get()).as_mut_ptr();
+                    script.add(1).write(*file);
+                    libc::execve(*script, script, plan.envp.as_ptr());
+                    // The file's own error is the one to report, not the shell's.
+                    *libc::__errno_location() = libc::ENOEXEC;
+                }
                 match *libc::__errno_location() {
                     libc::EACCES => denied = true,
                     libc::ENOENT

@@ -129,11 +129,16 @@ impl Tail {
                 let text = printable(&String::from_utf8_lossy(line));
                 // A line cut at MAX_LINE may end in the first part of a secret or of a URL, which
                 // neither `scrub` nor `urls_in` would know for one: that part is left out.
+                let current = crate::secrets::current();
                 let (text, cut) = match text.strip_suffix('…') {
-                    Some(kept) => (without_cut_secret(kept, secrets), "…"),
+                    Some(kept) => (
+                        without_cut_secret(without_cut_secret(kept, secrets), current.needles()),
+                        "…",
+                    ),
                     None => (text.as_str(), ""),
                 };
-                redact::urls_in(&redact::scrub(text, secrets)) + cut
+                let text = redact::urls_in(&redact::scrub(text, secrets));
+                current.mask(&text).into_owned() + cut
             })
             .collect()
     }

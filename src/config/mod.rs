@@ -378,6 +378,17 @@ pub fn load(path: &Path) -> Result<Config> {
     parse(path, &source)
 }
 
+/// The file's bytes, never more than one byte past [`MAX_CONFIG_BYTES`] (the size checked before
+/// may have grown).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn read(path: &Path) -> Result<String> {
     let unreadable = |reason: String| Error::ConfigUnreadable {
         path: path.to_owned(),
@@ -407,8 +418,19 @@ fn read(path: &Path) -> Result<String> {
             meta.len()
         )));
     }
-    let bytes =
-        std::fs::read(path).map_err(|err| unreadable(format!("{err}; check its permissions")))?;
+    // Opening it is what needs a descriptor; `metadata` did not.
+    let bytes = read_bounded(path).map_err(|err| match crate::limits::explain(&err) {
+        Some(limit) => Error::Limit(format!(
+            "cannot read config file {}: {limit}",
+            path.display()
+        )),
+        None => unreadable(format!("{err}; check its permissions")),
+    })?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(unreadable(format!(
+            "it grew over the {MAX_CONFIG_BYTES}-byte limit for a config file while it was read"
+        )));
+    }
     String::from_utf8(bytes).map_err(|err| {
         let offset = err.utf8_error().valid_up_to();
         let source = String::from_utf8_lossy(err.as_bytes());

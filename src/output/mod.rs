@@ -244,6 +244,9 @@ impl Stdio {
         if deadline <= Instant::now() {
             return;
         }
+        // Every error and warning for people passes here: their secrets are hidden by value.
+        let line = crate::secrets::mask(line);
+        let line = line.as_ref();
         let (theirs, stdio) = (line.to_owned(), self.clone());
         let (said, wait) = std::sync::mpsc::channel();
         let writer = std::thread::Builder::new().spawn(move || {

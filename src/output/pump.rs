@@ -62,7 +62,9 @@ impl Pump {
         tail: Option<Arc<Mutex<Tail>>>,
     ) -> std::io::Result<Pump> {
         enlarge_pipe(&source);
-        let (stop_read, stop_write) = cloexec_pipe()?;
+        let (stop_read, stop_write) = cloexec_pipe().map_err(|err| {
+            crate::limits::named("cannot make a pipe for a task's output", err.into(), false)
+        })?;
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
             source,
@@ -86,7 +88,10 @@ impl Pump {
         std::thread::Builder::new()
             .name("output".into())
             .stack_size(SMALL_STACK)
-            .spawn(move || pump_thread(job))?;
+            .spawn(move || pump_thread(job))
+            .map_err(|err| {
+                crate::limits::named("cannot start a thread for a task's output", err, true)
+            })?;
         Ok(Pump::new(rx, stop_write))
     }
 

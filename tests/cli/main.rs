@@ -3,6 +3,7 @@
 
 mod adoption;
 mod core;
+mod differential;
 mod exact;
 mod faults;
 mod formats;
@@ -11,6 +12,7 @@ mod hostile;
 mod init;
 #[cfg(feature = "postgres")]
 mod ledger;
+mod limits;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
@@ -28,6 +30,7 @@ mod platform;
 #[cfg(feature = "postgres")]
 mod proxy;
 mod retries;
+mod secrets;
 mod shell;
 mod spawn;
 mod webhook;

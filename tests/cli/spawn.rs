@@ -174,10 +174,11 @@ fn the_program_is_looked_up_on_the_tasks_path_as_execvp_does() {
         .stdout_has("empty_entry | here\n")
         .stdout_lacks("decoy")
         .stdout_lacks("denied")
-        .stderr_has("permission denied running `prog`");
+        // Only a file without permission on PATH: what `sh -c prog` says and exits with (dash: 127).
+        .stderr_has("only_denied | /bin/sh: 1: prog: Permission denied");
     assert!(
         out.stderr
-            .contains("task=only_denied outcome=not-started exit_code=126"),
+            .contains("task=only_denied outcome=failed exit_code=127"),
         "{}",
         out.stderr
     );

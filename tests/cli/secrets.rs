@@ -1,0 +1,172 @@
+//! Secrets, by value: a secret from the environment, an `--env-file` or the config is hidden in
+//! everything release-tasks prints or writes, in every form, while short values are not.
+
+use std::time::Duration;
+
+use crate::harness::Test;
+use crate::webhook::Server;
+
+const TOKEN: &str = "tok-3f9a7c1e5b";
+const PEM: &str =
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+
+/// A failing task that prints the secrets (task output is its own business; what release-tasks
+/// copies of it is not), and a notify task that reports the failure.
+fn config(port: u16) -> String {
+    format!(
+        r#"
+[tasks.leak]
+run = "printf '%s\n' \"$API_TOKEN\" \"$SIGNING_KEY\" \"$(printf %s \"$API_TOKEN\" | od -An -c | tr -d ' \n')\"; echo \"url=https://x.example/?t=$ENCODED\"; exit 3"
+[tasks.tell]
+notify = {{ url = "http://127.0.0.1:{port}/hooks/${{HOOK_PATH}}", headers = {{ Authorization = "Bearer ${{HOOK_TOKEN}}" }} }}
+on = "always"
+"#
+    )
+}
+
+#[test]
+fn a_secret_value_is_hidden_in_logs_reports_junit_webhooks_and_the_tail() {
+    let server = Server::start(&[200], Duration::ZERO);
+    let t = Test::new()
+        .config(&config(server.port))
+        .file(
+            ".env",
+            &format!("SIGNING_KEY=\"{PEM}\"\nHOOK_PATH=hook-path-77x\n"),
+        )
+        .env("API_TOKEN", TOKEN)
+        .env("ENCODED", "tok-3f9a7c1e5b%2Fextra")
+        .env("HOOK_TOKEN", "hook-bearer-91")
+        .env("RETRIES", "1")
+        .args(&[
+            "--env-file",
+            ".env",
+            "--report",
+            "r.json",
+            "--junit",
+            "j.xml",
+        ]);
+    let out = t.run();
+    out.status(3);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    let junit = std::fs::read_to_string(t.path("j.xml")).unwrap();
+    let sent = server.received();
+    assert_eq!(sent.len(), 1);
+    let body = String::from_utf8_lossy(&sent[0].body).into_owned();
+    // The task's own output went through as it was.
+    assert!(out.stdout().contains(TOKEN), "{}", out.stdout());
+    for (what, text) in [
+        ("stderr", out.stderr.as_str()),
+        ("report", &report),
+        ("junit", &junit),
+        ("webhook body", &body),
+    ] {
+        for secret in [
+            TOKEN,
+            "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+            "hook-path-77x",
+            "hook-bearer-91",
+        ] {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+        assert!(text.contains("[redacted]"), "{what}:\n{text}");
+    }
+    // The tail is there, with the secrets hidden line by line.
+    assert!(report.contains("[redacted]"), "{report}");
+    // A short value is not a secret: exit codes and counts stay readable.
+    assert!(out.stderr.contains("exit_code=3"), "{}", out.stderr);
+}
+
+#[test]
+fn check_plan_and_errors_hide_secrets_from_the_environment() {
+    let t = Test::new()
+        .config(
+            "[tasks.gated]\nrun = \"true\"\nwhen = { env = \"DEPLOY_WHEN\", equals = \"go\" }\n\
+             [tasks.deploy]\nrun = \"./deploy --user admin --password hunter2-literal x\"\n",
+        )
+        .env("DB_PASSWORD", "s3cr3t-pw-value")
+        .env("DEPLOY_WHEN", "s3cr3t-pw-value");
+    // DEPLOY_WHEN is not secret-looking, but its value is DB_PASSWORD's: hidden by value.
+    let out = t.run_with(&["plan"]);
+    out.status(0)
+        .stdout_lacks("s3cr3t-pw-value")
+        .stdout_lacks("hunter2-literal")
+        .stdout_has("--password [redacted] x");
+    let out = t.run_with(&["run"]);
+    out.status(127)
+        .stderr_has("task skipped task=gated")
+        .stderr_lacks("s3cr3t-pw-value")
+        .stderr_lacks("hunter2-literal")
+        .stderr_has("command=\"./deploy --user admin --password [redacted] x\"");
+}
+
+#[test]
+fn a_short_or_plain_value_of_a_secret_looking_variable_masks_nothing() {
+    Test::new()
+        .config("[tasks.t]\nrun = \"sh -c 'exit 1'\"\n")
+        .env("AUTH_ENABLED", "true")
+        .env("SESSION_TTL", "1")
+        .env("API_KEY", "abc")
+        .run()
+        .status(1)
+        .stderr_has("exit_code=1")
+        .stderr_has("task=t")
+        .stderr_lacks("[redacted]");
+}
+
+#[test]
+fn env_files_layer_as_a_shell_sources_them() {
+    Test::new()
+        .config("[tasks.t]\nrun = [\"sh\", \"-c\", \"echo $DATABASE_HOST_URL $A $B\"]\n")
+        .file(".env", "DB_HOST=db.internal\nA=first\nA=second\nB=${A}\n")
+        .file(
+            ".env.local",
+            "DATABASE_HOST_URL=postgres://${DB_HOST}/app\nA=local\n",
+        )
+        .args(&["--env-file", ".env", "--env-file", ".env.local"])
+        .run()
+        .status(0)
+        .stdout_has("postgres://db.internal/app local second\n");
+}
+
+#[test]
+fn an_env_file_error_never_quotes_a_multi_line_secret() {
+    Test::new()
+        .config("[tasks.t]\nrun = \"true\"\n")
+        .file(
+            ".env",
+            "A=1\nAPI_TOKEN=\"first line\nrest-of-the-SECRET-9\" x\n",
+        )
+        .args(&["--env-file", ".env"])
+        .run()
+        .status(78)
+        .stderr_has(".env:3:23: unexpected text after the value of API_TOKEN")
+        .stderr_lacks("SECRET-9")
+        .stderr_lacks("first line");
+}
+
+#[test]
+fn an_env_file_that_is_a_device_is_refused_unread() {
+    Test::new()
+        .config("[tasks.t]\nrun = \"true\"\n")
+        .args(&["--env-file", "/dev/zero"])
+        .run()
+        .status(2)
+        .stderr_has("--env-file /dev/zero: it is not a regular file");
+}
+
+/// A line cut at the tail's length limit in the middle of a secret shows none of it: here a URL's
+/// password (not a secret-looking name), which only the collected values know.
+#[test]
+fn a_tail_line_cut_inside_a_secret_shows_no_part_of_it() {
+    let t = Test::new()
+        .config(
+            "[tasks.t]\nrun = [\"sh\", \"-c\", \"printf '%1015s%s\\\\n' x \\\"$PW\\\"; exit 1\"]\n",
+        )
+        .env("REDIS_URL", "redis://:pw-abcdefgh-123@cache:6379")
+        .env("PW", "pw-abcdefgh-123")
+        .args(&["--report", "r.json"]);
+    t.run().status(1);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    assert!(report.contains("…"), "the line was cut: {report}");
+    assert!(!report.contains("pw-a"), "{report}");
+}
