@@ -107,8 +107,7 @@ pub enum Command {
     /// Validate the config and the gate values (for CI); runs nothing
     Check,
     /// Write a release.toml for the framework in this directory (Rails, Django, Laravel, Phoenix,
-    /// Node with Prisma, Knex or Sequelize)
-    /// (`--force` replaces an existing config file)
+    /// Node with Prisma, Knex or Sequelize); with --force, over an existing one
     Init,
     /// Wait until the lock's ledger records this release as completed (for worker and web pods
     /// that must not start before the release ran; needs once = true in the lock table)
