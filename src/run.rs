@@ -19,7 +19,7 @@ use tokio::time::sleep_until;
 use crate::config::{Defaults, On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
-use crate::lock_check::LockCheck;
+use crate::lock_check::{LockCheck, LockLost};
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::plan::{Plan, Step};
@@ -223,9 +223,14 @@ async fn run(
             report.tasks.push(skipped(step, step.skip_reason()));
             continue;
         }
-        let failed = report.failed_task().is_some()
+        let mut failed = report.failed_task().is_some()
             || runner.interrupted.is_some()
             || report.lock_lost.is_some();
+        // A lock lost during the last task is found by the next check only: an on = "failure"
+        // clean-up that would be skipped asks first, for the loss fails the release.
+        if !failed && task.on == On::Failure {
+            failed = lock.found_lost(&mut report).await;
+        }
         // An expired release_timeout fails the release like anything else, through the task it cut
         // off or the next on = "success" task, which cannot start; what follows a failure
         // (on = "failure" and "always") still runs, on its own timeout.
@@ -331,30 +336,55 @@ impl HeldLock<'_> {
                 true
             }
             Err(lost) => {
-                let last_task_under_lock = self.last_task.as_deref();
                 if task.on == On::Success {
                     tracing::error!(
-                        task = %task.name, last_task_under_lock, reason = %lost.reason,
+                        task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
                         "the release lock is lost, so this task does not start, nor any later one but clean-up \
                          (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
                     );
+                    report.lock_lost = Some(LockLoss {
+                        reason: lost.to_string(),
+                        last_task: self.last_task.clone(),
+                    });
                 } else {
-                    tracing::error!(
-                        last_task_under_lock, reason = %lost.reason,
-                        "the release lock is lost, so no task starts from now on but clean-up \
-                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
-                    );
-                }
-                report.lock_lost = Some(LockLoss {
-                    reason: lost.to_string(),
-                    last_task: self.last_task.clone(),
-                });
-                if task.on != On::Success {
+                    self.record_loss(&lost, report);
                     tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
                 }
                 false
             }
         }
+    }
+
+    /// Whether the lock, not known lost yet, is found lost by a check now (recorded in the report).
+    /// Asked before an `on = "failure"` task that a release without failure would skip: a lock
+    /// lost during the last task fails the release, and the clean-up is then due.
+    async fn found_lost(&mut self, report: &mut Report) -> bool {
+        let Some(lock) = self.lock else {
+            return false;
+        };
+        if report.lock_lost.is_some() {
+            return true;
+        }
+        match lock.check().await {
+            Ok(()) => false,
+            Err(lost) => {
+                self.record_loss(&lost, report);
+                true
+            }
+        }
+    }
+
+    /// Says that the lock is lost and records it, with the last task that started under it.
+    fn record_loss(&self, lost: &LockLost, report: &mut Report) {
+        tracing::error!(
+            last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
+            "the release lock is lost, so no task starts from now on but clean-up \
+             (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+        );
+        report.lock_lost = Some(LockLoss {
+            reason: lost.to_string(),
+            last_task: self.last_task.clone(),
+        });
     }
 }
 

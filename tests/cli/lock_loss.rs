@@ -631,7 +631,7 @@ fn append(path: &str, line: &str) {
 
 /// `stderr` with what varies from run to run replaced: each line's timestamp dropped, the app's
 /// unique name as `APP`, every `duration_ms` as `N`.
-fn normalised(stderr: &str, app: &str) -> String {
+pub fn normalised(stderr: &str, app: &str) -> String {
     let mut out = String::new();
     for line in stderr.lines() {
         let line = line.split_once(' ').map_or(line, |(_, rest)| rest);

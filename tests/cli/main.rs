@@ -11,6 +11,8 @@ mod init;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
+mod lock_hostile;
+#[cfg(feature = "postgres")]
 mod lock_ledger;
 #[cfg(feature = "postgres")]
 mod lock_loss;

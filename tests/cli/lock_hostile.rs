@@ -1,0 +1,66 @@
+//! `[lock]` as a hostile user tries it, from the README's words: a lock lost during the last task
+//! (noticed only by the clean-up's check or by the final COMMIT) is a lost lock like any other.
+
+use std::time::Duration;
+
+use crate::lock::{database_url, locked};
+use crate::lock_loss::{normalised, terminate_backend_of};
+
+/// The lock is lost while the last `on = "success"` task runs, and an `on = "failure"` clean-up
+/// follows it: the release counts as failed (69), so the clean-up runs, with or without `once`,
+/// and no line says the release has not failed or succeeded.
+#[test]
+fn a_loss_in_the_last_task_runs_the_clean_up_and_exits_69() {
+    let Some(url) = database_url() else { return };
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+[tasks.maintenance-off]
+run = "echo maintenance-off >> rows"
+on = "failure"
+"#;
+    for (n, once) in ["once = true", ""].iter().enumerate() {
+        let t = locked(url, &format!("late-loss{n}"), once, tasks)
+            .env("RELEASE_TASKS_VERSION", "v1")
+            .args(&["--report", "report.json"]);
+        let holder = t.spawn_until("| ready");
+        assert_eq!(terminate_backend_of(holder.pid()), 1);
+        holder.wait_for(
+            "lost the [lock] database connection",
+            Duration::from_secs(20),
+        );
+        std::fs::write(t.path("go"), "").unwrap();
+        let out = holder.wait();
+        out.status(69);
+        let app = t.env_var("RELEASE_TASKS_APP").unwrap();
+        assert_eq!(
+            normalised(&out.stderr, &app),
+            format!(
+                r#"INFO  release started app=APP version=v1 config=release.toml tasks=2 to_run=2
+INFO  took the release lock lock=APP
+INFO  task started task=migrate command="echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows" timeout_s=1800
+ERROR lost the [lock] database connection, and PostgreSQL releases the lock with it: another replica may start the release; a task running now is left to finish, and no further task starts here but clean-up (on = "failure" or "always") error="terminating connection due to administrator command (57P01)"
+INFO  task finished task=migrate outcome=succeeded exit_code=0 duration_ms=N
+ERROR the release lock is lost, so no task starts from now on but clean-up (on = "failure" or "always"); another replica may take the lock and run the release again last_task_under_lock=migrate reason="the database connection is closed (terminating connection due to administrator command (57P01))"
+WARN  starting a clean-up task without the release lock task=maintenance-off
+INFO  task started task=maintenance-off command="echo maintenance-off >> rows" timeout_s=1800
+INFO  task finished task=maintenance-off outcome=succeeded exit_code=0 duration_ms=N
+INFO  summary task=migrate outcome=succeeded exit_code=0 duration_ms=N detail=succeeded
+INFO  summary task=maintenance-off outcome=succeeded exit_code=0 duration_ms=N detail=succeeded
+ERROR the release lock was lost: no task started after that but clean-up (on = "failure" or "always"); another replica may take the lock and run the release again exit_code=69 last_task_under_lock=migrate reason="lost the release lock `APP`: the database connection is closed (terminating connection due to administrator command (57P01))"
+ERROR release failed status=failed exit_code=69 duration_ms=N tasks_run=2
+"#
+            ),
+            "{once:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path("rows")).unwrap(),
+            "migrate\nmaintenance-off\n",
+            "{once:?}"
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
+        assert_eq!(report["exit_code"], 69, "{once:?}");
+        assert_eq!(report["lock_lost"]["last_task_under_lock"], "migrate");
+    }
+}
