@@ -137,25 +137,32 @@ async fn run_locked(
         Ok(())
     };
     let committed = held.release().await;
-    // With `once`, the outcome is written in the lock's transaction: if it was not committed, the
-    // ledger does not have the release as completed, so another replica will run it again, which
-    // is a lost lock as far as the release is concerned. (A COMMIT that succeeds proves that the
-    // lock was held from the moment it was taken to the end.)
-    if let (true, Err(reason)) = (lock.once, recorded.and(committed)) {
+    // A COMMIT that succeeds proves that the lock was held from the moment it was taken to the
+    // end; one that fails, that it was lost on the way, during the last task at the latest: a
+    // lost lock like any other. With `once`, the outcome is written in the lock's transaction: if
+    // it was not committed, the ledger does not have the release as completed, so another replica
+    // will run it again.
+    if let Err(reason) = recorded.and(committed) {
         let last_task = report
             .tasks
             .iter()
             .rev()
             .find(|t| t.outcome.exit_code().is_some())
             .map(|t| t.name.clone());
-        tracing::error!(
-            lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
-            "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
-        );
-        report.lock_lost = Some(LockLoss {
-            reason: format!("the outcome could not be recorded in release_tasks_runs: {reason}"),
-            last_task,
-        });
+        let reason = if lock.once {
+            tracing::error!(
+                lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+                "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
+            );
+            format!("the outcome could not be recorded in release_tasks_runs: {reason}")
+        } else {
+            tracing::error!(
+                lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+                "the lock's transaction could not be committed: the lock was lost before the release ended; another replica may take the lock and run the release again"
+            );
+            format!("the lock's transaction could not be committed: {reason}")
+        };
+        report.lock_lost = Some(LockLoss { reason, last_task });
     }
     Ok(report)
 }

@@ -64,3 +64,32 @@ ERROR release failed status=failed exit_code=69 duration_ms=N tasks_run=2
         assert_eq!(report["lock_lost"]["last_task_under_lock"], "migrate");
     }
 }
+
+/// The lock is lost while the last task runs and no task follows: only the final COMMIT can tell,
+/// and it does: the release exits 69, also without `once`, after the connection's loss was said.
+#[test]
+fn a_loss_in_the_very_last_task_exits_69_without_once() {
+    let Some(url) = database_url() else { return };
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+"#;
+    let t = locked(url, "last-loss", "", tasks).args(&["--report", "report.json"]);
+    let holder = t.spawn_until("| ready");
+    assert_eq!(terminate_backend_of(holder.pid()), 1);
+    holder.wait_for(
+        "lost the [lock] database connection",
+        Duration::from_secs(20),
+    );
+    std::fs::write(t.path("go"), "").unwrap();
+    let out = holder.wait();
+    out.status(69)
+        .stderr_has("last_task_under_lock=migrate")
+        .stderr_lacks("release succeeded")
+        .stderr_lacks("nothing was run");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("report.json")).unwrap()).unwrap();
+    assert_eq!(report["exit_code"], 69);
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["lock_lost"]["last_task_under_lock"], "migrate");
+}
