@@ -93,3 +93,40 @@ run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
     assert_eq!(report["status"], "failed");
     assert_eq!(report["lock_lost"]["last_task_under_lock"], "migrate");
 }
+
+/// Keepalive parameters the system would refuse (Linux takes 1 to 32767 s of idle and interval, 1
+/// to 127 probes, a `tcp_user_timeout` that fits an int) or that are not numbers: a config error that
+/// names the parameter, from `run` (78, at once, nothing tried) and as a warning from `check`, not
+/// "Invalid argument (os error 22)" retried for a minute as if the database were not up yet.
+#[test]
+fn keepalive_values_the_system_refuses_are_config_errors() {
+    let Some(url) = database_url() else { return };
+    for (param, value) in [
+        ("keepalives", "yes"),
+        ("keepalives_idle", "99999999"),
+        ("keepalives_interval", "40000"),
+        ("keepalives_count", "1000"),
+        ("tcp_user_timeout", "99999999999"),
+    ] {
+        let t = locked(
+            &format!("{url}&{param}={value}"),
+            "keepalive-values",
+            "",
+            "[tasks.migrate]\nrun = \"touch ran\"\n",
+        );
+        let out = t.run();
+        out.status(78)
+            .stderr_has(&format!("parameter {param}=\"{value}\": "))
+            .stderr_lacks("os error")
+            .stderr_lacks("test-password");
+        assert!(
+            out.elapsed < Duration::from_secs(10),
+            "{param}: {:?}",
+            out.elapsed
+        );
+        assert!(!t.path("ran").exists());
+        t.run_with(&["check"]).status(0).stderr_has(&format!(
+            "warning: [lock] DATABASE_URL is not a usable database URL: parameter {param}=\"{value}\": "
+        ));
+    }
+}
