@@ -76,7 +76,8 @@ pub fn run_release(plan: &Plan, env: &Env) -> crate::error::Result<Report> {
             crate::tail::secrets(env.iter()),
             None,
         )
-        .await?)
+        .await?
+        .0)
     })
 }
 
@@ -118,8 +119,8 @@ async fn run_locked(
         Some(&held),
     )
     .await;
-    let mut report = match report {
-        Ok(report) => report,
+    let (mut report, last_task) = match report {
+        Ok(ran) => ran,
         Err(err) => {
             let _ = held.release().await;
             return Err(err.into());
@@ -130,6 +131,9 @@ async fn run_locked(
     if report.lock_lost.is_some() {
         held.abandon();
         return Ok(report);
+    }
+    if report.interrupted.is_some() {
+        held.hurry();
     }
     let recorded = if lock.once {
         held.finish(&release, &report).await
@@ -143,12 +147,6 @@ async fn run_locked(
     // it was not committed, the ledger does not have the release as completed, so another replica
     // will run it again.
     if let Err(reason) = recorded.and(committed) {
-        let last_task = report
-            .tasks
-            .iter()
-            .rev()
-            .find(|t| t.outcome.exit_code().is_some())
-            .map(|t| t.name.clone());
         let reason = if lock.once {
             tracing::error!(
                 lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
@@ -195,6 +193,7 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     }
 }
 
+/// Runs the tasks: the report, and the last task that started after a check proved the lock held.
 async fn run(
     plan: &Plan,
     defaults: &Defaults,
@@ -203,7 +202,7 @@ async fn run(
     (guardian, run_id): (Option<Guardian>, String),
     secrets: Vec<String>,
     lock: Option<&dyn LockCheck>,
-) -> anyhow::Result<Report> {
+) -> anyhow::Result<(Report, Option<String>)> {
     let started = Instant::now();
     let mut runner = Runner {
         tail_lines: defaults.tail_lines,
@@ -258,7 +257,8 @@ async fn run(
             } else {
                 Outcome::NotRun
             }
-        } else if !lock.before_start(task, &mut report).await && task.on == On::Success {
+        } else if !lock.before_start(task, &mut report, &mut runner).await && task.on == On::Success
+        {
             Outcome::LockLost
         } else if lock.stopped_meanwhile(&mut runner, task, failed).await {
             Outcome::NotRun
@@ -303,7 +303,7 @@ async fn run(
     runner.take_pending_events().await;
     report.interrupted = runner.interrupted;
     report.duration = started.elapsed();
-    Ok(report)
+    Ok((report, lock.last_task))
 }
 
 /// The release's `[lock]` as the run loop sees it: checked immediately before each task starts.
@@ -329,7 +329,17 @@ impl HeldLock<'_> {
     /// once it is known lost). The first loss is recorded in the report, with the last task that
     /// started under the lock; the caller decides what a task does without it (an `on = "success"`
     /// task does not start, clean-up does).
-    async fn before_start(&mut self, task: &Task, report: &mut Report) -> bool {
+    ///
+    /// A stop signal is acted on during the check, which a silent database can make last its whole
+    /// bound: the check is given up (`true`: the caller's stop test keeps an `on = "success"` task
+    /// from starting). After a stop, clean-up starts without a check: the release is ending, and
+    /// clean-up runs whether the lock is held or not.
+    async fn before_start(
+        &mut self,
+        task: &Task,
+        report: &mut Report,
+        runner: &mut Runner,
+    ) -> bool {
         let Some(lock) = self.lock else {
             return true;
         };
@@ -337,7 +347,23 @@ impl HeldLock<'_> {
             tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
             return false;
         }
-        match lock.check().await {
+        if runner.interrupted.is_some() {
+            return true;
+        }
+        let mut check = lock.check();
+        let checked = loop {
+            tokio::select! {
+                biased;
+                result = &mut check => break result,
+                event = runner.signals.next() => {
+                    runner.on_event(event, None);
+                    if runner.interrupted.is_some() {
+                        return true;
+                    }
+                }
+            }
+        };
+        match checked {
             Ok(()) => {
                 self.last_task = Some(task.name.clone());
                 true

@@ -22,7 +22,7 @@
 //!
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -56,6 +56,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the ledger's outcome and the COMMIT that releases the lock may take before the
 /// connection is closed instead (which releases the lock too, without the outcome).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same bound once release-tasks was told to stop: its grace is short (often 10 s), and a
+/// silent database must not keep it from exiting with its summary.
+const STOPPING_FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The held lock and its transaction, or a release found completed (nothing held).
 pub struct ReleaseLock {
@@ -72,6 +75,8 @@ pub struct ReleaseLock {
     db: Database,
     /// Why the lock was found lost, once it was; every later check fails with it.
     lost: RefCell<Option<String>>,
+    /// Set once release-tasks was told to stop: the outcome and the COMMIT get a short bound.
+    stopping: Cell<bool>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -507,6 +512,7 @@ pub async fn acquire(
                     meta: meta.clone(),
                     db,
                     lost: RefCell::new(None),
+                    stopping: Cell::new(false),
                 });
             }
         };
@@ -526,6 +532,7 @@ pub async fn acquire(
                 meta: meta.clone(),
                 db,
                 lost: RefCell::new(None),
+                stopping: Cell::new(false),
             });
         };
         // Waiting costs the database no connection.
@@ -781,13 +788,28 @@ impl ReleaseLock {
             "failed"
         };
         let write = ledger::finish(client, &self.name, release, status, report.exit_code());
-        match tokio::time::timeout(FINISH_TIMEOUT, write).await {
+        let bound = self.finish_bound();
+        match tokio::time::timeout(bound, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(self.failure(&err)),
             Err(_) => Err(format!(
                 "the database did not answer within {}s",
-                FINISH_TIMEOUT.as_secs()
+                bound.as_secs()
             )),
+        }
+    }
+
+    /// From now on the outcome and the COMMIT wait at most a few seconds for the database:
+    /// release-tasks was told to stop.
+    pub fn hurry(&self) {
+        self.stopping.set(true);
+    }
+
+    fn finish_bound(&self) -> Duration {
+        if self.stopping.get() {
+            STOPPING_FINISH_TIMEOUT
+        } else {
+            FINISH_TIMEOUT
         }
     }
 
@@ -798,18 +820,18 @@ impl ReleaseLock {
         let Some(client) = &self.client else {
             return Ok(());
         };
-        let result =
-            match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
-                Ok(Ok(())) => {
-                    tracing::info!(lock = %self.name, "released the release lock");
-                    return Ok(());
-                }
-                Ok(Err(err)) => self.failure(&err),
-                Err(_) => format!(
-                    "the database did not answer the COMMIT within {}s",
-                    FINISH_TIMEOUT.as_secs()
-                ),
-            };
+        let bound = self.finish_bound();
+        let result = match tokio::time::timeout(bound, client.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => {
+                tracing::info!(lock = %self.name, "released the release lock");
+                return Ok(());
+            }
+            Ok(Err(err)) => self.failure(&err),
+            Err(_) => format!(
+                "the database did not answer the COMMIT within {}s",
+                bound.as_secs()
+            ),
+        };
         tracing::warn!(lock = %self.name, error = %result, "cannot commit the lock's transaction; closing the connection instead, which releases the lock");
         Err(result)
     }

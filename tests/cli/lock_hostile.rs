@@ -1,10 +1,13 @@
 //! `[lock]` as a hostile user tries it, from the README's words: a lock lost during the last task
-//! (noticed only by the clean-up's check or by the final COMMIT) is a lost lock like any other.
+//! (noticed only by the clean-up's check or by the final COMMIT) is a lost lock like any other;
+//! keepalive values the system refuses are config errors; a stop signal is acted on at once while
+//! the lock's database says nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::lock::{database_url, locked};
-use crate::lock_loss::{normalised, terminate_backend_of};
+use crate::lock_loss::{normalised, server_address, terminate_backend_of};
+use crate::proxy::Proxy;
 
 /// The lock is lost while the last `on = "success"` task runs, and an `on = "failure"` clean-up
 /// follows it: the release counts as failed (69), so the clean-up runs, with or without `once`,
@@ -128,5 +131,55 @@ fn keepalive_values_the_system_refuses_are_config_errors() {
         t.run_with(&["check"]).status(0).stderr_has(&format!(
             "warning: [lock] DATABASE_URL is not a usable database URL: parameter {param}=\"{value}\": "
         ));
+    }
+}
+
+/// A network that goes silent after the first task, then SIGTERM (a pod evicted from a partitioned
+/// node): the signal is acted on at once, not after the check's 10 s and the final COMMIT's 30 s
+/// (a container's grace period is often 10 s): the next task does not start, the `on = "always"`
+/// clean-up runs, and release-tasks exits 143 with its summary.
+#[test]
+fn a_stop_signal_is_acted_on_at_once_while_the_database_is_silent() {
+    let Some(url) = database_url() else { return };
+    let tasks = r#"
+[tasks.migrate]
+run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
+[tasks.seed]
+run = "echo seed >> rows"
+[tasks.maintenance-off]
+run = "echo maintenance-off >> rows"
+on = "always"
+"#;
+    for (n, once) in ["once = true", ""].iter().enumerate() {
+        let proxy = Proxy::start(server_address(url));
+        let through = url.replacen(
+            &format!("@127.0.0.1:{}/", server_address(url).port()),
+            &format!("@127.0.0.1:{}/", proxy.port()),
+            1,
+        );
+        let t = locked(&through, &format!("silent-stop{n}"), once, tasks)
+            .env("RELEASE_TASKS_VERSION", "v1");
+        let holder = t.spawn_until("| ready");
+        proxy.freeze();
+        std::fs::write(t.path("go"), "").unwrap();
+        holder.wait_for("task=migrate outcome=succeeded", Duration::from_secs(20));
+        let signalled = Instant::now();
+        holder.signal("TERM");
+        let out = holder.wait();
+        out.status(143)
+            .stderr_lacks("task started task=seed")
+            .stderr_has("summary task=maintenance-off outcome=succeeded")
+            // The clean-up after the stop started without a check: it did not run under the lock.
+            .stderr_lacks("last_task_under_lock=maintenance-off");
+        assert!(
+            signalled.elapsed() < Duration::from_secs(8),
+            "{once:?}: exited {:?} after the signal",
+            signalled.elapsed()
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path("rows")).unwrap(),
+            "migrate\nmaintenance-off\n",
+            "{once:?}"
+        );
     }
 }

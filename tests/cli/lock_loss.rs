@@ -427,7 +427,7 @@ fn postgres_bin() -> Option<String> {
 }
 
 /// The test server's address, from its URL.
-fn server_address(url: &str) -> std::net::SocketAddr {
+pub fn server_address(url: &str) -> std::net::SocketAddr {
     let port: u16 = url
         .split("@127.0.0.1:")
         .nth(1)
