@@ -235,7 +235,7 @@ async fn run(
         // A lock lost during the last task is found by the next check only: an on = "failure"
         // clean-up that would be skipped asks first, for the loss fails the release.
         if !failed && task.on == On::Failure {
-            failed = lock.found_lost(&mut report).await;
+            failed = lock.found_lost(&mut report, &mut runner).await;
         }
         // An expired release_timeout fails the release like anything else, through the task it cut
         // off or the next on = "success" task, which cannot start; what follows a failure
@@ -350,18 +350,8 @@ impl HeldLock<'_> {
         if runner.interrupted.is_some() {
             return true;
         }
-        let mut check = lock.check();
-        let checked = loop {
-            tokio::select! {
-                biased;
-                result = &mut check => break result,
-                event = runner.signals.next() => {
-                    runner.on_event(event, None);
-                    if runner.interrupted.is_some() {
-                        return true;
-                    }
-                }
-            }
+        let Some(checked) = checked_unless_stopped(lock, runner).await else {
+            return true;
         };
         match checked {
             Ok(()) => {
@@ -391,16 +381,18 @@ impl HeldLock<'_> {
     /// Whether the lock, not known lost yet, is found lost by a check now (recorded in the report).
     /// Asked before an `on = "failure"` task that a release without failure would skip: a lock
     /// lost during the last task fails the release, and the clean-up is then due.
-    async fn found_lost(&mut self, report: &mut Report) -> bool {
+    /// A stop signal during the check fails the release as well (`true`, nothing recorded).
+    async fn found_lost(&mut self, report: &mut Report, runner: &mut Runner) -> bool {
         let Some(lock) = self.lock else {
             return false;
         };
         if report.lock_lost.is_some() {
             return true;
         }
-        match lock.check().await {
-            Ok(()) => false,
-            Err(lost) => {
+        match checked_unless_stopped(lock, runner).await {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(lost)) => {
                 self.record_loss(&lost, report);
                 true
             }
@@ -418,6 +410,27 @@ impl HeldLock<'_> {
             reason: lost.to_string(),
             last_task: self.last_task.clone(),
         });
+    }
+}
+
+/// One check of the lock, while the signals that arrive meanwhile are handled: `None` when a stop
+/// signal came first (the check is given up: a silent database can make it last its whole bound).
+async fn checked_unless_stopped(
+    lock: &dyn LockCheck,
+    runner: &mut Runner,
+) -> Option<Result<(), LockLost>> {
+    let mut check = lock.check();
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut check => return Some(result),
+            event = runner.signals.next() => {
+                runner.on_event(event, None);
+                if runner.interrupted.is_some() {
+                    return None;
+                }
+            }
+        }
     }
 }
 

@@ -148,16 +148,25 @@ run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
 run = "echo seed >> rows"
 [tasks.maintenance-off]
 run = "echo maintenance-off >> rows"
-on = "always"
 "#;
-    for (n, once) in ["once = true", ""].iter().enumerate() {
+    // The check before `seed`, and the one an on = "failure" clean-up makes before it would be
+    // skipped (no `seed` then).
+    for (n, (once, on)) in [("once = true", "always"), ("", "always"), ("", "failure")]
+        .iter()
+        .enumerate()
+    {
+        let tasks = if *on == "failure" {
+            tasks.replace("[tasks.seed]\nrun = \"echo seed >> rows\"\n", "")
+        } else {
+            tasks.to_owned()
+        } + &format!("on = \"{on}\"\n");
         let proxy = Proxy::start(server_address(url));
         let through = url.replacen(
             &format!("@127.0.0.1:{}/", server_address(url).port()),
             &format!("@127.0.0.1:{}/", proxy.port()),
             1,
         );
-        let t = locked(&through, &format!("silent-stop{n}"), once, tasks)
+        let t = locked(&through, &format!("silent-stop{n}"), once, &tasks)
             .env("RELEASE_TASKS_VERSION", "v1");
         let holder = t.spawn_until("| ready");
         proxy.freeze();
@@ -173,7 +182,7 @@ on = "always"
             .stderr_lacks("last_task_under_lock=maintenance-off");
         assert!(
             signalled.elapsed() < Duration::from_secs(8),
-            "{once:?}: exited {:?} after the signal",
+            "{once:?} {on}: exited {:?} after the signal",
             signalled.elapsed()
         );
         assert_eq!(
