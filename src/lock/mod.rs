@@ -319,8 +319,16 @@ impl Database {
             let left = self.connect_timeout.saturating_sub(started.elapsed());
             if !err.is_transient() || left.is_zero() {
                 let hint = if err.is_transient() {
+                    // A socket file that is not there is more often a wrong directory or port
+                    // than a server still starting: say both, as libpq does.
+                    let socket = if self.has_socket() {
+                        "is the server running and listening on that socket (its unix_socket_directories \
+                         and port)? If not, correct the URL's host or port; "
+                    } else {
+                        ""
+                    };
                     format!(
-                        " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
+                        " (tried {attempt} times for {}; {socket}raise [lock] connect_timeout if the database takes longer to start)",
                         humantime::format_duration(Duration::from_secs(
                             started.elapsed().as_secs()
                         ))
@@ -345,6 +353,14 @@ impl Database {
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Whether some host of the URL is a Unix socket's directory.
+    fn has_socket(&self) -> bool {
+        self.attempts_fallback
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
     }
 
     /// `work` (queries before any task starts), unless the database says nothing for

@@ -192,3 +192,41 @@ run = "echo maintenance-off >> rows"
         );
     }
 }
+
+/// A socket directory where no server listens (a wrong `host=` or `port`, a Cloud SQL proxy not
+/// started): the error names the socket file that was tried and says what to do, and no password.
+#[test]
+fn a_wrong_socket_directory_says_what_was_tried_and_what_to_do() {
+    if database_url().is_none() {
+        return;
+    }
+    let dir = tempfile_dir();
+    for url in [
+        format!("postgresql://app:s3cret-pw@/db?host={dir}&port=6543&sslmode=require"),
+        format!(
+            "postgresql://app:s3cret-pw@{}:6543/db",
+            dir.replace('/', "%2F")
+        ),
+        format!("host={dir} port=6543 user=app password=s3cret-pw dbname=db"),
+    ] {
+        let t = locked(
+            &url,
+            "wrong-socket",
+            "connect_timeout = \"1s\"",
+            "[tasks.migrate]\nrun = \"touch ran\"\n",
+        );
+        let out = t.run();
+        out.status(69)
+            .stderr_has(&format!("(socket {dir}/.s.PGSQL.6543) (from DATABASE_URL): error connecting to server: No such file or directory"))
+            .stderr_has("is the server running and listening on that socket (its unix_socket_directories and port)? If not, correct the URL's host or port; raise [lock] connect_timeout if the database takes longer to start)")
+            .stderr_lacks("s3cret-pw");
+        assert!(!t.path("ran").exists());
+    }
+}
+
+/// An empty directory of this test's own.
+fn tempfile_dir() -> String {
+    let dir = std::env::temp_dir().join(format!("release-tasks-no-socket-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.display().to_string()
+}
