@@ -18,7 +18,7 @@ use nix::sys::wait::WaitStatus;
 use crate::config::{On, Task};
 use crate::gate::Env;
 use crate::guardian::Guardian;
-use crate::lock_check::LockCheck;
+use crate::lock_check::{LockCheck, LockLost};
 use crate::metadata::Metadata;
 use crate::notify::Webhook;
 use crate::output::Stdio;
@@ -76,7 +76,8 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
             stdio,
             (None, None),
         )
-        .await?)
+        .await?
+        .0)
     })
 }
 
@@ -139,8 +140,8 @@ async fn run_locked(
         (Some(&held), lock.once.then_some(&held as &dyn Recorder)),
     )
     .await;
-    let mut report = match report {
-        Ok(report) => report,
+    let (mut report, last_task) = match report {
+        Ok(ran) => ran,
         Err(err) => {
             let _ = held.release().await;
             return Err(err.into());
@@ -152,31 +153,35 @@ async fn run_locked(
         held.abandon();
         return Ok(report);
     }
+    if report.interrupted.is_some() {
+        held.hurry();
+    }
     let recorded = if lock.once {
         held.finish(&release, &report).await
     } else {
         Ok(())
     };
     let committed = held.release().await;
-    // With `once`, the outcome is written in the lock's transaction: if it was not committed, the
-    // ledger does not have the release as completed, so another replica will run it again, which
-    // is a lost lock as far as the release is concerned. (A COMMIT that succeeds proves that the
-    // lock was held from the moment it was taken to the end.)
-    if let (true, Err(reason)) = (lock.once, recorded.and(committed)) {
-        let last_task = report
-            .tasks
-            .iter()
-            .rev()
-            .find(|t| t.outcome.exit_code().is_some())
-            .map(|t| t.name.clone());
-        tracing::error!(
-            lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
-            "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
-        );
-        report.lock_lost = Some(LockLoss {
-            reason: format!("the outcome could not be recorded in release_tasks_runs: {reason}"),
-            last_task,
-        });
+    // A COMMIT that succeeds proves that the lock was held from the moment it was taken to the
+    // end; one that fails, that it was lost on the way, during the last task at the latest: a
+    // lost lock like any other. With `once`, the outcome is written in the lock's transaction: if
+    // it was not committed, the ledger does not have the release as completed, so another replica
+    // will run it again.
+    if let Err(reason) = recorded.and(committed) {
+        let reason = if lock.once {
+            tracing::error!(
+                lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+                "the release's outcome could not be recorded in the ledger; another replica may take the lock and run the release again"
+            );
+            format!("the outcome could not be recorded in release_tasks_runs: {reason}")
+        } else {
+            tracing::error!(
+                lock = %held_name, last_task_under_lock = last_task.as_deref(), reason = %reason,
+                "the lock's transaction could not be committed: the lock was lost before the release ended; another replica may take the lock and run the release again"
+            );
+            format!("the lock's transaction could not be committed: {reason}")
+        };
+        report.lock_lost = Some(LockLoss { reason, last_task });
     }
     Ok(report)
 }
@@ -210,6 +215,7 @@ fn skipped(step: &Step, reason: SkipReason) -> TaskReport {
     }
 }
 
+/// Runs the tasks: the report, and the last task that started after a check proved the lock held.
 async fn run(
     plan: &Plan,
     meta: Metadata,
@@ -218,7 +224,7 @@ async fn run(
     secrets: Vec<String>,
     stdio: &Stdio,
     (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
-) -> anyhow::Result<Report> {
+) -> anyhow::Result<(Report, Option<String>)> {
     let defaults = &plan.defaults;
     let started = Instant::now();
     let mut runner = Runner {
@@ -251,9 +257,14 @@ async fn run(
             record_last(recorder, &report, position, step).await;
             continue;
         }
-        let failed = report.failed_task().is_some()
+        let mut failed = report.failed_task().is_some()
             || runner.listener.stops.first.is_some()
             || report.lock_lost.is_some();
+        // A lock lost during the last task is found by the next check only: an on = "failure"
+        // clean-up that would be skipped asks first, for the loss fails the release.
+        if !failed && task.on == On::Failure {
+            failed = lock.found_lost(&mut report, &mut runner.listener).await;
+        }
         let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
@@ -265,7 +276,10 @@ async fn run(
                 outcome
             }
             Next::Run { .. }
-                if !lock.before_start(task, &mut report).await && task.on == On::Success =>
+                if !lock
+                    .before_start(task, &mut report, &mut runner.listener)
+                    .await
+                    && task.on == On::Success =>
             {
                 Outcome::LockLost
             }
@@ -320,7 +334,7 @@ async fn run(
     runner.listener.take_pending().await;
     report.interrupted = runner.listener.stops.first;
     report.duration = started.elapsed();
-    Ok(report)
+    Ok((report, lock.last_task))
 }
 
 /// Says why a step that was to run does not (a second stop signal says nothing more).
@@ -368,7 +382,17 @@ impl HeldLock<'_> {
     /// once it is known lost). The first loss is recorded in the report, with the last task that
     /// started under the lock; the caller decides what a task does without it (an `on = "success"`
     /// task does not start, clean-up does).
-    async fn before_start(&mut self, task: &Task, report: &mut Report) -> bool {
+    ///
+    /// A stop signal is acted on during the check, which a silent database can make last its whole
+    /// bound: the check is given up (`true`: the caller's stop test keeps an `on = "success"` task
+    /// from starting). After a stop, clean-up starts without a check: the release is ending, and
+    /// clean-up runs whether the lock is held or not.
+    async fn before_start(
+        &mut self,
+        task: &Task,
+        report: &mut Report,
+        listener: &mut Listener,
+    ) -> bool {
         let Some(lock) = self.lock else {
             return true;
         };
@@ -376,35 +400,93 @@ impl HeldLock<'_> {
             tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
             return false;
         }
-        match lock.check().await {
+        if listener.stops.first.is_some() {
+            return true;
+        }
+        let Some(checked) = checked_unless_stopped(lock, listener).await else {
+            return true;
+        };
+        match checked {
             Ok(()) => {
                 self.last_task = Some(task.name.clone());
                 true
             }
             Err(lost) => {
-                let last_task_under_lock = self.last_task.as_deref();
                 if task.on == On::Success {
                     tracing::error!(
-                        task = %task.name, last_task_under_lock, reason = %lost.reason,
+                        task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
                         "the release lock is lost, so this task does not start, nor any later one but clean-up \
                          (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
                     );
+                    report.lock_lost = Some(LockLoss {
+                        reason: lost.to_string(),
+                        last_task: self.last_task.clone(),
+                    });
                 } else {
-                    tracing::error!(
-                        last_task_under_lock, reason = %lost.reason,
-                        "the release lock is lost, so no task starts from now on but clean-up \
-                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
-                    );
-                }
-                report.lock_lost = Some(LockLoss {
-                    reason: lost.to_string(),
-                    last_task: self.last_task.clone(),
-                });
-                if task.on != On::Success {
+                    self.record_loss(&lost, report);
                     tracing::warn!(task = %task.name, "starting a clean-up task without the release lock");
                 }
                 false
             }
+        }
+    }
+
+    /// Whether the lock, not known lost yet, is found lost by a check now (recorded in the report).
+    /// Asked before an `on = "failure"` task that a release without failure would skip: a lock
+    /// lost during the last task fails the release, and the clean-up is then due.
+    /// A stop signal during the check fails the release as well (`true`, nothing recorded).
+    async fn found_lost(&mut self, report: &mut Report, listener: &mut Listener) -> bool {
+        let Some(lock) = self.lock else {
+            return false;
+        };
+        if report.lock_lost.is_some() {
+            return true;
+        }
+        match checked_unless_stopped(lock, listener).await {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(lost)) => {
+                self.record_loss(&lost, report);
+                true
+            }
+        }
+    }
+
+    /// Says that the lock is lost and records it, with the last task that started under it.
+    fn record_loss(&self, lost: &LockLost, report: &mut Report) {
+        tracing::error!(
+            last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
+            "the release lock is lost, so no task starts from now on but clean-up \
+             (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+        );
+        report.lock_lost = Some(LockLoss {
+            reason: lost.to_string(),
+            last_task: self.last_task.clone(),
+        });
+    }
+}
+
+/// One check of the lock, while the signals that arrive meanwhile are handled: `None` when a stop
+/// signal came first (the check is given up: a silent database can make it last its whole bound).
+async fn checked_unless_stopped(
+    lock: &dyn LockCheck,
+    listener: &mut Listener,
+) -> Option<Result<(), LockLost>> {
+    let mut check = lock.check();
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut check => return Some(result),
+            order = listener.next() => match order {
+                Order::Reap => drop(process::reap()),
+                Order::Forward(sig) => {
+                    tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
+                }
+                Order::Stop(sig, _) => {
+                    tracing::warn!(signal = %sig, "received signal; no further task will start");
+                    return None;
+                }
+            },
         }
     }
 }
@@ -710,7 +792,9 @@ impl Runner {
                         exit_code = ran.outcome.exit_code(), retry_in_ms = delay.as_millis() as u64,
                         "attempt failed; trying again"
                     );
-                    if !self.listener.pause(delay).await || !lock.before_start(task, report).await {
+                    if !self.listener.pause(delay).await
+                        || !lock.before_start(task, report, &mut self.listener).await
+                    {
                         return Ok((ran, attempt));
                     }
                     attempt += 1;

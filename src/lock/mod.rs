@@ -22,7 +22,7 @@
 //!
 //! The database URL carries a password: it is never logged, and errors from the driver are scrubbed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -64,6 +64,9 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the ledger's outcome and the COMMIT that releases the lock may take before the
 /// connection is closed instead (which releases the lock too, without the outcome).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same bound once release-tasks was told to stop: its grace is short (often 10 s), and a
+/// silent database must not keep it from exiting with its summary.
+const STOPPING_FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The held lock, on the database `[lock]` names, or a release found completed (nothing held).
 pub enum ReleaseLock {
@@ -93,6 +96,8 @@ pub struct PgLock {
     writer: RefCell<Option<Rc<Client>>>,
     /// The release being recorded (set by `begin`).
     recording: RefCell<Option<String>>,
+    /// Set once release-tasks was told to stop: the outcome and the COMMIT get a short bound.
+    stopping: Cell<bool>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -370,8 +375,16 @@ impl Database {
             let left = self.connect_timeout.saturating_sub(started.elapsed());
             if !err.is_transient() || left.is_zero() {
                 let hint = if err.is_transient() {
+                    // A socket file that is not there is more often a wrong directory or port
+                    // than a server still starting: say both, as libpq does.
+                    let socket = if self.has_socket() {
+                        "is the server running and listening on that socket (its unix_socket_directories \
+                         and port)? If not, correct the URL's host or port; "
+                    } else {
+                        ""
+                    };
                     format!(
-                        " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
+                        " (tried {attempt} times for {}; {socket}raise [lock] connect_timeout if the database takes longer to start)",
                         humantime::format_duration(Duration::from_secs(
                             started.elapsed().as_secs()
                         ))
@@ -396,6 +409,14 @@ impl Database {
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Whether some host of the URL is a Unix socket's directory.
+    fn has_socket(&self) -> bool {
+        self.attempts_fallback
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
     }
 
     /// `work` (queries before any task starts), unless the database says nothing for
@@ -588,6 +609,17 @@ impl ReleaseLock {
     pub fn abandon(self) {
         each_backend!(self, l => l.abandon());
     }
+
+    /// From now on the outcome and the unlock wait at most a few seconds for the database:
+    /// release-tasks was told to stop, and its grace is short. (MySQL's statements are bounded by
+    /// the lock connection's own timeouts.)
+    pub fn hurry(&self) {
+        match self {
+            ReleaseLock::Postgres(l) => l.hurry(),
+            #[cfg(feature = "mysql")]
+            ReleaseLock::Mysql(_) => {}
+        }
+    }
 }
 
 impl Recorder for ReleaseLock {
@@ -655,6 +687,7 @@ async fn acquire_postgres(
                     lost: RefCell::new(None),
                     writer: RefCell::new(None),
                     recording: RefCell::new(None),
+                    stopping: Cell::new(false),
                 });
             }
         };
@@ -676,6 +709,7 @@ async fn acquire_postgres(
                 lost: RefCell::new(None),
                 writer: RefCell::new(None),
                 recording: RefCell::new(None),
+                stopping: Cell::new(false),
             });
         };
         // Waiting costs the database no connection.
@@ -1044,13 +1078,28 @@ impl PgLock {
         let write = ledger::finish(client, &self.name, release, status, report.exit_code());
         // Old task records go first, on the second connection (see `record::KEEP_RELEASES`).
         self.prune().await;
-        match tokio::time::timeout(FINISH_TIMEOUT, write).await {
+        let bound = self.finish_bound();
+        match tokio::time::timeout(bound, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(self.failure(&err)),
             Err(_) => Err(format!(
                 "the database did not answer within {}s",
-                FINISH_TIMEOUT.as_secs()
+                bound.as_secs()
             )),
+        }
+    }
+
+    /// From now on the outcome and the COMMIT wait at most a few seconds for the database:
+    /// release-tasks was told to stop.
+    pub fn hurry(&self) {
+        self.stopping.set(true);
+    }
+
+    fn finish_bound(&self) -> Duration {
+        if self.stopping.get() {
+            STOPPING_FINISH_TIMEOUT
+        } else {
+            FINISH_TIMEOUT
         }
     }
 
@@ -1061,18 +1110,18 @@ impl PgLock {
         let Some(client) = &self.client else {
             return Ok(());
         };
-        let result =
-            match tokio::time::timeout(FINISH_TIMEOUT, client.batch_execute("COMMIT")).await {
-                Ok(Ok(())) => {
-                    tracing::info!(lock = %self.name, "released the release lock");
-                    return Ok(());
-                }
-                Ok(Err(err)) => self.failure(&err),
-                Err(_) => format!(
-                    "the database did not answer the COMMIT within {}s",
-                    FINISH_TIMEOUT.as_secs()
-                ),
-            };
+        let bound = self.finish_bound();
+        let result = match tokio::time::timeout(bound, client.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => {
+                tracing::info!(lock = %self.name, "released the release lock");
+                return Ok(());
+            }
+            Ok(Err(err)) => self.failure(&err),
+            Err(_) => format!(
+                "the database did not answer the COMMIT within {}s",
+                bound.as_secs()
+            ),
+        };
         tracing::warn!(lock = %self.name, error = %result, "cannot commit the lock's transaction; closing the connection instead, which releases the lock");
         Err(result)
     }

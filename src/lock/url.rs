@@ -169,22 +169,36 @@ pub fn parse(url: &str) -> Result<Target, String> {
                     _ => return Err(bad("use disable or random")),
                 });
             }
-            "keepalives" => drop(config.keepalives(value.trim() != "0")),
+            // libpq reads an integer: 0 is off, anything else on.
+            "keepalives" => {
+                let on: i64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("use 1 (on) or 0 (off)"))?;
+                config.keepalives(on != 0);
+            }
+            // The ranges the system takes (Linux's TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT,
+            // TCP_USER_TIMEOUT): beyond them every connection would fail with "Invalid argument".
             "keepalives_idle" => {
-                idle = Some(value.parse::<u64>().map_err(|_| bad("use whole seconds"))?);
+                idle = Some(in_range(&value, MAX_KEEPALIVE_SECONDS).ok_or_else(|| {
+                    bad("use whole seconds, up to 32767 (0: the system's default)")
+                })?);
             }
             "keepalives_interval" => {
-                interval = Some(value.parse::<u64>().map_err(|_| bad("use whole seconds"))?);
+                interval = Some(in_range(&value, MAX_KEEPALIVE_SECONDS).ok_or_else(|| {
+                    bad("use whole seconds, up to 32767 (0: the system's default)")
+                })?);
             }
             "keepalives_count" => {
-                count = Some(
-                    value
-                        .parse::<u32>()
-                        .map_err(|_| bad("use a whole number"))?,
-                );
+                count =
+                    Some(in_range(&value, MAX_KEEPALIVE_COUNT).ok_or_else(|| {
+                        bad("use a whole number, up to 127 (0: the system's default)")
+                    })? as u32);
             }
             "tcp_user_timeout" => {
-                let millis: u64 = value.parse().map_err(|_| bad("use whole milliseconds"))?;
+                let millis = in_range(&value, i32::MAX as u64).ok_or_else(|| {
+                    bad("use whole milliseconds, up to 2147483647 (0: the system's default)")
+                })?;
                 if millis > 0 {
                     config.tcp_user_timeout(Duration::from_millis(millis));
                 }
@@ -309,6 +323,15 @@ pub fn parse(url: &str) -> Result<Target, String> {
         tls,
         application_name,
     })
+}
+
+/// The most seconds Linux takes for a keepalive's idle time and interval, and the most probes.
+const MAX_KEEPALIVE_SECONDS: u64 = 32767;
+const MAX_KEEPALIVE_COUNT: u64 = 127;
+
+/// `value` as a whole number from 0 to `max`.
+fn in_range(value: &str, max: u64) -> Option<u64> {
+    value.parse::<u64>().ok().filter(|n| *n <= max)
 }
 
 /// libpq's rule: a host that is an absolute path is the directory of a Unix socket
@@ -572,6 +595,30 @@ mod tests {
         assert_eq!(t.config.get_keepalives_retries(), None);
         let err = parse("postgres://u@h/db?keepalives_interval=soon").unwrap_err();
         assert!(err.contains("keepalives_interval=\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn keepalive_values_stay_within_what_the_system_takes() {
+        let t = parse(
+            "postgres://u@h/db?keepalives=2&keepalives_idle=32767&keepalives_interval=32767&keepalives_count=127&tcp_user_timeout=2147483647",
+        )
+        .unwrap();
+        assert!(t.config.get_keepalives());
+        assert_eq!(t.config.get_keepalives_idle(), Duration::from_secs(32767));
+        assert_eq!(t.config.get_keepalives_retries(), Some(127));
+        for (param, value) in [
+            ("keepalives", "on"),
+            ("keepalives_idle", "32768"),
+            ("keepalives_interval", "32768"),
+            ("keepalives_count", "128"),
+            ("tcp_user_timeout", "2147483648"),
+        ] {
+            let err = parse(&format!("postgres://u@h/db?{param}={value}")).unwrap_err();
+            assert!(
+                err.starts_with(&format!("parameter {param}=\"{value}\": use ")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -430,7 +430,7 @@ fn postgres_bin() -> Option<String> {
 }
 
 /// The test server's address, from its URL.
-fn server_address(url: &str) -> std::net::SocketAddr {
+pub fn server_address(url: &str) -> std::net::SocketAddr {
     let port: u16 = url
         .split("@127.0.0.1:")
         .nth(1)
@@ -634,7 +634,7 @@ fn append(path: &str, line: &str) {
 
 /// `stderr` with what varies from run to run replaced: each line's timestamp dropped, the app's
 /// unique name as `APP`, every `duration_ms` as `N`.
-fn normalised(stderr: &str, app: &str) -> String {
+pub fn normalised(stderr: &str, app: &str) -> String {
     let mut out = String::new();
     for line in stderr.lines() {
         let line = line.split_once(' ').map_or(line, |(_, rest)| rest);

@@ -16,6 +16,8 @@ mod limits;
 #[cfg(feature = "postgres")]
 mod lock;
 #[cfg(feature = "postgres")]
+mod lock_hostile;
+#[cfg(feature = "postgres")]
 mod lock_ledger;
 #[cfg(feature = "postgres")]
 mod lock_loss;
