@@ -225,25 +225,8 @@ async fn run(
     stdio: &Stdio,
     (lock, recorder): (Option<&dyn LockCheck>, Option<&dyn Recorder>),
 ) -> anyhow::Result<(Report, Option<String>)> {
-    let defaults = &plan.defaults;
     let started = Instant::now();
-    let mut runner = Runner {
-        stdio: stdio.clone(),
-        tail_lines: defaults.tail_lines,
-        secrets,
-        listener: Listener {
-            signals,
-            stops: Stops::default(),
-        },
-        guardian,
-        run_id,
-        release: ReleaseDeadline {
-            at: tokio::time::Instant::now() + defaults.release_timeout,
-            limit: defaults.release_timeout,
-        },
-        heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
-        name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
-    };
+    let mut runner = Runner::new(plan, signals, (guardian, run_id), secrets, stdio);
     let mut report = Report::new(meta);
     let mut lock = HeldLock {
         lock,
@@ -730,6 +713,34 @@ struct Ran {
 }
 
 impl Runner {
+    /// The runner of `plan`'s tasks; the release's deadline starts now.
+    fn new(
+        plan: &Plan,
+        signals: Signals,
+        (guardian, run_id): (Option<Guardian>, String),
+        secrets: Vec<String>,
+        stdio: &Stdio,
+    ) -> Runner {
+        let defaults = &plan.defaults;
+        Runner {
+            stdio: stdio.clone(),
+            tail_lines: defaults.tail_lines,
+            secrets,
+            listener: Listener {
+                signals,
+                stops: Stops::default(),
+            },
+            guardian,
+            run_id,
+            release: ReleaseDeadline {
+                at: tokio::time::Instant::now() + defaults.release_timeout,
+                limit: defaults.release_timeout,
+            },
+            heartbeat: defaults.heartbeat.max(MIN_HEARTBEAT),
+            name_width: plan.to_run().map(|s| s.task.name.len()).max().unwrap_or(0),
+        }
+    }
+
     fn policy(&self, task: &Task, release: Option<ReleaseDeadline>) -> Policy {
         Policy {
             timeout: task.timeout,
