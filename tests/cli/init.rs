@@ -307,6 +307,8 @@ fn init_suggests_a_mysql_lock_for_a_mysql_app() {
         "wrote release.toml (detected Laravel)\n\n\
          The app uses MySQL (.env.example: DB_CONNECTION=mysql): for several replicas, uncomment [lock] \
          with mysql = \"DATABASE_URL\" at the end of release.toml.\n\n\
+         Install it: on Heroku or Dokku, add the release-tasks buildpack in front of the app's own \
+         (README, \"Heroku buildpack\"); elsewhere, put the static binary on PATH (README, \"Static binary\").\n\n\
          Add this line to your Procfile:\n\n    release: release-tasks\n\n\
          Then check it with the variables your platform will set:\n\n    \
          RUN_MIGRATIONS_DURING_RELEASE=true release-tasks plan\n"
