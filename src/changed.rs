@@ -269,35 +269,42 @@ impl Inputs {
         self.patterns.join(", ")
     }
 
-    /// The per-file hashes as the ledger keeps them (a JSON object: path -> hash), so that a later
-    /// release can say how many files changed.
+    /// The per-file hashes as the ledger keeps them, so that a later release can say how many
+    /// files changed: a line per file, its hash's first 16 hex digits, a space and its path (lossily
+    /// as text, a newline in it escaped).
     #[must_use]
     pub fn manifest(&self) -> String {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .files
-            .iter()
-            .map(|(path, hash)| {
-                (
-                    String::from_utf8_lossy(path).into_owned(),
-                    serde_json::Value::String(hash[..16].to_owned()),
-                )
-            })
-            .collect();
-        serde_json::Value::Object(map).to_string()
+        let mut manifest = String::new();
+        for (path, hash) in self.entries() {
+            manifest.push_str(hash);
+            manifest.push(' ');
+            manifest.push_str(&path);
+            manifest.push('\n');
+        }
+        manifest
+    }
+
+    /// Each file as the manifest has it: (path, hash's first 16 hex digits).
+    fn entries(&self) -> impl Iterator<Item = (String, &str)> {
+        self.files.iter().map(|(path, hash)| {
+            (
+                String::from_utf8_lossy(path).replace('\n', "\\n"),
+                hash.get(..16).unwrap_or(hash),
+            )
+        })
     }
 
     /// How many files were added, removed or edited since the run whose manifest this is; `None`
     /// when the manifest cannot be read.
     #[must_use]
     pub fn files_changed_since(&self, manifest: &str) -> Option<usize> {
-        let old: BTreeMap<String, String> = serde_json::from_str(manifest).ok()?;
-        let now: BTreeMap<String, String> = self
-            .files
-            .iter()
-            .map(|(p, h)| (String::from_utf8_lossy(p).into_owned(), h[..16].to_owned()))
-            .collect();
-        let changed_or_gone = old.iter().filter(|(p, h)| now.get(*p) != Some(h)).count();
-        let added = now.keys().filter(|p| !old.contains_key(*p)).count();
+        let old: BTreeMap<&str, &str> = manifest
+            .lines()
+            .map(|line| line.split_once(' ').map(|(hash, path)| (path, hash)))
+            .collect::<Option<_>>()?;
+        let now: BTreeMap<String, &str> = self.entries().collect();
+        let changed_or_gone = old.iter().filter(|(p, h)| now.get(**p) != Some(*h)).count();
+        let added = now.keys().filter(|p| !old.contains_key(p.as_str())).count();
         Some(changed_or_gone + added)
     }
 }

@@ -25,8 +25,9 @@ use crate::plan::Selection;
 RELEASE_TASKS_* variable (RELEASE_TASKS_CONFIG, _ONLY, _SKIP, _LOG_FORMAT, _OUTPUT_FORMAT, _FORCE); flags win.\n\n\
 Exit status: 0 success; a failed task's own exit code; 124 a task timed out; 128+N killed by signal N; \
 126 a command could not run; 127 a command was not found; 78 bad or missing config or gate value \
-(nothing ran); 74 check, plan, history or init could not write their output; 70 release-tasks itself failed; \
-2 bad usage."
+(nothing ran); 69 the [lock] database is unavailable, or the release lost its lock (another replica \
+may run it again); 75 another replica held the lock too long; 74 check, plan, history or init could not \
+write their output; 70 release-tasks itself failed; 2 bad usage."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -106,8 +107,7 @@ pub enum Command {
     /// Validate the config and the gate values (for CI); runs nothing
     Check,
     /// Write a release.toml for the framework in this directory (Rails, Django, Laravel, Phoenix,
-    /// Node with Prisma, Knex or Sequelize)
-    /// (`--force` replaces an existing config file)
+    /// Node with Prisma, Knex or Sequelize); with --force, over an existing one
     Init,
     /// Wait until the lock's ledger records this release as completed (for worker and web pods
     /// that must not start before the release ran; needs once = true in the lock table)

@@ -12,7 +12,8 @@ pub const EXIT_CONFIG: i32 = 78;
 pub const EXIT_USAGE: i32 = 2;
 /// `EX_SOFTWARE` from sysexits.h: release-tasks itself failed (not a task).
 pub const EXIT_INTERNAL: i32 = 70;
-/// `EX_UNAVAILABLE` from sysexits.h: the `[lock]` database cannot be reached or refuses us; nothing ran.
+/// `EX_UNAVAILABLE` from sysexits.h: the `[lock]` database cannot be reached or refuses us (nothing
+/// ran), or the release lost its lock while it ran (see `report::EXIT_LOCK_LOST`).
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// `EX_IOERR` from sysexits.h: `check`, `plan` or `init` could not write their output (a closed pipe,
 /// a full disk).

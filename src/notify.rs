@@ -237,8 +237,20 @@ fn slack_text(report: &Report) -> String {
     let mut text = if report.succeeded() {
         format!(":white_check_mark: {title} released in {seconds:.1}s")
     } else {
+        let stopped = match &report.lock_lost {
+            Some(lost) => format!(
+                "the release lock was lost{}; another replica may run the release again",
+                lost.last_task
+                    .as_ref()
+                    .map_or_else(String::new, |t| format!(
+                        " after `{}` started",
+                        slack_escape(t)
+                    ))
+            ),
+            None => "the release was stopped".to_owned(),
+        };
         let failed = report.failed_task().map_or_else(
-            || "the release was stopped".to_owned(),
+            || stopped,
             |t| {
                 format!(
                     "task `{}` {}",
@@ -317,5 +329,33 @@ mod slack_tests {
         assert!(!text.contains('<') && !text.contains('>'), "{text}");
         assert!(text.contains("&lt;!channel&gt; &amp; co"), "{text}");
         assert!(text.contains("&lt;@U123&gt; said a &gt; b"), "{text}");
+    }
+
+    #[test]
+    fn slack_text_says_the_lock_was_lost() {
+        let mut report = Report::new(Metadata {
+            app: Some("shop".into()),
+            ..Metadata::default()
+        });
+        for (name, outcome) in [("migrate", Outcome::Succeeded), ("seed", Outcome::LockLost)] {
+            report.tasks.push(TaskReport {
+                name: name.into(),
+                outcome,
+                duration: std::time::Duration::ZERO,
+                allow_failure: false,
+                output_tail: Vec::new(),
+                attempts: 1,
+            });
+        }
+        report.lock_lost = Some(crate::report::LockLoss {
+            reason: "gone".into(),
+            last_task: Some("migrate".into()),
+        });
+        assert_eq!(
+            slack_text(&report),
+            ":x: shop failed after 0.0s: the release lock was lost after `migrate` started; another replica \
+             may run the release again (exit status 69)\n• migrate: succeeded (0.0s)\n• seed: not run: the \
+             release lock was lost before it could start (0.0s)"
+        );
     }
 }

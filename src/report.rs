@@ -447,7 +447,7 @@ impl Report {
                 let last_task_under_lock = lost.last_task.as_deref();
                 tracing::error!(
                     exit_code, last_task_under_lock, reason = %lost.reason,
-                    "the release lock was lost; no task started without it but clean-up (on = \"failure\" or \"always\"); \
+                    "the release lock was lost: no task started after that but clean-up (on = \"failure\" or \"always\"); \
                      another replica may take the lock and run the release again"
                 );
             }
@@ -526,6 +526,42 @@ mod tests {
         assert_eq!(r.failed_task().map(|t| t.name.as_str()), Some("c"));
         r.interrupted = Some(Signal::SIGTERM);
         assert_eq!(r.exit_code(), 143);
+    }
+
+    #[test]
+    fn a_lost_lock_is_69_below_a_signal_and_above_a_task_failure() {
+        let mut r = Report::new(Metadata::default());
+        r.tasks.push(task("migrate", Outcome::Succeeded, false));
+        r.tasks.push(task("seed", Outcome::LockLost, false));
+        r.tasks.push(task("cleanup", Outcome::Failed(4), false));
+        r.lock_lost = Some(LockLoss {
+            reason: "lost the release lock `shop`: the database connection is closed".into(),
+            last_task: Some("migrate".into()),
+        });
+        assert_eq!(r.exit_code(), 69);
+        assert!(!r.succeeded());
+        let j = r.to_json();
+        assert_eq!(j["exit_code"], 69);
+        assert_eq!(
+            j["lock_lost"],
+            json!({
+                "reason": "lost the release lock `shop`: the database connection is closed",
+                "last_task_under_lock": "migrate",
+                "rerun": "another replica may take the lock and run the release again",
+            })
+        );
+        assert_eq!(j["tasks"][1]["outcome"], "not-run");
+        assert_eq!(
+            j["tasks"][1]["detail"],
+            "not run: the release lock was lost before it could start"
+        );
+        assert_eq!(j["tasks"][1]["exit_code"], serde_json::Value::Null);
+        r.interrupted = Some(Signal::SIGTERM);
+        assert_eq!(r.exit_code(), 143);
+        assert_eq!(
+            Report::new(Metadata::default()).to_json()["lock_lost"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]

@@ -227,8 +227,7 @@ async fn run(
         secrets,
         listener: Listener {
             signals,
-            stops: 0,
-            interrupted: None,
+            stops: Stops::default(),
         },
         guardian,
         run_id,
@@ -253,24 +252,16 @@ async fn run(
             continue;
         }
         let failed = report.failed_task().is_some()
-            || runner.listener.interrupted.is_some()
+            || runner.listener.stops.first.is_some()
             || report.lock_lost.is_some();
         let expired = tokio::time::Instant::now() >= runner.release.at;
         let t0 = Instant::now();
         let mut allow_failure = task.allow_failure;
         let mut output_tail = Vec::new();
         let mut attempts = 0;
-        let outcome = match next(task.on, failed, expired, runner.listener.stops) {
+        let outcome = match next(task.on, failed, expired, runner.listener.stops.count) {
             Next::NotRun(outcome) => {
-                match &outcome {
-                    Outcome::TimedOut => {
-                        tracing::error!(task = %task.name, "release_timeout reached before the task could start");
-                    }
-                    Outcome::Skipped(reason) => {
-                        tracing::info!(task = %task.name, reason = %reason, "task skipped");
-                    }
-                    _ => {}
-                }
+                log_not_run(task, &outcome);
                 outcome
             }
             Next::Run { .. }
@@ -279,23 +270,32 @@ async fn run(
                 Outcome::LockLost
             }
             Next::Run { within_release } => {
-                let release = within_release.then_some(runner.release);
-                let (ran, attempt) = runner
-                    .run_attempts(
-                        step,
-                        release,
-                        (&mut report, started),
-                        (&mut lock, recorder),
-                        position,
-                    )
-                    .await?;
-                attempts = attempt;
-                // A task cut off by release_timeout is the release's failure, which allow_failure
-                // does not excuse: the release did not finish in time.
-                allow_failure &= !ran.cut_by_release;
-                Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
-                output_tail = ran.output_tail;
-                ran.outcome
+                // Immediately before the task starts (the lock was checked by the arm above): a
+                // stop signal that came during the check keeps it from starting.
+                if lock
+                    .stopped_meanwhile(&mut runner.listener, task, failed)
+                    .await
+                {
+                    Outcome::NotRun
+                } else {
+                    let release = within_release.then_some(runner.release);
+                    let (ran, attempt) = runner
+                        .run_attempts(
+                            step,
+                            release,
+                            (&mut report, started),
+                            (&mut lock, recorder),
+                            position,
+                        )
+                        .await?;
+                    attempts = attempt;
+                    // A task cut off by release_timeout is the release's failure, which allow_failure
+                    // does not excuse: the release did not finish in time.
+                    allow_failure &= !ran.cut_by_release;
+                    Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                    output_tail = ran.output_tail;
+                    ran.outcome
+                }
             }
         };
         let outcome_ran = outcome.exit_code().is_some();
@@ -318,9 +318,22 @@ async fn run(
     // over (for `exec`, which asks before it starts its command), then what is still queued.
     crate::exec::hold_stop_signals();
     runner.listener.take_pending().await;
-    report.interrupted = runner.listener.interrupted;
+    report.interrupted = runner.listener.stops.first;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Says why a step that was to run does not (a second stop signal says nothing more).
+fn log_not_run(task: &Task, outcome: &Outcome) {
+    match outcome {
+        Outcome::TimedOut => {
+            tracing::error!(task = %task.name, "release_timeout reached before the task could start");
+        }
+        Outcome::Skipped(reason) => {
+            tracing::info!(task = %task.name, reason = %reason, "task skipped");
+        }
+        _ => {}
+    }
 }
 
 /// Writes the record of the task last added to `report` (the ledger, with `once`).
@@ -341,6 +354,16 @@ struct HeldLock<'a> {
 }
 
 impl HeldLock<'_> {
+    /// Whether a stopping signal that arrived during the check (which may wait up to its bound for
+    /// a silent database) keeps `task` from starting, as it would have before the check.
+    async fn stopped_meanwhile(&self, listener: &mut Listener, task: &Task, failed: bool) -> bool {
+        if self.lock.is_none() {
+            return false;
+        }
+        listener.take_pending().await;
+        listener.stops.count >= 2 || !task.on.runs(failed || listener.stops.first.is_some())
+    }
+
     /// Whether `task` may start under the lock: one check of the lock (none without `[lock]`, none
     /// once it is known lost). The first loss is recorded in the report, with the last task that
     /// started under the lock; the caller decides what a task does without it (an `on = "success"`
@@ -359,10 +382,20 @@ impl HeldLock<'_> {
                 true
             }
             Err(lost) => {
-                tracing::error!(
-                    task = %task.name, last_task_under_lock = self.last_task.as_deref(), reason = %lost.reason,
-                    "the release lock is lost; another replica may take it and run the release again, so no further task starts but clean-up (on = \"failure\" or \"always\")"
-                );
+                let last_task_under_lock = self.last_task.as_deref();
+                if task.on == On::Success {
+                    tracing::error!(
+                        task = %task.name, last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so this task does not start, nor any later one but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                } else {
+                    tracing::error!(
+                        last_task_under_lock, reason = %lost.reason,
+                        "the release lock is lost, so no task starts from now on but clean-up \
+                         (on = \"failure\" or \"always\"); another replica may take the lock and run the release again"
+                    );
+                }
                 report.lock_lost = Some(LockLoss {
                     reason: lost.to_string(),
                     last_task: self.last_task.clone(),
@@ -445,27 +478,35 @@ fn delivery_outcome(
 }
 
 /// The signals release-tasks receives, as orders for the running task, and what they add up to for
-/// the release: how many stop signals arrived, and the first.
+/// the release.
 struct Listener {
     signals: Signals,
-    /// How many stop signals arrived; after the second nothing more starts.
-    stops: u32,
-    /// The first stop signal release-tasks received.
-    interrupted: Option<Signal>,
+    stops: Stops,
 }
 
-impl Listener {
+/// The stop signals of the release so far.
+#[derive(Debug, Default)]
+struct Stops {
+    /// How many arrived; after the second nothing more starts.
+    count: u32,
+    /// The first, which the release reports as its interruption.
+    first: Option<Signal>,
+}
+
+impl Stops {
     /// Counts a stop signal: the release's first, or a later one.
-    fn count(&mut self, sig: Signal) -> SignalCount {
-        self.stops += 1;
-        if self.interrupted.is_none() {
-            self.interrupted = Some(sig);
+    fn add(&mut self, sig: Signal) -> SignalCount {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(sig);
             SignalCount::First
         } else {
             SignalCount::Again
         }
     }
+}
 
+impl Listener {
     /// Handles events that queued up while no task was running, without waiting for more.
     async fn take_pending(&mut self) {
         // A signal's handler only writes to tokio's self-pipe; the runtime's driver turns that into
@@ -577,7 +618,7 @@ impl Orders for Listener {
         match self.signals.next().await {
             Event::Child => Order::Reap,
             Event::Forward(sig) => Order::Forward(sig),
-            Event::Stop(sig) => Order::Stop(sig, self.count(sig)),
+            Event::Stop(sig) => Order::Stop(sig, self.stops.add(sig)),
         }
     }
 }
@@ -655,7 +696,7 @@ impl Runner {
                 &ran.outcome,
                 cut_by_attempt,
                 left,
-                self.listener.stops,
+                self.listener.stops.count,
             ) {
                 AfterAttempt::Done(why) => {
                     if let Some(why) = why {
@@ -696,7 +737,7 @@ impl Runner {
             Some(webhook) => {
                 let mut so_far = so_far.clone();
                 so_far.duration = started.elapsed();
-                so_far.interrupted = self.listener.interrupted;
+                so_far.interrupted = self.listener.stops.first;
                 self.run_notify(task, webhook, &so_far, release).await
             }
             None => self.run_task(task, release).await?,
@@ -942,6 +983,27 @@ mod tests {
         assert_eq!(
             after_attempt(&r, 1, &Outcome::Failed(1), false, Duration::from_secs(6), 0),
             AfterAttempt::RetryIn(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn the_first_stop_signal_is_the_releases_and_the_rest_come_again() {
+        let mut stops = Stops::default();
+        assert_eq!(stops.add(Signal::SIGHUP), SignalCount::First);
+        assert_eq!(stops.add(Signal::SIGTERM), SignalCount::Again);
+        assert_eq!(stops.add(Signal::SIGINT), SignalCount::Again);
+        assert_eq!((stops.count, stops.first), (3, Some(Signal::SIGHUP)));
+        // What the count means for the next task: after the second, nothing starts.
+        let mut stops = Stops::default();
+        stops.add(Signal::SIGTERM);
+        assert_ne!(
+            next(On::Always, true, false, stops.count),
+            Next::NotRun(Outcome::NotRun)
+        );
+        stops.add(Signal::SIGTERM);
+        assert_eq!(
+            next(On::Always, true, false, stops.count),
+            Next::NotRun(Outcome::NotRun)
         );
     }
 

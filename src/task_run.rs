@@ -1180,6 +1180,71 @@ mod tests {
         );
     }
 
+    /// The log lines written while `f` runs (with a subscriber of this thread's own).
+    async fn logged<F: Future>(f: F) -> (F::Output, String) {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .without_time()
+            .with_ansi(false)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let out = f.await;
+        drop(guard);
+        let text = String::from_utf8_lossy(&lines.0.lock().expect("lock")).into_owned();
+        (out, text)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_running_task_is_reported_every_heartbeat_from_its_start() {
+        let script = Script {
+            exits_after: Some(secs(10.5)),
+            ..Script::default()
+        };
+        let policy = Policy {
+            heartbeat: secs(3.0),
+            ..policy(100.0, 5.0)
+        };
+        let (_, log) = logged(run(script, policy, &[])).await;
+        let beats: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("task still running"))
+            .collect();
+        // At 3, 6 and 9 s: none at the start, none after the end.
+        assert_eq!(beats.len(), 3, "{log}");
+        assert!(beats[0].contains("elapsed=3s"), "{log}");
+        assert!(beats[2].contains("elapsed=9s timeout_in=1m 31s"), "{log}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_log_says_at_each_step_of_a_timeout() {
+        let (_, log) = logged(run(Script::default(), policy(10.0, 5.0), &[])).await;
+        let messages: Vec<&str> = log
+            .lines()
+            .map(|l| l.split_once(": ").map_or(l, |(_, m)| m))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "task timed out; sending SIGTERM to its process group, SIGKILL after the grace period task=t bound=\"timeout\" limit=10s grace_s=5.0",
+                "grace period over; sending SIGKILL to the task's process group task=t",
+            ],
+            "{log}"
+        );
+    }
+
     #[test]
     fn the_deadline_is_the_earlier_of_the_tasks_and_the_releases() {
         let t0 = Instant::now();

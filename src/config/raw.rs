@@ -57,7 +57,8 @@ pub(super) enum OneOrMany {
 #[derive(Deserialize)]
 #[serde(expecting = "a notify table, like notify = { url = \"${RELEASE_WEBHOOK_URL}\" }")]
 pub(super) struct RawNotify {
-    pub(super) url: Typed<String>,
+    /// Required; `None` is reported by the validator, among the other problems.
+    pub(super) url: Option<Typed<String>>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Typed<String>>,
     pub(super) format: Option<Typed<NotifyFormat>>,
@@ -102,17 +103,98 @@ pub(super) struct RawTask {
 
 /// A value whose type the validator checks, not serde: serde stops at the first value of the wrong
 /// type, which would hide every other problem in the file; here a wrong type is one problem among
-/// the rest, with its place (the error, with the value's span, is reported by `validate.rs`).
-pub(super) struct Typed<T>(pub(super) Result<Spanned<T>, (Range<usize>, String)>);
+/// the rest, with its place and, as data, what was found and what was expected (`validate.rs`
+/// words the message).
+pub(super) struct Typed<T>(pub(super) Result<Spanned<T>, (Range<usize>, Mismatch)>);
 
-impl<'de, T: DeserializeOwned> Deserialize<'de> for Typed<T> {
+impl<'de, T: Expect> Deserialize<'de> for Typed<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Spanned::<toml::Value>::deserialize(deserializer)?;
         let span = value.span();
-        Ok(Typed(match T::deserialize(value.into_inner()) {
+        let value = value.into_inner();
+        let found = Found::of(&value);
+        Ok(Typed(match T::deserialize(value) {
             Ok(typed) => Ok(Spanned::new(span, typed)),
-            Err(err) => Err((span, err.message().to_owned())),
+            Err(_) => Err((
+                span,
+                Mismatch {
+                    found,
+                    expected: T::EXPECTED,
+                },
+            )),
         }))
+    }
+}
+
+/// What a [`Typed`] value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expected {
+    Str,
+    Bool,
+    U32,
+    /// One of these strings.
+    Variant(&'static [&'static str]),
+    /// Something a sentence describes.
+    Described(&'static str),
+}
+
+/// A type a [`Typed`] value can have, and how to say what it must be.
+pub(super) trait Expect: DeserializeOwned {
+    const EXPECTED: Expected;
+}
+
+impl Expect for String {
+    const EXPECTED: Expected = Expected::Str;
+}
+
+impl Expect for bool {
+    const EXPECTED: Expected = Expected::Bool;
+}
+
+impl Expect for u32 {
+    const EXPECTED: Expected = Expected::U32;
+}
+
+impl Expect for NotifyFormat {
+    const EXPECTED: Expected = Expected::Variant(&["json", "slack"]);
+}
+
+impl Expect for OneOrMany {
+    const EXPECTED: Expected = Expected::Described(
+        "a variable name or a list of them, like \"DATABASE_URL\" or [\"DIRECT_URL\", \"DATABASE_URL\"]",
+    );
+}
+
+/// A value that is not what its key takes: what it is, and what it must be.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Mismatch {
+    pub(super) found: Found,
+    pub(super) expected: Expected,
+}
+
+/// The kind of a TOML value, with the value itself where it is short enough to show.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Found {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Datetime(String),
+    Array,
+    Table,
+}
+
+impl Found {
+    fn of(value: &toml::Value) -> Found {
+        match value {
+            toml::Value::String(s) => Found::Str(s.clone()),
+            toml::Value::Integer(i) => Found::Int(*i),
+            toml::Value::Float(f) => Found::Float(*f),
+            toml::Value::Boolean(b) => Found::Bool(*b),
+            toml::Value::Datetime(d) => Found::Datetime(d.to_string()),
+            toml::Value::Array(_) => Found::Array,
+            toml::Value::Table(_) => Found::Table,
+        }
     }
 }
 

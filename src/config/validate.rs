@@ -11,7 +11,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{
-    Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify, RawRequire, RawTask, Schema, Typed,
+    Expected, Found, Mismatch, Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify,
+    RawRequire, RawTask, Schema, Typed,
 };
 use super::{
     Backend, Command, Config, Defaults, Glob, Lock, Notify, NotifyFormat, On, Retry, RetryOn, Task,
@@ -45,9 +46,14 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let mut keys = HashMap::new();
+    if let Node::Table(table) = &doc {
+        keys_by_value(table, &mut keys);
+    }
     let mut v = Validator {
         source,
         base: absolute(&base),
+        keys,
         problems: Vec::new(),
         changed_at: Vec::new(),
     };
@@ -87,60 +93,103 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
 /// The most output lines a task's tail may keep (`[defaults] tail_lines`).
 pub const MAX_TAIL_LINES: usize = 1000;
 
-/// Adds a hint to the TOML library's messages where the user's next step is not obvious.
+/// The TOML parser's message for a file it cannot read ("unclosed table, expected ']'"), or serde's
+/// for a table of the wrong shape (`tasks = 5`), as it is, with a hint where the next step is not
+/// obvious. Every other message is built from data (`mismatch_message`, the validator's own).
+///
+/// The one place that still reads another crate's words: the `toml` crate reports a duplicate key
+/// as a parse error whose only structure is its message and span.
 fn syntax_message(message: &str) -> String {
     let message = message.trim_end();
-    let hint = if message.starts_with("unknown field") {
-        "check the spelling against the README's release.toml reference"
-    } else if message.starts_with("invalid type: sequence") {
-        "this key takes one value, not a list; remove the [ ]"
-    } else if message.ends_with("expected a string") {
-        "put the value in quotes, like \"3000\""
-    } else if message.ends_with("expected a boolean") {
-        "write true or false, without quotes"
-    } else if message.ends_with("expected u32") {
-        "write a whole number, without quotes"
-    } else if message.starts_with("missing field") {
-        "add it; the README's release.toml reference shows each table's keys"
-    } else if message.starts_with("duplicate key") {
-        "each key, and each [tasks.NAME], may appear only once"
+    if message.starts_with("duplicate key") {
+        format!("{message}; each key, and each [tasks.NAME], may appear only once")
     } else {
-        return message.to_owned();
-    };
-    format!("{message}; {hint}")
+        message.to_owned()
+    }
 }
 
-/// The key whose value starts at byte `start` of `source` (`timeout = 5`, `{ API_TOKEN = 1 }`),
-/// bare or quoted, if the text before the value is `KEY =`.
-fn key_before(source: &str, start: usize) -> Option<&str> {
-    let before = source
-        .get(..start)?
-        .trim_end()
-        .strip_suffix('=')?
-        .trim_end();
-    let key = if let Some(quoted) = before.strip_suffix('"') {
-        &quoted[quoted.rfind('"')? + 1..]
-    } else {
-        let at = before
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-            .map_or(0, |i| i + 1);
-        &before[at..]
-    };
-    (!key.is_empty()).then_some(key)
-}
-
-/// serde's "invalid type: integer `5`, expected a string" without the value: "invalid type:
-/// integer, expected a string".
-fn without_value(message: &str) -> String {
-    match message
-        .split_once(": ")
-        .zip(message.split_once(", expected"))
-    {
-        Some(((what, found), (_, expected))) => {
-            let kind = found.split([' ', ',']).next().unwrap_or_default();
-            format!("{what}: {kind}, expected{expected}")
+/// The message for a value that is not what its key takes, from what was found and what was
+/// expected: serde's wording (`invalid type: integer `5`, expected a string`), a hint at the next
+/// step, and the key. The value is left out for a secret-looking key (`API_TOKEN = 12345678`).
+fn mismatch_message(mismatch: &Mismatch, key: Option<&str>) -> String {
+    let show = !key.is_some_and(crate::redact::is_secret_name);
+    let Mismatch { found, expected } = mismatch;
+    let what = match (found, expected) {
+        (Found::Int(_), Expected::U32) => {
+            format!("invalid value: {}, expected u32", shown(found, show))
         }
-        None => message.to_owned(),
+        (Found::Str(s), Expected::Variant(names)) if show => {
+            format!("unknown variant `{s}`, expected {}", one_of(names))
+        }
+        _ => format!(
+            "invalid type: {}, expected {}",
+            shown(found, show),
+            expecting(*expected)
+        ),
+    };
+    let hint = match (found, expected) {
+        (Found::Array, Expected::Str | Expected::Bool | Expected::U32) => {
+            Some("this key takes one value, not a list; remove the [ ]")
+        }
+        (_, Expected::Str) => Some("put the value in quotes, like \"3000\""),
+        (_, Expected::Bool) => Some("write true or false, without quotes"),
+        (_, Expected::U32) => Some("write a whole number, without quotes"),
+        _ => None,
+    };
+    let mut message = what;
+    if let Some(hint) = hint {
+        message = format!("{message}; {hint}");
+    }
+    if let Some(key) = key {
+        message = format!("{message} (key `{key}`)");
+    }
+    message
+}
+
+/// A value found, in serde's words, with the value itself when `show`.
+fn shown(found: &Found, show: bool) -> String {
+    let (kind, value) = match found {
+        Found::Str(s) => ("string", Some(format!("{s:?}"))),
+        Found::Int(i) => ("integer", Some(format!("`{i}`"))),
+        Found::Float(f) => ("floating point", Some(format!("`{f:?}`"))),
+        Found::Bool(b) => ("boolean", Some(format!("`{b}`"))),
+        Found::Datetime(d) => ("datetime", Some(format!("`{d}`"))),
+        Found::Array => ("sequence", None),
+        Found::Table => ("map", None),
+    };
+    match value {
+        Some(value) if show => format!("{kind} {value}"),
+        _ => kind.to_owned(),
+    }
+}
+
+fn expecting(expected: Expected) -> String {
+    match expected {
+        Expected::Str => "a string".to_owned(),
+        Expected::Bool => "a boolean".to_owned(),
+        Expected::U32 => "u32".to_owned(),
+        Expected::Variant(names) => one_of(names),
+        Expected::Described(text) => text.to_owned(),
+    }
+}
+
+/// `` `json` or `slack` ``, `` `a`, `b` or `c` ``.
+fn one_of(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
+
+/// The key of every value in the document, by where the value starts: the key a problem with a
+/// value is about, from the parsed tree's spans.
+fn keys_by_value(table: &[(Spanned<String>, Spanned<Node>)], keys: &mut HashMap<usize, String>) {
+    for (key, value) in table {
+        keys.insert(value.span().start, key.get_ref().clone());
+        if let Node::Table(inner) = value.get_ref() {
+            keys_by_value(inner, keys);
+        }
     }
 }
 
@@ -180,6 +229,8 @@ fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
 struct Validator<'a> {
     source: &'a str,
     base: PathBuf,
+    /// The key of each value, by where the value starts (see [`keys_by_value`]).
+    keys: HashMap<usize, String>,
     problems: Vec<Diagnostic>,
     /// The tasks with a `changed` gate and where it is, checked against `[lock]` at the end.
     changed_at: Vec<(String, std::ops::Range<usize>)>,
@@ -261,20 +312,29 @@ impl Validator<'_> {
         found
     }
 
+    /// A key its table must have; when missing, a problem at the table.
+    fn required<T>(
+        &mut self,
+        field: Option<T>,
+        key: &str,
+        table: std::ops::Range<usize>,
+    ) -> Option<T> {
+        if field.is_none() {
+            self.report(
+                Some(table),
+                format!("missing field `{key}`; add it; the README's release.toml reference shows each table's keys"),
+            );
+        }
+        field
+    }
+
     /// The value of a field whose type serde left to this pass; a wrong type is reported here.
     fn typed<T>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
         match field?.0 {
             Ok(value) => Some(value),
-            Err((span, message)) => {
-                // serde's message names neither the key nor hides its value: say which key, and
-                // leave out the value of a secret-looking one (`API_TOKEN = 12345678`).
-                let message = match key_before(self.source, span.start) {
-                    Some(key) if crate::redact::is_secret_name(key) => {
-                        format!("{} (key `{key}`)", syntax_message(&without_value(&message)))
-                    }
-                    Some(key) => format!("{} (key `{key}`)", syntax_message(&message)),
-                    None => syntax_message(&message),
-                };
+            Err((span, mismatch)) => {
+                let key = self.keys.get(&span.start).map(String::as_str);
+                let message = mismatch_message(&mismatch, key);
                 self.report(Some(span), message);
                 None
             }
@@ -750,9 +810,11 @@ impl Validator<'_> {
     }
 
     fn notify(&mut self, name: &str, raw: Spanned<RawNotify>) -> Command {
+        let span = raw.span();
         let raw = raw.into_inner();
+        let url = self.required(raw.url, "url", span);
         // A url of the wrong type is one problem among the others, like any other value.
-        let url = match self.typed(Some(raw.url)) {
+        let url = match self.typed(url) {
             None => Err(None),
             Some(url) => match Template::parse(url.get_ref()) {
                 Ok(template) => Ok((template, url)),
@@ -1204,6 +1266,79 @@ mod tests {
         {
             assert!(messages[i].contains(says), "{i}: {}", messages[i]);
         }
+    }
+
+    fn mismatch(found: Found, expected: Expected, key: Option<&str>) -> String {
+        mismatch_message(&Mismatch { found, expected }, key)
+    }
+
+    #[test]
+    fn a_mismatch_is_worded_from_what_was_found_and_expected() {
+        assert_eq!(
+            mismatch(Found::Int(5), Expected::Str, Some("grace")),
+            "invalid type: integer `5`, expected a string; put the value in quotes, like \"3000\" (key `grace`)"
+        );
+        assert_eq!(
+            mismatch(Found::Int(5), Expected::Str, Some("API_TOKEN")),
+            "invalid type: integer, expected a string; put the value in quotes, like \"3000\" (key `API_TOKEN`)"
+        );
+        assert_eq!(
+            mismatch(Found::Array, Expected::Str, None),
+            "invalid type: sequence, expected a string; this key takes one value, not a list; remove the [ ]"
+        );
+        assert_eq!(
+            mismatch(Found::Str("yes".into()), Expected::Bool, Some("once")),
+            "invalid type: string \"yes\", expected a boolean; write true or false, without quotes (key `once`)"
+        );
+        assert_eq!(
+            mismatch(Found::Int(-1), Expected::U32, None),
+            "invalid value: integer `-1`, expected u32; write a whole number, without quotes"
+        );
+        assert_eq!(
+            mismatch(Found::Float(1.0), Expected::U32, None),
+            "invalid type: floating point `1.0`, expected u32; write a whole number, without quotes"
+        );
+        assert_eq!(
+            mismatch(
+                Found::Str("xml".into()),
+                Expected::Variant(&["json", "slack"]),
+                Some("format")
+            ),
+            "unknown variant `xml`, expected `json` or `slack` (key `format`)"
+        );
+        assert_eq!(
+            mismatch(Found::Bool(true), Expected::Variant(&["a", "b", "c"]), None),
+            "invalid type: boolean `true`, expected `a`, `b` or `c`"
+        );
+        assert_eq!(
+            mismatch(Found::Table, Expected::Described("a name"), None),
+            "invalid type: map, expected a name"
+        );
+        assert_eq!(
+            mismatch(Found::Datetime("2024-01-01".into()), Expected::Str, None),
+            "invalid type: datetime `2024-01-01`, expected a string; put the value in quotes, like \"3000\""
+        );
+    }
+
+    // Without the feature, [lock] is refused whole.
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_missing_required_key_is_one_problem_among_the_rest() {
+        let Err(Error::ConfigInvalid { problems, .. }) = parse_str(
+            "[lock]\nkey = \"x\"\n[tasks.n]\nnotify = { format = \"json\" }\n[tasks.a]\nrun = 5\n",
+        ) else {
+            panic!("a config without [lock] postgres and notify url is invalid");
+        };
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages[0].starts_with("missing field `postgres`; add it"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].starts_with("missing field `url`; add it"),
+            "{messages:?}"
+        );
+        assert_eq!(messages.len(), 3, "{messages:?}");
     }
 
     fn problems(src: &str) -> Vec<Diagnostic> {

@@ -396,7 +396,7 @@ pub fn last_successes(
         let (client, _) = tokio::time::timeout(Duration::from_secs(15), db.connect_once())
             .await
             .map_err(|_| "the database did not answer within 15s".to_owned())?
-            .map_err(|e| db.scrub(&super::describe(&e)))?;
+            .map_err(|e| db.scrub(&e.describe()))?;
         let found = records::last_successes(&client, &name, tasks)
             .await
             .map_err(|e| db.scrub(&super::describe(&e)))?;

@@ -298,7 +298,10 @@ impl Database {
     }
 
     /// One connection attempt (each of the URL's hosts in turn), and the watch on its connection.
-    async fn connect_once(&self) -> Result<(Client, Arc<Watch>), tokio_postgres::Error> {
+    /// Each host gets its `connect_timeout` for the whole of it (TCP, TLS, login), as in libpq: a
+    /// server (or a network) that accepts the connection and then says nothing must not hold
+    /// release-tasks for ever.
+    async fn connect_once(&self) -> Result<(Client, Arc<Watch>), Failed> {
         // `url::parse` never gives an empty list; the first config stands in for one anyway.
         let (last, earlier) = self
             .attempts
@@ -306,14 +309,14 @@ impl Database {
             .unwrap_or((&self.attempts_fallback, &[]));
         let mut connected = None;
         for config in earlier {
-            if let Ok(pair) = config.connect(self.tls.clone()).await {
+            if let Ok(pair) = self.attempt(config).await {
                 connected = Some(pair);
                 break;
             }
         }
         let (client, connection) = match connected {
             Some(pair) => pair,
-            None => last.connect(self.tls.clone()).await?,
+            None => self.attempt(last).await?,
         };
         let watch = Arc::new(Watch {
             holds_lock: AtomicBool::new(false),
@@ -322,6 +325,27 @@ impl Database {
         });
         tokio::spawn(drive(connection, Arc::clone(&watch)));
         Ok((client, watch))
+    }
+
+    /// One host's attempt, bounded by its `connect_timeout`.
+    async fn attempt(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tls::Stream<tokio_postgres::Socket>>,
+        ),
+        Failed,
+    > {
+        let bound = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_ATTEMPT);
+        match tokio::time::timeout(bound, config.connect(self.tls.clone())).await {
+            Ok(result) => result.map_err(Failed::Driver),
+            Err(_) => Err(Failed::Silent(bound)),
+        }
     }
 
     /// Connects, trying again with back-off while the database is not up yet (refused, not
@@ -342,10 +366,10 @@ impl Database {
                 Ok(connected) => return Ok(connected),
                 Err(err) => err,
             };
-            let reason = self.scrub(&describe(&err));
+            let reason = self.scrub(&err.describe());
             let left = self.connect_timeout.saturating_sub(started.elapsed());
-            if !is_transient(&err) || left.is_zero() {
-                let hint = if is_transient(&err) {
+            if !err.is_transient() || left.is_zero() {
+                let hint = if err.is_transient() {
                     format!(
                         " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
                         humantime::format_duration(Duration::from_secs(
@@ -374,12 +398,57 @@ impl Database {
         }
     }
 
+    /// `work` (queries before any task starts), unless the database says nothing for
+    /// [`FINISH_TIMEOUT`]: a network gone silent must not hold the release for ever.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(FINISH_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Database(format!(
+                    "[lock] the database at {} (from {}) did not answer within {}s",
+                    self.shown,
+                    self.var,
+                    FINISH_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
     fn scrub(&self, text: &str) -> String {
         redact::urls_in(&redact::scrub(text, &self.secrets))
     }
 
     fn error(&self, what: &str, err: &tokio_postgres::Error) -> Error {
         Error::Database(self.scrub(&format!("[lock] {what}: {}", describe(err))))
+    }
+}
+
+/// A connection attempt that failed: the driver's error, or no answer within the attempt's bound.
+#[derive(Debug)]
+enum Failed {
+    Driver(tokio_postgres::Error),
+    Silent(Duration),
+}
+
+impl Failed {
+    fn describe(&self) -> String {
+        match self {
+            Failed::Driver(err) => describe(err),
+            Failed::Silent(bound) => format!(
+                "the server did not complete the connection within {}s (set connect_timeout in the URL to wait longer)",
+                bound.as_secs()
+            ),
+        }
+    }
+
+    /// A silent server may answer later, as one that is not up yet may start.
+    fn is_transient(&self) -> bool {
+        match self {
+            Failed::Driver(err) => is_transient(err),
+            Failed::Silent(_) => true,
+        }
     }
 }
 
@@ -572,7 +641,7 @@ async fn acquire_postgres(
                 .map(Ok)
                 .map_err(|e| db.error("cannot take the release lock", &e))
         };
-        let holder = match or_stop(signals, one_try).await? {
+        let holder = match or_stop(signals, db.bounded(one_try)).await? {
             Ok(holder) => holder,
             Err(previous) => {
                 return Ok(PgLock {
@@ -794,8 +863,12 @@ impl PgLock {
                 .await?;
             Ok(previous)
         };
-        read.await
-            .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
+        self.db
+            .bounded(async {
+                read.await
+                    .map_err(|e| self.db.error("cannot read release_tasks_runs", &e))
+            })
+            .await
     }
 
     /// Records that this replica is running `release` (a failed or abandoned earlier run is
@@ -803,11 +876,15 @@ impl PgLock {
     /// `wait` and `history`) while the lock's transaction stays open; when the database has no
     /// connection to spare for it, written in the lock's transaction instead (visible with the outcome).
     pub async fn begin(&self, release: &str) -> Result<(), Error> {
+        self.recording.replace(Some(release.to_owned()));
+        self.db.bounded(self.record_start(release)).await
+    }
+
+    async fn record_start(&self, release: &str) -> Result<(), Error> {
         let failed = |e: &tokio_postgres::Error| {
             self.db
                 .error("cannot record the release in release_tasks_runs", e)
         };
-        self.recording.replace(Some(release.to_owned()));
         let mut pause = Duration::from_millis(200);
         for _ in 0..3 {
             match self.db.connect_once().await {
@@ -821,13 +898,16 @@ impl PgLock {
                     self.writer.replace(Some(Rc::new(client)));
                     return Ok(());
                 }
-                Err(err) if is_transient(&err) => {
-                    tracing::debug!(reason = %self.db.scrub(&describe(&err)), "no second connection for the ledger yet");
+                Err(err) if err.is_transient() => {
+                    tracing::debug!(reason = %self.db.scrub(&err.describe()), "no second connection for the ledger yet");
                     tokio::time::sleep(jittered(pause)).await;
                     pause *= 2;
                 }
                 Err(err) => {
-                    return Err(self.db.error("cannot connect to record the release", &err));
+                    return Err(Error::Database(self.db.scrub(&format!(
+                        "[lock] cannot connect to record the release: {}",
+                        err.describe()
+                    ))));
                 }
             }
         }

@@ -28,7 +28,7 @@ pub(super) const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS release_tasks_
        duration_ms bigint, \
        attempts integer NOT NULL DEFAULT 0, \
        detail text NOT NULL DEFAULT '', \
-       output_tail text[] NOT NULL DEFAULT '{}', \
+       output_tail text NOT NULL DEFAULT '', \
        inputs_hash text, \
        inputs_manifest text, \
        recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(), \
@@ -71,6 +71,9 @@ pub(super) async fn write(
             .unwrap_or(Duration::ZERO)
             .as_secs_f64()
     });
+    // Lines as one text, one a line (a tail's lines hold no newline): plain text, as every backend
+    // stores it, and no array encoding in the binary.
+    let tail = record.output_tail.join("\n");
     let params: Params = vec![
         (&name, Type::TEXT),
         (&release, Type::TEXT),
@@ -82,7 +85,7 @@ pub(super) async fn write(
         (&duration_ms, Type::INT8),
         (&attempts, Type::INT4),
         (&record.detail, Type::TEXT),
-        (&record.output_tail, Type::TEXT_ARRAY),
+        (&tail, Type::TEXT),
         (&record.inputs_hash, Type::TEXT),
         (&record.inputs_manifest, Type::TEXT),
     ];
@@ -120,13 +123,16 @@ pub(super) async fn last_successes(
     name: &str,
     tasks: &[String],
 ) -> Result<Vec<(String, LastSuccess)>, tokio_postgres::Error> {
+    // Task names hold no newline (config validation): one text, split by the server.
+    let names = tasks.join("\n");
     let rows = client
         .query_typed(
             "SELECT DISTINCT ON (task) task, release, inputs_hash, inputs_manifest \
              FROM release_tasks_task_runs \
-             WHERE lock_key = $1 AND task = ANY($2) AND outcome = 'succeeded' AND inputs_hash IS NOT NULL \
+             WHERE lock_key = $1 AND task = ANY(string_to_array($2, E'\\n')) AND outcome = 'succeeded' \
+               AND inputs_hash IS NOT NULL \
              ORDER BY task, recorded_at DESC",
-            &[(&name, Type::TEXT), (&tasks, Type::TEXT_ARRAY)],
+            &[(&name, Type::TEXT), (&names, Type::TEXT)],
         )
         .await;
     let rows = match rows {
@@ -263,7 +269,11 @@ pub(super) async fn tasks(
                 duration_ms: r.try_get(5)?,
                 attempts: u32::try_from(r.try_get::<_, i32>(6)?).unwrap_or(0),
                 detail: r.try_get(7)?,
-                output_tail: r.try_get(8)?,
+                output_tail: r
+                    .try_get::<_, String>(8)?
+                    .lines()
+                    .map(str::to_owned)
+                    .collect(),
                 inputs_hash: r.try_get(9)?,
             })
         })

@@ -272,15 +272,18 @@ pub fn parse(url: &str) -> Result<Target, String> {
     };
     config.ssl_mode(mode);
     // libpq never uses TLS over a Unix socket, whatever sslmode says (`require` is accepted and
-    // simply has no TLS there). The driver has one sslmode for all hosts: sockets only get
-    // `disable`, a mix gets one config per host.
+    // simply has no TLS there). The driver has one sslmode for all hosts: one socket gets
+    // `disable`. A list gets one config per host, tried in order, so that each host has its own
+    // `connect_timeout` (a host that accepts and then says nothing must not use up the others'
+    // time) and its own sslmode; `load_balance_hosts=random` leaves the list to the driver.
     let sockets = hosts.iter().filter(|h| is_socket_directory(h)).count();
-    let attempts = if sockets == 0 || mode == DriverSslMode::Disable {
-        vec![config.clone()]
-    } else if sockets == hosts.len() {
-        let mut plain = config.clone();
-        plain.ssl_mode(DriverSslMode::Disable);
-        vec![plain]
+    let random = config.get_load_balance_hosts() == LoadBalanceHosts::Random;
+    let attempts = if hosts.len() == 1 || (random && sockets == 0) {
+        let mut one = config.clone();
+        if sockets > 0 {
+            one.ssl_mode(DriverSslMode::Disable);
+        }
+        vec![one]
     } else {
         hosts
             .iter()
@@ -605,9 +608,15 @@ mod tests {
         );
         assert_eq!(t.attempts[1].get_ports(), [5433]);
         assert_eq!(t.attempts[1].get_ssl_mode(), DriverSslMode::Require);
-        // TCP alone: one config, as given.
-        let t = parse("postgres://u@a,b/db?sslmode=require").unwrap();
+        // A list of TCP hosts: one config per host, each with its own port and the sslmode asked
+        // for; with load_balance_hosts=random, the driver's list.
+        let t = parse("postgres://u@a:1,b:2/db?sslmode=require").unwrap();
+        assert_eq!(t.attempts.len(), 2);
+        assert_eq!(t.attempts[1].get_hosts(), [Host::Tcp("b".into())]);
+        assert_eq!(t.attempts[1].get_ports(), [2]);
+        assert_eq!(t.attempts[1].get_ssl_mode(), DriverSslMode::Require);
+        let t = parse("postgres://u@a,b/db?load_balance_hosts=random").unwrap();
         assert_eq!(t.attempts.len(), 1);
-        assert_eq!(t.attempts[0].get_ssl_mode(), DriverSslMode::Require);
+        assert_eq!(t.attempts[0].get_hosts().len(), 2);
     }
 }

@@ -244,17 +244,25 @@ impl Stdio {
         if deadline <= Instant::now() {
             return;
         }
-        let (line, stdio) = (line.to_owned(), self.clone());
+        let (theirs, stdio) = (line.to_owned(), self.clone());
         let (said, wait) = std::sync::mpsc::channel();
         let writer = std::thread::Builder::new().spawn(move || {
-            let _ = stdio.write(Target::Stderr, line.as_bytes());
+            let _ = stdio.write(Target::Stderr, theirs.as_bytes());
             let _ = said.send(());
         });
-        if writer.is_ok() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if wait.recv_timeout(left).is_err() {
-                self.stalled(deadline);
+        let said = match writer {
+            Ok(_) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait.recv_timeout(left).is_ok()
             }
+            // No thread can be made (the limit on processes, `ulimit -u`): the message still goes
+            // out, written from here, for as long as the deadline allows.
+            Err(_) => self
+                .write_until(Target::Stderr, line.as_bytes(), deadline)
+                .is_ok(),
+        };
+        if !said {
+            self.stalled(deadline);
         }
     }
 

@@ -466,15 +466,18 @@ fn exec_does_not_start_the_command_after_a_stop_signal_at_the_end_of_the_release
             assert!(std::time::Instant::now() < deadline, "the task never ran");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // The release's last log lines are stuck in the full pipe: a thread of release-tasks is
+        // blocked writing them (the release has ended, the exec waits for them).
+        crate::harness::wait_blocked_writing(child.id() as i32);
         let sent = std::time::Instant::now();
         let status = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
-        // The reader catches up: the release's last lines get out and release-tasks moves on.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // The signal is taken while the lines are stuck; then the reader catches up: the release's
+        // last lines get out and release-tasks moves on.
+        crate::harness::wait_no_signal_pending(child.id() as i32, sig);
         let drain = std::thread::spawn(move || {
             let mut reader = reader;
             let _ = std::io::copy(&mut reader, &mut std::io::sink());

@@ -12,6 +12,16 @@ const WATCHDOG: Duration = Duration::from_secs(60);
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_release-tasks");
 
+/// For a test that cannot run on this machine: says why, for the caller to return; but under CI
+/// (`CI` set to anything but empty, `0` or `false`), where every test must run, it fails instead.
+#[track_caller]
+pub fn cannot_run(why: &str) {
+    let ci = std::env::var("CI")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
+    assert!(!ci, "CI must run this test, but it cannot run here: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
 pub struct Test {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
@@ -254,6 +264,34 @@ impl Running {
         assert!(status.success(), "kill -{sig} failed");
     }
 
+    /// Waits until release-tasks is blocked opening a FIFO (that nobody has opened for the other
+    /// end yet), as the kernel says in `/proc/PID/wchan`; fails the test after 20 s.
+    #[track_caller]
+    pub fn wait_blocked_on_fifo(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let wchan = format!("/proc/{}/wchan", self.pid());
+        loop {
+            let now = std::fs::read_to_string(&wchan).unwrap_or_default();
+            // fifo_open() waits in wait_for_partner() (older kernels show fifo_open itself).
+            if now == "wait_for_partner" || now == "fifo_open" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "release-tasks never blocked opening the FIFO (wchan {now:?}); saw:\n{}",
+                self.seen()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `sig` and waits until it is no longer pending (handled, or discarded as ignored).
+    #[track_caller]
+    pub fn signal_taken(&self, sig: &str) {
+        self.signal(sig);
+        wait_no_signal_pending(self.pid(), sig);
+    }
+
     /// Waits until stdout+stderr so far contain `needle`; fails the test after `limit`.
     #[track_caller]
     pub fn wait_for(&self, needle: &str, limit: Duration) {
@@ -368,6 +406,84 @@ pub fn gone_within(pid: i32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
+}
+
+/// Waits until no signal is pending for process `pid` (one sent has been handled, or discarded as
+/// ignored), as `/proc/PID/status` says; fails the test after 20 s.
+#[track_caller]
+pub fn wait_no_signal_pending(pid: i32, sig: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = format!("/proc/{pid}/status");
+    loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let pending = text
+            .lines()
+            .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            .any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|m| !m.trim_start_matches('0').is_empty())
+            });
+        if !pending {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIG{sig} stayed pending:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until a thread of process `pid` is blocked writing to a full pipe, as the kernel says in
+/// `/proc/PID/task/TID/wchan` (`pipe_write`, `anon_pipe_write`); fails the test after 20 s.
+#[track_caller]
+pub fn wait_blocked_writing(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let blocked = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("wchan"))
+                    .is_ok_and(|w| w.ends_with("pipe_write"))
+            });
+        if blocked {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no thread of {pid} blocked writing to a pipe"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits up to `limit` until no live process has `dir` as its working directory (what a task
+/// started there, wherever its pid was or was not written); returns whether none has.
+pub fn none_left_in(dir: &Path, limit: Duration) -> bool {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&pid| {
+                alive(pid)
+                    && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+            })
+            .collect();
+        if left.is_empty() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Removes `name | ` prefixes (padded or not) from the lines of one task's output.

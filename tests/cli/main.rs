@@ -3,6 +3,7 @@
 
 mod adoption;
 mod core;
+mod exact;
 mod faults;
 mod formats;
 mod harness;
@@ -24,6 +25,8 @@ mod lock_servers;
 mod lock_sockets;
 mod notify;
 mod platform;
+#[cfg(feature = "postgres")]
+mod proxy;
 mod retries;
 mod shell;
 mod spawn;

@@ -95,11 +95,11 @@ fn all_attempts_stay_within_the_tasks_timeout() {
         "retries = 10\nretry_delay = \"400ms\"\ntimeout = \"2s\"",
     );
     let out = t.run();
-    out.status(1).stderr_has(
-        "not trying again: the pause of 1s 600ms before another attempt would pass the task's timeout (or the release's)",
-    );
-    // 0.4 + 0.8 (+ 1.6 would pass 2s): three attempts.
-    assert_eq!(runs(&t), 3);
+    out.status(1)
+        .stderr_has("before another attempt would pass the task's timeout (or the release's)");
+    // 0.4 + 0.8 (+ 1.6 would pass 2 s): three attempts; two on a machine so loaded that a start
+    // takes 0.4 s. Never the eleven that `retries` allows.
+    assert!((2..=3).contains(&runs(&t)), "{} runs", runs(&t));
     assert!(out.elapsed < Duration::from_secs(10), "{:?}", out.elapsed);
     // A task that times out as a whole is not tried again.
     let t = Test::new().config(

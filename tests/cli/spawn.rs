@@ -458,7 +458,7 @@ fn no_process_to_be_had_is_a_clear_error_not_a_hang() {
         .all(|tool| Command::new(tool).arg("--version").output().is_ok());
     // SAFETY: geteuid only reads.
     if unsafe { nix::libc::geteuid() } != 0 || !tools {
-        eprintln!("skipped: needs root, setpriv and prlimit");
+        crate::harness::cannot_run("needs root, setpriv and prlimit");
         return;
     }
     let t = Test::new().config("[tasks.first]\nrun = \"echo never\"\n");
@@ -508,7 +508,7 @@ fn a_missing_dev_null_is_named_not_called_a_missing_program() {
         .output()
         .expect("sh");
     if out.status.code() == Some(99) || out.stderr.starts_with(b"unshare:") {
-        eprintln!("skipped: cannot mount an empty /dev here");
+        crate::harness::cannot_run("cannot mount an empty /dev here");
         return;
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
