@@ -1,8 +1,8 @@
 //! The ledger's per-task records on MySQL, `release_tasks_task_runs`: the MySQL side of
 //! `../records.rs`, with the same columns and meanings, and the reads `history` makes.
 //!
-//! Differences from PostgreSQL, all in the storage: the output tail (a text array there) is a JSON
-//! array in a `LONGTEXT`; "the last success per task" and pruning are computed here in two steps,
+//! Differences from PostgreSQL, all in the storage: text columns are `LONGTEXT` (the output tail, one
+//! line a line, as there); "the last success per task" and pruning are computed here in two steps,
 //! because MySQL has no `DISTINCT ON` and no `LIMIT` in an `IN` subquery. The records are written on
 //! the lock's own connection, where every statement commits by itself, so other sessions see each
 //! one at once.
@@ -65,7 +65,8 @@ pub(super) async fn write(
     release: &str,
     record: &TaskRecord,
 ) -> Result<(), WireError> {
-    let tail = serde_json::to_string(&record.output_tail).unwrap_or_else(|_| "[]".into());
+    // Lines as one text, one a line (a tail's lines hold no newline), as every backend stores it.
+    let tail = record.output_tail.join("\n");
     let values = [
         quote(&record.outcome),
         record
@@ -320,7 +321,7 @@ pub(super) async fn tasks(
                 attempts: take(6).and_then(|a| a.parse().ok()).unwrap_or(0),
                 detail: take(7).unwrap_or_default(),
                 output_tail: take(8)
-                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .map(|t| t.lines().map(str::to_owned).collect())
                     .unwrap_or_default(),
                 inputs_hash: take(9),
             }
