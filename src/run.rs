@@ -96,7 +96,9 @@ async fn run_locked(
     let held = crate::lock::acquire(lock, env, &meta, &mut signals).await?;
     let release = crate::lock::release_id(&meta).unwrap_or_default();
     if lock.once {
-        if let Some(previous) = held.previous(&release).await? {
+        // A stop signal ends these at once, as it ends the wait for the lock: a silent database
+        // must not keep release-tasks from its short grace (closing the connection unlocks).
+        if let Some(previous) = crate::lock::or_stop(&mut signals, held.previous(&release)).await? {
             let reason = format!(
                 "release {release} already completed by {} at {}",
                 previous.holder, previous.finished_at
@@ -107,7 +109,7 @@ async fn run_locked(
             let _ = held.release().await;
             return Ok(report);
         }
-        held.begin(&release).await?;
+        crate::lock::or_stop(&mut signals, held.begin(&release)).await?;
     }
     let held_name = held.name().to_owned();
     // The `changed` gates, decided under the lock from the ledger's last successful runs.

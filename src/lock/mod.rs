@@ -767,7 +767,7 @@ async fn try_lock(client: &Client, key: i64) -> Result<Option<String>, tokio_pos
 }
 
 /// `work`, unless a stopping signal comes first: then the work is dropped (its connection closes).
-async fn or_stop<T>(
+pub(crate) async fn or_stop<T>(
     signals: &mut Signals,
     work: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
