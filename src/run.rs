@@ -63,7 +63,17 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
             .map_err(|e| crate::limits::or_internal("cannot install signal handlers", &e))?;
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
-            return run_locked(plan, lock, env, meta, signals, (guardian, run_id), stdio).await;
+            // Boxed: the locked release's future holds the lock's and the ledger's state.
+            return Box::pin(run_locked(
+                plan,
+                lock,
+                env,
+                meta,
+                signals,
+                (guardian, run_id),
+                stdio,
+            ))
+            .await;
         }
         #[cfg(not(feature = "postgres"))]
         let _ = env; // only [lock] reads it
