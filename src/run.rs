@@ -108,7 +108,9 @@ async fn run_locked(
     if lock.once {
         // A stop signal ends these at once, as it ends the wait for the lock: a silent database
         // must not keep release-tasks from its short grace (closing the connection unlocks).
-        if let Some(previous) = crate::lock::or_stop(&mut signals, held.previous(&release)).await? {
+        if let Some(previous) =
+            crate::lock::or_stop(&mut signals, Box::pin(held.previous(&release))).await?
+        {
             let reason = format!(
                 "release {release} already completed by {} at {}",
                 previous.holder, previous.finished_at
@@ -119,7 +121,7 @@ async fn run_locked(
             let _ = held.release().await;
             return Ok(report);
         }
-        crate::lock::or_stop(&mut signals, held.begin(&release)).await?;
+        crate::lock::or_stop(&mut signals, Box::pin(held.begin(&release))).await?;
     }
     let held_name = held.name().to_owned();
     // The `changed` gates, decided under the lock from the ledger's last successful runs.
