@@ -251,7 +251,7 @@ async fn run(
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
-            record_last(recorder, &report, position, step).await;
+            record_last(&mut runner.listener, recorder, &report, position, step).await;
             continue;
         }
         let mut failed = report.failed_task().is_some()
@@ -303,7 +303,9 @@ async fn run(
                     // A task cut off by release_timeout is the release's failure, which allow_failure
                     // does not excuse: the release did not finish in time.
                     allow_failure &= !ran.cut_by_release;
-                    Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                    if ran.outcome != Outcome::NotRun {
+                        Runner::log_finished(task, &ran.outcome, allow_failure, t0.elapsed());
+                    }
                     output_tail = ran.output_tail;
                     ran.outcome
                 }
@@ -323,7 +325,7 @@ async fn run(
             output_tail,
             attempts: if outcome_ran { attempts.max(1) } else { 0 },
         });
-        record_last(recorder, &report, position, step).await;
+        record_last(&mut runner.listener, recorder, &report, position, step).await;
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
@@ -347,12 +349,35 @@ fn log_not_run(task: &Task, outcome: &Outcome) {
     }
 }
 
-/// Writes the record of the task last added to `report` (the ledger, with `once`).
-async fn record_last(recorder: Option<&dyn Recorder>, report: &Report, position: u32, step: &Step) {
+/// How long the record of a task may wait for the database once release-tasks was told to stop.
+const STOPPING_RECORD_WAIT: Duration = Duration::from_secs(1);
+
+/// Writes the record of the task last added to `report` (the ledger, with `once`). A stop signal
+/// ends the wait at once, and after one the wait is short: a silent database must not keep
+/// release-tasks from acting on a stop within its grace.
+async fn record_last(
+    listener: &mut Listener,
+    recorder: Option<&dyn Recorder>,
+    report: &Report,
+    position: u32,
+    step: &Step,
+) {
     if let (Some(recorder), Some(last)) = (recorder, report.tasks.last()) {
-        recorder
-            .record(TaskRecord::finished(last, position, step.inputs.as_ref()))
-            .await;
+        let record = TaskRecord::finished(last, position, step.inputs.as_ref());
+        listener.record(recorder, record).await;
+    }
+}
+
+impl Listener {
+    /// Writes a task's record: a stop signal ends the wait at once, and after one the wait is
+    /// short (`STOPPING_RECORD_WAIT`).
+    async fn record(&mut self, recorder: &dyn Recorder, record: TaskRecord) {
+        let write = recorder.record(record);
+        if self.stops.first.is_some() {
+            let _ = tokio::time::timeout(STOPPING_RECORD_WAIT, write).await;
+        } else {
+            let _ = self.unless_stopped(write).await;
+        }
     }
 }
 
@@ -469,12 +494,19 @@ async fn checked_unless_stopped(
     lock: &dyn LockCheck,
     listener: &mut Listener,
 ) -> Option<Result<(), LockLost>> {
-    let mut check = lock.check();
-    loop {
-        tokio::select! {
-            biased;
-            result = &mut check => return Some(result),
-            order = listener.next() => match order {
+    listener.unless_stopped(lock.check()).await
+}
+
+impl Listener {
+    /// `work`, while the signals that arrive meanwhile are handled: `None` when a stop signal came
+    /// first (the work is dropped).
+    async fn unless_stopped<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut work => return Some(result),
+                order = self.next() => match order {
                 Order::Reap => drop(process::reap()),
                 Order::Forward(sig) => {
                     tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
@@ -484,6 +516,7 @@ async fn checked_unless_stopped(
                     return None;
                 }
             },
+            }
         }
     }
 }
@@ -777,9 +810,22 @@ impl Runner {
     ) -> anyhow::Result<(Ran, u32)> {
         let task = &step.task;
         if let Some(recorder) = recorder {
-            recorder
-                .record(TaskRecord::started(&task.name, position, 1))
+            let stops = self.listener.stops.count;
+            self.listener
+                .record(recorder, TaskRecord::started(&task.name, position, 1))
                 .await;
+            // A stop signal that came while the record was written keeps the task from starting,
+            // as it would have a moment before (clean-up still starts after a first one).
+            if self.listener.stops.count > stops
+                && (self.listener.stops.count >= 2 || task.on == On::Success)
+            {
+                let not_run = Ran {
+                    outcome: Outcome::NotRun,
+                    output_tail: Vec::new(),
+                    cut_by_release: false,
+                };
+                return Ok((not_run, 0));
+            }
         }
         let task_until = tokio::time::Instant::now() + task.timeout;
         let all_until = release.map_or(task_until, |r| r.at.min(task_until));
@@ -824,8 +870,8 @@ impl Runner {
                     }
                     attempt += 1;
                     if let Some(recorder) = recorder {
-                        recorder
-                            .record(TaskRecord::started(&task.name, position, attempt))
+                        self.listener
+                            .record(recorder, TaskRecord::started(&task.name, position, attempt))
                             .await;
                     }
                 }

@@ -98,6 +98,11 @@ pub struct PgLock {
     recording: RefCell<Option<String>>,
     /// Set once release-tasks was told to stop: the outcome and the COMMIT get a short bound.
     stopping: Cell<bool>,
+    /// Set once a task record got no answer in time: a silent database costs the release one
+    /// wait for its records, not one per task (later records are left out, and said so once).
+    records_stalled: Cell<bool>,
+    /// Set when the outcome's write got no answer in time: the COMMIT is not waited for then.
+    outcome_unanswered: Cell<bool>,
 }
 
 /// A completed run of the same release found in the ledger.
@@ -688,6 +693,8 @@ async fn acquire_postgres(
                     writer: RefCell::new(None),
                     recording: RefCell::new(None),
                     stopping: Cell::new(false),
+                    records_stalled: Cell::new(false),
+                    outcome_unanswered: Cell::new(false),
                 });
             }
         };
@@ -710,6 +717,8 @@ async fn acquire_postgres(
                 writer: RefCell::new(None),
                 recording: RefCell::new(None),
                 stopping: Cell::new(false),
+                records_stalled: Cell::new(false),
+                outcome_unanswered: Cell::new(false),
             });
         };
         // Waiting costs the database no connection.
@@ -995,8 +1004,9 @@ impl PgLock {
         let Some(release) = self.recording.borrow().clone() else {
             return;
         };
-        // A lost lock may be someone else's by now, and the ledger with it.
-        if self.lost.borrow().is_some() {
+        // A lost lock may be someone else's by now, and the ledger with it; a ledger that stopped
+        // answering was given its one wait already.
+        if self.lost.borrow().is_some() || self.records_stalled.get() {
             return;
         }
         let mut writer = self.writer.borrow().clone();
@@ -1017,10 +1027,18 @@ impl PgLock {
             {
                 Ok(Ok(())) => return,
                 Ok(Err(err)) => why = self.db.scrub(&describe(&err)),
-                Err(_) => why = format!("no answer within {}s", RECORD_TIMEOUT.as_secs()),
+                // The database (or the network to it) is silent: the lock's own connection would
+                // wait as long, so the record is not tried there too.
+                Err(_) => {
+                    self.records_stalled.set(true);
+                    why = format!(
+                        "no answer within {}s; later task records of this release are left out",
+                        RECORD_TIMEOUT.as_secs()
+                    );
+                }
             }
         }
-        if let Some(client) = &self.client {
+        if let (Some(client), false) = (&self.client, self.records_stalled.get()) {
             let in_lock = async {
                 client.batch_execute("SAVEPOINT record").await?;
                 match records::write(client, &self.name, &release, &record).await {
@@ -1036,7 +1054,13 @@ impl PgLock {
             match tokio::time::timeout(RECORD_TIMEOUT, in_lock).await {
                 Ok(Ok(())) => return,
                 Ok(Err(err)) => why = self.db.scrub(&describe(&err)),
-                Err(_) => why = format!("no answer within {}s", RECORD_TIMEOUT.as_secs()),
+                Err(_) => {
+                    self.records_stalled.set(true);
+                    why = format!(
+                        "no answer within {}s; later task records of this release are left out",
+                        RECORD_TIMEOUT.as_secs()
+                    );
+                }
             }
         }
         tracing::warn!(
@@ -1048,6 +1072,11 @@ impl PgLock {
     /// Prunes old task records (see `record::KEEP_RELEASES`) on the second connection; a failure is
     /// logged.
     async fn prune(&self) {
+        // Pruning can wait for the next release: not when told to stop, nor when the database was
+        // already found silent.
+        if self.stopping.get() || self.records_stalled.get() {
+            return;
+        }
         let Some(writer) = self.writer.borrow().clone() else {
             return;
         };
@@ -1082,10 +1111,14 @@ impl PgLock {
         match tokio::time::timeout(bound, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(self.failure(&err)),
-            Err(_) => Err(format!(
-                "the database did not answer within {}s",
-                bound.as_secs()
-            )),
+            Err(_) => {
+                // A COMMIT on the same silent connection would only wait again.
+                self.outcome_unanswered.set(true);
+                Err(format!(
+                    "the database did not answer within {}s",
+                    bound.as_secs()
+                ))
+            }
         }
     }
 
@@ -1110,6 +1143,12 @@ impl PgLock {
         let Some(client) = &self.client else {
             return Ok(());
         };
+        if self.outcome_unanswered.get() {
+            let result =
+                "the database did not answer the outcome, so no COMMIT was tried".to_owned();
+            tracing::warn!(lock = %self.name, error = %result, "cannot commit the lock's transaction; closing the connection instead, which releases the lock");
+            return Err(result);
+        }
         let bound = self.finish_bound();
         let result = match tokio::time::timeout(bound, client.batch_execute("COMMIT")).await {
             Ok(Ok(())) => {

@@ -182,8 +182,9 @@ run = "echo maintenance-off >> rows"
             .stderr_lacks("last_task_under_lock=maintenance-off");
         assert!(
             signalled.elapsed() < Duration::from_secs(8),
-            "{once:?} {on}: exited {:?} after the signal",
-            signalled.elapsed()
+            "{once:?} {on}: exited {:?} after the signal; stderr:\n{}",
+            signalled.elapsed(),
+            out.stderr
         );
         assert_eq!(
             std::fs::read_to_string(t.path("rows")).unwrap(),
