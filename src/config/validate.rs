@@ -1328,11 +1328,13 @@ mod tests {
         let Err(Error::ConfigInvalid { problems, .. }) = parse_str(
             "[lock]\nkey = \"x\"\n[tasks.n]\nnotify = { format = \"json\" }\n[tasks.a]\nrun = 5\n",
         ) else {
-            panic!("a config without [lock] postgres and notify url is invalid");
+            panic!("a config without [lock] postgres/mysql and notify url is invalid");
         };
         let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
         assert!(
-            messages[0].starts_with("[lock] needs the database: postgres = "),
+            messages[0].starts_with(
+                "[lock] needs the database: postgres = \"DATABASE_URL\" for PostgreSQL, or mysql = "
+            ),
             "{messages:?}"
         );
         assert!(
