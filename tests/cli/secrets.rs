@@ -170,3 +170,40 @@ fn a_tail_line_cut_inside_a_secret_shows_no_part_of_it() {
     assert!(report.contains("…"), "the line was cut: {report}");
     assert!(!report.contains("pw-a"), "{report}");
 }
+
+/// The shape rules hide a quoted value whole: the word after `--password` is the shell's word
+/// (`'two words'`), an array item is one argument (`"--password", "pw two"`, `"API_TOKEN=a b"`), and
+/// an escaped quote inside it (`q\"uote`, as an array item is shown) does not end it.
+#[test]
+fn a_quoted_secret_in_a_command_is_hidden_whole() {
+    let t = Test::new().config(
+        r#"
+[tasks.shell]
+run = "./tool --password 'first-half second-half' --token \"dq-one dq-two\" -H 'X-Api-Key: hk\" hk-tail' --password=a\\ b-escaped"
+[tasks.array]
+run = ["env", "API_TOKEN=arr-one arr-two", "./tool", "--password", "pw-one pw-two", "--password=eq-one eq-two", "--token", "q\"uote-tail secret-tail", "-H", "X-Api-Key: h\"1 h-tail"]
+"#,
+    );
+    let plan = t.run_with(&["plan"]);
+    plan.status(0);
+    let run = t.run();
+    run.status(127);
+    for (what, text) in [("plan", plan.stdout()), ("run", run.stderr.clone())] {
+        for leak in [
+            "second-half",
+            "dq-two",
+            "hk-tail",
+            "b-escaped",
+            "arr-two",
+            "pw-two",
+            "eq-two",
+            "uote-tail",
+            "secret-tail",
+            "h-tail",
+        ] {
+            assert!(!text.contains(leak), "{what} shows {leak}:\n{text}");
+        }
+    }
+    plan.stdout_has("./tool --password '[redacted]' --token \"[redacted]\"")
+        .stdout_has(r#"["env", "API_TOKEN=[redacted]", "./tool", "--password", "[redacted]", "--password=[redacted]", "--token", "[redacted]", "-H", "X-Api-Key: [redacted]"]"#);
+}
