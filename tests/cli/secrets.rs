@@ -207,3 +207,27 @@ run = ["env", "API_TOKEN=arr-one arr-two", "./tool", "--password", "pw-one pw-tw
     plan.stdout_has("./tool --password '[redacted]' --token \"[redacted]\"")
         .stdout_has(r#"["env", "API_TOKEN=[redacted]", "./tool", "--password", "[redacted]", "--password=[redacted]", "--token", "[redacted]", "-H", "X-Api-Key: [redacted]"]"#);
 }
+
+/// A secret with a carriage return at its end (a secret file saved on Windows) or with spaces
+/// around it is printed without them (the tail keeps what a terminal shows, and `echo $X` splits
+/// words): it is hidden in that form too, in the tail, the `release failed` line and the report.
+#[test]
+fn a_secret_with_a_carriage_return_or_spaces_around_it_is_hidden_as_printed() {
+    let t = Test::new()
+        .config("[tasks.leak]\nrun = \"printf 't=%s\\\\n' \\\"$API_TOKEN\\\"; echo u=$DB_PASSWORD; exit 1\"\n")
+        .env("API_TOKEN", "crlf-secret-41\r")
+        .env("DB_PASSWORD", "  spaced-secret-42  ")
+        .args(&["--report", "r.json"]);
+    let out = t.run();
+    out.status(1);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    for (what, text) in [("stderr", out.stderr.as_str()), ("report", &report)] {
+        for leak in ["crlf-secret-41", "spaced-secret-42"] {
+            assert!(!text.contains(leak), "{what} shows {leak}:\n{text}");
+        }
+    }
+    assert!(
+        report.contains(r#""output_tail":["t=[redacted]","u= [redacted]"]"#),
+        "{report}"
+    );
+}
