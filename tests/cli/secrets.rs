@@ -231,3 +231,20 @@ fn a_secret_with_a_carriage_return_or_spaces_around_it_is_hidden_as_printed() {
         "{report}"
     );
 }
+
+/// A NUL byte in a `.env` value (a binary file named by mistake, a secret pasted with one) cannot
+/// be put in the environment: a config error naming the place, not a panic that prints the value.
+#[test]
+fn an_env_file_with_a_nul_byte_is_an_error_that_never_quotes_it() {
+    for command in ["check", "run"] {
+        Test::new()
+            .config("[tasks.t]\nrun = \"true\"\n")
+            .file(".env", "A=1\nAPI_TOKEN=ab\0nul-SECRET-7\n")
+            .args(&["--env-file", ".env"])
+            .run_with(&[command])
+            .status(78)
+            .stderr_has(".env:2:13: a NUL byte")
+            .stderr_lacks("SECRET-7")
+            .stderr_lacks("panicked");
+    }
+}
