@@ -135,7 +135,11 @@ impl Secrets {
         }
         let trimmed = value.trim();
         let shown = crate::tail::printable(trimmed);
-        for base in [value, trimmed, shown.trim()] {
+        // As Rust quotes a string (`{:?}`, a gate's value in a skip reason): a control character is
+        // `\u{1}` there, not JSON's `\u0001`.
+        let debug = format!("{value:?}");
+        let debug = &debug[1..debug.len() - 1];
+        for base in [value, trimmed, shown.trim(), debug] {
             self.add_forms(base);
         }
     }

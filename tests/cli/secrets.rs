@@ -248,3 +248,35 @@ fn an_env_file_with_a_nul_byte_is_an_error_that_never_quotes_it() {
             .stderr_lacks("panicked");
     }
 }
+
+/// A gate's value is quoted as Rust writes a string (`"a\u{1}b"`), which escapes a control
+/// character unlike JSON (`\u0001`): a secret holding one is hidden in that form too, in `plan`, the
+/// log and the report.
+#[test]
+fn a_secret_with_a_control_character_is_hidden_where_a_gate_quotes_it() {
+    let secret = "ctl-\u{1}-secret-\u{7f}-end";
+    let t = Test::new()
+        .config(
+            "[tasks.gated]\nrun = \"true\"\nwhen = { env = \"DEPLOY_WHEN\", equals = \"go\" }\n",
+        )
+        .env("API_TOKEN", secret)
+        .env("DEPLOY_WHEN", secret)
+        .args(&["--report", "r.json", "--junit", "j.xml"]);
+    let plan = t.run_with(&["plan"]);
+    plan.status(0).stdout_has("DEPLOY_WHEN=\"[redacted]\"");
+    let run = t.run();
+    run.status(0);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    let junit = std::fs::read_to_string(t.path("j.xml")).unwrap();
+    for (what, text) in [
+        ("plan", plan.stdout()),
+        ("log", run.stderr.clone()),
+        ("report", report),
+        ("junit", junit),
+    ] {
+        assert!(
+            !text.contains("-secret-"),
+            "{what} shows the secret:\n{text}"
+        );
+    }
+}
