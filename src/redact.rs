@@ -361,12 +361,11 @@ fn value_end(text: &str, start: usize, quoted: Option<u8>) -> usize {
         }
         match (open, quoted) {
             (Some(q), _) if c == q => open = None,
-            (Some(_), _) => {}
             (None, Some(q)) if c == char::from(q) => return start + at,
-            (None, Some(_)) => {}
             (None, None) if c.is_whitespace() || ";&|)".contains(c) => return start + at,
             (None, None) if c == '"' || c == '\'' => open = Some(c),
-            (None, None) => {}
+            // Inside a quote, or a character of the value.
+            _ => {}
         }
     }
     text.len()
