@@ -280,3 +280,19 @@ fn a_secret_with_a_control_character_is_hidden_where_a_gate_quotes_it() {
         );
     }
 }
+
+/// A panic (a bug) may quote a value, as `std::env::set_var` once quoted a `.env` value: its message
+/// goes through the same masking as every other line. The debug build's test panic says
+/// "`RELEASE_TASKS_TEST_PANIC` is set"; here that name is also a secret's value.
+#[test]
+fn a_panic_message_is_masked_too() {
+    Test::new()
+        .config("[tasks.t]\nrun = \"true\"\n")
+        .env("RELEASE_TASKS_TEST_PANIC", "1")
+        .env("API_TOKEN", "RELEASE_TASKS_TEST_PANIC")
+        .run()
+        .status(70)
+        .stderr_has("panicked")
+        .stderr_has("[redacted] is set")
+        .stderr_lacks("RELEASE_TASKS_TEST_PANIC is set");
+}
