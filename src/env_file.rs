@@ -146,7 +146,7 @@ fn read(file: &Path, from: &str) -> Result<String> {
     if bytes.starts_with(b"\xEF\xBB\xBF") {
         bytes.drain(..3);
     }
-    String::from_utf8(bytes).map_err(|err| {
+    let text = String::from_utf8(bytes).map_err(|err| {
         let (line, col) = position(
             &String::from_utf8_lossy(err.as_bytes()),
             err.utf8_error().valid_up_to(),
@@ -157,7 +157,20 @@ fn read(file: &Path, from: &str) -> Result<String> {
             col,
             "the file is not UTF-8 text; save it as UTF-8".into(),
         )
-    })
+    })?;
+    // No variable can hold a NUL byte (exec's environment is C strings): found here, with its place,
+    // rather than where the value would be put into the environment.
+    if let Some(at) = text.find('\0') {
+        let (line, col) = position(&text, at);
+        return Err(invalid(
+            file,
+            line,
+            col,
+            "a NUL byte is in the file, and no variable can hold one; is this the right file?"
+                .into(),
+        ));
+    }
+    Ok(text)
 }
 
 /// Reads assignments from one file's text, in order.
@@ -567,6 +580,11 @@ mod tests {
                 "=SECRETVALUE\n",
                 ":1:1:",
                 "a line must start with a variable name",
+            ),
+            (
+                "A=1\nK=ab\0SECRETVALUE\n",
+                ":2:5:",
+                "a NUL byte is in the file",
             ),
         ] {
             let shown = error_of(text);

@@ -22,10 +22,29 @@ fn main() {
     // destructor would kill the task's processes): SIGKILL to every running task's process group and
     // what escaped it (first, so that a stalled stderr cannot hold it up), then the message, then exit
     // 70 (EX_SOFTWARE), never 101 or an abort's 134.
-    let report_panic = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
+    std::panic::set_hook(Box::new(|info| {
         release_tasks::process::kill_every_task();
-        report_panic(info);
+        // The message may quote a value (`std::env::set_var` quotes the one it refused): it is
+        // masked as every other line is, so it is written here rather than by the default hook.
+        let thread = std::thread::current();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => format!("{backtrace}\n"),
+            _ => "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+                .to_owned(),
+        };
+        let message = format!(
+            "thread '{}' {info}\n{backtrace}",
+            thread.name().unwrap_or("<unnamed>")
+        );
+        let message = release_tasks::secrets::mask(&message);
+        // Straight to the descriptor, as the default hook writes, without waiting for the lock a
+        // writer of stderr may hold; a stderr that cannot be written loses the message, never the
+        // status.
+        let mut rest = message.as_bytes();
+        while let Ok(written @ 1..) = nix::unistd::write(std::io::stderr(), rest) {
+            rest = &rest[written.min(rest.len())..];
+        }
         std::process::exit(70);
     }));
     let cli = match Cli::try_parse() {

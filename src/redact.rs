@@ -242,11 +242,15 @@ fn options_and_headers(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     let mut hide_next_word = false;
+    let mut carried_quote = None;
     while i < text.len() {
         let before = i.checked_sub(1).map(|b| bytes[b]);
         let word_start =
             before.is_none_or(|b| b.is_ascii_whitespace() || b"=;&|(\"',[".contains(&b));
-        let quote = before.filter(|b| b"\"'".contains(b));
+        // Inside a quoted word split at its `=` (`"--header=X-Api-Key: a b"`), the quote still holds.
+        let quote = before
+            .filter(|b| b"\"'".contains(b))
+            .or(carried_quote.take());
         if word_start
             && !text[i..]
                 .starts_with(|c: char| c.is_whitespace() || c == ',' || c == '"' || c == '\'')
@@ -265,6 +269,7 @@ fn options_and_headers(text: &str) -> String {
                 if let Some(eq) = word.find('=') {
                     out.push_str(&text[i..=i + eq]);
                     i += eq + 1;
+                    carried_quote = quote;
                     continue;
                 }
                 hide_next_word = is_secret_option(name);
@@ -274,12 +279,7 @@ fn options_and_headers(text: &str) -> String {
                     .bytes()
                     .take_while(|&b| b == b' ' || b == b'\t')
                     .count();
-                let value_end = match quote {
-                    Some(q) => text[value_start..]
-                        .find(char::from(q))
-                        .map_or(text.len(), |at| value_start + at),
-                    None => value_end(text, value_start, None),
-                };
+                let value_end = value_end(text, value_start, quote);
                 out.push_str(&text[i..value_start]);
                 if value_end > value_start {
                     out.push_str(REDACTED);
@@ -346,16 +346,26 @@ fn header_colon(word: &str) -> Option<usize> {
 }
 
 /// Where the value that starts at `start` ends: at whitespace or a shell operator outside quotes,
-/// or, inside the quote `quoted` the word started in (an array item `"API_TOKEN=x"`), at its end.
+/// or, inside the quote `quoted` the word started in (an array item `"API_TOKEN=a b"`, a shell word
+/// `'two words'`), at its closing quote, whatever it holds before. A backslash escapes the next
+/// character (`a\ b`, an array item's `\"`), except inside single quotes, as in the shell.
 fn value_end(text: &str, start: usize, quoted: Option<u8>) -> usize {
     let mut open: Option<char> = None;
-    for (at, c) in text[start..].char_indices() {
-        match open {
-            Some(q) if c == q => open = None,
-            None if quoted.is_some_and(|q| c == char::from(q)) => return start + at,
-            None if c.is_whitespace() || ";&|)".contains(c) => return start + at,
-            None if quoted.is_none() && (c == '"' || c == '\'') => open = Some(c),
-            Some(_) | None => {}
+    let in_single =
+        |open: Option<char>| open == Some('\'') || (open.is_none() && quoted == Some(b'\''));
+    let mut chars = text[start..].char_indices();
+    while let Some((at, c)) = chars.next() {
+        if c == '\\' && !in_single(open) {
+            chars.next();
+            continue;
+        }
+        match (open, quoted) {
+            (Some(q), _) if c == q => open = None,
+            (None, Some(q)) if c == char::from(q) => return start + at,
+            (None, None) if c.is_whitespace() || ";&|)".contains(c) => return start + at,
+            (None, None) if c == '"' || c == '\'' => open = Some(c),
+            // Inside a quote, or a character of the value.
+            _ => {}
         }
     }
     text.len()
@@ -391,9 +401,11 @@ mod tests {
                 r#"["env", "STRIPE_API_KEY=sk", "srv"]"#,
                 r#"["env", "STRIPE_API_KEY=[redacted]", "srv"]"#,
             ),
+            // In a quoted word the value runs to the closing quote: an array item is one
+            // argument, and a quoted shell word may hold spaces; here that hides `cmd` too.
             (
                 "sh -c \"MY_SECRET=s cmd\"",
-                "sh -c \"MY_SECRET=[redacted] cmd\"",
+                "sh -c \"MY_SECRET=[redacted]\"",
             ),
             (
                 "RAILS_ENV=production PWD=/app rake",

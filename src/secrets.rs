@@ -125,8 +125,27 @@ impl Secrets {
         }
     }
 
-    /// Adds `value` (when it qualifies, see the module's rule) in every form it may be shown in.
+    /// Adds `value` (when it qualifies, see the module's rule) in every form it may be shown in,
+    /// and so the value as a task prints it: without the spaces around it (`echo $X` splits words)
+    /// and as a terminal shows it, which the output tail keeps (a carriage return at its end, from
+    /// a secret file saved on Windows, and other control characters gone).
     pub fn add(&mut self, value: &str) {
+        if !qualifies(value) {
+            return;
+        }
+        let trimmed = value.trim();
+        let shown = crate::tail::printable(trimmed);
+        // As Rust quotes a string (`{:?}`, a gate's value in a skip reason): a control character is
+        // `\u{1}` there, not JSON's `\u0001`.
+        let debug = format!("{value:?}");
+        let debug = &debug[1..debug.len() - 1];
+        for base in [value, trimmed, shown.trim(), debug] {
+            self.add_forms(base);
+        }
+    }
+
+    /// Adds `value` as it is, escaped and encoded (see [`Secrets::add`]).
+    fn add_forms(&mut self, value: &str) {
         if !qualifies(value) {
             return;
         }

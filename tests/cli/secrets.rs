@@ -170,3 +170,129 @@ fn a_tail_line_cut_inside_a_secret_shows_no_part_of_it() {
     assert!(report.contains("…"), "the line was cut: {report}");
     assert!(!report.contains("pw-a"), "{report}");
 }
+
+/// The shape rules hide a quoted value whole: the word after `--password` is the shell's word
+/// (`'two words'`), an array item is one argument (`"--password", "pw two"`, `"API_TOKEN=a b"`), and
+/// an escaped quote inside it (`q\"uote`, as an array item is shown) does not end it.
+#[test]
+fn a_quoted_secret_in_a_command_is_hidden_whole() {
+    let t = Test::new().config(
+        r#"
+[tasks.shell]
+run = "./tool --password 'first-half second-half' --token \"dq-one dq-two\" -H 'X-Api-Key: hk\" hk-tail' --password=a\\ b-escaped"
+[tasks.array]
+run = ["env", "API_TOKEN=arr-one arr-two", "./tool", "--password", "pw-one pw-two", "--password=eq-one eq-two", "--token", "q\"uote-tail secret-tail", "-H", "X-Api-Key: h\"1 h-tail"]
+"#,
+    );
+    let plan = t.run_with(&["plan"]);
+    plan.status(0);
+    let run = t.run();
+    run.status(127);
+    for (what, text) in [("plan", plan.stdout()), ("run", run.stderr.clone())] {
+        for leak in [
+            "second-half",
+            "dq-two",
+            "hk-tail",
+            "b-escaped",
+            "arr-two",
+            "pw-two",
+            "eq-two",
+            "uote-tail",
+            "secret-tail",
+            "h-tail",
+        ] {
+            assert!(!text.contains(leak), "{what} shows {leak}:\n{text}");
+        }
+    }
+    plan.stdout_has("./tool --password '[redacted]' --token \"[redacted]\"")
+        .stdout_has(r#"["env", "API_TOKEN=[redacted]", "./tool", "--password", "[redacted]", "--password=[redacted]", "--token", "[redacted]", "-H", "X-Api-Key: [redacted]"]"#);
+}
+
+/// A secret with a carriage return at its end (a secret file saved on Windows) or with spaces
+/// around it is printed without them (the tail keeps what a terminal shows, and `echo $X` splits
+/// words): it is hidden in that form too, in the tail, the `release failed` line and the report.
+#[test]
+fn a_secret_with_a_carriage_return_or_spaces_around_it_is_hidden_as_printed() {
+    let t = Test::new()
+        .config("[tasks.leak]\nrun = \"printf 't=%s\\\\n' \\\"$API_TOKEN\\\"; echo u=$DB_PASSWORD; exit 1\"\n")
+        .env("API_TOKEN", "crlf-secret-41\r")
+        .env("DB_PASSWORD", "  spaced-secret-42  ")
+        .args(&["--report", "r.json"]);
+    let out = t.run();
+    out.status(1);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    for (what, text) in [("stderr", out.stderr.as_str()), ("report", &report)] {
+        for leak in ["crlf-secret-41", "spaced-secret-42"] {
+            assert!(!text.contains(leak), "{what} shows {leak}:\n{text}");
+        }
+    }
+    assert!(
+        report.contains(r#""output_tail":["t=[redacted]","u= [redacted]"]"#),
+        "{report}"
+    );
+}
+
+/// A NUL byte in a `.env` value (a binary file named by mistake, a secret pasted with one) cannot
+/// be put in the environment: a config error naming the place, not a panic that prints the value.
+#[test]
+fn an_env_file_with_a_nul_byte_is_an_error_that_never_quotes_it() {
+    for command in ["check", "run"] {
+        Test::new()
+            .config("[tasks.t]\nrun = \"true\"\n")
+            .file(".env", "A=1\nAPI_TOKEN=ab\0nul-SECRET-7\n")
+            .args(&["--env-file", ".env"])
+            .run_with(&[command])
+            .status(78)
+            .stderr_has(".env:2:13: a NUL byte")
+            .stderr_lacks("SECRET-7")
+            .stderr_lacks("panicked");
+    }
+}
+
+/// A gate's value is quoted as Rust writes a string (`"a\u{1}b"`), which escapes a control
+/// character unlike JSON (`\u0001`): a secret holding one is hidden in that form too, in `plan`, the
+/// log and the report.
+#[test]
+fn a_secret_with_a_control_character_is_hidden_where_a_gate_quotes_it() {
+    let secret = "ctl-\u{1}-secret-\u{7f}-end";
+    let t = Test::new()
+        .config(
+            "[tasks.gated]\nrun = \"true\"\nwhen = { env = \"DEPLOY_WHEN\", equals = \"go\" }\n",
+        )
+        .env("API_TOKEN", secret)
+        .env("DEPLOY_WHEN", secret)
+        .args(&["--report", "r.json", "--junit", "j.xml"]);
+    let plan = t.run_with(&["plan"]);
+    plan.status(0).stdout_has("DEPLOY_WHEN=\"[redacted]\"");
+    let run = t.run();
+    run.status(0);
+    let report = std::fs::read_to_string(t.path("r.json")).unwrap();
+    let junit = std::fs::read_to_string(t.path("j.xml")).unwrap();
+    for (what, text) in [
+        ("plan", plan.stdout()),
+        ("log", run.stderr.clone()),
+        ("report", report),
+        ("junit", junit),
+    ] {
+        assert!(
+            !text.contains("-secret-"),
+            "{what} shows the secret:\n{text}"
+        );
+    }
+}
+
+/// A panic (a bug) may quote a value, as `std::env::set_var` once quoted a `.env` value: its message
+/// goes through the same masking as every other line. The debug build's test panic says
+/// "`RELEASE_TASKS_TEST_PANIC` is set"; here that name is also a secret's value.
+#[test]
+fn a_panic_message_is_masked_too() {
+    Test::new()
+        .config("[tasks.t]\nrun = \"true\"\n")
+        .env("RELEASE_TASKS_TEST_PANIC", "1")
+        .env("API_TOKEN", "RELEASE_TASKS_TEST_PANIC")
+        .run()
+        .status(70)
+        .stderr_has("panicked")
+        .stderr_has("[redacted] is set")
+        .stderr_lacks("RELEASE_TASKS_TEST_PANIC is set");
+}
