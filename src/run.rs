@@ -237,7 +237,10 @@ async fn run(
         let task = &step.task;
         if !step.run {
             report.tasks.push(skipped(step, step.skip_reason()));
-            record_last(recorder, &report, position, step).await;
+            runner
+                .listener
+                .record_last(recorder, &report, position, step)
+                .await;
             continue;
         }
         let mut failed = report.failed_task().is_some()
@@ -309,7 +312,10 @@ async fn run(
             output_tail,
             attempts: if outcome_ran { attempts.max(1) } else { 0 },
         });
-        record_last(recorder, &report, position, step).await;
+        runner
+            .listener
+            .record_last(recorder, &report, position, step)
+            .await;
     }
     // A stop signal that came after the last task's end is the release's too: take the signals
     // over (for `exec`, which asks before it starts its command), then what is still queued.
@@ -330,15 +336,6 @@ fn log_not_run(task: &Task, outcome: &Outcome) {
             tracing::info!(task = %task.name, reason = %reason, "task skipped");
         }
         _ => {}
-    }
-}
-
-/// Writes the record of the task last added to `report` (the ledger, with `once`).
-async fn record_last(recorder: Option<&dyn Recorder>, report: &Report, position: u32, step: &Step) {
-    if let (Some(recorder), Some(last)) = (recorder, report.tasks.last()) {
-        recorder
-            .record(TaskRecord::finished(last, position, step.inputs.as_ref()))
-            .await;
     }
 }
 
@@ -544,9 +541,14 @@ fn delivery_outcome(
 
 /// The signals release-tasks receives, as orders for the running task, and what they add up to for
 /// the release.
+/// How long a task's record may wait for the database once release-tasks was told to stop.
+const STOPPING_RECORD_BOUND: Duration = Duration::from_secs(1);
+
 struct Listener {
     signals: Signals,
     stops: Stops,
+    /// A record got no answer after a stop signal: the records after it are not written.
+    unanswered: bool,
 }
 
 /// The stop signals of the release so far.
@@ -602,6 +604,65 @@ impl Listener {
 }
 
 impl Listener {
+    /// Writes the record of the task last added to `report` (the ledger, with `once`).
+    async fn record_last(
+        &mut self,
+        recorder: Option<&dyn Recorder>,
+        report: &Report,
+        position: u32,
+        step: &Step,
+    ) {
+        if let Some(last) = report.tasks.last() {
+            let record = TaskRecord::finished(last, position, step.inputs.as_ref());
+            self.record(recorder, record).await;
+        }
+    }
+
+    /// Writes a task's record while the signals that arrive meanwhile are handled, as a check of
+    /// the lock is: a silent database can hold a write for its whole bound (10 s, twice), so a stop
+    /// signal gives the write up, and once told to stop a write waits at most
+    /// [`STOPPING_RECORD_BOUND`] (a container's grace is often 10 s).
+    async fn record(&mut self, recorder: Option<&dyn Recorder>, record: TaskRecord) {
+        let Some(recorder) = recorder else { return };
+        let task = record.task.clone();
+        if self.unanswered {
+            tracing::warn!(task = %task, "the database did not answer an earlier record after the stop signal; this record of the task is not written");
+            return;
+        }
+        let until = self
+            .stops
+            .first
+            .map(|_| tokio::time::Instant::now() + STOPPING_RECORD_BOUND);
+        let mut write = recorder.record(record);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut write => return,
+                order = self.next() => match order {
+                    Order::Reap => drop(process::reap()),
+                    Order::Forward(sig) => {
+                        tracing::info!(signal = %sig, "received signal; no task process is running to forward it to");
+                    }
+                    Order::Stop(sig, _) => {
+                        tracing::warn!(signal = %sig, task = %task, "received signal; no further task will start, and this record of the task is not written");
+                        return;
+                    }
+                },
+                () = async {
+                    if let Some(until) = until {
+                        tokio::time::sleep_until(until).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                } => {
+                    tracing::warn!(task = %task, "the database did not answer within {}s after the stop signal; this record of the task is not written, nor the ones after it", STOPPING_RECORD_BOUND.as_secs());
+                    self.unanswered = true;
+                    return;
+                }
+            }
+        }
+    }
+
     /// Waits `delay` between two attempts of a task, handling signals meanwhile; a stop signal ends
     /// the wait at once. Whether the wait ran its course (no stop signal).
     async fn pause(&mut self, delay: Duration) -> bool {
@@ -729,6 +790,7 @@ impl Runner {
             listener: Listener {
                 signals,
                 stops: Stops::default(),
+                unanswered: false,
             },
             guardian,
             run_id,
@@ -762,11 +824,9 @@ impl Runner {
         position: u32,
     ) -> anyhow::Result<(Ran, u32)> {
         let task = &step.task;
-        if let Some(recorder) = recorder {
-            recorder
-                .record(TaskRecord::started(&task.name, position, 1))
-                .await;
-        }
+        self.listener
+            .record(recorder, TaskRecord::started(&task.name, position, 1))
+            .await;
         let task_until = tokio::time::Instant::now() + task.timeout;
         let all_until = release.map_or(task_until, |r| r.at.min(task_until));
         let mut attempt = 1;
@@ -809,11 +869,9 @@ impl Runner {
                         return Ok((ran, attempt));
                     }
                     attempt += 1;
-                    if let Some(recorder) = recorder {
-                        recorder
-                            .record(TaskRecord::started(&task.name, position, attempt))
-                            .await;
-                    }
+                    self.listener
+                        .record(recorder, TaskRecord::started(&task.name, position, attempt))
+                        .await;
                 }
             }
         }

@@ -1076,8 +1076,11 @@ impl PgLock {
             "failed"
         };
         let write = ledger::finish(client, &self.name, release, status, report.exit_code());
-        // Old task records go first, on the second connection (see `record::KEEP_RELEASES`).
-        self.prune().await;
+        // Old task records go first, on the second connection (see `record::KEEP_RELEASES`); not
+        // when told to stop, as its grace is short: the next release prunes them.
+        if !self.stopping.get() {
+            self.prune().await;
+        }
         let bound = self.finish_bound();
         match tokio::time::timeout(bound, write).await {
             Ok(Ok(())) => Ok(()),
