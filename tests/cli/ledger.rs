@@ -489,3 +489,18 @@ fn the_changed_gate_does_not_open_fifos_or_sockets() {
         plan.stdout()
     );
 }
+
+/// `history -n 0` asks for nothing: it is a usage error (2), not "no releases recorded" for a key
+/// that has some; nor is an empty `--show` a release the ledger lacks (1).
+#[test]
+fn history_refuses_zero_releases_and_an_empty_version_as_usage_errors() {
+    let t = Test::new()
+        .config("[lock]\npostgres = \"DATABASE_URL\"\nkey = \"k\"\nonce = true\n[tasks.a]\nrun = \"true\"\n")
+        .env("DATABASE_URL", "postgres://u:p@127.0.0.1:9/db");
+    t.run_with(&["history", "-n", "0"])
+        .status(2)
+        .stderr_has("invalid value '0' for '--limit <N>': 0 is not in 1..=4294967295");
+    t.run_with(&["history", "--show", ""])
+        .status(2)
+        .stderr_has("a value is required for '--show <VERSION>' but none was supplied");
+}
