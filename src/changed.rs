@@ -343,6 +343,18 @@ pub fn hash(base: &Path, patterns: &[Glob]) -> Result<Inputs, String> {
             let target = std::fs::read_link(path).map_err(|e| cannot_read(path, &e))?;
             one.update(b"symlink:");
             one.update(std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()));
+        } else if !meta.is_file() {
+            // A FIFO, a socket or a device: opening a FIFO waits for a writer forever, a socket
+            // cannot be opened, and neither has contents of its own; its path and kind count.
+            use std::os::unix::fs::FileTypeExt;
+            let kind = meta.file_type();
+            one.update(if kind.is_fifo() {
+                b"special:fifo".as_slice()
+            } else if kind.is_socket() {
+                b"special:socket"
+            } else {
+                b"special:device"
+            });
         } else {
             use std::io::Read;
             let mut file = std::fs::File::open(path).map_err(|e| cannot_read(path, &e))?;

@@ -124,11 +124,12 @@ pub enum Command {
     /// needs no release version
     History {
         /// How many releases to show
-        #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 10,
+              value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Show this release's tasks: outcome, exit status, start, duration, attempts, and a
         /// failed task's last output lines (VERSION as the ledger shows it, or a commit)
-        #[arg(long, value_name = "VERSION")]
+        #[arg(long, value_name = "VERSION", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         show: Option<String>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell)

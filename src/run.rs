@@ -372,9 +372,19 @@ impl Listener {
     /// Writes a task's record: a stop signal ends the wait at once, and after one the wait is
     /// short (`STOPPING_RECORD_WAIT`).
     async fn record(&mut self, recorder: &dyn Recorder, record: TaskRecord) {
+        if self.unanswered {
+            return;
+        }
+        let task = record.task.clone();
         let write = recorder.record(record);
         if self.stops.first.is_some() {
-            let _ = tokio::time::timeout(STOPPING_RECORD_WAIT, write).await;
+            if tokio::time::timeout(STOPPING_RECORD_WAIT, write)
+                .await
+                .is_err()
+            {
+                tracing::warn!(task = %task, "the database did not answer within {}s after the stop signal; this record of the task is not written, nor the ones after it", STOPPING_RECORD_WAIT.as_secs());
+                self.unanswered = true;
+            }
         } else {
             let _ = self.unless_stopped(write).await;
         }
@@ -594,6 +604,8 @@ fn delivery_outcome(
 struct Listener {
     signals: Signals,
     stops: Stops,
+    /// A record got no answer after a stop signal: the records after it are not written.
+    unanswered: bool,
 }
 
 /// The stop signals of the release so far.
@@ -776,6 +788,7 @@ impl Runner {
             listener: Listener {
                 signals,
                 stops: Stops::default(),
+                unanswered: false,
             },
             guardian,
             run_id,

@@ -56,6 +56,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         keys,
         problems: Vec::new(),
         changed_at: Vec::new(),
+        task: None,
     };
     v.unknown_keys(&doc, &Schema::new());
     // Leaf values are `Typed`, so a value of the wrong type is one problem among the rest; only a
@@ -234,6 +235,8 @@ struct Validator<'a> {
     problems: Vec<Diagnostic>,
     /// The tasks with a `changed` gate and where it is, checked against `[lock]` at the end.
     changed_at: Vec<(String, std::ops::Range<usize>)>,
+    /// The task whose keys are being checked: a problem found there names it.
+    task: Option<String>,
 }
 
 impl Validator<'_> {
@@ -242,6 +245,12 @@ impl Validator<'_> {
     /// here, once, instead of at each place that quotes a value.
     fn report(&mut self, span: Option<std::ops::Range<usize>>, message: String) {
         let location = span.map(|s| line_col(self.source, s.start));
+        let message = match &self.task {
+            Some(task) if !message.contains(&format!("task `{task}`")) => {
+                format!("task `{task}`: {message}")
+            }
+            _ => message,
+        };
         let message = if message.contains("://") {
             crate::redact::urls_in(&message)
         } else {
@@ -619,6 +628,7 @@ impl Validator<'_> {
                 );
             }
             let task_span = raw_task.span();
+            self.task = Some(name.clone());
             let mut raw_task = raw_task.into_inner();
             let after = raw_task.after.take().unwrap_or_default();
             afters.push(
@@ -628,6 +638,7 @@ impl Validator<'_> {
                     .collect(),
             );
             tasks.push(self.task(name, task_span, raw_task, defaults));
+            self.task = None;
         }
         self.order(tasks, &afters)
     }
@@ -1338,7 +1349,7 @@ mod tests {
             "{messages:?}"
         );
         assert!(
-            messages[1].starts_with("missing field `url`; add it"),
+            messages[1].starts_with("task `n`: missing field `url`; add it"),
             "{messages:?}"
         );
         assert_eq!(messages.len(), 3, "{messages:?}");

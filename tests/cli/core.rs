@@ -337,7 +337,7 @@ fn config_errors_exit_78_with_file_line_and_a_hint() {
         ("[default]\ntimeout = \"1m\"\n", "unknown field `default`"),
         (
             "[tasks.a]\nrun = \"x\"\nenv = { PORT = 3000 }\n",
-            "release.toml:3:16: invalid type: integer `3000`, expected a string; put the value in quotes",
+            "release.toml:3:16: task `a`: invalid type: integer `3000`, expected a string; put the value in quotes",
         ),
         (
             "[tasks.a]\nrun = \"x\"\n[tasks.a]\nrun = \"y\"\n",

@@ -347,14 +347,20 @@ fn a_value_of_the_wrong_type_hides_no_other_problem() {
             .status(78)
             .stderr_has("10 problems")
             .stderr_has("release.toml:2:11: invalid type: integer `5`, expected a string")
-            .stderr_has("release.toml:5:17: invalid type: string \"yes\", expected a boolean")
+            .stderr_has(
+                "release.toml:5:17: task `a`: invalid type: string \"yes\", expected a boolean",
+            )
             .stderr_has("release.toml:6:1: unknown field `timout`")
             .stderr_has("release.toml:8:7: task `b`: `run` is empty")
             .stderr_has("`after` names `nope`")
-            .stderr_has("release.toml:10:9: invalid type: integer `10`, expected a string")
+            .stderr_has(
+                "release.toml:10:9: task `b`: invalid type: integer `10`, expected a string",
+            )
             .stderr_has("`on = \"sometimes\"`")
             .stderr_has("maximum of 30 days")
-            .stderr_has("release.toml:16:51: invalid value: integer `4294967296`, expected u32")
+            .stderr_has(
+                "release.toml:16:51: task `n`: invalid value: integer `4294967296`, expected u32",
+            )
             .stderr_has("`timeout` is zero");
     }
 }
@@ -369,7 +375,7 @@ fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
     );
     let out = t.run_with(&["check"]);
     out.status(78)
-        .stderr_has("release.toml:2:18: invalid type: integer `5`, expected a string")
+        .stderr_has("release.toml:2:18: task `n`: invalid type: integer `5`, expected a string")
         .stderr_has("(key `url`)")
         .stderr_has("release.toml:4:7: task `a`: `run` is empty");
     // So is an item of the wrong type in `after` or `[require] env`.
@@ -381,7 +387,7 @@ fn a_notify_url_or_lock_postgres_of_the_wrong_type_hides_no_other_problem() {
         .run()
         .status(78)
         .stderr_has("release.toml:2:8: invalid type: integer `5`")
-        .stderr_has("release.toml:5:10: invalid type: integer `7`")
+        .stderr_has("release.toml:5:10: task `a`: invalid type: integer `7`")
         .stderr_has("release.toml:7:7: task `b`: `run` is empty");
     if cfg!(feature = "postgres") {
         out.stderr_has("release.toml:6:12:")

@@ -454,3 +454,53 @@ fn history_exits_74_when_stdout_cannot_be_written() {
         );
     }
 }
+
+/// A FIFO or a socket below a `changed` glob (a `tmp/` with a server's socket under `**`) is not
+/// opened: opening a FIFO waits for a writer forever, a socket cannot be opened at all. It counts
+/// by its path and kind, so `plan` and `run` go on, and the gate still sees it come and go.
+#[test]
+fn the_changed_gate_does_not_open_fifos_or_sockets() {
+    let Some(url) = database_url() else { return };
+    let t = changed_release(url, "changed-fifo", "v1");
+    let fifo = t.path("db/migrate/events.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let socket = std::os::unix::net::UnixListener::bind(t.path("db/migrate/app.sock")).unwrap();
+    let plan = t.run_with(&["plan"]);
+    plan.status(0);
+    assert!(
+        plan.stdout()
+            .contains("(db/migrate/**, prisma/*.sql: 3 files, "),
+        "{}",
+        plan.stdout()
+    );
+    t.run().status(0);
+    assert_eq!(ran(&t), "migrating\n");
+    drop(socket);
+    std::fs::remove_file(t.path("db/migrate/app.sock")).unwrap();
+    let plan = t.run_with(&["plan"]);
+    plan.status(0);
+    assert!(
+        plan.stdout().contains("because 1 file changed since v1"),
+        "{}",
+        plan.stdout()
+    );
+}
+
+/// `history -n 0` asks for nothing: it is a usage error (2), not "no releases recorded" for a key
+/// that has some; nor is an empty `--show` a release the ledger lacks (1).
+#[test]
+fn history_refuses_zero_releases_and_an_empty_version_as_usage_errors() {
+    let t = Test::new()
+        .config("[lock]\npostgres = \"DATABASE_URL\"\nkey = \"k\"\nonce = true\n[tasks.a]\nrun = \"true\"\n")
+        .env("DATABASE_URL", "postgres://u:p@127.0.0.1:9/db");
+    t.run_with(&["history", "-n", "0"])
+        .status(2)
+        .stderr_has("invalid value '0' for '--limit <N>': 0 is not in 1..=4294967295");
+    t.run_with(&["history", "--show", ""])
+        .status(2)
+        .stderr_has("a value is required for '--show <VERSION>' but none was supplied");
+}

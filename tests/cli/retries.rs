@@ -140,3 +140,27 @@ fn a_stop_signal_ends_the_pause_between_attempts_at_once() {
     );
     assert_eq!(runs(&t), 1);
 }
+
+/// A bad value of a task's key names the task as well as the key and the line, as `retries = 11`
+/// does: in a file with twenty tasks, "`retry_delay` is zero" alone leaves the reader counting
+/// lines.
+#[test]
+fn a_bad_retry_delay_or_attempt_timeout_names_the_task_and_the_key() {
+    let out = Test::new()
+        .config(
+            "[tasks.purge]\nrun = \"p\"\nretries = 2\nretry_delay = \"0s\"\nattempt_timeout = \"soon\"\n\
+             [tasks.warm]\nrun = \"w\"\nretries = 1\nretry_delay = 5\ntimeout = \"-1s\"\ngrace = \"100000h\"\n",
+        )
+        .run_with(&["check"]);
+    out.status(78);
+    assert_eq!(
+        out.stderr,
+        "release-tasks: error: release.toml has 5 problems; nothing was run
+  release.toml:4:15: task `purge`: `retry_delay` is zero; give a positive duration like \"30s\" or \"15m\"
+  release.toml:5:19: task `purge`: `attempt_timeout = \"soon\"` is not a duration (expected number at 0); write a number and a unit, like \"90s\", \"15m\" or \"1h 30m\"
+  release.toml:9:15: task `warm`: invalid type: integer `5`, expected a string; put the value in quotes, like \"3000\" (key `retry_delay`)
+  release.toml:10:11: task `warm`: `timeout = \"-1s\"` is not a duration (expected number at 0); write a number and a unit, like \"90s\", \"15m\" or \"1h 30m\"
+  release.toml:11:9: task `warm`: `grace = \"100000h\"` is longer than the maximum of 30 days; give a shorter duration like \"15m\" or \"2h\"
+"
+    );
+}
