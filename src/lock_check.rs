@@ -12,6 +12,7 @@
 //!
 //! It is compiled with or without a database feature, so that the run loop has one shape.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -40,4 +41,26 @@ impl fmt::Display for LockLost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "lost the release lock `{}`: {}", self.lock, self.reason)
     }
+}
+
+/// One check of a lock whose first loss is remembered in `lost`: once a check has failed, every
+/// later one fails at once with the same reason, without a round trip. `probe` is the backend's
+/// round trip on the lock's connection.
+pub async fn remembered(
+    name: &str,
+    lost: &RefCell<Option<String>>,
+    probe: impl Future<Output = Result<(), String>>,
+) -> Result<(), LockLost> {
+    let known = lost.borrow().clone();
+    let result = match known {
+        Some(reason) => Err(reason),
+        None => probe.await,
+    };
+    result.map_err(|reason| {
+        lost.replace(Some(reason.clone()));
+        LockLost {
+            lock: name.to_owned(),
+            reason,
+        }
+    })
 }

@@ -34,7 +34,7 @@ use tokio_postgres::types::Type;
 use crate::config::{Backend, Lock};
 use crate::error::Error;
 use crate::gate::Env;
-use crate::lock_check::{CheckFuture, LockCheck, LockLost};
+use crate::lock_check::{CheckFuture, LockCheck};
 use crate::metadata::Metadata;
 use crate::record::{RecordFuture, Recorder, TaskRecord};
 use crate::redact;
@@ -1226,18 +1226,7 @@ impl LockCheck for PgLock {
             let Some(client) = &self.client else {
                 return Ok(());
             };
-            let known = self.lost.borrow().clone();
-            let result = match known {
-                Some(reason) => Err(reason),
-                None => self.probe(client).await,
-            };
-            result.map_err(|reason| {
-                self.lost.replace(Some(reason.clone()));
-                LockLost {
-                    lock: self.name.clone(),
-                    reason,
-                }
-            })
+            crate::lock_check::remembered(&self.name, &self.lost, self.probe(client)).await
         })
     }
 }

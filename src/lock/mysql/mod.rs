@@ -27,7 +27,7 @@ use super::{
 use crate::config::Lock;
 use crate::error::Error;
 use crate::gate::Env;
-use crate::lock_check::{CheckFuture, LockCheck, LockLost};
+use crate::lock_check::{CheckFuture, LockCheck};
 use crate::metadata::Metadata;
 use crate::record::{RecordFuture, Recorder, TaskRecord};
 use crate::redact;
@@ -749,18 +749,7 @@ impl LockCheck for Held {
             let Some(conn) = &self.conn else {
                 return Ok(());
             };
-            let known = self.lost.borrow().clone();
-            let result = match known {
-                Some(reason) => Err(reason),
-                None => self.probe(conn).await,
-            };
-            result.map_err(|reason| {
-                self.lost.replace(Some(reason.clone()));
-                LockLost {
-                    lock: self.name.clone(),
-                    reason,
-                }
-            })
+            crate::lock_check::remembered(&self.name, &self.lost, self.probe(conn)).await
         })
     }
 }
