@@ -19,8 +19,9 @@ pub const EXIT_NOT_RECORDED: i32 = 1;
 
 /// A stored value as the text table shows it: data, never markup. The ledger holds what any client
 /// wrote (a version with a newline would draw a row of its own, an escape sequence would reach the
-/// terminal), so control characters (C0, DEL, C1), the Unicode line and paragraph separators and the
-/// bidirectional controls are written as escapes: `\n`, `\r`, `\t`, else `\u{..}`; a backslash is
+/// terminal), so control characters (C0, DEL, C1), the Unicode line and paragraph separators, the
+/// bidirectional controls and the invisible format characters (zero-width space and joiners, soft
+/// hyphen, byte order mark) are written as escapes: `\n`, `\r`, `\t`, else `\u{..}`; a backslash is
 /// doubled, so that an escape shown is never mistaken for the characters it names. JSON escapes by
 /// itself.
 #[must_use]
@@ -36,9 +37,14 @@ pub fn shown(value: &str) -> String {
                 || matches!(
                     c,
                     '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                        | '\u{00ad}' | '\u{180e}' | '\u{feff}'
                 )
                 || ('\u{202a}'..='\u{202e}').contains(&c)
-                || ('\u{2066}'..='\u{2069}').contains(&c) =>
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+                // Invisible format characters (zero-width space and joiners, word joiner, invisible
+                // operators): two versions that differ only by one would look the same.
+                || ('\u{200b}'..='\u{200d}').contains(&c)
+                || ('\u{2060}'..='\u{2064}').contains(&c) =>
             {
                 let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
             }
@@ -297,6 +303,16 @@ mod tests {
         assert_eq!(
             shown("abc\u{202e}fed\u{2066}\u{2028}"),
             "abc\\u{202e}fed\\u{2066}\\u{2028}"
+        );
+        assert_eq!(
+            shown("v1\u{200b}\u{200d}\u{2060}\u{2064}\u{feff}\u{ad}\u{180e}"),
+            "v1\\u{200b}\\u{200d}\\u{2060}\\u{2064}\\u{feff}\\u{ad}\\u{180e}",
+            "invisible format characters are shown"
+        );
+        assert_eq!(
+            shown("\u{200a}\u{2065}"),
+            "\u{200a}\u{2065}",
+            "but not their neighbours"
         );
     }
 
