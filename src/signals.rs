@@ -74,11 +74,16 @@ impl Signals {
     /// (`ulimit -n` reached): a pair is made and closed here first, so that running out of file
     /// descriptors is an error (EMFILE) the caller reports, not a panic.
     pub fn install() -> std::io::Result<Signals> {
+        // Close-on-exec where the flag exists; elsewhere (macOS) the pair lives for a moment only.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let flags = nix::sys::socket::SockFlag::SOCK_CLOEXEC;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let flags = nix::sys::socket::SockFlag::empty();
         drop(nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::Stream,
             None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            flags,
         )?);
         let mut handled = Vec::new();
         let stops = STOPPING.iter().map(|&s| (s, Event::Stop(s)));
