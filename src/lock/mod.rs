@@ -362,11 +362,16 @@ impl Database {
     /// resolvable, starting up, too many connections), for up to `[lock] connect_timeout`; each
     /// failed attempt is logged. A wrong password, an unknown database or a TLS failure fails at once.
     async fn connect(&self, signals: &mut Signals) -> Result<(Client, Arc<Watch>), Error> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(250);
-        let mut attempt = 0u32;
+        // A socket file that is not there is more often a wrong directory or port than a server
+        // still starting: say both, as libpq does.
+        let socket = if self.has_socket() {
+            "is the server running and listening on that socket (its unix_socket_directories \
+             and port)? If not, correct the URL's host or port; "
+        } else {
+            ""
+        };
+        let mut retry = Retry::new(&self.shown, &self.var, self.connect_timeout, socket);
         loop {
-            attempt = attempt.saturating_add(1);
             let result = tokio::select! {
                 biased;
                 sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
@@ -376,43 +381,9 @@ impl Database {
                 Ok(connected) => return Ok(connected),
                 Err(err) => err,
             };
-            let reason = self.scrub(&err.describe());
-            let left = self.connect_timeout.saturating_sub(started.elapsed());
-            if !err.is_transient() || left.is_zero() {
-                let hint = if err.is_transient() {
-                    // A socket file that is not there is more often a wrong directory or port
-                    // than a server still starting: say both, as libpq does.
-                    let socket = if self.has_socket() {
-                        "is the server running and listening on that socket (its unix_socket_directories \
-                         and port)? If not, correct the URL's host or port; "
-                    } else {
-                        ""
-                    };
-                    format!(
-                        " (tried {attempt} times for {}; {socket}raise [lock] connect_timeout if the database takes longer to start)",
-                        humantime::format_duration(Duration::from_secs(
-                            started.elapsed().as_secs()
-                        ))
-                    )
-                } else {
-                    String::new()
-                };
-                return Err(Error::Database(format!(
-                    "[lock] cannot use the database at {} (from {}): {reason}{hint}",
-                    self.shown, self.var
-                )));
-            }
-            let wait = jittered(pause).min(left);
-            tracing::warn!(
-                url = %self.shown, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64,
-                "the [lock] database is not available yet; trying again"
-            );
-            tokio::select! {
-                biased;
-                sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
-                () = tokio::time::sleep(wait) => {}
-            }
-            pause = (pause * 2).min(Duration::from_secs(5));
+            retry
+                .after(signals, &self.scrub(&err.describe()), err.is_transient())
+                .await?;
         }
     }
 
@@ -525,6 +496,82 @@ fn is_transient(err: &tokio_postgres::Error) -> bool {
 }
 
 /// `base` scaled by a factor between 0.5 and 1.5, so that replicas started together spread out.
+/// The back-off of [`Database::connect`] (and MySQL's): a failed attempt is tried again while it is
+/// transient and `[lock] connect_timeout` lasts, each retry logged with the URL (password hidden)
+/// and the reason; otherwise it ends in an error that names the URL and the variable and says
+/// what to do.
+pub(crate) struct Retry<'a> {
+    shown: &'a str,
+    var: &'a str,
+    connect_timeout: Duration,
+    /// Said before "raise `[lock] connect_timeout`" when every attempt failed (a socket's hint).
+    hint: &'a str,
+    started: Instant,
+    attempt: u32,
+    pause: Duration,
+}
+
+impl<'a> Retry<'a> {
+    pub(crate) fn new(
+        shown: &'a str,
+        var: &'a str,
+        connect_timeout: Duration,
+        hint: &'a str,
+    ) -> Retry<'a> {
+        Retry {
+            shown,
+            var,
+            connect_timeout,
+            hint,
+            started: Instant::now(),
+            attempt: 0,
+            pause: Duration::from_millis(250),
+        }
+    }
+
+    /// After a failed attempt (`reason`, free of secrets): waits the jittered back-off, or returns
+    /// the final error; a stopping signal ends the wait at once.
+    pub(crate) async fn after(
+        &mut self,
+        signals: &mut Signals,
+        reason: &str,
+        transient: bool,
+    ) -> Result<(), Error> {
+        self.attempt = self.attempt.saturating_add(1);
+        let left = self.connect_timeout.saturating_sub(self.started.elapsed());
+        if !transient || left.is_zero() {
+            let hint = if transient {
+                format!(
+                    " (tried {} times for {}; {}raise [lock] connect_timeout if the database takes longer to start)",
+                    self.attempt,
+                    humantime::format_duration(Duration::from_secs(
+                        self.started.elapsed().as_secs()
+                    )),
+                    self.hint
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::Database(format!(
+                "[lock] cannot use the database at {} (from {}): {reason}{hint}",
+                self.shown, self.var
+            )));
+        }
+        let wait = jittered(self.pause).min(left);
+        tracing::warn!(
+            url = %self.shown, attempt = self.attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64,
+            "the [lock] database is not available yet; trying again"
+        );
+        tokio::select! {
+            biased;
+            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
+            () = tokio::time::sleep(wait) => {}
+        }
+        self.pause = (self.pause * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
 fn jittered(base: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -21,8 +21,8 @@ use tokio::sync::Mutex;
 
 use super::{
     Answer, CHECK_TIMEOUT, CONNECT_ATTEMPT, FINISH_TIMEOUT, PreviousRun, Query, RECORD_TIMEOUT,
-    RETRY_MAX, RETRY_MIN, application_name, chosen_url, jittered, key_for, lock_name, or_stop,
-    release_id, secrets_of,
+    RETRY_MAX, RETRY_MIN, Retry, application_name, chosen_url, jittered, key_for, lock_name,
+    or_stop, release_id, secrets_of,
 };
 use crate::config::Lock;
 use crate::error::Error;
@@ -134,45 +134,16 @@ impl Database {
     /// Connects, trying again with back-off while the server is not up yet or has no connection to
     /// spare, for up to `[lock] connect_timeout`. A wrong password or database fails at once.
     pub(super) async fn connect(&self, signals: &mut Signals) -> Result<Conn, Error> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(250);
-        let mut attempt = 0u32;
+        let mut retry = Retry::new(&self.shown, &self.var, self.connect_timeout, "");
         loop {
-            attempt = attempt.saturating_add(1);
             let result = or_stop(signals, async { Ok(self.connect_once().await) }).await?;
             let err = match result {
                 Ok(conn) => return Ok(conn),
                 Err(err) => err,
             };
-            let reason = self.scrub(&err.to_string());
-            let left = self.connect_timeout.saturating_sub(started.elapsed());
-            if !is_transient(&err) || left.is_zero() {
-                let hint = if is_transient(&err) {
-                    format!(
-                        " (tried {attempt} times for {}; raise [lock] connect_timeout if the database takes longer to start)",
-                        humantime::format_duration(Duration::from_secs(
-                            started.elapsed().as_secs()
-                        ))
-                    )
-                } else {
-                    String::new()
-                };
-                return Err(Error::Database(format!(
-                    "[lock] cannot use the database at {} (from {}): {reason}{hint}",
-                    self.shown, self.var
-                )));
-            }
-            let wait = jittered(pause).min(left);
-            tracing::warn!(
-                url = %self.shown, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64,
-                "the [lock] database is not available yet; trying again"
-            );
-            tokio::select! {
-                biased;
-                sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
-                () = tokio::time::sleep(wait) => {}
-            }
-            pause = (pause * 2).min(Duration::from_secs(5));
+            retry
+                .after(signals, &self.scrub(&err.to_string()), is_transient(&err))
+                .await?;
         }
     }
 
