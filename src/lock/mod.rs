@@ -496,6 +496,70 @@ fn is_transient(err: &tokio_postgres::Error) -> bool {
 }
 
 /// `base` scaled by a factor between 0.5 and 1.5, so that replicas started together spread out.
+/// A replica's wait for the lock that another replica holds (PostgreSQL's and MySQL's acquire): who
+/// held it last (said once per holder), until `[lock] timeout`, with a jittered back-off between
+/// tries; a stopping signal ends it at once.
+pub(crate) struct Wait<'a> {
+    name: &'a str,
+    timeout: Duration,
+    started: Instant,
+    last_holder: Option<String>,
+    pause: Duration,
+}
+
+impl<'a> Wait<'a> {
+    pub(crate) fn new(name: &'a str, timeout: Duration) -> Wait<'a> {
+        Wait {
+            name,
+            timeout,
+            started: Instant::now(),
+            last_holder: None,
+            pause: RETRY_MIN,
+        }
+    }
+
+    /// Says that the lock was taken, and after how long a wait if there was one.
+    pub(crate) fn took(&self) {
+        if self.last_holder.is_some() {
+            tracing::info!(lock = %self.name, waited_s = self.started.elapsed().as_secs(), "took the release lock");
+        } else {
+            tracing::info!(lock = %self.name, "took the release lock");
+        }
+    }
+
+    /// After a try found the lock held by `holder`: waits before the next try, or gives up with
+    /// [`Error::LockTimeout`] once `[lock] timeout` has passed.
+    pub(crate) async fn held_by(
+        &mut self,
+        signals: &mut Signals,
+        holder: String,
+    ) -> Result<(), Error> {
+        let name = self.name;
+        if self.last_holder.as_deref() != Some(holder.as_str()) {
+            tracing::warn!(
+                lock = %name, holder = %holder, timeout = %humantime::format_duration(self.timeout),
+                "another replica holds the release lock; waiting"
+            );
+        }
+        let deadline = self.started + self.timeout;
+        if Instant::now() >= deadline {
+            return Err(Error::LockTimeout(format!(
+                "[lock] {holder} still held the release lock `{name}` after {}; raise [lock] timeout if its releases take longer",
+                humantime::format_duration(self.timeout)
+            )));
+        }
+        self.last_holder = Some(holder);
+        let wait = jittered(self.pause).min(deadline.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            biased;
+            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
+            () = tokio::time::sleep(wait) => {}
+        }
+        self.pause = (self.pause * 3 / 2).min(RETRY_MAX);
+        Ok(())
+    }
+}
+
 /// The back-off of [`Database::connect`] (and MySQL's): a failed attempt is tried again while it is
 /// transient and `[lock] connect_timeout` lasts, each retry logged with the URL (password hidden)
 /// and the reason; otherwise it ends in an error that names the URL and the variable and says
@@ -697,10 +761,7 @@ async fn acquire_postgres(
     let name = lock_name(lock, meta);
     let key = key_for(&name);
     let release = if lock.once { release_id(meta) } else { None };
-    let started = Instant::now();
-    let deadline = started + lock.timeout;
-    let mut last_holder: Option<String> = None;
-    let mut pause = RETRY_MIN;
+    let mut wait = Wait::new(&name, lock.timeout);
     let mut ledger_ready = false;
     loop {
         let (client, watch) = db.connect(signals).await?;
@@ -746,11 +807,7 @@ async fn acquire_postgres(
             }
         };
         let Some(holder) = holder else {
-            if last_holder.is_some() {
-                tracing::info!(lock = %name, waited_s = started.elapsed().as_secs(), "took the release lock");
-            } else {
-                tracing::info!(lock = %name, "took the release lock");
-            }
+            wait.took();
             watch.holds_lock.store(true, Ordering::Relaxed);
             return Ok(PgLock {
                 client: Some(client),
@@ -770,26 +827,7 @@ async fn acquire_postgres(
         };
         // Waiting costs the database no connection.
         drop(client);
-        if last_holder.as_deref() != Some(holder.as_str()) {
-            tracing::warn!(
-                lock = %name, holder = %holder, timeout = %humantime::format_duration(lock.timeout),
-                "another replica holds the release lock; waiting"
-            );
-            last_holder = Some(holder.clone());
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::LockTimeout(format!(
-                "[lock] {holder} still held the release lock `{name}` after {}; raise [lock] timeout if its releases take longer",
-                humantime::format_duration(lock.timeout)
-            )));
-        }
-        let wait = jittered(pause).min(deadline.saturating_duration_since(Instant::now()));
-        tokio::select! {
-            biased;
-            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
-            () = tokio::time::sleep(wait) => {}
-        }
-        pause = (pause * 3 / 2).min(RETRY_MAX);
+        wait.held_by(signals, holder).await?;
     }
 }
 

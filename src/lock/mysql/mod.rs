@@ -15,14 +15,13 @@
 //! on its own terms. The client is `wire.rs`, the URL `url.rs`, the ledger `ledger.rs`.
 
 use std::cell::RefCell;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 
 use super::{
     Answer, CHECK_TIMEOUT, CONNECT_ATTEMPT, FINISH_TIMEOUT, PreviousRun, Query, RECORD_TIMEOUT,
-    RETRY_MAX, RETRY_MIN, Retry, application_name, chosen_url, jittered, key_for, lock_name,
-    or_stop, release_id, secrets_of,
+    Retry, Wait, application_name, chosen_url, key_for, lock_name, or_stop, release_id, secrets_of,
 };
 use crate::config::Lock;
 use crate::error::Error;
@@ -341,10 +340,7 @@ pub(super) async fn acquire(
     let name = lock_name(lock, meta);
     let lock_id = db.lock_name(&name);
     let release = if lock.once { release_id(meta) } else { None };
-    let started = Instant::now();
-    let deadline = started + lock.timeout;
-    let mut last_holder: Option<String> = None;
-    let mut pause = RETRY_MIN;
+    let mut wait = Wait::new(&name, lock.timeout);
     let mut checked = false;
     loop {
         let mut conn = db.connect(signals).await?;
@@ -397,11 +393,7 @@ pub(super) async fn acquire(
             if let Err(err) = conn.query("SET SESSION wait_timeout = 31536000").await {
                 tracing::warn!(error = %db.scrub(&err.to_string()), "cannot raise wait_timeout on the lock's connection; a task longer than the server's wait_timeout loses the lock");
             }
-            if last_holder.is_some() {
-                tracing::info!(lock = %name, waited_s = started.elapsed().as_secs(), "took the release lock");
-            } else {
-                tracing::info!(lock = %name, "took the release lock");
-            }
+            wait.took();
             return Ok(Held {
                 conn: Some(Mutex::new(conn)),
                 completed: None,
@@ -414,26 +406,7 @@ pub(super) async fn acquire(
             });
         };
         conn.quit().await;
-        if last_holder.as_deref() != Some(holder.as_str()) {
-            tracing::warn!(
-                lock = %name, holder = %holder, timeout = %humantime::format_duration(lock.timeout),
-                "another replica holds the release lock; waiting"
-            );
-            last_holder = Some(holder.clone());
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::LockTimeout(format!(
-                "[lock] {holder} still held the release lock `{name}` after {}; raise [lock] timeout if its releases take longer",
-                humantime::format_duration(lock.timeout)
-            )));
-        }
-        let wait = jittered(pause).min(deadline.saturating_duration_since(Instant::now()));
-        tokio::select! {
-            biased;
-            sig = signals.next_stop() => return Err(Error::Interrupted(sig)),
-            () = tokio::time::sleep(wait) => {}
-        }
-        pause = (pause * 3 / 2).min(RETRY_MAX);
+        wait.held_by(signals, holder).await?;
     }
 }
 
