@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::lock::{database_url, locked};
-use crate::lock_loss::{normalised, server_address, terminate_backend_of};
+use crate::lock_loss::{lose_the_lock_in_the_first_task, normalised, server_address};
 use crate::proxy::Proxy;
 
 /// The lock is lost while the last `on = "success"` task runs, and an `on = "failure"` clean-up
@@ -26,14 +26,7 @@ on = "failure"
         let t = locked(url, &format!("late-loss{n}"), once, tasks)
             .env("RELEASE_TASKS_VERSION", "v1")
             .args(&["--report", "report.json"]);
-        let holder = t.spawn_until("| ready");
-        assert_eq!(terminate_backend_of(holder.pid()), 1);
-        holder.wait_for(
-            "lost the [lock] database connection",
-            Duration::from_secs(20),
-        );
-        std::fs::write(t.path("go"), "").unwrap();
-        let out = holder.wait();
+        let out = lose_the_lock_in_the_first_task(&t);
         out.status(69);
         let app = t.env_var("RELEASE_TASKS_APP").unwrap();
         assert_eq!(
@@ -78,14 +71,7 @@ fn a_loss_in_the_very_last_task_exits_69_without_once() {
 run = "echo ready; while [ ! -e go ]; do sleep 0.05; done; echo migrate >> rows"
 "#;
     let t = locked(url, "last-loss", "", tasks).args(&["--report", "report.json"]);
-    let holder = t.spawn_until("| ready");
-    assert_eq!(terminate_backend_of(holder.pid()), 1);
-    holder.wait_for(
-        "lost the [lock] database connection",
-        Duration::from_secs(20),
-    );
-    std::fs::write(t.path("go"), "").unwrap();
-    let out = holder.wait();
+    let out = lose_the_lock_in_the_first_task(&t);
     out.status(69)
         .stderr_has("last_task_under_lock=migrate")
         .stderr_lacks("release succeeded")

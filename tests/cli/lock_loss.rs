@@ -7,9 +7,23 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Running, Test, free_port};
+use crate::harness::{Output, Running, Test, free_port};
 use crate::lock::{database_url, locked};
 use crate::proxy::Proxy;
+
+/// Runs `t`, whose first task prints `ready` and waits for a file `go`: the holder's backend is
+/// terminated while the task runs, the loss is seen in the log at once (while the task still
+/// runs), then the task is let go; the finished run.
+pub fn lose_the_lock_in_the_first_task(t: &Test) -> Output {
+    let holder = t.spawn_until("| ready");
+    assert_eq!(terminate_backend_of(holder.pid()), 1);
+    holder.wait_for(
+        "lost the [lock] database connection",
+        Duration::from_secs(20),
+    );
+    std::fs::write(t.path("go"), "").unwrap();
+    holder.wait()
+}
 
 /// Terminates the database backend that holds the lock for the release-tasks with this pid (found
 /// by its `application_name` and its advisory lock: with `once`, its second connection, which
@@ -52,15 +66,7 @@ on = "failure"
     let t = locked(url, "lost", "once = true", tasks)
         .env("RELEASE_TASKS_VERSION", "v1")
         .args(&["--report", "report.json"]);
-    let holder = t.spawn_until("| ready");
-    assert_eq!(terminate_backend_of(holder.pid()), 1);
-    // Noticed at once, while the task still runs: the connection's end is said when it happens.
-    holder.wait_for(
-        "lost the [lock] database connection",
-        Duration::from_secs(20),
-    );
-    std::fs::write(t.path("go"), "").unwrap();
-    let out = holder.wait();
+    let out = lose_the_lock_in_the_first_task(&t);
     out.status(69);
     let app = t.env_var("RELEASE_TASKS_APP").unwrap();
     assert_eq!(
