@@ -17,7 +17,7 @@
 //! task by at most [`MAX_REAP_POLL`], never forever.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::guardian::Guardian;
 use crate::notify::{Cancel, Webhook};
-use crate::output::{Pump, Stdio, Target};
+use crate::output::{Pumping, Stdio};
 use crate::process::{self, TaskProcesses};
 use crate::tail::Tail;
 
@@ -505,8 +505,7 @@ fn whole_seconds_up(d: Duration) -> Duration {
 pub struct Process<'g> {
     pid: Pid,
     procs: TaskProcesses,
-    pumps: [Pump; 2],
-    tail: Arc<Mutex<Tail>>,
+    output: Pumping,
     /// Values hidden in the tail.
     secrets: Vec<String>,
     guardian: Option<&'g Guardian>,
@@ -534,28 +533,19 @@ impl<'g> TaskRun<Process<'g>> {
         let exempt = guardian.iter().map(|g| g.pid()).collect();
         // Owned before the pumps start, so a failure to start them still kills the group on drop.
         let procs = TaskProcesses::new(pid, exempt);
-        let tail = Arc::new(Mutex::new(Tail::new(tail_lines)));
-        let pump = |source, target| {
-            Pump::start(
-                stdio,
-                source,
-                target,
-                prefix.to_vec(),
-                Some(Arc::clone(&tail)),
-            )
-        };
-        let pumps = [
-            pump(spawned.stdout, Target::Stdout)?,
-            pump(spawned.stderr, Target::Stderr)?,
-        ];
+        let output = Pumping::start(
+            stdio,
+            [spawned.stdout, spawned.stderr],
+            prefix,
+            Tail::new(tail_lines),
+        )?;
         if let Some(g) = guardian {
             g.tell(pid, true);
         }
         let child = Process {
             pid,
             procs,
-            pumps,
-            tail,
+            output,
             secrets,
             guardian,
             status: None,
@@ -619,31 +609,30 @@ impl Child for Process<'_> {
     }
 
     fn drained(&mut self) -> bool {
-        self.pumps.iter_mut().all(Pump::is_finished)
+        self.output.is_finished()
     }
 
     async fn output_ended(&mut self) {
-        let [out, err] = &mut self.pumps;
-        out.finished().await;
-        err.finished().await;
+        self.output.finished().await;
     }
 
     async fn finish(mut self, alive: bool) -> CommandEnd {
         if !self.drained() {
-            for pump in &mut self.pumps {
-                pump.stop();
-                // A pump blocked writing to a stalled stdout cannot stop; it is left behind.
-                let _ = tokio::time::timeout(AFTER_KILL, pump.finished()).await;
-            }
+            // The pump drains what is in the pipes, hands it on (never waiting on a reader) and ends.
+            self.output.stop();
         }
+        // Bounded all the same: the tail is only a report's detail.
+        let _ = tokio::time::timeout(AFTER_KILL, self.output.finished()).await;
         self.procs.finish(alive);
         if let Some(g) = self.guardian {
             g.tell(self.pid, false);
         }
-        let output_tail = {
-            let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
-            tail.finish();
-            tail.render(&self.secrets)
+        let output_tail = match self.output.take_tail() {
+            Some(mut tail) => {
+                tail.finish();
+                tail.render(&self.secrets)
+            }
+            None => Vec::new(),
         };
         CommandEnd {
             // waitpid without WUNTRACED reports only exits and deaths by signal.
@@ -1183,7 +1172,7 @@ mod tests {
     /// The log lines written while `f` runs (with a subscriber of this thread's own).
     async fn logged<F: Future>(f: F) -> (F::Output, String) {
         #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Lines {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
                 self.0.lock().expect("lock").extend_from_slice(buf);

@@ -3,11 +3,18 @@
 //!
 //! The handle owns what must be shared by everything that writes: the locks (every write carries
 //! whole lines under a lock shared by everything that writes to the same pipe, so a log collector
-//! that merges stdout and stderr never sees two lines mixed), the output format of task lines, the
-//! pool of pump threads, the background writer of log lines, and one memory of a stalled stderr
-//! (a full pipe that nobody reads), so that such a stderr holds release-tasks up for at most
-//! [`STALL_WAIT`] before the release and as much at its end, however many lines, flushes and
-//! messages there are to write.
+//! that merges stdout and stderr never sees two lines mixed), the output format of task lines, one
+//! queue per output file with the thread that writes it, and one memory of a stalled output (a full
+//! pipe that nobody reads), so that such an output holds release-tasks up for at most [`STALL_WAIT`]
+//! before the release and as much at its end, however many lines, flushes and messages there are to
+//! write.
+//!
+//! During a release the run loop itself writes task output and log lines ([`Stdio::send`]), but only
+//! what cannot block: into a file, `/dev/null`, or a pipe that has room for it, and only when nothing
+//! is queued before it. Anything else goes to the queue of its file, which a thread of its own writes
+//! (started when first needed), so that a stalled reader holds up that thread, never a timeout or a
+//! signal. Most releases write a few lines into a pipe a log collector reads, and then no thread
+//! other than the run loop wakes for them.
 //!
 //! What it leaves to others: splitting and rendering task output ([`lines`], pure), copying a
 //! task's streams ([`pump`]), pipe helpers ([`pipe`]), and the formatting of log lines (`log.rs`).
@@ -16,10 +23,11 @@ pub mod lines;
 pub mod pipe;
 pub mod pump;
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -28,10 +36,13 @@ use nix::unistd;
 
 pub use lines::{OutputFormat, PARTIAL_FLUSH};
 pub use pipe::{SMALL_STACK, cloexec_pipe};
-pub use pump::Pump;
+pub use pump::Pumping;
 
 /// How long a stalled stderr may hold release-tasks up before the release, and again at its end.
 pub const STALL_WAIT: Duration = Duration::from_secs(5);
+/// How much may wait in an output's queue before the task output behind it waits in its pipe
+/// instead (and its task with it, as if it wrote into a slow pipe itself): memory stays bounded.
+pub const QUEUE_LIMIT: usize = 1024 * 1024;
 
 /// Where a stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,29 +85,59 @@ struct Shared {
     /// mix; otherwise each has its own, so a stalled stdout does not hold up the log on stderr.
     locks: [Mutex<()>; 2],
     one_file: bool,
+    /// What fds 1 and 2 are, for whether a write can block.
+    files: [File; 2],
     /// The format of task output lines, set once the settings are read.
     format: OnceLock<OutputFormat>,
     stall: Mutex<Stall>,
-    /// Log lines for the background writer, once there is one.
-    background: OnceLock<Sender<Message>>,
-    /// Pump threads waiting for their next stream (see `pump.rs`). One still busy (blocked on a
-    /// stalled stdout) is simply not here, and a new thread is started instead.
-    idle_pumps: Mutex<Vec<Sender<pump::Job>>>,
+    /// Whether writes may go through the queues (during a release); before, they are written
+    /// directly within [`STALL_WAIT`].
+    background: AtomicBool,
+    /// What waits to be written, per lock: see [`Stdio::send`].
+    queues: [Queue; 2],
 }
 
-/// What a stalled stderr has cost: the end of the wait that found it stalled, before the release
-/// and at its end. The first wait that times out in a part sets when every later one in that part
-/// ends, so that release-tasks waits once per part, not once per line.
+/// What an output is, as far as a write's blocking goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum File {
+    /// A regular file, or a device that never makes a writer wait (`/dev/null`).
+    NeverFull,
+    /// A pipe (or FIFO), which has room for what `Stdio::room` finds.
+    Pipe,
+    /// Anything else (a terminal, which Ctrl-S stops; a socket): never written from the run loop.
+    Other,
+}
+
+/// The bytes waiting for one output file, and the thread that writes them.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// The writer waits here for something to write.
+    more: Condvar,
+    /// [`Stdio::flush`] waits here for the queue to empty.
+    emptied: Condvar,
+    /// Pumps wait here for the queue to fall below [`QUEUE_LIMIT`].
+    room: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<(Target, Vec<u8>)>,
+    /// Bytes queued or being written: while there are any, nothing is written past them.
+    bytes: usize,
+    /// Bytes written so far, so that a wait for the queue can tell a slow reader from a stalled one.
+    written: u64,
+    /// Whether the writer thread runs.
+    writer: bool,
+}
+
+/// What a stalled output has cost: the end of the wait that found it stalled, before the release
+/// and at its end, per output file. The first wait that times out in a part sets when every later
+/// one in that part ends, so that release-tasks waits once per part, not once per line.
 #[derive(Debug, Default)]
 struct Stall {
     ending: bool,
-    stalled: [Option<Instant>; 2],
-}
-
-enum Message {
-    Line(Vec<u8>),
-    /// Answered once every line sent before it is written.
-    Flush(SyncSender<()>),
+    stalled: [[Option<Instant>; 2]; 2],
 }
 
 impl Default for Stdio {
@@ -109,18 +150,18 @@ impl Stdio {
     /// The handle on fds 1 and 2; make one, in `main`.
     #[must_use]
     pub fn new() -> Self {
-        let id = |fd| {
-            // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
-            nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
-                .map(|st| (st.st_dev, st.st_ino))
-        };
+        // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+        let stat = |fd| nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) });
+        let (out, err) = (stat(1), stat(2));
+        let id = |st: &nix::sys::stat::FileStat| (st.st_dev, st.st_ino);
         Stdio(Arc::new(Shared {
             locks: [Mutex::new(()), Mutex::new(())],
-            one_file: matches!((id(1), id(2)), (Ok(a), Ok(b)) if a == b),
+            one_file: matches!((&out, &err), (Ok(a), Ok(b)) if id(a) == id(b)),
+            files: [File::of(out.ok()), File::of(err.ok())],
             format: OnceLock::new(),
             stall: Mutex::new(Stall::default()),
-            background: OnceLock::new(),
-            idle_pumps: Mutex::new(Vec::new()),
+            background: AtomicBool::new(false),
+            queues: [Queue::default(), Queue::default()],
         }))
     }
 
@@ -135,45 +176,175 @@ impl Stdio {
         self.0.format.get().copied().unwrap_or_default()
     }
 
+    /// Which lock, queue and stall memory serve `target`: stdout's (and a test's file's), and
+    /// stderr's unless it is stdout's file.
+    fn index(&self, target: Target) -> usize {
+        usize::from(!self.0.one_file && target == Target::Stderr)
+    }
+
     fn lock(&self, target: Target) -> MutexGuard<'_, ()> {
-        // stdout (and a test's file) use the first lock; stderr the second unless it is stdout's file.
-        let index = usize::from(!self.0.one_file && target == Target::Stderr);
-        self.0.locks[index]
+        self.0.locks[self.index(target)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self, target: Target) -> &Queue {
+        &self.0.queues[self.index(target)]
     }
 
     /// Writes `bytes` to `target` whole, under the output lock. Errors (a closed pipe) are returned
     /// for the caller to decide; nothing is retried except interrupted and would-block writes.
     pub fn write(&self, target: Target, bytes: &[u8]) -> std::io::Result<()> {
-        self.write_vectored(target, &mut [IoSlice::new(bytes)])
+        let _guard = self.lock(target);
+        write_all(target, &mut [IoSlice::new(bytes)])
     }
 
-    /// Writes all of `slices` under the output lock, `IOV_MAX` slices at a time.
-    pub fn write_vectored(
-        &self,
-        target: Target,
-        mut slices: &mut [IoSlice<'_>],
-    ) -> std::io::Result<()> {
-        const IOV_MAX: usize = 1024;
-        let _guard = self.lock(target);
-        // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
-        let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
-        while !slices.is_empty() {
-            let batch = slices.len().min(IOV_MAX);
-            match nix::sys::uio::writev(fd, &slices[..batch]) {
-                Ok(n) => IoSlice::advance_slices(&mut slices, n),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => {
-                    // Our stdout is a non-blocking file description shared with someone else: wait
-                    // for room.
-                    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
-                    let _ = poll(&mut fds, PollTimeout::NONE);
+    /// Writes `slices` to `target`, in order after everything sent before, without ever blocking
+    /// the caller on a reader: at once, in one `writev`, when that cannot block (see [`File`]) and
+    /// nothing is queued before it; otherwise copied into the target's queue for its writer thread.
+    /// Before the release ([`write_in_background`](Self::write_in_background)), written directly
+    /// within what is left of [`STALL_WAIT`]. An error means the output is gone (a closed pipe).
+    pub fn send(&self, target: Target, slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        let mut slices = slices;
+        let len: usize = slices.iter().map(|s| s.len()).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.0.background.load(Ordering::Relaxed) {
+            let deadline = self.stall_deadline(target);
+            let result = self.write_until(target, &joined(slices), deadline);
+            if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::TimedOut) {
+                self.stalled(target, deadline);
+                return Ok(());
+            }
+            return result;
+        }
+        let queue = self.queue(target);
+        let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // The output lock is held from the direct write until what it left is queued, so nothing
+        // else is written between the two.
+        let mut held = None;
+        if state.bytes == 0 {
+            if let Some(guard) = self.try_lock(target) {
+                if self.room(target) >= len {
+                    drop(state);
+                    match write_once(target, slices) {
+                        Ok(n) if n == len => return Ok(()),
+                        Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                        // A nonblocking stdout that someone else shares: its writer waits for room.
+                        Err(Errno::EAGAIN) => {}
+                        Err(err) => return Err(err.into()),
+                    }
+                    held = Some(guard);
+                    state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
                 }
-                Err(err) => return Err(err.into()),
             }
         }
+        let bytes = joined(slices);
+        if !state.writer {
+            state.writer = self.start_writer(self.index(target));
+        }
+        if state.writer {
+            state.bytes += bytes.len();
+            state.items.push_back((target, bytes));
+            queue.more.notify_one();
+            return Ok(());
+        }
+        // No thread can be made (the limit on processes): written from here after all, within what
+        // is left of the stall wait, so that the run loop waits a few seconds at most.
+        drop((state, held));
+        let deadline = self.stall_deadline(target);
+        if self.write_until(target, &bytes, deadline).is_err() {
+            self.stalled(target, deadline);
+        }
         Ok(())
+    }
+
+    fn try_lock(&self, target: Target) -> Option<MutexGuard<'_, ()>> {
+        match self.0.locks[self.index(target)].try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// How many bytes `target` takes now without blocking the writer.
+    fn room(&self, target: Target) -> usize {
+        let file = match target {
+            Target::Stdout => self.0.files[0],
+            Target::Stderr => self.0.files[1],
+            #[cfg(test)]
+            Target::Fd(fd) => {
+                // SAFETY: the test keeps its file open while the handle writes to it.
+                File::of(nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok())
+            }
+        };
+        match file {
+            File::NeverFull => usize::MAX,
+            File::Pipe => pipe_room(target.fd()),
+            File::Other => 0,
+        }
+    }
+
+    /// Starts the thread that writes queue `index`; whether it runs.
+    fn start_writer(&self, index: usize) -> bool {
+        let stdio = self.clone();
+        std::thread::Builder::new()
+            .name("output".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || stdio.write_queue(index))
+            .is_ok()
+    }
+
+    /// The writer thread of queue `index`: writes what is queued, in order, blocking as long as its
+    /// reader makes it.
+    fn write_queue(&self, index: usize) {
+        let queue = &self.0.queues[index];
+        loop {
+            let (target, bytes) = {
+                let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(item) = state.items.pop_front() {
+                        break item;
+                    }
+                    state = queue
+                        .more
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            // A closed output loses the line, never the release.
+            let _ = self.write(target, &bytes);
+            let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.bytes -= bytes.len();
+            state.written += bytes.len() as u64;
+            let (empty, room) = (state.bytes == 0, state.bytes < QUEUE_LIMIT);
+            drop(state);
+            if empty {
+                queue.emptied.notify_all();
+            }
+            if room {
+                queue.room.notify_waiters();
+            }
+        }
+    }
+
+    /// Whether task output for `target` may be read now: its queue is below [`QUEUE_LIMIT`].
+    pub fn has_room(&self, target: Target) -> bool {
+        let queue = self.queue(target);
+        queue
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
+            < QUEUE_LIMIT
+    }
+
+    /// What tells a pump that `target`'s queue has room again; enable the `Notified` before
+    /// asking [`has_room`](Self::has_room), so that no word is missed in between.
+    #[must_use]
+    pub fn room_notify(&self, target: Target) -> &tokio::sync::Notify {
+        &self.queue(target).room
     }
 
     /// Writes `bytes` to `target` under the output lock, waiting at most until `deadline` for
@@ -211,18 +382,19 @@ impl Stdio {
         Ok(())
     }
 
-    /// When a wait for stderr must end: [`STALL_WAIT`] from now, or when the wait that found it
+    /// When a wait for `target` must end: [`STALL_WAIT`] from now, or when the wait that found it
     /// stalled ended, in this part of the run (then it may be past already).
-    fn stall_deadline(&self) -> Instant {
+    fn stall_deadline(&self, target: Target) -> Instant {
         let stall = self.0.stall.lock().unwrap_or_else(PoisonError::into_inner);
-        stall.stalled[usize::from(stall.ending)].unwrap_or_else(|| Instant::now() + STALL_WAIT)
+        stall.stalled[usize::from(stall.ending)][self.index(target)]
+            .unwrap_or_else(|| Instant::now() + STALL_WAIT)
     }
 
-    /// Remembers that a wait ended at `deadline` with its lines still waiting.
-    fn stalled(&self, deadline: Instant) {
+    /// Remembers that a wait for `target` ended at `deadline` with its lines still waiting.
+    fn stalled(&self, target: Target, deadline: Instant) {
         let mut stall = self.0.stall.lock().unwrap_or_else(PoisonError::into_inner);
         let part = usize::from(stall.ending);
-        stall.stalled[part].get_or_insert(deadline);
+        stall.stalled[part][self.index(target)].get_or_insert(deadline);
     }
 
     /// The release (or the command) has ended: what is written from now on is its end, which a
@@ -240,7 +412,7 @@ impl Stdio {
     /// nobody reads would block the write, and the output lock behind it, for ever: the write gets
     /// what is left of [`STALL_WAIT`] on a thread of its own, then release-tasks goes on without it.
     pub fn tell(&self, line: &str) {
-        let deadline = self.stall_deadline();
+        let deadline = self.stall_deadline(Target::Stderr);
         if deadline <= Instant::now() {
             return;
         }
@@ -265,82 +437,170 @@ impl Stdio {
                 .is_ok(),
         };
         if !said {
-            self.stalled(deadline);
+            self.stalled(Target::Stderr, deadline);
         }
     }
 
-    /// Writes one log line to stderr: handed to the background writer once there is one;
-    /// before, written directly within what is left of [`STALL_WAIT`].
+    /// Writes one log line to stderr (see [`send`](Self::send)); a closed stderr loses it.
     pub fn log(&self, line: &[u8]) {
-        if let Some(tx) = self.0.background.get() {
-            drop(tx.send(Message::Line(line.to_vec())));
-            return;
-        }
-        let deadline = self.stall_deadline();
-        if self.write_until(Target::Stderr, line, deadline).is_err() {
-            self.stalled(deadline);
-        }
+        let _ = self.send(Target::Stderr, &mut [IoSlice::new(line)]);
     }
 
-    /// From now on, log lines are written by a thread of their own, so that the run loop never
-    /// waits on a stalled log reader: a timeout or a signal must be acted on even when nobody reads
-    /// stderr.
+    /// From now on, what cannot be written at once is queued for a thread of its own, so that the
+    /// run loop never waits on a stalled reader: a timeout or a signal must be acted on even when
+    /// nobody reads stdout or stderr.
     pub fn write_in_background(&self) {
-        if self.0.background.get().is_some() {
-            return;
-        }
-        let (tx, rx) = channel::<Message>();
-        let stdio = self.clone();
-        let started = std::thread::Builder::new()
-            .name("log".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || {
-                for message in rx {
-                    match message {
-                        // A closed stderr must not stop the release; the line is lost either way.
-                        Message::Line(line) => drop(stdio.write(Target::Stderr, &line)),
-                        Message::Flush(done) => drop(done.send(())),
-                    }
-                }
-            });
-        // Without the thread, lines are written directly, as before the release started.
-        if started.is_ok() {
-            let _ = self.0.background.set(tx);
-        }
+        self.0.background.store(true, Ordering::Relaxed);
     }
 
-    /// Waits until the log lines sent so far are written, within what is left of [`STALL_WAIT`]
-    /// (stderr may be stalled).
+    /// Waits until what was queued so far is written: as long as the readers take it, and at most
+    /// what is left of [`STALL_WAIT`] for one that takes nothing (stalled), each output once.
     pub fn flush(&self) {
-        if let Some(tx) = self.0.background.get() {
-            let (done, wait) = sync_channel(1);
-            if tx.send(Message::Flush(done)).is_ok() {
-                let deadline = self.stall_deadline();
+        // Both deadlines first: two stalled outputs cost one wait, not two.
+        let outputs = [Target::Stdout, Target::Stderr];
+        let deadlines = outputs.map(|t| self.stall_deadline(t));
+        for (target, mut deadline) in outputs.into_iter().zip(deadlines) {
+            if target == Target::Stderr && self.0.one_file {
+                break;
+            }
+            let queue = self.queue(target);
+            let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut written = state.written;
+            while state.bytes > 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if wait.recv_timeout(left).is_err() {
-                    self.stalled(deadline);
+                if left.is_zero() {
+                    if state.written == written {
+                        drop(state);
+                        self.stalled(target, deadline);
+                        break;
+                    }
+                    // A slow reader, not a stalled one: it gets another wait.
+                    written = state.written;
+                    deadline = Instant::now() + STALL_WAIT;
+                    continue;
                 }
+                state = queue
+                    .emptied
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
         }
     }
+}
 
-    /// A pump thread waiting for its next stream, if one is.
-    fn idle_pump(&self) -> Option<Sender<pump::Job>> {
-        self.0
-            .idle_pumps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
+impl File {
+    fn of(stat: Option<nix::sys::stat::FileStat>) -> File {
+        use nix::sys::stat::SFlag;
+        let Some(st) = stat else {
+            return File::Other;
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFREG {
+            File::NeverFull
+        } else if kind == SFlag::S_IFIFO {
+            File::Pipe
+        } else if kind == SFlag::S_IFCHR && never_full_device(st.st_rdev) {
+            File::NeverFull
+        } else {
+            File::Other
+        }
     }
+}
 
-    /// A pump thread is free for the next stream.
-    fn pump_idle(&self, worker: Sender<pump::Job>) {
-        self.0
-            .idle_pumps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(worker);
+/// Linux's memory devices (major 1: `/dev/null`, `/dev/zero`, `/dev/full`) never make a writer wait.
+#[cfg(target_os = "linux")]
+fn never_full_device(rdev: nix::libc::dev_t) -> bool {
+    nix::sys::stat::major(rdev) == 1
+}
+
+#[cfg(not(target_os = "linux"))]
+fn never_full_device(_: nix::libc::dev_t) -> bool {
+    false
+}
+
+/// How many bytes the pipe `fd` takes now without blocking: Linux keeps a pipe's bytes in pages
+/// (its size in pages is `F_GETPIPE_SZ`), the unread ones (`FIONREAD`) fill all but one partly
+/// read page whole, and a write fills new pages; so the free pages but one are certainly free.
+/// Someone else writing into the same pipe at the same moment could take them first: a reader
+/// that is slow then (not stalled) makes the write wait for it.
+#[cfg(target_os = "linux")]
+fn pipe_room(fd: RawFd) -> usize {
+    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let Ok(size) = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_GETPIPE_SZ) else {
+        return 0;
+    };
+    let mut unread: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `unread`, which lives for the call.
+    if unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) } != 0 {
+        return 0;
     }
+    let page = page_size();
+    let pages = usize::try_from(size).unwrap_or(0) / page;
+    let used = usize::try_from(unread).unwrap_or(usize::MAX).div_ceil(page);
+    pages.saturating_sub(used.saturating_add(1)) * page
+}
+
+/// Elsewhere a pipe's free room cannot be asked for: it is written from the queue.
+#[cfg(not(target_os = "linux"))]
+fn pipe_room(_: RawFd) -> usize {
+    0
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads a value of the system.
+        usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(4096)
+    })
+}
+
+/// The bytes of `slices`, in one piece.
+fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
+    for slice in slices {
+        bytes.extend_from_slice(slice);
+    }
+    bytes
+}
+
+/// One `writev` of `slices` to `target` (retried only when interrupted before writing anything):
+/// how much of them it wrote.
+fn write_once(target: Target, slices: &[IoSlice<'_>]) -> Result<usize, Errno> {
+    const IOV_MAX: usize = 1024;
+    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+    loop {
+        match nix::sys::uio::writev(fd, &slices[..slices.len().min(IOV_MAX)]) {
+            Err(Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `slices` to `target` (the caller holds its lock), waiting for room as long as it
+/// takes.
+fn write_all(target: Target, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match write_once(target, slices) {
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(Errno::EAGAIN) => {
+                // Our output is a non-blocking file description shared with someone else: wait
+                // for room.
+                // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+                let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+                let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::NONE);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -350,25 +610,25 @@ mod tests {
     #[test]
     fn a_stall_is_waited_for_once_before_the_release_and_once_at_its_end() {
         let stdio = Stdio::new();
-        let first = stdio.stall_deadline();
+        let first = stdio.stall_deadline(Target::Stderr);
         assert!(first + Duration::from_secs(1) > Instant::now() + STALL_WAIT);
-        stdio.stalled(first);
+        stdio.stalled(Target::Stderr, first);
         assert_eq!(
-            stdio.stall_deadline(),
+            stdio.stall_deadline(Target::Stderr),
             first,
             "later waits end with the first"
         );
-        stdio.stalled(first + STALL_WAIT);
+        stdio.stalled(Target::Stderr, first + STALL_WAIT);
         assert_eq!(
-            stdio.stall_deadline(),
+            stdio.stall_deadline(Target::Stderr),
             first,
             "the first stall is the one kept"
         );
         stdio.ending();
-        let end = stdio.stall_deadline();
+        let end = stdio.stall_deadline(Target::Stderr);
         assert!(end >= first, "the end gets a wait of its own");
-        stdio.stalled(end);
-        assert_eq!(stdio.stall_deadline(), end);
+        stdio.stalled(Target::Stderr, end);
+        assert_eq!(stdio.stall_deadline(Target::Stderr), end);
     }
 
     #[test]

@@ -1,268 +1,286 @@
-//! The pumps: each stream of a running task is copied by a thread of its own to release-tasks's
-//! stdout or stderr, through [`Lines`], so that a slow reader of release-tasks's output can never
-//! delay a timeout or a signal in the run loop.
+//! The pumps: a task's stdout and stderr are copied to release-tasks's stdout and stderr, through
+//! [`Lines`], by a task on the run loop's runtime, which reads both pipes as they become readable
+//! (epoll, through tokio's `AsyncFd`) and hands what it renders to [`Stdio::send`]: written at
+//! once where that cannot block, queued for a writer thread where it could. So no thread wakes for a
+//! task's output but the run loop itself, and a slow reader of release-tasks's output can never
+//! delay a timeout or a signal: when an output's queue is full, its pipes wait to be read (and the
+//! task writing them waits, as it would on a slow pipe of its own), while the run loop goes on.
 //!
-//! A thread that finished a stream waits (in the [`Stdio`] handle's pool) for the next task's rather
-//! than ending: starting two threads per task cost more than the rest of the pumping of a short
-//! task. A task's `TaskRun` (`task_run.rs`) owns its two [`Pump`]s: it waits for them to finish, and
-//! tells them to stop (after a last bounded drain) when a process outside the task holds a pipe open.
+//! A task's `TaskRun` (`task_run.rs`) owns its [`Pumping`]: it waits for it to finish, and tells it
+//! to stop (after a last bounded drain) when a process outside the task holds a pipe open. The last
+//! lines of the task ([`Tail`]) are kept by the pump and handed back when it ends.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use super::lines::{Input, Lines};
-use super::pipe::{SMALL_STACK, cloexec_pipe, enlarge_pipe};
+use super::pipe::enlarge_pipe;
 use super::{Stdio, Target};
 use crate::tail::Tail;
 
 /// Size of one read from a task's pipe, at most.
 pub(super) const READ_SIZE: usize = 256 * 1024;
-/// A pump thread's first read buffer: most tasks write a few lines, which do not pay for zeroing and
-/// faulting in 256 KiB. It grows (to [`READ_SIZE`]) whenever a read fills it, and stays with the
-/// thread for its next tasks.
+/// The first read buffer: most tasks write a few lines, which do not pay for zeroing and faulting in
+/// 256 KiB. It grows (to [`READ_SIZE`]) whenever a read fills it.
 const FIRST_READ: usize = 16 * 1024;
 /// What is still read from a pipe after being told to stop, so a chatty leftover cannot hold us.
 const FINAL_DRAIN: usize = 1024 * 1024;
 
-/// A stream being pumped, by a thread of its own.
-pub struct Pump {
-    done: oneshot::Receiver<()>,
-    /// Closing this (dropping it) tells the pump to drain what is there and stop.
-    stop: Option<OwnedFd>,
-    finished: bool,
+/// A task's two streams being pumped, by a task on the runtime.
+pub struct Pumping {
+    handle: JoinHandle<Tail>,
+    /// Sending on it, or dropping it, tells the pump to drain what is there and stop.
+    stop: Option<oneshot::Sender<()>>,
+    /// The task's last lines, once the pump has ended.
+    tail: Option<Tail>,
 }
 
-/// One stream for a pump thread to copy.
-pub(super) struct Job {
-    source: OwnedFd,
-    stop: OwnedFd,
+/// One stream of a task.
+struct Stream {
+    pipe: AsyncFd<OwnedFd>,
+    out: Out,
+}
+
+/// Where a stream's lines go.
+struct Out {
     target: Target,
     lines: Lines,
-    /// Where the task's last lines are kept (see `tail.rs`).
-    tail: Option<Arc<Mutex<Tail>>>,
-    stdio: Stdio,
-    done: oneshot::Sender<()>,
+    /// Which of the task's streams it is, for the tail: 0 stdout, 1 stderr.
+    index: usize,
+    /// Whether release-tasks's output still takes it (it is read either way, so the task never
+    /// blocks on it).
+    open: bool,
+    /// Whether the stream has ended (or was given up).
+    ended: bool,
 }
 
-impl Pump {
-    /// Starts copying `source` to `target` through `stdio`, each line prefixed with `prefix` (or as
-    /// JSON, as `stdio` says), and feeding what passes to `tail` (the task's last lines).
+impl Pumping {
+    /// Starts copying a task's `stdout` and `stderr` pipes to `stdio`, each line prefixed with
+    /// `prefix` (or as JSON, as `stdio` says), and feeding what passes to `tail` (the task's last
+    /// lines). Needs the runtime (with its I/O driver).
     pub fn start(
         stdio: &Stdio,
-        source: OwnedFd,
-        target: Target,
-        prefix: Vec<u8>,
-        tail: Option<Arc<Mutex<Tail>>>,
-    ) -> std::io::Result<Pump> {
-        enlarge_pipe(&source);
-        let (stop_read, stop_write) = cloexec_pipe().map_err(|err| {
-            crate::limits::named("cannot make a pipe for a task's output", err.into(), false)
-        })?;
-        let (tx, rx) = oneshot::channel();
-        let mut job = Job {
-            source,
-            stop: stop_read,
-            target,
-            lines: Lines::with_format(stdio.output_format(), target.stream(), prefix),
+        [stdout, stderr]: [OwnedFd; 2],
+        prefix: &[u8],
+        tail: Tail,
+    ) -> std::io::Result<Pumping> {
+        Pumping::start_to(
+            stdio,
+            [(stdout, Target::Stdout), (stderr, Target::Stderr)],
+            prefix,
             tail,
-            stdio: stdio.clone(),
-            done: tx,
+        )
+    }
+
+    /// [`start`](Self::start) with the targets of the two streams (a unit test's files).
+    fn start_to(
+        stdio: &Stdio,
+        [(stdout, out), (stderr, err)]: [(OwnedFd, Target); 2],
+        prefix: &[u8],
+        tail: Tail,
+    ) -> std::io::Result<Pumping> {
+        let stream = |pipe: OwnedFd, target: Target, index| -> std::io::Result<Stream> {
+            enlarge_pipe(&pipe);
+            // Our own end of the task's pipe: nonblocking changes nothing for the task.
+            fcntl(&pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+            // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which owns it (and keeps it open, the
+            // same descriptor) until both are dropped together.
+            let pipe = unsafe { AsyncFd::register_with_interest(pipe, Interest::READABLE) }
+                .map_err(|err| {
+                    crate::limits::named("cannot watch a task's output", err.into_parts().1, false)
+                })?;
+            Ok(Stream {
+                pipe,
+                out: Out {
+                    target,
+                    lines: Lines::with_format(
+                        stdio.output_format(),
+                        target.stream(),
+                        prefix.to_vec(),
+                    ),
+                    index,
+                    open: true,
+                    ended: false,
+                },
+            })
         };
-        loop {
-            let Some(worker) = stdio.idle_pump() else {
-                break;
-            };
-            // A thread that is gone hands the job back.
-            match worker.send(job) {
-                Ok(()) => return Ok(Pump::new(rx, stop_write)),
-                Err(std::sync::mpsc::SendError(back)) => job = back,
-            }
-        }
-        std::thread::Builder::new()
-            .name("output".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || pump_thread(job))
-            .map_err(|err| {
-                crate::limits::named("cannot start a thread for a task's output", err, true)
-            })?;
-        Ok(Pump::new(rx, stop_write))
-    }
-
-    fn new(done: oneshot::Receiver<()>, stop: OwnedFd) -> Pump {
-        Pump {
-            done,
+        let streams = [stream(stdout, out, 0)?, stream(stderr, err, 1)?];
+        let (stop, stopped) = oneshot::channel();
+        let handle = tokio::spawn(pump(stdio.clone(), streams, tail, stopped));
+        Ok(Pumping {
+            handle,
             stop: Some(stop),
-            finished: false,
-        }
+            tail: None,
+        })
     }
 
-    /// Waits until the stream has ended (every writer closed it) and all of it was written.
+    /// Waits until both streams have ended (every writer closed them) and all of them was handed
+    /// on to be written.
     pub async fn finished(&mut self) {
-        if !self.finished {
-            // An error means the thread ended without saying so; either way it is done.
-            let _ = (&mut self.done).await;
-            self.finished = true;
+        if self.tail.is_none() {
+            // An error means the runtime is going away; the tail is lost with it.
+            let tail = (&mut self.handle).await.unwrap_or_else(|_| Tail::new(0));
+            self.tail = Some(tail);
         }
     }
 
-    /// Whether the stream has ended, without waiting.
-    pub fn is_finished(&mut self) -> bool {
-        if !self.finished && self.done.try_recv() != Err(oneshot::error::TryRecvError::Empty) {
-            self.finished = true;
-        }
-        self.finished
+    /// Whether both streams have ended, without waiting.
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.tail.is_some() || self.handle.is_finished()
     }
 
     /// Tells the pump to stop waiting for an end of stream that a leftover process is holding back.
     pub fn stop(&mut self) {
-        self.stop = None;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// The task's last lines, once [`finished`](Self::finished).
+    pub fn take_tail(&mut self) -> Option<Tail> {
+        self.tail.take()
     }
 }
 
-/// The life of a pump thread: a stream, then the next one handed to it while idle.
-fn pump_thread(mut job: Job) {
-    let (next, jobs) = std::sync::mpsc::channel();
+/// The life of a pump: both streams until they end (or it is told to stop), then the task's tail.
+async fn pump(
+    stdio: Stdio,
+    mut streams: [Stream; 2],
+    mut tail: Tail,
+    mut stop: oneshot::Receiver<()>,
+) -> Tail {
     let mut buf = vec![0u8; FIRST_READ];
-    loop {
-        let Job {
-            source,
-            stop,
-            target,
-            lines,
-            tail,
-            stdio,
-            done,
-        } = job;
-        pump(
-            &source,
-            &stop,
-            Sink::new(&stdio, target, tail),
-            lines,
-            &mut buf,
-        );
-        drop((source, stop));
-        // Idle before saying so: the next task's pump, started on that word, finds this thread.
-        stdio.pump_idle(next.clone());
-        drop(stdio);
-        let _ = done.send(());
-        match jobs.recv() {
-            Ok(more) => job = more,
-            Err(_) => return,
-        }
-    }
-}
-
-fn pump(source: &OwnedFd, stop: &OwnedFd, mut sink: Sink<'_>, mut lines: Lines, buf: &mut Vec<u8>) {
-    loop {
-        let timeout = match lines.flush_due() {
-            None => PollTimeout::NONE,
-            Some(due) => {
-                let ms = due.saturating_duration_since(Instant::now()).as_millis();
-                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
+    let [a, b] = &mut streams;
+    while !(a.out.ended && b.out.ended) {
+        let due = [&a.out, &b.out]
+            .iter()
+            .filter(|o| !o.ended)
+            .filter_map(|o| o.lines.flush_due())
+            .min();
+        // Asked for before looking at the queues, so that room made in between is not missed.
+        let room_a = stdio.room_notify(a.out.target).notified();
+        let room_b = stdio.room_notify(b.out.target).notified();
+        tokio::pin!(room_a, room_b);
+        room_a.as_mut().enable();
+        room_b.as_mut().enable();
+        let read_a = !a.out.ended && stdio.has_room(a.out.target);
+        let read_b = !b.out.ended && stdio.has_room(b.out.target);
+        tokio::select! {
+            biased;
+            _ = &mut stop => {
+                for s in [&mut *a, &mut *b] {
+                    drain(&stdio, s, &mut tail, &mut buf);
+                }
+                break;
             }
-        };
-        let mut fds = [
-            PollFd::new(source.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, timeout) {
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
-            Ok(0) => {
-                sink.emit(&mut lines, Input::Flush);
-                continue;
-            }
-            Ok(_) => {}
-        }
-        let stop_now = fds[1].revents().is_some_and(|r| !r.is_empty());
-        let readable = fds[0].revents().is_some_and(|r| !r.is_empty());
-        if readable {
-            match unistd::read(source, buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    sink.feed(&mut lines, &buf[..n]);
-                    if n == buf.len() && n < READ_SIZE {
-                        buf.resize((4 * n).min(READ_SIZE), 0);
+            ready = a.pipe.readable(), if read_a => match ready {
+                Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
+                    Ok(result) => a.out.take(&stdio, result, &mut tail, &mut buf),
+                    Err(_would_block) => {}
+                },
+                Err(_) => a.out.end(&stdio),
+            },
+            ready = b.pipe.readable(), if read_b => match ready {
+                Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
+                    Ok(result) => b.out.take(&stdio, result, &mut tail, &mut buf),
+                    Err(_would_block) => {}
+                },
+                Err(_) => b.out.end(&stdio),
+            },
+            () = &mut room_a, if !a.out.ended && !read_a => {}
+            () = &mut room_b, if !b.out.ended && !read_b => {}
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                let now = Instant::now();
+                for out in [&mut a.out, &mut b.out] {
+                    if out.lines.flush_due().is_some_and(|at| at <= now) {
+                        out.emit(&stdio, Input::Flush);
                     }
                 }
-                Err(Errno::EINTR | Errno::EAGAIN) => {}
-                Err(_) => break,
             }
         }
-        if stop_now {
-            drain(source, buf, &mut lines, &mut sink);
-            break;
-        }
     }
-    sink.emit(&mut lines, Input::End);
+    for out in [&mut a.out, &mut b.out] {
+        out.end(&stdio);
+    }
+    tail
 }
 
-/// Writes what [`Lines`] renders, until our own output turns out to be closed.
-struct Sink<'a> {
-    stdio: &'a Stdio,
-    target: Target,
-    open: bool,
-    /// Where the task's last lines are kept, fed with every chunk that passes.
-    tail: Option<Arc<Mutex<Tail>>>,
+/// One read, as `AsyncFd::try_io` wants it: would-block is an `io::Error` of that kind.
+fn read(pipe: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    unistd::read(pipe, buf).map_err(std::io::Error::from)
 }
 
-impl<'a> Sink<'a> {
-    fn new(stdio: &'a Stdio, target: Target, tail: Option<Arc<Mutex<Tail>>>) -> Self {
-        Sink {
-            stdio,
-            target,
-            open: true,
-            tail,
+impl Out {
+    /// What a read came to: data (to the tail and out), the end of the stream, or an error (an
+    /// interrupted read is tried again).
+    fn take(
+        &mut self,
+        stdio: &Stdio,
+        result: std::io::Result<usize>,
+        tail: &mut Tail,
+        buf: &mut Vec<u8>,
+    ) {
+        match result {
+            Ok(0) => self.end(stdio),
+            Ok(n) => {
+                self.feed(stdio, tail, &buf[..n]);
+                if n == buf.len() && n < READ_SIZE {
+                    buf.resize((4 * n).min(READ_SIZE), 0);
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => self.end(stdio),
         }
     }
 
     /// A chunk read: to the tail, and its lines out.
-    fn feed(&mut self, lines: &mut Lines, data: &[u8]) {
-        if let Some(tail) = &self.tail {
-            let stream = usize::from(self.target != Target::Stdout);
-            tail.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .feed(stream, data);
-        }
-        self.emit(lines, Input::Data(data));
+    fn feed(&mut self, stdio: &Stdio, tail: &mut Tail, data: &[u8]) {
+        tail.feed(self.index, data);
+        self.emit(stdio, Input::Data(data));
     }
 
-    /// Writes what `lines` renders for `input` in one locked `writev` batch.
-    fn emit(&mut self, lines: &mut Lines, input: Input<'_>) {
-        let mut slices = lines.render(input, Instant::now());
-        if self.open
-            && !slices.is_empty()
-            && self.stdio.write_vectored(self.target, &mut slices).is_err()
-        {
+    /// The stream has ended: what is held of its last line goes out.
+    fn end(&mut self, stdio: &Stdio) {
+        if !self.ended {
+            self.ended = true;
+            self.emit(stdio, Input::End);
+        }
+    }
+
+    /// Sends what `lines` renders for `input`, until our own output turns out to be closed.
+    fn emit(&mut self, stdio: &Stdio, input: Input<'_>) {
+        let mut slices = self.lines.render(input, Instant::now());
+        if self.open && !slices.is_empty() && stdio.send(self.target, &mut slices).is_err() {
             // Our own output is gone (a closed pipe): keep draining the task so it never blocks.
             self.open = false;
         }
     }
 }
 
-/// Reads what is already in the pipe without waiting for more, up to [`FINAL_DRAIN`] bytes.
-fn drain(source: &OwnedFd, buf: &mut [u8], lines: &mut Lines, sink: &mut Sink<'_>) {
-    if fcntl(source, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
-        return;
-    }
+/// Reads what is already in the stream's pipe without waiting for more, up to [`FINAL_DRAIN`]
+/// bytes, and ends the stream.
+fn drain(stdio: &Stdio, stream: &mut Stream, tail: &mut Tail, buf: &mut [u8]) {
     let mut total = 0;
-    while total < FINAL_DRAIN {
-        match unistd::read(source, buf) {
+    while !stream.out.ended && total < FINAL_DRAIN {
+        match unistd::read(stream.pipe.get_ref(), buf) {
             Ok(n) if n > 0 => {
                 total += n;
-                sink.feed(lines, &buf[..n]);
+                stream.out.feed(stdio, tail, &buf[..n]);
             }
             Err(Errno::EINTR) => {}
             _ => break,
         }
     }
+    stream.out.end(stdio);
 }
 
 #[cfg(test)]
@@ -272,13 +290,9 @@ mod tests {
     use super::*;
     use crate::output::pipe::PIPE_SIZE;
 
-    fn stdio() -> Stdio {
-        Stdio::new()
-    }
-
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
-            .enable_time()
+            .enable_all()
             .build()
             .expect("runtime")
     }
@@ -290,114 +304,85 @@ mod tests {
         (file, target)
     }
 
+    /// Starts pumping the read ends of two new pipes into `target`, during a release (writes that
+    /// could block are queued); returns the pump and the pipes' write ends.
+    fn start(stdio: &Stdio, target: Target) -> (Pumping, OwnedFd, OwnedFd) {
+        stdio.write_in_background();
+        let (out, out_w) = unistd::pipe().expect("pipe");
+        let (err, err_w) = unistd::pipe().expect("pipe");
+        let pumping = Pumping::start_to(
+            stdio,
+            [(out, target), (err, target)],
+            b"t | ",
+            Tail::new(10),
+        )
+        .expect("pump");
+        (pumping, out_w, err_w)
+    }
+
+    /// Waits (at most 10 s, else the test fails) for `pumping` to finish; what it wrote.
+    async fn finished(pumping: &mut Pumping) {
+        tokio::time::timeout(Duration::from_secs(10), pumping.finished())
+            .await
+            .expect("the pump ended");
+    }
+
     #[test]
-    fn a_pump_finishes_only_when_every_writer_has_closed_its_stream() {
+    fn a_pump_finishes_only_when_every_writer_has_closed_its_streams() {
         let (file, target) = output_file();
-        let (read, write) = unistd::pipe().expect("pipe");
-        let mut pump = Pump::start(&stdio(), read, target, b"t | ".to_vec(), None).expect("pump");
-        unistd::write(&write, b"a\n").expect("write");
-        let rt = runtime();
-        let early = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(300), pump.finished()).await
+        let stdio = Stdio::new();
+        runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            unistd::write(&out, b"a\n").expect("write");
+            drop(out);
+            let early = tokio::time::timeout(Duration::from_millis(300), pumping.finished()).await;
+            assert!(early.is_err(), "finished while a writer held stderr");
+            assert!(!pumping.is_finished());
+            unistd::write(&err, b"b").expect("write");
+            drop(err);
+            finished(&mut pumping).await;
+            assert!(pumping.is_finished());
         });
-        assert!(early.is_err(), "finished while a writer held the stream");
-        assert!(!pump.is_finished());
-        drop(write);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !pump.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "never finished after the stream ended"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), pump.finished()).await })
-            .expect("finished at once once it is known to be");
-        assert_eq!(std::fs::read(file.path()).expect("read"), b"t | a\n");
+        stdio.flush();
+        assert_eq!(std::fs::read(file.path()).expect("read"), b"t | a\nt | b\n");
+    }
+
+    #[test]
+    fn the_tail_keeps_what_both_streams_said() {
+        let (_file, target) = output_file();
+        let stdio = Stdio::new();
+        let tail = runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            unistd::write(&out, b"to stdout\n").expect("write");
+            unistd::write(&err, b"to stderr\n").expect("write");
+            drop((out, err));
+            finished(&mut pumping).await;
+            pumping.take_tail().expect("the tail")
+        });
+        let mut tail = tail;
+        tail.finish();
+        let lines = tail.render(&[]).join("\n");
+        assert!(lines.contains("to stdout"), "{lines}");
+        assert!(lines.contains("to stderr"), "{lines}");
     }
 
     #[test]
     fn a_stopped_pump_ends_though_a_writer_still_holds_the_stream() {
         let (file, target) = output_file();
-        let (read, write) = unistd::pipe().expect("pipe");
-        let mut pump = Pump::start(&stdio(), read, target, b"t | ".to_vec(), None).expect("pump");
-        unistd::write(&write, b"whole\npartial").expect("write");
-        pump.stop();
-        runtime()
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), pump.finished()).await
-            })
-            .expect("a stopped pump ends");
-        assert!(pump.is_finished());
+        let stdio = Stdio::new();
+        let writers = runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            unistd::write(&out, b"whole\npartial").expect("write");
+            pumping.stop();
+            finished(&mut pumping).await;
+            (out, err)
+        });
+        stdio.flush();
         assert_eq!(
             std::fs::read(file.path()).expect("read"),
             b"t | whole\nt | partial\n"
         );
-        drop(write);
-    }
-
-    /// Runs a pump on `source` until it ends by itself, as if told to stop before it began; fails
-    /// the test if it has not ended within a few seconds.
-    fn pump_stopped(source: OwnedFd, target: Target) {
-        pump_stopped_with(source, target, vec![0; READ_SIZE]);
-    }
-
-    /// [`pump_stopped`] with a read buffer of the caller's; returns it as the pump left it.
-    fn pump_stopped_with(source: OwnedFd, target: Target, mut buf: Vec<u8>) -> Vec<u8> {
-        let (stop_read, stop_write) = unistd::pipe().expect("pipe");
-        drop(stop_write);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let stdio = stdio();
-            pump(
-                &source,
-                &stop_read,
-                Sink::new(&stdio, target, None),
-                Lines::new(b"t | ".to_vec()),
-                &mut buf,
-            );
-            let _ = tx.send(buf);
-        });
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("the pump ended")
-    }
-
-    #[test]
-    fn a_read_that_does_not_fill_the_buffer_leaves_it_as_it_is() {
-        let source = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(source.path(), line().repeat(3)).expect("write");
-        let (file, target) = output_file();
-        let buf = pump_stopped_with(
-            std::fs::File::open(source.path()).expect("open").into(),
-            target,
-            vec![0; FIRST_READ],
-        );
-        assert_eq!(buf.len(), FIRST_READ);
-        assert_eq!(
-            std::fs::read(file.path()).expect("read").len(),
-            3 * (line().len() + 4)
-        );
-    }
-
-    #[test]
-    fn the_read_buffer_grows_while_reads_fill_it_and_everything_is_written() {
-        let source = tempfile::NamedTempFile::new().expect("temp file");
-        let total = 2 * FINAL_DRAIN / line().len();
-        std::fs::write(source.path(), line().repeat(total)).expect("write");
-        let (file, target) = output_file();
-        let buf = pump_stopped_with(
-            std::fs::File::open(source.path()).expect("open").into(),
-            target,
-            vec![0; FIRST_READ],
-        );
-        // The one read of the pump's loop filled 16 KiB; the drain then read its 1 MiB 64 KiB at a
-        // time.
-        assert_eq!(buf.len(), 4 * FIRST_READ);
-        let out = std::fs::read(file.path()).expect("read");
-        assert_eq!(
-            out.len(),
-            (FIRST_READ + FINAL_DRAIN) / line().len() * (line().len() + 4)
-        );
+        drop(writers);
     }
 
     /// 64-byte lines, so that byte counts tell how many were written.
@@ -410,34 +395,85 @@ mod tests {
     #[test]
     fn what_is_in_the_pipe_when_told_to_stop_is_still_written() {
         let (file, target) = output_file();
-        let (read, write) = unistd::pipe().expect("pipe");
-        // More than one read's worth waits in the pipe, so the final drain must read the rest, up
-        // to the end of the stream (its writer has gone).
-        fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).expect("a 1 MiB pipe");
+        let stdio = Stdio::new();
+        // More than one read's worth waits in the pipe, and its writer is still there: the final
+        // drain must read all of it.
         let count = 2 * READ_SIZE / line().len() + 7;
-        for _ in 0..count {
-            unistd::write(&write, &line()).expect("write");
-        }
-        drop(write);
-        pump_stopped(read, target);
+        let writers = runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            fcntl(&out, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).expect("a 1 MiB pipe");
+            for _ in 0..count {
+                unistd::write(&out, &line()).expect("write");
+            }
+            pumping.stop();
+            finished(&mut pumping).await;
+            (out, err)
+        });
+        stdio.flush();
         let out = std::fs::read(file.path()).expect("read");
         assert_eq!(out.len(), count * (line().len() + 4));
+        drop(writers);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_final_drain_is_bounded_while_there_is_more_to_read() {
+        // A writer that never stops (a chatty leftover): the drain must stop at its bound.
+        let (file, target) = output_file();
+        let stdio = Stdio::new();
+        runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            fcntl(&out, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).expect("a 1 MiB pipe");
+            let (tx, rx) = std::sync::mpsc::channel();
+            let chatty = std::thread::spawn(move || {
+                let _ = tx.send(nix::unistd::gettid());
+                while unistd::write(&out, &line()).is_ok() {}
+            });
+            let tid = rx.recv().expect("the writer's id");
+            // The pipe is full once the writer blocks; the pump has not read yet (this thread
+            // has not yielded to it).
+            while !std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
+                .is_ok_and(|w| w.contains("pipe_write"))
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            pumping.stop();
+            finished(&mut pumping).await;
+            // The pump has let go of the pipe: the writer gets EPIPE and ends.
+            chatty.join().expect("writer");
+            drop(err);
+        });
+        stdio.flush();
+        let out = std::fs::read(file.path()).expect("read").len();
+        let lines = out / (line().len() + 4);
+        assert!(
+            lines * line().len() >= FINAL_DRAIN && lines * line().len() < FINAL_DRAIN + READ_SIZE,
+            "{lines} lines"
+        );
     }
 
     #[test]
-    fn the_final_drain_is_bounded_while_there_is_more_to_read() {
-        // A file never runs dry like a pipe a leftover keeps filling: the drain must stop at its
-        // bound, after the one read of the pump's loop.
-        let source = tempfile::NamedTempFile::new().expect("temp file");
-        let total = 4 * FINAL_DRAIN / line().len();
-        std::fs::write(source.path(), line().repeat(total)).expect("write");
-        let (file, target) = output_file();
-        pump_stopped(
-            std::fs::File::open(source.path()).expect("open").into(),
+    fn a_read_that_fills_the_buffer_grows_it_and_one_that_does_not_leaves_it() {
+        let (_file, target) = output_file();
+        let stdio = Stdio::new();
+        let mut out = Out {
             target,
-        );
-        let out = std::fs::read(file.path()).expect("read");
-        let lines = (READ_SIZE + FINAL_DRAIN) / line().len();
-        assert_eq!(out.len(), lines * (line().len() + 4));
+            lines: Lines::new(b"t | ".to_vec()),
+            index: 0,
+            open: true,
+            ended: false,
+        };
+        let mut tail = Tail::new(1);
+        let mut buf = vec![b'x'; FIRST_READ];
+        out.take(&stdio, Ok(FIRST_READ - 1), &mut tail, &mut buf);
+        assert_eq!(buf.len(), FIRST_READ);
+        out.take(&stdio, Ok(FIRST_READ), &mut tail, &mut buf);
+        assert_eq!(buf.len(), 4 * FIRST_READ);
+        buf.resize(READ_SIZE, 0);
+        out.take(&stdio, Ok(READ_SIZE), &mut tail, &mut buf);
+        assert_eq!(buf.len(), READ_SIZE, "never past READ_SIZE");
+        assert!(!out.ended);
+        out.take(&stdio, Ok(0), &mut tail, &mut buf);
+        assert!(out.ended, "a read of nothing is the end");
     }
 }
