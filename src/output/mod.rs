@@ -631,6 +631,144 @@ mod tests {
         assert_eq!(stdio.stall_deadline(Target::Stderr), end);
     }
 
+    /// A pipe, its write end a target, during a release.
+    fn pipe_target() -> (Stdio, std::os::fd::OwnedFd, std::os::fd::OwnedFd, Target) {
+        let stdio = Stdio::new();
+        stdio.write_in_background();
+        let (read, write) = unistd::pipe().expect("pipe");
+        let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&write));
+        (stdio, read, write, target)
+    }
+
+    fn writer_started(stdio: &Stdio, target: Target) -> bool {
+        stdio.queue(target).state.lock().expect("lock").writer
+    }
+
+    #[test]
+    fn a_line_a_pipe_has_room_for_is_written_at_once_by_the_caller() {
+        let (stdio, read, _write, target) = pipe_target();
+        stdio
+            .send(
+                target,
+                &mut [IoSlice::new(b"a | "), IoSlice::new(b"line\n")],
+            )
+            .expect("send");
+        let mut buf = [0u8; 64];
+        let n = unistd::read(&read, &mut buf).expect("read");
+        assert_eq!(&buf[..n], b"a | line\n");
+        if cfg!(target_os = "linux") {
+            assert!(
+                !writer_started(&stdio, target),
+                "no thread for a pipe with room"
+            );
+        }
+    }
+
+    #[test]
+    fn what_a_full_pipe_cannot_take_is_queued_in_order_and_written_once_it_is_read() {
+        let (stdio, read, write, target) = pipe_target();
+        nix::fcntl::fcntl(
+            &write,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("nonblocking");
+        let chunk = [b'x'; 4096];
+        let mut filled = 0;
+        while let Ok(n) = unistd::write(&write, &chunk) {
+            filled += n;
+        }
+        nix::fcntl::fcntl(
+            &write,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .expect("blocking again");
+        let started = Instant::now();
+        for line in [&b"first\n"[..], b"second\n"] {
+            stdio.send(target, &mut [IoSlice::new(line)]).expect("send");
+        }
+        let big = vec![b'y'; QUEUE_LIMIT];
+        stdio.send(target, &mut [IoSlice::new(&big)]).expect("send");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a stalled reader held the caller up"
+        );
+        assert!(writer_started(&stdio, target));
+        assert!(!stdio.has_room(target), "over the limit");
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = unistd::read(&read, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            all
+        });
+        stdio.flush();
+        assert!(stdio.has_room(target));
+        drop(write);
+        let all = reader.join().expect("reader");
+        assert_eq!(all.len(), filled + 13 + QUEUE_LIMIT);
+        assert_eq!(&all[filled..filled + 13], b"first\nsecond\n");
+    }
+
+    #[test]
+    fn a_line_behind_queued_ones_waits_its_turn() {
+        let (stdio, read, write, target) = pipe_target();
+        let queue = stdio.queue(target);
+        // Something queued and not yet written: a writer thread is said to run, none does.
+        {
+            let mut state = queue.state.lock().expect("lock");
+            state.items.push_back((target, b"queued\n".to_vec()));
+            state.bytes = 7;
+            state.writer = true;
+        }
+        stdio
+            .send(target, &mut [IoSlice::new(b"later\n")])
+            .expect("send");
+        let state = queue.state.lock().expect("lock");
+        assert_eq!(state.items.len(), 2, "queued behind, not written past");
+        assert_eq!(state.items[1].1, b"later\n");
+        drop((state, read, write));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pipe_has_room_for_its_free_pages_but_one() {
+        let (_read, write) = unistd::pipe().expect("pipe");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&write);
+        let page = page_size();
+        let pages = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ).expect("size")
+            as usize
+            / page;
+        assert_eq!(pipe_room(fd), (pages - 1) * page);
+        unistd::write(&write, &vec![b'x'; page + 1]).expect("write");
+        assert_eq!(pipe_room(fd), (pages - 3) * page);
+    }
+
+    #[test]
+    fn what_an_output_is_decides_whether_it_is_written_from_the_run_loop() {
+        let stat = |fd: &dyn std::os::fd::AsFd| nix::sys::stat::fstat(fd.as_fd()).ok();
+        let file = tempfile::tempfile().expect("file");
+        assert_eq!(File::of(stat(&file)), File::NeverFull);
+        let (read, _write) = unistd::pipe().expect("pipe");
+        assert_eq!(File::of(stat(&read)), File::Pipe);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        assert_eq!(File::of(stat(&a)), File::Other);
+        assert_eq!(File::of(None), File::Other);
+        let null = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let expected = if cfg!(target_os = "linux") {
+            File::NeverFull
+        } else {
+            File::Other
+        };
+        assert_eq!(File::of(stat(&null)), expected);
+    }
+
     #[test]
     fn the_output_format_is_set_once() {
         let stdio = Stdio::new();

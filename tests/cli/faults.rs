@@ -450,6 +450,51 @@ fn a_stalled_stdout_reader_does_not_stop_the_timeout() {
     assert!(log.contains("release failed"), "{log}");
 }
 
+/// A reader of stdout that takes nothing for a while (a log collector catching up) and then reads
+/// slowly gets every line, in order: task output waits in the task's pipe and in release-tasks's
+/// queue, bounded, and is written before release-tasks exits.
+#[test]
+fn a_stdout_reader_that_pauses_still_gets_every_line() {
+    let t = Test::new().config("[tasks.big]\nrun = \"seq 1 300000; echo done >&2\"\n");
+    let mut child = Command::new(crate::harness::BIN)
+        .current_dir(t.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // The pause and the slow reads are what is tested, not a synchronisation: everything written
+    // meanwhile must wait, and what is still queued when the task ends must go out before the exit.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let out = String::from_utf8(bytes).unwrap();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut { stderr }, &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 300_000, "{log}");
+    assert!(
+        lines
+            .iter()
+            .enumerate()
+            .all(|(i, l)| *l == format!("big | {}", i + 1)),
+        "lines out of order or altered"
+    );
+    assert!(log.contains("big | done"), "{log}");
+}
+
 /// Starts release-tasks in `t`'s directory through a parent that blocked SIGTERM, SIGINT and SIGCHLD
 /// before exec (some supervisors and language runtimes do), with its output in files.
 fn spawn_with_signals_blocked(t: &Test) -> std::process::Child {
