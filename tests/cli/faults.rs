@@ -467,7 +467,7 @@ fn a_stdout_reader_that_pauses_still_gets_every_line() {
     let stderr = child.stderr.take().unwrap();
     // The pause and the slow reads are what is tested, not a synchronisation: everything written
     // meanwhile must wait, and what is still queued when the task ends must go out before the exit.
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
