@@ -82,6 +82,25 @@ RUNS=${RUNS:-100} compare "three tasks" "$bin" "bash release-tasks.sh"
 unset "${gates[@]}"
 echo
 
+echo "## Context switches per task (voluntary, GNU time %w, median of 15 runs; stdout and stderr a pipe)"
+# 1 and 11 tasks of /bin/true each way, so that what a run costs once (start-up, the release's log
+# lines) cancels out: (switches of 11 - switches of 1) / 10 per task. Everything the process tree
+# did counts, the tasks included.
+switches() { # command... -> median voluntary context switches
+  for _ in $(seq 15); do /usr/bin/time -f %w -o "$work/cs" "$@" 2>&1 | cat >/dev/null; cat "$work/cs"; done | sort -n | sed -n 8p
+}
+for n in 1 11; do
+  : > "tasks$n.toml"; : > "tasks$n.sh"
+  for i in $(seq "$n"); do
+    printf '[tasks.t%d]\nrun = ["/bin/true"]\n' "$i" >> "tasks$n.toml"
+    echo /bin/true >> "tasks$n.sh"
+  done
+done
+a1=$(switches "$bin" --config tasks1.toml); a11=$(switches "$bin" --config tasks11.toml)
+b1=$(switches bash tasks1.sh); b11=$(switches bash tasks11.sh)
+echo "release-tasks: $a1 for 1 task, $a11 for 11, $(awk "BEGIN { printf \"%.1f\", ($a11 - $a1) / 10 }") per task; bash: $b1 for 1, $b11 for 11, $(awk "BEGIN { printf \"%.1f\", ($b11 - $b1) / 10 }") per task"
+echo
+
 echo "## Output throughput: ~250 MB of 100-byte lines through one pipe"
 # `yes` is stopped by SIGPIPE when head has enough, which pipefail would count as a failure.
 (yes "$(printf '%099d' 0 | cut -c1-99)" || true) | head -c 250000000 > big.txt
