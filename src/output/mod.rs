@@ -97,6 +97,9 @@ struct Shared {
     queues: [Queue; 2],
 }
 
+/// The most slices one `writev` takes (Linux's and macOS's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
 /// What an output is, as far as a write's blocking goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum File {
@@ -228,12 +231,23 @@ impl Stdio {
             if let Some(guard) = self.try_lock(target) {
                 if self.room(target) >= len {
                     drop(state);
-                    match write_once(target, slices) {
-                        Ok(n) if n == len => return Ok(()),
-                        Ok(n) => IoSlice::advance_slices(&mut slices, n),
-                        // A nonblocking stdout that someone else shares: its writer waits for room.
-                        Err(Errno::EAGAIN) => {}
-                        Err(err) => return Err(err.into()),
+                    // `IOV_MAX` slices a call: a short write (a nonblocking stdout that someone else
+                    // shares, or a signal) leaves the rest to the writer thread, which waits for room.
+                    while !slices.is_empty() {
+                        let batch: usize = slices.iter().take(IOV_MAX).map(|s| s.len()).sum();
+                        match write_once(target, slices) {
+                            Ok(n) => {
+                                IoSlice::advance_slices(&mut slices, n);
+                                if n < batch {
+                                    break;
+                                }
+                            }
+                            Err(Errno::EAGAIN) => break,
+                            Err(err) => return Err(err.into()),
+                        }
+                    }
+                    if slices.is_empty() {
+                        return Ok(());
                     }
                     held = Some(guard);
                     state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -572,7 +586,6 @@ fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
 /// One `writev` of `slices` to `target` (retried only when interrupted before writing anything):
 /// how much of them it wrote.
 fn write_once(target: Target, slices: &[IoSlice<'_>]) -> Result<usize, Errno> {
-    const IOV_MAX: usize = 1024;
     // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
     let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
     loop {
@@ -662,6 +675,21 @@ mod tests {
                 "no thread for a pipe with room"
             );
         }
+    }
+
+    #[test]
+    fn more_slices_than_one_writev_takes_are_all_written_by_the_caller() {
+        let file = tempfile::NamedTempFile::new().expect("file");
+        let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&file));
+        let stdio = Stdio::new();
+        stdio.write_in_background();
+        let lines: Vec<Vec<u8>> = (0..3 * IOV_MAX)
+            .map(|i| format!("{i}\n").into_bytes())
+            .collect();
+        let mut slices: Vec<IoSlice<'_>> = lines.iter().map(|l| IoSlice::new(l)).collect();
+        stdio.send(target, &mut slices).expect("send");
+        assert!(!writer_started(&stdio, target), "handed to a thread");
+        assert_eq!(std::fs::read(file.path()).expect("read"), lines.concat());
     }
 
     #[test]
