@@ -29,7 +29,7 @@ use crate::report::{
     EXIT_CANNOT_RUN, EXIT_NOT_FOUND, LockLoss, Outcome, Report, SkipReason, TaskReport,
 };
 use crate::signals::{Event, Signals};
-use crate::task_run::{Bound, Order, Orders, Policy, ReleaseDeadline, SignalCount, TaskRun};
+use crate::task_run::{Bound, Limit, Order, Orders, Policy, ReleaseDeadline, SignalCount, TaskRun};
 
 /// The shortest heartbeat; the config validator refuses less, and this keeps the loop honest anyway.
 const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -801,9 +801,9 @@ impl Runner {
         }
     }
 
-    fn policy(&self, task: &Task, release: Option<ReleaseDeadline>) -> Policy {
+    fn policy(&self, task: &Task, own: Limit, release: Option<ReleaseDeadline>) -> Policy {
         Policy {
-            timeout: task.timeout,
+            own,
             release,
             grace: task.grace,
             heartbeat: self.heartbeat,
@@ -846,14 +846,24 @@ impl Runner {
         loop {
             let left = task_until.saturating_duration_since(tokio::time::Instant::now());
             let limited = task.retry.attempt_timeout.filter(|t| *t < left);
-            let ran = if task.retry.retries == 0 {
-                self.run_one(step, release, (report, started)).await?
+            let own = if task.retry.retries == 0 {
+                Limit::timeout(task.timeout)
             } else {
-                // Each attempt gets what is left of the task's timeout, or less.
-                let mut this = step.clone();
-                this.task.timeout = limited.unwrap_or(left).max(Duration::from_millis(1));
-                self.run_one(&this, release, (report, started)).await?
+                // Each attempt gets what is left of the task's timeout, or its attempt_timeout.
+                match limited {
+                    Some(attempt) => Limit {
+                        after: attempt,
+                        bound: Bound::AttemptTimeout,
+                        limit: attempt,
+                    },
+                    None => Limit {
+                        after: left.max(Duration::from_millis(1)),
+                        bound: Bound::Timeout,
+                        limit: task.timeout,
+                    },
+                }
             };
+            let ran = self.run_one(step, own, release, (report, started)).await?;
             let left = all_until.saturating_duration_since(tokio::time::Instant::now());
             let cut_by_attempt = limited.is_some() && !ran.cut_by_release;
             match after_attempt(
@@ -897,6 +907,7 @@ impl Runner {
     async fn run_one(
         &mut self,
         step: &Step,
+        own: Limit,
         release: Option<ReleaseDeadline>,
         (so_far, started): (&Report, Instant),
     ) -> anyhow::Result<Ran> {
@@ -906,20 +917,26 @@ impl Runner {
                 let mut so_far = so_far.clone();
                 so_far.duration = started.elapsed();
                 so_far.interrupted = self.listener.stops.first;
-                self.run_notify(task, webhook, &so_far, release).await
+                self.run_notify(task, webhook, &so_far, own, release).await
             }
-            None => self.run_task(task, release).await?,
+            None => self.run_task(task, own, release).await?,
         })
     }
 
-    /// Runs a command task: started here, then owned by its [`TaskRun`] to its end.
+    /// Runs a command task: started here, then owned by its [`TaskRun`] to its end, within `own`.
     async fn run_task(
         &mut self,
         task: &Task,
+        own: Limit,
         release: Option<ReleaseDeadline>,
     ) -> anyhow::Result<Ran> {
         let command = crate::redact::command(&task.command.to_string());
-        tracing::info!(task = %task.name, command = %command, timeout_s = task.timeout.as_secs(), "task started");
+        // Whole seconds as an integer (`timeout_s=1800`), less as a fraction (`0.3`), never `0`.
+        if own.after.subsec_millis() == 0 && !own.after.is_zero() {
+            tracing::info!(task = %task.name, command = %command, timeout_s = own.after.as_secs(), "task started");
+        } else {
+            tracing::info!(task = %task.name, command = %command, timeout_s = seconds(own.after), "task started");
+        }
         let spawned = match process::spawn(task, &self.run_id) {
             Ok(spawned) => spawned,
             Err(err) => {
@@ -933,7 +950,7 @@ impl Runner {
         let prefix = format!("{:<w$} | ", task.name, w = self.name_width).into_bytes();
         let mut secrets = self.secrets.clone();
         secrets.extend(crate::tail::secrets(task.env.iter()));
-        let policy = self.policy(task, release);
+        let policy = self.policy(task, own, release);
         let run = TaskRun::command(
             &self.stdio,
             &task.name,
@@ -958,13 +975,14 @@ impl Runner {
         task: &Task,
         webhook: &Webhook,
         report: &Report,
+        own: Limit,
         release: Option<ReleaseDeadline>,
     ) -> Ran {
         tracing::info!(
             task = %task.name, url = %webhook.shown_url(), format = %webhook.format,
             retries = webhook.retries, "task started"
         );
-        let policy = self.policy(task, release);
+        let policy = self.policy(task, own, release);
         let run = match TaskRun::delivery(&task.name, policy, webhook, webhook.body(report)) {
             Ok(run) => run,
             Err(err) => {
@@ -1041,6 +1059,12 @@ fn could_not_start(task: &Task, err: &std::io::Error) -> Outcome {
         _ => (EXIT_CANNOT_RUN, format!("cannot start the task: {err}")),
     };
     Outcome::CouldNotStart { code, reason }
+}
+
+/// A time limit in seconds, to the millisecond, for a log field: never `0` for a limit that is not.
+fn seconds(d: Duration) -> f64 {
+    let ms = u32::try_from(d.as_millis().max(u128::from(!d.is_zero()))).unwrap_or(u32::MAX);
+    f64::from(ms) / 1000.0
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ pub const MAX_REAP_POLL: Duration = Duration::from_millis(500);
 pub enum Bound {
     /// The task's own `timeout`.
     Timeout,
+    /// The `attempt_timeout` of one attempt of a task with `retries`.
+    AttemptTimeout,
     /// What was left of the release's `release_timeout` when the task started.
     ReleaseTimeout,
 }
@@ -58,6 +60,7 @@ impl Bound {
     pub fn key(self) -> &'static str {
         match self {
             Bound::Timeout => "timeout",
+            Bound::AttemptTimeout => "attempt_timeout",
             Bound::ReleaseTimeout => "release_timeout",
         }
     }
@@ -76,19 +79,40 @@ impl Deadline {
     /// `min(started + timeout, the release's deadline)`, and which one it is; the task's own
     /// timeout when both fall at the same moment.
     #[must_use]
-    pub fn earlier(started: Instant, timeout: Duration, release: Option<ReleaseDeadline>) -> Self {
-        let own = started + timeout;
+    pub fn earlier(started: Instant, own: Limit, release: Option<ReleaseDeadline>) -> Self {
+        let at = started + own.after;
         match release {
-            Some(release) if release.at < own => Deadline {
+            Some(release) if release.at < at => Deadline {
                 at: release.at,
                 bound: Bound::ReleaseTimeout,
                 limit: release.limit,
             },
             _ => Deadline {
-                at: own,
-                bound: Bound::Timeout,
-                limit: timeout,
+                at,
+                bound: own.bound,
+                limit: own.limit,
             },
+        }
+    }
+}
+
+/// A task's own time limit: how long after its start, from which setting, and that setting's value
+/// (an attempt of a retried task may get less than its `timeout`, what is left of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub after: Duration,
+    pub bound: Bound,
+    pub limit: Duration,
+}
+
+impl Limit {
+    /// The task's `timeout`, whole.
+    #[must_use]
+    pub fn timeout(timeout: Duration) -> Self {
+        Limit {
+            after: timeout,
+            bound: Bound::Timeout,
+            limit: timeout,
         }
     }
 }
@@ -104,8 +128,8 @@ pub struct ReleaseDeadline {
 /// How one task is run and ended: data, from `run.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// The task's own `timeout`.
-    pub timeout: Duration,
+    /// The task's own time limit.
+    pub own: Limit,
     /// The release's deadline when the task runs within it (`None` after a failure: `on =
     /// "failure"` and `"always"` tasks get their own timeout only).
     pub release: Option<ReleaseDeadline>,
@@ -240,7 +264,7 @@ impl<C: Child> TaskRun<C> {
         TaskRun {
             task: task.to_owned(),
             policy,
-            deadline: Deadline::earlier(started, policy.timeout, policy.release),
+            deadline: Deadline::earlier(started, policy.own, policy.release),
             started,
             state: Termination::Running,
             timed_out: None,
@@ -901,7 +925,7 @@ mod tests {
 
     fn policy(timeout: f64, grace: f64) -> Policy {
         Policy {
-            timeout: secs(timeout),
+            own: Limit::timeout(secs(timeout)),
             release: None,
             grace: secs(grace),
             heartbeat: secs(1000.0),
@@ -1248,11 +1272,17 @@ mod tests {
             bound: Bound::Timeout,
             limit: secs(10.0),
         };
-        assert_eq!(Deadline::earlier(t0, secs(10.0), None), own);
-        assert_eq!(Deadline::earlier(t0, secs(10.0), release(10.0)), own);
-        assert_eq!(Deadline::earlier(t0, secs(10.0), release(11.0)), own);
+        assert_eq!(Deadline::earlier(t0, Limit::timeout(secs(10.0)), None), own);
         assert_eq!(
-            Deadline::earlier(t0, secs(10.0), release(9.0)),
+            Deadline::earlier(t0, Limit::timeout(secs(10.0)), release(10.0)),
+            own
+        );
+        assert_eq!(
+            Deadline::earlier(t0, Limit::timeout(secs(10.0)), release(11.0)),
+            own
+        );
+        assert_eq!(
+            Deadline::earlier(t0, Limit::timeout(secs(10.0)), release(9.0)),
             Deadline {
                 at: t0 + secs(9.0),
                 bound: Bound::ReleaseTimeout,
@@ -1261,6 +1291,35 @@ mod tests {
         );
         assert_eq!(Bound::Timeout.key(), "timeout");
         assert_eq!(Bound::ReleaseTimeout.key(), "release_timeout");
+        assert_eq!(Bound::AttemptTimeout.key(), "attempt_timeout");
+        let attempt = Limit {
+            after: secs(2.0),
+            bound: Bound::AttemptTimeout,
+            limit: secs(2.0),
+        };
+        assert_eq!(
+            Deadline::earlier(t0, attempt, release(9.0)),
+            Deadline {
+                at: t0 + secs(2.0),
+                bound: Bound::AttemptTimeout,
+                limit: secs(2.0),
+            },
+            "an attempt's own limit, with its setting"
+        );
+        let rest = Limit {
+            after: secs(4.0),
+            bound: Bound::Timeout,
+            limit: secs(10.0),
+        };
+        assert_eq!(
+            Deadline::earlier(t0, rest, None),
+            Deadline {
+                at: t0 + secs(4.0),
+                bound: Bound::Timeout,
+                limit: secs(10.0),
+            },
+            "what is left of the timeout, named by the timeout's own value"
+        );
     }
 
     #[test]

@@ -116,8 +116,32 @@ fn a_timed_out_attempt_is_retried_only_when_retry_on_says_timeout() {
     let t = Test::new().config(task);
     t.run()
         .status(124)
+        .stderr_has("task started task=slow command=\"echo run >> runs; test $(wc -l < runs) -gt 1 || sleep 30\" timeout_s=1\n")
+        .stderr_has("task timed out; sending SIGTERM to its process group, SIGKILL after the grace period task=slow bound=attempt_timeout limit=1s grace_s=1")
         .stderr_has("not trying again: the attempt ran past attempt_timeout, and retry_on does not list \"timeout\"");
     assert_eq!(runs(&t), 1);
+    // The second attempt gets what is left of the timeout, less than a second: said as it is, not
+    // as 0, and its timeout named by the timeout's own value.
+    let t = Test::new().config(
+        "[tasks.slow]\nrun = \"sleep 30\"\ntimeout = \"3s\"\nretries = 1\nretry_delay = \"10ms\"\n\
+         attempt_timeout = \"2s\"\nretry_on = [\"timeout\"]\ngrace = \"100ms\"\n",
+    );
+    let out = t.run();
+    out.status(124)
+        .stderr_has("timeout_s=2\n")
+        .stderr_has("bound=attempt_timeout limit=2s grace_s=0.1")
+        .stderr_has("bound=timeout limit=3s grace_s=0.1")
+        .stderr_lacks("timeout_s=0\n");
+    let second = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("task started"))
+        .nth(1);
+    assert!(
+        second.is_some_and(|l| l.contains(" timeout_s=0.")),
+        "{}",
+        out.stderr
+    );
     let t = Test::new().config(&format!("{task}retry_on = [\"timeout\"]\n"));
     t.run().status(0);
     assert_eq!(runs(&t), 2);
