@@ -87,6 +87,8 @@ struct Shared {
     one_file: bool,
     /// What fds 1 and 2 are, for whether a write can block.
     files: [File; 2],
+    /// The size of a memory page, which a pipe's room is counted in.
+    page: usize,
     /// The format of task output lines, set once the settings are read.
     format: OnceLock<OutputFormat>,
     stall: Mutex<Stall>,
@@ -161,6 +163,7 @@ impl Stdio {
             locks: [Mutex::new(()), Mutex::new(())],
             one_file: matches!((&out, &err), (Ok(a), Ok(b)) if id(a) == id(b)),
             files: [File::of(out.ok()), File::of(err.ok())],
+            page: page_size(),
             format: OnceLock::new(),
             stall: Mutex::new(Stall::default()),
             background: AtomicBool::new(false),
@@ -295,7 +298,7 @@ impl Stdio {
         };
         match file {
             File::NeverFull => usize::MAX,
-            File::Pipe => pipe_room(target.fd()),
+            File::Pipe => pipe_room(target.fd(), self.0.page),
             File::Other => 0,
         }
     }
@@ -539,7 +542,7 @@ fn never_full_device(_: nix::libc::dev_t) -> bool {
 /// Someone else writing into the same pipe at the same moment could take them first: a reader
 /// that is slow then (not stalled) makes the write wait for it.
 #[cfg(target_os = "linux")]
-fn pipe_room(fd: RawFd) -> usize {
+fn pipe_room(fd: RawFd, page: usize) -> usize {
     // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let Ok(size) = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_GETPIPE_SZ) else {
@@ -550,7 +553,6 @@ fn pipe_room(fd: RawFd) -> usize {
     if unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) } != 0 {
         return 0;
     }
-    let page = page_size();
     let pages = usize::try_from(size).unwrap_or(0) / page;
     let used = usize::try_from(unread).unwrap_or(usize::MAX).div_ceil(page);
     pages.saturating_sub(used.saturating_add(1)) * page
@@ -558,20 +560,17 @@ fn pipe_room(fd: RawFd) -> usize {
 
 /// Elsewhere a pipe's free room cannot be asked for: it is written from the queue.
 #[cfg(not(target_os = "linux"))]
-fn pipe_room(_: RawFd) -> usize {
+fn pipe_room(_: RawFd, _: usize) -> usize {
     0
 }
 
-#[cfg(target_os = "linux")]
+/// The size of a memory page (the C library has it at hand: no system call).
 fn page_size() -> usize {
-    static PAGE: OnceLock<usize> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf only reads a value of the system.
-        usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or(4096)
-    })
+    // SAFETY: sysconf only reads a value of the system.
+    usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
 }
 
 /// The bytes of `slices`, in one piece.
@@ -770,9 +769,9 @@ mod tests {
         let pages = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ).expect("size")
             as usize
             / page;
-        assert_eq!(pipe_room(fd), (pages - 1) * page);
+        assert_eq!(pipe_room(fd, page), (pages - 1) * page);
         unistd::write(&write, &vec![b'x'; page + 1]).expect("write");
-        assert_eq!(pipe_room(fd), (pages - 3) * page);
+        assert_eq!(pipe_room(fd, page), (pages - 3) * page);
     }
 
     #[test]
