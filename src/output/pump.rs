@@ -159,8 +159,16 @@ async fn pump(
     mut stop: oneshot::Receiver<()>,
 ) -> Tail {
     let mut buf = vec![0u8; FIRST_READ];
+    let mut read_some = false;
     let [a, b] = &mut streams;
     while !(a.out.ended && b.out.ended) {
+        if read_some {
+            // A chatty task keeps its pipe readable: without a turn for the runtime's driver
+            // between reads, timers (the task's deadline) and signals would wait for thousands of
+            // reads. `yield_now` lets the driver run first.
+            tokio::task::yield_now().await;
+            read_some = false;
+        }
         let due = [&a.out, &b.out]
             .iter()
             .filter(|o| !o.ended)
@@ -184,14 +192,14 @@ async fn pump(
             }
             ready = a.pipe.readable(), if read_a => match ready {
                 Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
-                    Ok(result) => a.out.take(&stdio, result, &mut tail, &mut buf),
+                    Ok(result) => read_some = a.out.take(&stdio, result, &mut tail, &mut buf),
                     Err(_would_block) => {}
                 },
                 Err(_) => a.out.end(&stdio),
             },
             ready = b.pipe.readable(), if read_b => match ready {
                 Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
-                    Ok(result) => b.out.take(&stdio, result, &mut tail, &mut buf),
+                    Ok(result) => read_some = b.out.take(&stdio, result, &mut tail, &mut buf),
                     Err(_would_block) => {}
                 },
                 Err(_) => b.out.end(&stdio),
@@ -221,14 +229,14 @@ fn read(pipe: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 
 impl Out {
     /// What a read came to: data (to the tail and out), the end of the stream, or an error (an
-    /// interrupted read is tried again).
+    /// interrupted read is tried again). Whether there was data.
     fn take(
         &mut self,
         stdio: &Stdio,
         result: std::io::Result<usize>,
         tail: &mut Tail,
         buf: &mut Vec<u8>,
-    ) {
+    ) -> bool {
         match result {
             Ok(0) => self.end(stdio),
             Ok(n) => {
@@ -236,10 +244,12 @@ impl Out {
                 if n == buf.len() && n < READ_SIZE {
                     buf.resize((4 * n).min(READ_SIZE), 0);
                 }
+                return true;
             }
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => self.end(stdio),
         }
+        false
     }
 
     /// A chunk read: to the tail, and its lines out.
@@ -465,7 +475,7 @@ mod tests {
         };
         let mut tail = Tail::new(1);
         let mut buf = vec![b'x'; FIRST_READ];
-        out.take(&stdio, Ok(FIRST_READ - 1), &mut tail, &mut buf);
+        assert!(out.take(&stdio, Ok(FIRST_READ - 1), &mut tail, &mut buf));
         assert_eq!(buf.len(), FIRST_READ);
         out.take(&stdio, Ok(FIRST_READ), &mut tail, &mut buf);
         assert_eq!(buf.len(), 4 * FIRST_READ);
@@ -473,7 +483,7 @@ mod tests {
         out.take(&stdio, Ok(READ_SIZE), &mut tail, &mut buf);
         assert_eq!(buf.len(), READ_SIZE, "never past READ_SIZE");
         assert!(!out.ended);
-        out.take(&stdio, Ok(0), &mut tail, &mut buf);
+        assert!(!out.take(&stdio, Ok(0), &mut tail, &mut buf));
         assert!(out.ended, "a read of nothing is the end");
     }
 }

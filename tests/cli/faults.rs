@@ -450,6 +450,51 @@ fn a_stalled_stdout_reader_does_not_stop_the_timeout() {
     assert!(log.contains("release failed"), "{log}");
 }
 
+/// A task that writes without a pause (`yes`) keeps its pipe readable all the time: its timeout
+/// and a stop signal are still acted on at once, not after thousands of reads of its output.
+#[test]
+fn a_task_that_never_stops_writing_still_times_out_and_stops_on_time() {
+    let t = Test::new().config("[tasks.y]\nrun = \"yes\"\ntimeout = \"1s\"\ngrace = \"1s\"\n");
+    let started = std::time::Instant::now();
+    let code = t.run_into(
+        &[],
+        std::process::Stdio::null(),
+        std::process::Stdio::null(),
+    );
+    assert_eq!(code, Some(124));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the 1 s timeout took {:?}",
+        started.elapsed()
+    );
+    let t = Test::new().config("[tasks.y]\nrun = \"touch started; exec yes\"\ngrace = \"1s\"\n");
+    let mut child = Command::new(crate::harness::BIN)
+        .current_dir(t.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while !t.path("started").exists() {
+        assert!(std::time::Instant::now() < limit, "the task never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        sent.elapsed()
+    );
+}
+
 /// A reader of stdout that takes nothing for a while (a log collector catching up) and then reads
 /// slowly gets every line, in order: task output waits in the task's pipe and in release-tasks's
 /// queue, bounded, and is written before release-tasks exits.
