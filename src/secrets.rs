@@ -260,7 +260,10 @@ fn percent_decoded(value: &str) -> Option<String> {
 }
 
 /// The secrets in force: set once from the environment (`main`), grown once by the config's
-/// (`lib::load`). A process-wide value because the log writer, which is global, must use it.
+/// (`lib::load`). A process-wide value because the panic hook, which has nothing passed to it, must
+/// hide them in a panic's message, and so must tracing's subscriber, which is process-wide by
+/// tracing's design; every other sink reads the same value, so that a secret is hidden everywhere
+/// or nowhere.
 static CURRENT: RwLock<Option<Arc<Secrets>>> = RwLock::new(None);
 
 /// Makes `secrets` the ones every sink hides.
