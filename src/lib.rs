@@ -187,7 +187,9 @@ fn wait(
         });
     }
     // Log lines from now on by a thread of their own: signals are acted on while waiting.
-    stdio.write_in_background();
+    stdio.write_in_background().map_err(|err| {
+        limits::thread_error("cannot start a thread for release-tasks's output", err)
+    })?;
     lock::wait(lock, env, &plan.meta, timeout, fail_fast)
 }
 

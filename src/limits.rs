@@ -119,6 +119,17 @@ pub fn reached(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
+/// The error for a thread of release-tasks's own (`what`) that could not be started before anything
+/// ran: the limit on processes or open files reached (exit 71), else an internal failure (70).
+#[must_use]
+pub fn thread_error(what: &str, err: io::Error) -> Error {
+    let err = named(what, err, true);
+    match reached(&err) {
+        Some(limit) => Error::Limit(format!("{limit}; nothing was run")),
+        None => Error::Internal(anyhow::anyhow!("{what}: {err}")),
+    }
+}
+
 /// The error for release-tasks's own step `what` that failed with `err`: a limit reached (exit 71)
 /// when it is one, else an internal failure (exit 70).
 #[must_use]

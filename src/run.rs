@@ -53,14 +53,17 @@ pub fn run_release(plan: &Plan, env: &Env, stdio: &Stdio) -> crate::error::Resul
             None
         }
     };
-    stdio.write_in_background();
+    stdio.write_in_background().map_err(|err| {
+        crate::limits::thread_error("cannot start a thread for release-tasks's output", err)
+    })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| crate::limits::or_internal("cannot start the runtime", &e))?;
     runtime.block_on(async {
         let signals = Signals::install()
-            .map_err(|e| crate::limits::or_internal("cannot install signal handlers", &e))?;
+            .map_err(|e| crate::limits::or_internal("cannot install signal handlers", &e))?
+            .telling(stdio);
         #[cfg(feature = "postgres")]
         if let Some(lock) = &plan.lock {
             // Boxed: the locked release's future holds the lock's and the ledger's state.

@@ -65,6 +65,9 @@ pub fn reset_inherited() {
 pub struct Signals {
     child: tokio::signal::unix::Signal,
     handled: Vec<(Event, tokio::signal::unix::Signal)>,
+    /// Told of a stop signal, so that the end of the release waits for its output no longer than
+    /// for a stalled reader.
+    stdio: Option<crate::output::Stdio>,
 }
 
 impl Signals {
@@ -94,14 +97,22 @@ impl Signals {
         Ok(Signals {
             child: signal(SignalKind::child())?,
             handled,
+            stdio: None,
         })
+    }
+
+    /// Tells `stdio` of every stop signal from now on (see [`crate::output::Stdio::stopping`]).
+    #[must_use]
+    pub fn telling(mut self, stdio: &crate::output::Stdio) -> Self {
+        self.stdio = Some(stdio.clone());
+        self
     }
 
     /// The next event. Cancel-safe: an event not taken stays queued for the next call.
     pub async fn next(&mut self) -> Event {
         let child = &mut self.child;
         let handled = &mut self.handled;
-        std::future::poll_fn(|cx| {
+        let event = std::future::poll_fn(|cx| {
             if child.poll_recv(cx).is_ready() {
                 return std::task::Poll::Ready(Event::Child);
             }
@@ -112,7 +123,11 @@ impl Signals {
             }
             std::task::Poll::Pending
         })
-        .await
+        .await;
+        if let (Event::Stop(_), Some(stdio)) = (event, &self.stdio) {
+            stdio.stopping();
+        }
+        event
     }
 
     /// The next stopping signal, ignoring everything else (for waits before any task runs).

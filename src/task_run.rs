@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::guardian::Guardian;
 use crate::notify::{Cancel, Webhook};
-use crate::output::{Pumping, Stdio};
+use crate::output::{Pumping, STALL_WAIT, Stdio};
 use crate::process::{self, TaskProcesses};
 use crate::tail::Tail;
 
@@ -40,6 +40,8 @@ const AFTER_KILL: Duration = Duration::from_secs(1);
 /// The first wait between two `waitpid` polls while a task's main process runs; it doubles up to
 /// [`MAX_REAP_POLL`].
 const FIRST_REAP_POLL: Duration = Duration::from_millis(50);
+/// How often a wait for release-tasks's own reader looks whether it is taking anything.
+const READER_POLL: Duration = Duration::from_millis(500);
 /// The longest wait between two `waitpid` polls: how late a task's end is seen if SIGCHLD is lost.
 pub const MAX_REAP_POLL: Duration = Duration::from_millis(500);
 
@@ -225,6 +227,16 @@ pub trait Child {
     fn drained(&mut self) -> bool;
     /// Resolves once [`drained`](Self::drained).
     fn output_ended(&mut self) -> impl Future<Output = ()>;
+    /// Whether a process still holds the output open (not drained, and not only because what was
+    /// written waits for release-tasks's own reader).
+    fn output_held(&mut self) -> bool {
+        !self.drained()
+    }
+    /// How much release-tasks has written of what it queued so far: whether its reader is taking
+    /// the output that is left.
+    fn output_progress(&self) -> u64 {
+        0
+    }
     /// Lets go of the task (output a leftover outside the group still holds is abandoned, after a
     /// bounded wait), `alive` saying whether something survived; what it came to.
     fn finish(self, alive: bool) -> impl Future<Output = Self::End>;
@@ -288,10 +300,15 @@ impl<C: Child> TaskRun<C> {
         let task = self.task;
         match C::KIND {
             Kind::Process => {
-                if !self.child.drained() {
+                if self.child.output_held() {
                     tracing::warn!(
                         task = %task,
                         "a process outside the task's process group still holds its output open; not waiting for it"
+                    );
+                } else if !self.child.drained() {
+                    tracing::warn!(
+                        task = %task,
+                        "release-tasks's stdout or stderr is not taking the task's last output (a stalled reader, or a stop signal came); the rest of it is dropped"
                     );
                 }
                 if alive {
@@ -374,10 +391,30 @@ impl<C: Child> TaskRun<C> {
             // What it started since the stop signal gets one too.
             Termination::Terminating { .. } => self.child.stop(Signal::SIGTERM),
         }
+        let mut progress = (self.child.output_progress(), Instant::now());
         loop {
             let drained = self.child.drained();
             if !alive && drained {
                 return false;
+            }
+            if !alive && !self.child.output_held() {
+                // Nothing of the task is left but what it wrote, waiting for release-tasks's own
+                // reader: waited for while that reader takes some of it, not after a stop signal.
+                let now = Instant::now();
+                let taken = self.child.output_progress();
+                if taken != progress.0 {
+                    progress = (taken, now);
+                }
+                if self.stopped.is_some() || now >= progress.1 + STALL_WAIT {
+                    return false;
+                }
+                tokio::select! {
+                    biased;
+                    order = orders.next() => self.obey(order),
+                    () = self.child.output_ended() => {}
+                    () = sleep_until(now + READER_POLL) => {}
+                }
+                continue;
             }
             let now = Instant::now();
             let wake = match self.state {
@@ -527,6 +564,7 @@ fn whole_seconds_up(d: Duration) -> Duration {
 
 /// A command task's processes and output.
 pub struct Process<'g> {
+    stdio: Stdio,
     pid: Pid,
     procs: TaskProcesses,
     output: Pumping,
@@ -567,6 +605,7 @@ impl<'g> TaskRun<Process<'g>> {
             g.tell(pid, true);
         }
         let child = Process {
+            stdio: stdio.clone(),
             pid,
             procs,
             output,
@@ -638,6 +677,14 @@ impl Child for Process<'_> {
 
     async fn output_ended(&mut self) {
         self.output.finished().await;
+    }
+
+    fn output_held(&mut self) -> bool {
+        !self.output.writers_gone()
+    }
+
+    fn output_progress(&self) -> u64 {
+        self.stdio.written()
     }
 
     async fn finish(mut self, alive: bool) -> CommandEnd {

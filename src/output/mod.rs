@@ -10,11 +10,12 @@
 //! write.
 //!
 //! During a release the run loop itself writes task output and log lines ([`Stdio::send`]), but only
-//! what cannot block: into a file, `/dev/null`, or a pipe that has room for it, and only when nothing
-//! is queued before it. Anything else goes to the queue of its file, which a thread of its own writes
-//! (started when first needed), so that a stalled reader holds up that thread, never a timeout or a
-//! signal. Most releases write a few lines into a pipe a log collector reads, and then no thread
-//! other than the run loop wakes for them.
+//! what cannot block, by construction: anything into a file or `/dev/null`, and into a pipe at most
+//! `PIPE_BUF` bytes once `poll` says it has room (a write that size is atomic and fits in the room
+//! `poll` promises), and only when nothing is queued before it. Anything else goes to the queue of
+//! its file, which a thread of its own writes (started with the release), so that a stalled reader
+//! holds up that thread, never a timeout or a signal. Most releases write a few lines at a time into
+//! a pipe a log collector reads, and then no thread other than the run loop wakes for them.
 //!
 //! What it leaves to others: splitting and rendering task output ([`lines`], pure), copying a
 //! task's streams ([`pump`]), pipe helpers ([`pipe`]), and the formatting of log lines (`log.rs`).
@@ -87,14 +88,15 @@ struct Shared {
     one_file: bool,
     /// What fds 1 and 2 are, for whether a write can block.
     files: [File; 2],
-    /// The size of a memory page, which a pipe's room is counted in.
-    page: usize,
     /// The format of task output lines, set once the settings are read.
     format: OnceLock<OutputFormat>,
     stall: Mutex<Stall>,
     /// Whether writes may go through the queues (during a release); before, they are written
     /// directly within [`STALL_WAIT`].
     background: AtomicBool,
+    /// Whether a stop signal came: the final flush then gets one [`STALL_WAIT`], however slowly the
+    /// reader still takes what is queued.
+    stopping: AtomicBool,
     /// What waits to be written, per lock: see [`Stdio::send`].
     queues: [Queue; 2],
 }
@@ -107,7 +109,7 @@ const IOV_MAX: usize = 1024;
 enum File {
     /// A regular file, or a device that never makes a writer wait (`/dev/null`).
     NeverFull,
-    /// A pipe (or FIFO), which has room for what `Stdio::room` finds.
+    /// A pipe (or FIFO): `PIPE_BUF` bytes fit once `poll` says it has room.
     Pipe,
     /// Anything else (a terminal, which Ctrl-S stops; a socket): never written from the run loop.
     Other,
@@ -130,7 +132,8 @@ struct QueueState {
     items: VecDeque<(Target, Vec<u8>)>,
     /// Bytes queued or being written: while there are any, nothing is written past them.
     bytes: usize,
-    /// Bytes written so far, so that a wait for the queue can tell a slow reader from a stalled one.
+    /// Bytes written so far (counted a piece at a time), so that a wait for the queue can tell a
+    /// slow reader from a stalled one.
     written: u64,
     /// Whether the writer thread runs.
     writer: bool,
@@ -163,10 +166,10 @@ impl Stdio {
             locks: [Mutex::new(()), Mutex::new(())],
             one_file: matches!((&out, &err), (Ok(a), Ok(b)) if id(a) == id(b)),
             files: [File::of(out.ok()), File::of(err.ok())],
-            page: page_size(),
             format: OnceLock::new(),
             stall: Mutex::new(Stall::default()),
             background: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             queues: [Queue::default(), Queue::default()],
         }))
     }
@@ -233,10 +236,11 @@ impl Stdio {
         let mut held = None;
         if state.bytes == 0 {
             if let Some(guard) = self.try_lock(target) {
-                if self.room(target) >= len {
+                if self.takes_now(target, len, slices.len()) {
                     drop(state);
-                    // `IOV_MAX` slices a call: a short write (a nonblocking stdout that someone else
-                    // shares, or a signal) leaves the rest to the writer thread, which waits for room.
+                    // `IOV_MAX` slices a call (a file takes any number of calls without blocking):
+                    // a short write (a nonblocking stdout that someone else shares, or a signal)
+                    // leaves the rest to the writer thread, which waits for room.
                     while !slices.is_empty() {
                         let batch: usize = slices.iter().take(IOV_MAX).map(|s| s.len()).sum();
                         match write_once(target, slices) {
@@ -259,22 +263,10 @@ impl Stdio {
             }
         }
         let bytes = joined(slices);
-        if !state.writer {
-            state.writer = self.start_writer(self.index(target));
-        }
-        if state.writer {
-            state.bytes += bytes.len();
-            state.items.push_back((target, bytes));
-            queue.more.notify_one();
-            return Ok(());
-        }
-        // No thread can be made (the limit on processes): written from here after all, within what
-        // is left of the stall wait, so that the run loop waits a few seconds at most.
+        state.bytes += bytes.len();
+        state.items.push_back((target, bytes));
         drop((state, held));
-        let deadline = self.stall_deadline(target);
-        if self.write_until(target, &bytes, deadline).is_err() {
-            self.stalled(target, deadline);
-        }
+        queue.more.notify_one();
         Ok(())
     }
 
@@ -286,9 +278,9 @@ impl Stdio {
         }
     }
 
-    /// How many bytes `target` takes now without blocking the writer.
-    fn room(&self, target: Target) -> usize {
-        let file = match target {
+    /// What `target` is.
+    fn file(&self, target: Target) -> File {
+        match target {
             Target::Stdout => self.0.files[0],
             Target::Stderr => self.0.files[1],
             #[cfg(test)]
@@ -296,22 +288,33 @@ impl Stdio {
                 // SAFETY: the test keeps its file open while the handle writes to it.
                 File::of(nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok())
             }
-        };
-        match file {
-            File::NeverFull => usize::MAX,
-            File::Pipe => pipe_room(target.fd(), self.0.page),
-            File::Other => 0,
         }
     }
 
-    /// Starts the thread that writes queue `index`; whether it runs.
-    fn start_writer(&self, index: usize) -> bool {
-        let stdio = self.clone();
-        std::thread::Builder::new()
-            .name("output".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || stdio.write_queue(index))
-            .is_ok()
+    /// Whether `len` bytes in `slices` slices can be written to `target` now without blocking: any
+    /// amount into a file; into a pipe, one `writev` of at most `PIPE_BUF` bytes once `poll` says
+    /// there is room (the room it promises takes that much, in one atomic write).
+    fn takes_now(&self, target: Target, len: usize, slices: usize) -> bool {
+        match self.file(target) {
+            File::NeverFull => true,
+            File::Pipe => len <= PIPE_BUF && slices <= IOV_MAX && has_room_now(target),
+            File::Other => false,
+        }
+    }
+
+    /// Starts the thread that writes queue `index`, unless it runs.
+    fn start_writer(&self, index: usize) -> std::io::Result<()> {
+        let queue = &self.0.queues[index];
+        let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if !state.writer {
+            let stdio = self.clone();
+            std::thread::Builder::new()
+                .name("output".into())
+                .stack_size(SMALL_STACK)
+                .spawn(move || stdio.write_queue(index))?;
+            state.writer = true;
+        }
+        Ok(())
     }
 
     /// The writer thread of queue `index`: writes what is queued, in order, blocking as long as its
@@ -332,10 +335,9 @@ impl Stdio {
                 }
             };
             // A closed output loses the line, never the release.
-            let _ = self.write(target, &bytes);
+            let _ = self.write_item(queue, target, &bytes);
             let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.bytes -= bytes.len();
-            state.written += bytes.len() as u64;
             let (empty, room) = (state.bytes == 0, state.bytes < QUEUE_LIMIT);
             drop(state);
             if empty {
@@ -345,6 +347,55 @@ impl Stdio {
                 queue.room.notify_waiters();
             }
         }
+    }
+
+    /// Writes a queued item under the output lock, counting what is written as it goes. Into a
+    /// pipe in pieces of at most `PIPE_BUF` bytes, ending after a newline where one is, each once
+    /// `poll` says there is room: the thread waits in `poll`, never inside a write, so what a
+    /// stalled reader has been given ends where a piece ends (a line's end, for lines that short),
+    /// also when release-tasks exits or execs without waiting longer.
+    fn write_item(&self, queue: &Queue, target: Target, mut bytes: &[u8]) -> std::io::Result<()> {
+        let _guard = self.lock(target);
+        let pipe = self.file(target) == File::Pipe;
+        while !bytes.is_empty() {
+            let piece = if pipe {
+                let most = &bytes[..bytes.len().min(PIPE_BUF)];
+                match memchr::memrchr(b'\n', most) {
+                    Some(i) if most.len() < bytes.len() => &most[..=i],
+                    _ => most,
+                }
+            } else {
+                bytes
+            };
+            if pipe {
+                wait_for_room(target);
+            }
+            let result = write_all(target, &mut [IoSlice::new(piece)]);
+            queue
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .written += piece.len() as u64;
+            result?;
+            bytes = &bytes[piece.len()..];
+        }
+        Ok(())
+    }
+
+    /// How many bytes the writer threads have written so far, both outputs together: whether a
+    /// reader is taking anything.
+    #[must_use]
+    pub fn written(&self) -> u64 {
+        self.0
+            .queues
+            .iter()
+            .map(|q| {
+                q.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .written
+            })
+            .sum()
     }
 
     /// Whether task output for `target` may be read now: its queue is below [`QUEUE_LIMIT`].
@@ -466,13 +517,25 @@ impl Stdio {
 
     /// From now on, what cannot be written at once is queued for a thread of its own, so that the
     /// run loop never waits on a stalled reader: a timeout or a signal must be acted on even when
-    /// nobody reads stdout or stderr.
-    pub fn write_in_background(&self) {
+    /// nobody reads stdout or stderr. The threads start now (one per output file): an error (the
+    /// limit on processes) is for the caller to report before anything runs.
+    pub fn write_in_background(&self) -> std::io::Result<()> {
+        self.start_writer(0)?;
+        if !self.0.one_file {
+            self.start_writer(1)?;
+        }
         self.0.background.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A stop signal came: the end gets one [`STALL_WAIT`] for what is queued, not more.
+    pub fn stopping(&self) {
+        self.0.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Waits until what was queued so far is written: as long as the readers take it, and at most
-    /// what is left of [`STALL_WAIT`] for one that takes nothing (stalled), each output once.
+    /// what is left of [`STALL_WAIT`] for one that takes nothing (stalled), each output once; after
+    /// a stop signal, at most that however much they take.
     pub fn flush(&self) {
         // Both deadlines first: two stalled outputs cost one wait, not two.
         let outputs = [Target::Stdout, Target::Stderr];
@@ -487,7 +550,7 @@ impl Stdio {
             while state.bytes > 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    if state.written == written {
+                    if state.written == written || self.0.stopping.load(Ordering::Relaxed) {
                         drop(state);
                         self.stalled(target, deadline);
                         break;
@@ -537,41 +600,27 @@ fn never_full_device(_: nix::libc::dev_t) -> bool {
     false
 }
 
-/// How many bytes the pipe `fd` takes now without blocking: Linux keeps a pipe's bytes in pages
-/// (its size in pages is `F_GETPIPE_SZ`), the unread ones (`FIONREAD`) fill all but one partly
-/// read page whole, and a write fills new pages; so the free pages but one are certainly free.
-/// Someone else writing into the same pipe at the same moment could take them first: a reader
-/// that is slow then (not stalled) makes the write wait for it.
-#[cfg(target_os = "linux")]
-fn pipe_room(fd: RawFd, page: usize) -> usize {
+/// The most bytes one write into a pipe takes atomically, and that the room `poll` promises holds.
+const PIPE_BUF: usize = nix::libc::PIPE_BUF;
+
+/// Whether `poll` says `target` has room now.
+fn has_room_now(target: Target) -> bool {
     // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let Ok(size) = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_GETPIPE_SZ) else {
-        return 0;
-    };
-    let mut unread: nix::libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int into `unread`, which lives for the call.
-    if unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) } != 0 {
-        return 0;
-    }
-    let pages = usize::try_from(size).unwrap_or(0) / page;
-    let used = usize::try_from(unread).unwrap_or(usize::MAX).div_ceil(page);
-    pages.saturating_sub(used.saturating_add(1)) * page
+    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLOUT))
 }
 
-/// Elsewhere a pipe's free room cannot be asked for: it is written from the queue.
-#[cfg(not(target_os = "linux"))]
-fn pipe_room(_: RawFd, _: usize) -> usize {
-    0
-}
-
-/// The size of a memory page (the C library has it at hand: no system call).
-fn page_size() -> usize {
-    // SAFETY: sysconf only reads a value of the system.
-    usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) })
-        .ok()
-        .filter(|&n| n > 0)
-        .unwrap_or(4096)
+/// Waits, as long as it takes, until `poll` says `target` has room (or an error or hang-up, which
+/// the write then reports).
+fn wait_for_room(target: Target) {
+    // SAFETY: fds 1 and 2 stay open for the whole life of release-tasks.
+    let fd = unsafe { BorrowedFd::borrow_raw(target.fd()) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    while let Err(Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
 }
 
 /// The bytes of `slices`, in one piece.
@@ -644,17 +693,20 @@ mod tests {
         assert_eq!(stdio.stall_deadline(Target::Stderr), end);
     }
 
-    /// A pipe, its write end a target, during a release.
+    /// A pipe, its write end a target, during a release (with no writer thread: what is queued
+    /// stays queued).
     fn pipe_target() -> (Stdio, std::os::fd::OwnedFd, std::os::fd::OwnedFd, Target) {
         let stdio = Stdio::new();
-        stdio.write_in_background();
+        stdio.0.background.store(true, Ordering::Relaxed);
         let (read, write) = unistd::pipe().expect("pipe");
         let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&write));
         (stdio, read, write, target)
     }
 
-    fn writer_started(stdio: &Stdio, target: Target) -> bool {
-        stdio.queue(target).state.lock().expect("lock").writer
+    /// Whether anything went through `target`'s queue.
+    fn queued(stdio: &Stdio, target: Target) -> bool {
+        let state = stdio.queue(target).state.lock().expect("lock");
+        state.written > 0 || state.bytes > 0
     }
 
     #[test]
@@ -669,12 +721,7 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = unistd::read(&read, &mut buf).expect("read");
         assert_eq!(&buf[..n], b"a | line\n");
-        if cfg!(target_os = "linux") {
-            assert!(
-                !writer_started(&stdio, target),
-                "no thread for a pipe with room"
-            );
-        }
+        assert!(!queued(&stdio, target), "written by the caller");
     }
 
     #[test]
@@ -682,19 +729,20 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("file");
         let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&file));
         let stdio = Stdio::new();
-        stdio.write_in_background();
+        stdio.write_in_background().expect("writer threads");
         let lines: Vec<Vec<u8>> = (0..3 * IOV_MAX)
             .map(|i| format!("{i}\n").into_bytes())
             .collect();
         let mut slices: Vec<IoSlice<'_>> = lines.iter().map(|l| IoSlice::new(l)).collect();
         stdio.send(target, &mut slices).expect("send");
-        assert!(!writer_started(&stdio, target), "handed to a thread");
+        assert!(!queued(&stdio, target), "handed to a thread");
         assert_eq!(std::fs::read(file.path()).expect("read"), lines.concat());
     }
 
     #[test]
     fn what_a_full_pipe_cannot_take_is_queued_in_order_and_written_once_it_is_read() {
         let (stdio, read, write, target) = pipe_target();
+        stdio.start_writer(0).expect("writer thread");
         nix::fcntl::fcntl(
             &write,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -720,7 +768,7 @@ mod tests {
             started.elapsed() < Duration::from_secs(2),
             "a stalled reader held the caller up"
         );
-        assert!(writer_started(&stdio, target));
+        assert!(queued(&stdio, target));
         assert!(!stdio.has_room(target), "over the limit");
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
@@ -745,12 +793,11 @@ mod tests {
     fn a_line_behind_queued_ones_waits_its_turn() {
         let (stdio, read, write, target) = pipe_target();
         let queue = stdio.queue(target);
-        // Something queued and not yet written: a writer thread is said to run, none does.
+        // Something queued and not yet written (no writer thread runs for it).
         {
             let mut state = queue.state.lock().expect("lock");
             state.items.push_back((target, b"queued\n".to_vec()));
             state.bytes = 7;
-            state.writer = true;
         }
         stdio
             .send(target, &mut [IoSlice::new(b"later\n")])
@@ -761,18 +808,28 @@ mod tests {
         drop((state, read, write));
     }
 
-    #[cfg(target_os = "linux")]
     #[test]
-    fn a_pipe_has_room_for_its_free_pages_but_one() {
+    fn a_pipe_takes_at_most_pipe_buf_bytes_at_once_and_only_with_room() {
         let (_read, write) = unistd::pipe().expect("pipe");
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&write);
-        let page = page_size();
-        let pages = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ).expect("size")
-            as usize
-            / page;
-        assert_eq!(pipe_room(fd, page), (pages - 1) * page);
-        unistd::write(&write, &vec![b'x'; page + 1]).expect("write");
-        assert_eq!(pipe_room(fd, page), (pages - 3) * page);
+        let target = Target::Fd(std::os::fd::AsRawFd::as_raw_fd(&write));
+        let stdio = Stdio::new();
+        assert!(stdio.takes_now(target, PIPE_BUF, 1));
+        assert!(
+            !stdio.takes_now(target, PIPE_BUF + 1, 1),
+            "more than PIPE_BUF"
+        );
+        assert!(
+            !stdio.takes_now(target, 100, IOV_MAX + 1),
+            "more than one writev"
+        );
+        // Writes of uneven size take a page each: the pipe is full long before its bytes fill it.
+        nix::fcntl::fcntl(
+            &write,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("nonblocking");
+        while unistd::write(&write, &[b'x'; 2100]).is_ok() {}
+        assert!(!stdio.takes_now(target, 1, 1), "a full pipe takes nothing");
     }
 
     #[test]

@@ -10,11 +10,12 @@
 //! to stop (after a last bounded drain) when a process outside the task holds a pipe open. The last
 //! lines of the task ([`Tail`]) are kept by the pump and handed back when it ends.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -37,6 +38,8 @@ const FINAL_DRAIN: usize = 1024 * 1024;
 /// A task's two streams being pumped, by a task on the runtime.
 pub struct Pumping {
     handle: JoinHandle<Tail>,
+    /// The pipes' read ends, which the pump holds open until it ends (on this thread).
+    pipes: [RawFd; 2],
     /// Sending on it, or dropping it, tells the pump to drain what is there and stop.
     stop: Option<oneshot::Sender<()>>,
     /// The task's last lines, once the pump has ended.
@@ -113,10 +116,12 @@ impl Pumping {
             })
         };
         let streams = [stream(stdout, out, 0)?, stream(stderr, err, 1)?];
+        let pipes = [streams[0].pipe.as_raw_fd(), streams[1].pipe.as_raw_fd()];
         let (stop, stopped) = oneshot::channel();
         let handle = tokio::spawn(pump(stdio.clone(), streams, tail, stopped));
         Ok(Pumping {
             handle,
+            pipes,
             stop: Some(stop),
             tail: None,
         })
@@ -136,6 +141,26 @@ impl Pumping {
     #[must_use]
     pub fn is_finished(&self) -> bool {
         self.tail.is_some() || self.handle.is_finished()
+    }
+
+    /// Whether every process that could write to the task's pipes has closed them, though what they
+    /// wrote may not all be read yet (it waits for release-tasks's own reader): `poll` says so with
+    /// `POLLHUP` before the last byte is read.
+    #[must_use]
+    pub fn writers_gone(&self) -> bool {
+        if self.is_finished() {
+            return true;
+        }
+        self.pipes.iter().all(|&fd| {
+            // SAFETY: the pump holds the pipes open until it ends, and it ends only on this thread,
+            // which is here: it has not ended (just checked).
+            let pipe = unsafe { BorrowedFd::borrow_raw(fd) };
+            let mut fds = [PollFd::new(pipe, PollFlags::empty())];
+            matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+                && fds[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+        })
     }
 
     /// Tells the pump to stop waiting for an end of stream that a leftover process is holding back.
@@ -317,7 +342,7 @@ mod tests {
     /// Starts pumping the read ends of two new pipes into `target`, during a release (writes that
     /// could block are queued); returns the pump and the pipes' write ends.
     fn start(stdio: &Stdio, target: Target) -> (Pumping, OwnedFd, OwnedFd) {
-        stdio.write_in_background();
+        stdio.write_in_background().expect("writer threads");
         let (out, out_w) = unistd::pipe().expect("pipe");
         let (err, err_w) = unistd::pipe().expect("pipe");
         let pumping = Pumping::start_to(
