@@ -72,7 +72,12 @@ fn slow_reader(read: OwnedFd, chunk: usize, pause: Duration) -> std::thread::Joi
 /// `count` lines of 100 bytes each (a number padded with zeros), as a file a task `dd`s out in one
 /// write.
 fn numbered_lines(count: usize) -> String {
-    (1..=count).map(|i| format!("{i:0>99}\n")).collect()
+    let mut text = String::with_capacity(count * 100);
+    for i in 1..=count {
+        use std::fmt::Write as _;
+        let _ = writeln!(text, "{i:0>99}");
+    }
+    text
 }
 
 /// Asserts that `out` is exactly the lines of [`numbered_lines`]`(count)`, each after `prefix`,
