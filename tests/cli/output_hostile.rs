@@ -303,3 +303,70 @@ fn sigterm_with_a_trickling_stdout_reader_exits_in_bounded_time() {
     );
     drop(reader);
 }
+
+/// `ulimit -u` reached, so that release-tasks cannot start the thread that writes its queued
+/// output, with a stdout reader that pauses 7 s and then reads everything: either every line
+/// arrives (the task waits for the reader, as the README's "slow or stalled reader" says), or the
+/// release ends with 71 naming the limit (the exit-status table: "the process limit reached for a
+/// thread of its own during the release"). Dropping lines silently is neither.
+///
+/// FAILS at 33ece23: `send`'s fallback writes from the run loop within the 5 s stall wait (the run
+/// loop and the task's timeout stand still meanwhile), then drops every later line the pipe cannot
+/// take at once, with no backpressure (nothing is queued, so `has_room` is always true) and no
+/// word in the log: 3849 of 30001 lines arrived, status 0.
+#[test]
+fn without_a_writer_thread_a_paused_reader_loses_no_line_silently() {
+    // SAFETY: geteuid only reads this process's user id.
+    if unsafe { nix::libc::geteuid() } != 0 {
+        crate::harness::cannot_run(
+            "`ulimit -u` applies per user; needs root to run as a user of its own",
+        );
+        return;
+    }
+    // A user of its own (no other process of it exists), so that the count is this run's alone:
+    // release-tasks, its guardian, the task's shell and its four sleeps are the limit of 7.
+    let uid = 20_000 + std::process::id() % 20_000;
+    let t = Test::new().config(
+        "[tasks.big]\nrun = \"sleep 30 & sleep 30 & sleep 30 & sleep 30 & i=1; while [ $i -le 30000 ]; do echo line $i; i=$((i+1)); done; echo last-line\"\ngrace = \"1s\"\n",
+    );
+    std::fs::set_permissions(
+        t.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let (read, write) = pipe();
+    let log = t.path("stderr.log");
+    let mut child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "bash",
+            "-c",
+            "ulimit -u 7 && exec \"$0\"",
+            BIN,
+        ])
+        .current_dir(t.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(std::fs::File::create(&log).expect("stderr file"))
+        .spawn()
+        .expect("setpriv");
+    // The pause is what is tested (a log collector catching up), not a synchronisation.
+    std::thread::sleep(Duration::from_secs(7));
+    let reader = slow_reader(read, 64 * 1024, Duration::ZERO);
+    let code = exit_within(&mut child, Duration::from_secs(60));
+    let out = reader.join().expect("reader");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    match code {
+        Some(71) => assert!(log.contains("the limit on processes"), "{log}"),
+        Some(0) => {
+            let text = String::from_utf8_lossy(&out);
+            let lines = text.lines().count();
+            assert_eq!(lines, 30_001, "lines dropped without a word:\n{log}");
+        }
+        other => panic!("status {other:?}:\n{log}"),
+    }
+}
