@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{BIN, Test, gone_within, read_pid, wait_blocked_writing};
+use crate::harness::{BIN, Test, gone_within, read_pid};
 
 /// A pipe for release-tasks's stdout: (the read end the test holds, the write end to hand over),
 /// both close-on-exec so that a release-tasks of a test running beside this one cannot hold them.
@@ -49,6 +49,23 @@ fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the log file `log` holds `needle`; fails the test after 30 s.
+#[track_caller]
+fn wait_logged(log: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never logged {needle:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -104,7 +121,7 @@ fn assert_every_line(out: &[u8], prefix: &str, count: usize, last: &str) {
 /// 2101 bytes, each written alone, so that each reaches release-tasks's stdout in a write of its own.
 const UNEVEN: &str = r#"
 [tasks.uneven]
-run = "l=$(printf '%02100d' 0); while :; do echo $l; sleep 0.05; done"
+run = "l=$(printf '%02100d' 0); i=0; while :; do echo $l; i=$((i+1)); echo $i > count; sleep 0.05; done"
 grace = "1s"
 "#;
 
@@ -140,8 +157,18 @@ fn sigterm_is_acted_on_while_a_stdout_pipe_filled_by_uneven_writes_is_stalled() 
     let t = Test::new().config(UNEVEN);
     let (read, write) = pipe();
     let (mut child, log) = start(&t, &[], write);
-    // Some thread of release-tasks (the run loop, or a writer of its own) waits on the full pipe.
-    wait_blocked_writing(child.id() as i32);
+    // The pipe is full after 16 lines of 2 KiB, each in a page of its own: the task has written
+    // more than that (and release-tasks has read them: its own pipe holds 1 MiB).
+    let count = t.path("count");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&count)
+        .ok()
+        .and_then(|c| c.trim().parse::<u32>().ok())
+        .is_none_or(|n| n < 24)
+    {
+        assert!(Instant::now() < deadline, "the task never wrote 24 lines");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -284,11 +311,10 @@ fn sigterm_with_a_trickling_stdout_reader_exits_in_bounded_time() {
     let (read, write) = pipe();
     let (mut child, log) = start(&t, &[], write);
     let reader = slow_reader(read, 1024, Duration::from_millis(200));
-    // Some thread of release-tasks waits on the pipe: the reader is behind.
     let pid = child.id() as i32;
-    wait_blocked_writing(pid);
-    // Let the queue fill with the task's small batches.
-    std::thread::sleep(Duration::from_secs(3));
+    wait_logged(&log, "task started");
+    // The queue fills with the task's small batches meanwhile: the scenario, not a synchronisation.
+    std::thread::sleep(Duration::from_secs(4));
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
