@@ -396,3 +396,110 @@ fn without_a_writer_thread_a_paused_reader_loses_no_line_silently() {
         other => panic!("status {other:?}:\n{log}"),
     }
 }
+
+/// Guard (passes at 33ece23): stdout and stderr one pipe of a single page, read slowly: every
+/// line of both tasks arrives in order, and each `task finished` comes after its task's last line
+/// (a partial last line included), as text and as JSON.
+#[test]
+fn a_slow_single_page_pipe_for_both_streams_keeps_every_line_in_order() {
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"seq 1 20000; printf a-partial-last\"\n[tasks.b]\nrun = \"seq 1 500 >&2; echo b-last\"\n",
+    );
+    for json in [false, true] {
+        let (read, write) = pipe();
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).expect("one page");
+        let stderr = write.try_clone().expect("dup");
+        let args: &[&str] = if json {
+            &["--log-format", "json", "--output-format", "json"]
+        } else {
+            &[]
+        };
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(t.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn release-tasks");
+        let reader = slow_reader(read, 512, Duration::from_millis(1));
+        let code = exit_within(&mut child, Duration::from_secs(120));
+        let out = reader.join().expect("reader");
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(code, Some(0), "json {json}:\n{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("json {json}: no line with {needle:?}"))
+        };
+        let (finished_a, finished_b) = if json {
+            (
+                at(r#""message":"task finished","task":"a""#),
+                at(r#""message":"task finished","task":"b""#),
+            )
+        } else {
+            (at("task finished task=a"), at("task finished task=b"))
+        };
+        assert!(at("a-partial-last") < finished_a, "json {json}");
+        assert!(at("b-last") < finished_b, "json {json}");
+        let a_lines: Vec<&str> = lines[..finished_a]
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("a | ") || l.starts_with(r#"{"task":"a""#))
+            .collect();
+        assert_eq!(a_lines.len(), 20_001, "json {json}: lines of a lost");
+        for (i, line) in a_lines.iter().take(20_000).enumerate() {
+            let want = if json {
+                format!(r#"{{"task":"a","stream":"stdout","line":"{}"}}"#, i + 1)
+            } else {
+                format!("a | {}", i + 1)
+            };
+            assert_eq!(*line, want, "json {json}: out of order");
+        }
+    }
+}
+
+/// Guard (passes at 33ece23): a task that writes 100 MB fast into a stdout nobody reads, with a
+/// timeout: the memory of release-tasks stays bounded (its queue is 1 MiB), and the status is 124.
+#[test]
+fn a_flood_into_a_stalled_stdout_keeps_memory_bounded() {
+    let t = Test::new().config(
+        "[tasks.flood]\nrun = \"head -c 100000000 /dev/zero | tr '\\\\0' x | fold -w 100\"\ntimeout = \"4s\"\ngrace = \"1s\"\n",
+    );
+    let (read, write) = pipe();
+    let (mut child, log) = start(&t, &[], write);
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let code = loop {
+        if let Some(hwm) = std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kb = peak_kb.max(hwm);
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(code, Some(124), "{log}");
+    assert!(peak_kb > 0, "no VmHWM read from {status}");
+    assert!(
+        peak_kb < 64 * 1024,
+        "peak RSS {peak_kb} kB for a 1 MiB queue"
+    );
+    drop(read);
+}
