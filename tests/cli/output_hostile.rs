@@ -393,6 +393,9 @@ fn without_a_writer_thread_a_paused_reader_loses_no_line_silently() {
             let lines = text.lines().count();
             assert_eq!(lines, 30_001, "lines dropped without a word:\n{log}");
         }
+        // The writer threads were made before the task and took the slots of its sleeps: the
+        // task's shell failed before it wrote anything, and nothing could be lost.
+        Some(2) if log.contains("Cannot fork") && out.is_empty() => {}
         other => panic!("status {other:?}:\n{log}"),
     }
 }
