@@ -157,8 +157,9 @@ fn sigterm_is_acted_on_while_a_stdout_pipe_filled_by_uneven_writes_is_stalled() 
     let t = Test::new().config(UNEVEN);
     let (read, write) = pipe();
     let (mut child, log) = start(&t, &[], write);
-    // The pipe is full after 16 lines of 2 KiB, each in a page of its own: the task has written
-    // more than that (and release-tasks has read them: its own pipe holds 1 MiB).
+    // release-tasks's stdout is full after 16 lines of 2 KiB, each in a page of its own; wait until
+    // the task has written 24 (its own pipe to release-tasks is read as lines come, so by then
+    // release-tasks has tried to write past the 16th).
     let count = t.path("count");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read_to_string(&count)
