@@ -28,6 +28,7 @@ mod lock_servers;
 #[cfg(feature = "postgres")]
 mod lock_sockets;
 mod notify;
+mod output_hostile;
 mod platform;
 #[cfg(feature = "postgres")]
 mod proxy;
