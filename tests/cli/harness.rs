@@ -435,8 +435,10 @@ pub fn wait_no_signal_pending(pid: i32, sig: &str) {
     }
 }
 
-/// Waits until a thread of process `pid` is blocked writing to a full pipe, as the kernel says in
-/// `/proc/PID/task/TID/wchan` (`pipe_write`, `anon_pipe_write`); fails the test after 20 s.
+/// Waits until a thread of process `pid` is held up by a full pipe, as the kernel says in
+/// `/proc/PID/task/TID/wchan`: blocked writing to it (`pipe_write`, `anon_pipe_write`) or waiting
+/// in `poll` for room in it (`poll_schedule_timeout`, where release-tasks's output threads wait);
+/// fails the test after 20 s.
 #[track_caller]
 pub fn wait_blocked_writing(pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -447,7 +449,7 @@ pub fn wait_blocked_writing(pid: i32) {
             .flatten()
             .any(|task| {
                 std::fs::read_to_string(task.path().join("wchan"))
-                    .is_ok_and(|w| w.ends_with("pipe_write"))
+                    .is_ok_and(|w| w.ends_with("pipe_write") || w.starts_with("poll_schedule"))
             });
         if blocked {
             return;
