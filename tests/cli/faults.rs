@@ -419,13 +419,11 @@ fn a_stalled_stdout_reader_does_not_stop_the_timeout() {
     let t = Test::new().config(
         "[tasks.chatty]\nrun = \"while true; do echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; done\"\ntimeout = \"1s\"\ngrace = \"1s\"\n",
     );
-    let mut child = Command::new(crate::harness::BIN)
-        .current_dir(t.dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_in(
+        &t,
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
     let _unread_stdout = child.stdout.take();
     let mut stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
@@ -468,13 +466,7 @@ fn a_task_that_never_stops_writing_still_times_out_and_stops_on_time() {
         started.elapsed()
     );
     let t = Test::new().config("[tasks.y]\nrun = \"touch started; exec yes\"\ngrace = \"1s\"\n");
-    let mut child = Command::new(crate::harness::BIN)
-        .current_dir(t.dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start_in(&t, std::process::Stdio::null(), std::process::Stdio::null());
     let limit = std::time::Instant::now() + Duration::from_secs(30);
     while !t.path("started").exists() {
         assert!(std::time::Instant::now() < limit, "the task never started");
@@ -501,13 +493,11 @@ fn a_task_that_never_stops_writing_still_times_out_and_stops_on_time() {
 #[test]
 fn a_stdout_reader_that_pauses_still_gets_every_line() {
     let t = Test::new().config("[tasks.big]\nrun = \"seq 1 300000; echo done >&2\"\n");
-    let mut child = Command::new(crate::harness::BIN)
-        .current_dir(t.dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_in(
+        &t,
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
     let mut stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     // The pause and the slow reads are what is tested, not a synchronisation: everything written
@@ -538,6 +528,21 @@ fn a_stdout_reader_that_pauses_still_gets_every_line() {
         "lines out of order or altered"
     );
     assert!(log.contains("big | done"), "{log}");
+}
+
+/// Starts release-tasks in `t`'s directory, stdin from /dev/null, with its stdout and stderr.
+fn start_in(
+    t: &Test,
+    stdout: std::process::Stdio,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    Command::new(crate::harness::BIN)
+        .current_dir(t.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
 }
 
 /// Starts release-tasks in `t`'s directory through a parent that blocked SIGTERM, SIGINT and SIGCHLD

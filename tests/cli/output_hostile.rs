@@ -129,7 +129,7 @@ grace = "1s"
 /// its own, so the pipe is full while FIONREAD says half of it is free. A write must never block
 /// the run loop there: the timeout fires, and release-tasks exits 124 after its one 5 s wait.
 ///
-/// FAILS at 33ece23: `pipe_room` counts unread bytes as if they filled pages whole, so `send`
+/// Failed at 33ece23 (fixed since): `pipe_room` counts unread bytes as if they filled pages whole, so `send`
 /// writes from the run loop into the full pipe and blocks it for ever (its only thread waits in
 /// `pipe_write`): no timeout, no signal, no exit.
 #[test]
@@ -189,7 +189,7 @@ fn sigterm_is_acted_on_while_a_stdout_pipe_filled_by_uneven_writes_is_stalled() 
 /// for 5 s: it must get every line before release-tasks exits, though one batch of the task's
 /// output (one read from its pipe, up to 256 KiB) takes it longer than 5 s.
 ///
-/// FAILS at 33ece23: `Stdio::flush` measures progress in whole queued items (`written` grows when
+/// Failed at 33ece23 (fixed since): `Stdio::flush` measures progress in whole queued items (`written` grows when
 /// an item is written whole), so a reader busy with one large item looks stalled and the rest of
 /// the queue is dropped at the exit (at 40 KB/s, `seq 1 100000` lost 68% of its lines).
 #[test]
@@ -216,7 +216,7 @@ fn a_slow_stdout_reader_gets_every_line_though_one_batch_takes_it_longer_than_5_
 /// task's own pipe) is not a process outside the task holding the pipe open: no such warning, and
 /// every line arrives.
 ///
-/// FAILS at 33ece23: the task's exit with its pipe not yet read looks like a leftover holding it,
+/// Failed at 33ece23 (fixed since): the task's exit with its pipe not yet read looks like a leftover holding it,
 /// so after the grace (and 1 s) release-tasks warns "a process outside the task's process group
 /// still holds its output open" about a process that does not exist, and stops the pump.
 #[test]
@@ -256,7 +256,7 @@ fn output_waiting_for_a_slow_reader_is_not_blamed_on_a_process_outside_the_task(
 /// dropped (README), but the command must start on a line of its own. A log collector that reads
 /// again later must not see the server's first line glued to half a line of the release.
 ///
-/// FAILS at 33ece23: the writer thread is in the middle of one `write` of a queued batch when
+/// Failed at 33ece23 (fixed since): the writer thread is in the middle of one `write` of a queued batch when
 /// `Stdio::flush` gives up and `execve` ends it, so the pipe holds part of a line, and the
 /// command's first line continues it (`bi` + `SERVER-LINE` -> `biSERVER-LINE`).
 #[test]
@@ -337,7 +337,7 @@ fn sigterm_with_a_trickling_stdout_reader_exits_in_bounded_time() {
 /// release ends with 71 naming the limit (the exit-status table: "the process limit reached for a
 /// thread of its own during the release"). Dropping lines silently is neither.
 ///
-/// FAILS at 33ece23: `send`'s fallback writes from the run loop within the 5 s stall wait (the run
+/// Failed at 33ece23 (fixed since): `send`'s fallback writes from the run loop within the 5 s stall wait (the run
 /// loop and the task's timeout stand still meanwhile), then drops every later line the pipe cannot
 /// take at once, with no backpressure (nothing is queued, so `has_room` is always true) and no
 /// word in the log: 3849 of 30001 lines arrived, status 0.
