@@ -56,16 +56,6 @@ pub enum Target {
 }
 
 impl Target {
-    /// The stream's name in a JSON line.
-    fn stream(self) -> &'static str {
-        match self {
-            Target::Stderr => "stderr",
-            Target::Stdout => "stdout",
-            #[cfg(test)]
-            Target::Fd(_) => "stdout",
-        }
-    }
-
     fn fd(self) -> RawFd {
         match self {
             Target::Stdout => 1,
@@ -852,6 +842,36 @@ mod tests {
             File::Other
         };
         assert_eq!(File::of(stat(&null)), expected);
+    }
+
+    /// A handle whose fds 1 and 2 are one file, or two.
+    fn stdio_with(one_file: bool) -> Stdio {
+        let stdio = Stdio::new();
+        let mut shared = Arc::try_unwrap(stdio.0).unwrap_or_else(|_| unreachable!("one handle"));
+        shared.one_file = one_file;
+        Stdio(Arc::new(shared))
+    }
+
+    #[test]
+    fn stderr_has_a_lock_and_queue_of_its_own_unless_it_is_stdouts_file() {
+        let two = stdio_with(false);
+        assert_eq!(two.index(Target::Stdout), 0);
+        assert_eq!(two.index(Target::Stderr), 1);
+        assert!(!std::ptr::eq(
+            two.queue(Target::Stdout),
+            two.queue(Target::Stderr)
+        ));
+        let one = stdio_with(true);
+        assert_eq!(one.index(Target::Stdout), 0);
+        assert_eq!(
+            one.index(Target::Stderr),
+            0,
+            "one file, one lock: lines never mix"
+        );
+        assert!(std::ptr::eq(
+            one.queue(Target::Stdout),
+            one.queue(Target::Stderr)
+        ));
     }
 
     #[test]

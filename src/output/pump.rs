@@ -104,9 +104,10 @@ impl Pumping {
                 pipe,
                 out: Out {
                     target,
+                    // The task's stream, whichever output it goes to.
                     lines: Lines::with_format(
                         stdio.output_format(),
-                        target.stream(),
+                        ["stdout", "stderr"][index],
                         prefix.to_vec(),
                     ),
                     index,
@@ -399,6 +400,41 @@ mod tests {
         let lines = tail.render(&[]).join("\n");
         assert!(lines.contains("to stdout"), "{lines}");
         assert!(lines.contains("to stderr"), "{lines}");
+    }
+
+    #[test]
+    fn json_lines_name_the_task_and_the_stream() {
+        let (file, target) = output_file();
+        let stdio = Stdio::new();
+        stdio.set_output_format(crate::output::OutputFormat::Json);
+        runtime().block_on(async {
+            stdio.write_in_background().expect("writer threads");
+            let (out, out_w) = unistd::pipe().expect("pipe");
+            let (err, err_w) = unistd::pipe().expect("pipe");
+            let mut pumping = Pumping::start_to(
+                &stdio,
+                [(out, target), (err, target)],
+                b"mig | ",
+                Tail::new(1),
+            )
+            .expect("pump");
+            unistd::write(&out_w, b"to out\n").expect("write");
+            drop(out_w);
+            unistd::write(&err_w, b"to err\n").expect("write");
+            drop(err_w);
+            finished(&mut pumping).await;
+        });
+        stdio.flush();
+        let text = std::fs::read_to_string(file.path()).expect("read");
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                r#"{"task":"mig","stream":"stderr","line":"to err"}"#,
+                r#"{"task":"mig","stream":"stdout","line":"to out"}"#,
+            ]
+        );
     }
 
     #[test]
