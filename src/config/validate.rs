@@ -39,9 +39,25 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     };
     let syntax = |err: toml::de::Error| Diagnostic {
         location: err.span().map(|span| line_col(source, span.start)),
-        message: crate::redact::urls_in(&syntax_message(err.message())),
+        message: crate::redact::urls_in(err.message().trim_end()),
     };
-    let doc: Node = toml::from_str(source).map_err(|err| invalid(vec![syntax(err)]))?;
+    let doc: Node = toml::from_str(source).map_err(|err| {
+        let at = err.span().map(|span| line_col(source, span.start));
+        // A key or table defined twice is found again from the parser's events, as data, to name
+        // it; a duplicate past the place the `toml` crate stopped is not what it stopped on.
+        let problem = match super::duplicates::first(source) {
+            Some(duplicate)
+                if at.is_none_or(|(line, _)| line_col(source, duplicate.at).0 <= line) =>
+            {
+                Diagnostic {
+                    location: Some(line_col(source, duplicate.at)),
+                    message: crate::redact::urls_in(&duplicate_message(source, &duplicate)),
+                }
+            }
+            _ => syntax(err),
+        };
+        invalid(vec![problem])
+    })?;
     let base = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -94,18 +110,22 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
 /// The most output lines a task's tail may keep (`[defaults] tail_lines`).
 pub const MAX_TAIL_LINES: usize = 1000;
 
-/// The TOML parser's message for a file it cannot read ("unclosed table, expected ']'"), or serde's
-/// for a table of the wrong shape (`tasks = 5`), as it is, with a hint where the next step is not
-/// obvious. Every other message is built from data (`mismatch_message`, the validator's own).
-///
-/// The one place that still reads another crate's words: the `toml` crate reports a duplicate key
-/// as a parse error whose only structure is its message and span.
-fn syntax_message(message: &str) -> String {
-    let message = message.trim_end();
-    if message.starts_with("duplicate key") {
-        format!("{message}; each key, and each [tasks.NAME], may appear only once")
+/// The message for a key or table the file defines twice: which, where it was first, and what
+/// to do.
+fn duplicate_message(source: &str, duplicate: &super::duplicates::Duplicate) -> String {
+    let first = line_col(source, duplicate.first).0;
+    if duplicate.header {
+        format!(
+            "duplicate table [{}], first on line {first}; each table, like each [tasks.NAME], may appear only once: \
+             merge the two into one, or rename one",
+            duplicate.path()
+        )
     } else {
-        message.to_owned()
+        format!(
+            "duplicate key `{}` {}, first on line {first}; each key may appear only once in its table: remove one of them",
+            duplicate.key,
+            duplicate.place()
+        )
     }
 }
 

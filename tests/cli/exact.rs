@@ -192,6 +192,13 @@ notify = { url = "ftp://example.com/hook", retries = 99, format = "xml" }
     snapshot("config-errors", &whole(&t, &t.run_with(&["check"])));
     let t = Test::new().config("[tasks.a]\nrun = \"true\"\nrun = \"false\"\n");
     snapshot("config-duplicate-key", &whole(&t, &t.run_with(&["check"])));
+    let t = Test::new().config(
+        "[tasks.a]\nrun = \"true\"\n\n[tasks.b]\nrun = \"true\"\n\n[tasks.a]\nrun = \"false\"\n",
+    );
+    snapshot(
+        "config-duplicate-table",
+        &whole(&t, &t.run_with(&["check"])),
+    );
     let t = Test::new().config("[tasks.a\nrun = \"true\"\n");
     snapshot("config-syntax", &whole(&t, &t.run_with(&["check"])));
     let t = Test::new().config("tasks = 5\n");
