@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use toml_parser::Source;
-use toml_parser::parser::{Event, EventKind};
+use toml_parser::parser::{Event, EventKind, RecursionGuard};
 
 /// A key or table defined a second time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,10 @@ pub(super) fn first(source: &str) -> Option<Duplicate> {
             events.push(event);
         }
     };
-    toml_parser::parser::parse_document(&tokens, &mut receiver, &mut ());
+    // Nesting as deep as the `toml` crate allows, and no deeper: `a = [[[[...` ten thousand deep
+    // must not take the stack.
+    let mut guarded = RecursionGuard::new(&mut receiver, MAX_DEPTH);
+    toml_parser::parser::parse_document(&tokens, &mut guarded, &mut ());
     Scan {
         source,
         events: events.into_iter().peekable(),
@@ -86,6 +89,9 @@ pub(super) fn first(source: &str) -> Option<Duplicate> {
     .err()
     .flatten()
 }
+
+/// The deepest nesting of arrays and inline tables followed (the `toml` crate's own limit).
+const MAX_DEPTH: u32 = 80;
 
 /// How a key came to be defined, which decides what may define it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +149,7 @@ impl Scan<'_> {
                 EventKind::SimpleKey => {
                     let keys = self.dotted(event)?;
                     let table = walk(&mut root, &section).ok_or(None)?;
-                    self.key_value(table, &section, &keys)?;
+                    self.key_value(table, &section, &keys, 0)?;
                 }
                 _ => return Err(None),
             }
@@ -193,7 +199,13 @@ impl Scan<'_> {
     }
 
     /// `keys = value` in `table` (which is at `path`), the value included.
-    fn key_value(&mut self, table: &mut Table, path: &[String], keys: &[Key]) -> Result<(), Stop> {
+    fn key_value(
+        &mut self,
+        table: &mut Table,
+        path: &[String],
+        keys: &[Key],
+        depth: u32,
+    ) -> Result<(), Stop> {
         let (last, parents) = keys.split_last().ok_or(None)?;
         let mut table = table;
         let mut path = path.to_vec();
@@ -228,7 +240,7 @@ impl Scan<'_> {
             }));
         }
         path.push(key.clone());
-        self.value(&path)?;
+        self.value(&path, depth)?;
         table.insert(
             key.clone(),
             Entry {
@@ -241,8 +253,11 @@ impl Scan<'_> {
     }
 
     /// One value: a scalar, an array (of values), or an inline table, whose keys are checked
-    /// among themselves. `path` names it in a message.
-    fn value(&mut self, path: &[String]) -> Result<(), Stop> {
+    /// among themselves. `path` names it in a message; `depth` is how deep it is nested.
+    fn value(&mut self, path: &[String], depth: u32) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(None);
+        }
         let event = self.events.next().ok_or(None)?;
         match event.kind() {
             EventKind::Scalar => Ok(()),
@@ -255,7 +270,7 @@ impl Scan<'_> {
                     Some(EventKind::ValueSep) => {
                         self.events.next();
                     }
-                    Some(_) => self.value(path)?,
+                    Some(_) => self.value(path, depth + 1)?,
                     None => return Err(None),
                 }
             },
@@ -268,7 +283,7 @@ impl Scan<'_> {
                         EventKind::ValueSep => {}
                         EventKind::SimpleKey => {
                             let keys = self.dotted(event)?;
-                            self.key_value(&mut inline, path, &keys)?;
+                            self.key_value(&mut inline, path, &keys, depth + 1)?;
                         }
                         _ => return Err(None),
                     }
@@ -447,6 +462,14 @@ mod tests {
                 "invalid TOML: {source}"
             );
         }
+    }
+
+    #[test]
+    fn nesting_deeper_than_toml_allows_is_not_followed() {
+        let deep = format!("a = {}{}\na = 1\n", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(found(&deep), None);
+        let fine = format!("a = {}{}\na = 1\n", "[".repeat(50), "]".repeat(50));
+        assert_eq!(found(&fine), Some(("a".into(), 2, 1, false)));
     }
 
     #[test]

@@ -208,6 +208,45 @@ notify = { url = "ftp://example.com/hook", retries = 99, format = "xml" }
 }
 
 #[test]
+fn a_datetime_where_another_type_belongs_is_one_problem_among_the_rest() {
+    let t = Test::new().config(
+        r#"[defaults]
+timeout = 2024-01-01
+tail_lines = 2024-01-01T10:00:00
+colour = "blue"
+
+[lock]
+postgres = "DATABASE_URL"
+key = 07:32:00
+once = 2024-01-01
+
+[tasks.a]
+run = 1979-05-27T07:32:00Z
+dir = 2024-01-01
+env = { STAMP = 2024-01-01, API_TOKEN = 1979-05-27 }
+after = [2024-01-01]
+when = { env = "A", equals = 2024-01-01 }
+
+[tasks.b]
+run = ["echo", 1979-05-27]
+allow_failure = 2024-01-01
+retries = 2024-01-01
+retry_on = [1, 2024-01-01]
+timeout = "soon"
+
+[tasks.c]
+notify = { url = "https://example.com/hook", headers = { X-Day = 2024-01-01 }, timeout = 2024-01-01, format = 2024-01-01 }
+"#,
+    );
+    snapshot("config-datetime", &whole(&t, &t.run_with(&["check"])));
+    // Where a table or a list belongs, the TOML reader stops, as for `env = 5`.
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\nenv = 2024-01-01\ntmeout = \"1m\"\n");
+    snapshot("config-datetime-table", &whole(&t, &t.run_with(&["check"])));
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\nafter = 2024-01-01\n");
+    snapshot("config-datetime-list", &whole(&t, &t.run_with(&["check"])));
+}
+
+#[test]
 fn help_is_pinned_word_for_word() {
     let t = Test::new();
     snapshot("help", &whole(&t, &t.run_with(&["--help"])));
