@@ -248,6 +248,100 @@ notify = { url = "https://example.com/hook", headers = { X-Day = 2024-01-01 }, t
 }
 
 #[test]
+fn a_timed_out_task_is_stopped_and_summed_up_word_for_word() {
+    let t = Test::new().config(
+        "[tasks.slow]\nrun = \"echo started; sleep 30\"\ntimeout = \"1s\"\ngrace = \"2s\"\n\
+         [tasks.after]\nrun = \"true\"\n[tasks.tell]\nrun = \"echo told\"\non = \"failure\"\n",
+    );
+    snapshot("run-timeout", &whole(&t, &t.run()));
+    // A task that ignores SIGTERM is killed when the grace period ends.
+    let t = Test::new().config(
+        "[tasks.stubborn]\nrun = [\"sh\", \"-c\", \"trap '' TERM; echo started; while true; do sleep 0.1; done\"]\n\
+         timeout = \"1s\"\ngrace = \"1s\"\n",
+    );
+    snapshot("run-timeout-killed", &whole(&t, &t.run()));
+}
+
+#[test]
+fn a_stop_signal_ends_the_release_word_for_word() {
+    let t = Test::new().config(
+        "[tasks.slow]\nrun = \"echo started; sleep 30\"\n[tasks.after]\nrun = \"true\"\n\
+         [tasks.tell]\nrun = \"echo told\"\non = \"failure\"\n",
+    );
+    let running = t.spawn_until("slow  | started");
+    running.signal("TERM");
+    snapshot("run-stopped", &whole(&t, &running.wait()));
+}
+
+#[test]
+fn exec_errors_are_pinned_word_for_word() {
+    let t = Test::new()
+        .config("[tasks.a]\nrun = \"echo hi\"\n")
+        .file("notes.txt", "not a program\n");
+    snapshot("exec-usage", &whole(&t, &t.run_with(&["exec"])));
+    snapshot(
+        "exec-not-found",
+        &whole(&t, &t.run_with(&["exec", "--", "no-such-command"])),
+    );
+    snapshot(
+        "exec-not-executable",
+        &whole(&t, &t.run_with(&["exec", "--", "./notes.txt"])),
+    );
+    let t = Test::new().config("[tasks.a]\nrun = \"echo failing; exit 4\"\n");
+    snapshot(
+        "exec-after-a-failure",
+        &whole(&t, &t.run_with(&["exec", "--", "echo", "never"])),
+    );
+}
+
+#[test]
+fn environment_and_selection_errors_are_pinned_word_for_word() {
+    let t = Test::new()
+        .config("[require]\nenv = [\"DATABASE_URL\"]\n[tasks.a]\nrun = \"true\"\nwhen = \"GO\"\n")
+        .env("GO", "ture");
+    snapshot("run-gate-invalid", &whole(&t, &t.run()));
+    let t = Test::new().config(
+        "[require]\nenv = [\"DATABASE_URL\", \"SECRET_KEY_BASE\"]\n[tasks.a]\nrun = \"true\"\n",
+    );
+    snapshot("run-require-missing", &whole(&t, &t.run()));
+    let t = Test::new().config("[tasks.a]\nrun = \"true\"\n[tasks.b]\nrun = \"true\"\n");
+    snapshot(
+        "run-only-unknown",
+        &whole(&t, &t.run_with(&["--only", "a,nope"])),
+    );
+    // The ledger's commands without [lock].
+    snapshot(
+        "history-without-lock",
+        &whole(&t, &t.run_with(&["history"])),
+    );
+    snapshot("wait-without-lock", &whole(&t, &t.run_with(&["wait"])));
+}
+
+/// `init`'s whole output and the release.toml it wrote.
+fn init_whole(t: &Test, args: &[&str]) -> String {
+    let out = t.run_with(args);
+    let written = std::fs::read_to_string(t.path("release.toml")).unwrap_or_default();
+    format!("{}--- release.toml\n{written}", whole(t, &out))
+}
+
+#[test]
+fn init_output_and_the_file_it_writes_are_pinned_word_for_word() {
+    let t = Test::new();
+    snapshot("init-generic", &init_whole(&t, &["init"]));
+    snapshot("init-exists", &whole(&t, &t.run_with(&["init"])));
+    let t = Test::new().file(
+        "Gemfile",
+        "source \"https://rubygems.org\"\ngem \"rails\", \"~> 7.1\"\n",
+    );
+    snapshot("init-rails", &init_whole(&t, &["init"]));
+    let t = Test::new().file("artisan", "#!/usr/bin/env php\n").file(
+        ".env.example",
+        "APP_NAME=shop\nDB_CONNECTION=mysql\nDB_HOST=127.0.0.1\n",
+    );
+    snapshot("init-laravel-mysql", &init_whole(&t, &["init"]));
+}
+
+#[test]
 fn help_is_pinned_word_for_word() {
     let t = Test::new();
     snapshot("help", &whole(&t, &t.run_with(&["--help"])));
