@@ -519,6 +519,56 @@ fn history_is_pinned_on(backend: &str, url: &str, name: &str) {
     );
 }
 
+/// `wait`'s messages: a release that succeeded, one that failed (with and without `--fail-fast`),
+/// one not recorded, and no version to wait for.
+#[cfg(feature = "postgres")]
+fn wait_is_pinned_on(backend: &str, url: &str, name: &str) {
+    let app = format!("{name}-{}", std::process::id());
+    let release = |tasks: &str, version: &str| {
+        crate::lock::locked_on(backend, url, name, "once = true", tasks)
+            .env("DYNO", "web.1")
+            .env("RELEASE_TASKS_VERSION", version)
+    };
+    let t = release("[tasks.migrate]\nrun = \"true\"\n", "v1");
+    t.run().status(0);
+    let pinned = |snapshot_name: &str, t: &Test, args: &[&str]| {
+        snapshot(snapshot_name, &whole_history(t, &t.run_with(args), &app));
+    };
+    pinned("wait-succeeded", &t, &["wait"]);
+    let t = release("[tasks.migrate]\nrun = \"exit 4\"\n", "v2");
+    t.run().status(4);
+    pinned("wait-failed-fail-fast", &t, &["wait", "--fail-fast"]);
+    pinned("wait-failed-timeout", &t, &["wait", "--timeout", "1s"]);
+    let t = release("[tasks.migrate]\nrun = \"true\"\n", "v3");
+    pinned("wait-not-recorded", &t, &["wait", "--timeout", "1s"]);
+    let t = crate::lock::locked_on(
+        backend,
+        url,
+        name,
+        "once = true",
+        "[tasks.a]\nrun = \"true\"\n",
+    );
+    pinned("wait-no-version", &t, &["wait"]);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn wait_is_pinned_word_for_word_on_postgres() {
+    let Some(url) = crate::lock::database_url() else {
+        return;
+    };
+    wait_is_pinned_on("postgres", url, "exact-wait");
+}
+
+#[cfg(all(feature = "postgres", feature = "mysql"))]
+#[test]
+fn wait_is_pinned_word_for_word_on_mysql() {
+    let Some(url) = crate::lock_mysql::mysql_url() else {
+        return;
+    };
+    wait_is_pinned_on("mysql", url, "exact-wait-my");
+}
+
 #[cfg(feature = "postgres")]
 #[test]
 fn history_is_pinned_word_for_word_on_postgres() {
