@@ -1559,6 +1559,52 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_duplicate_is_named_only_when_it_is_what_the_reader_stopped_on() {
+        let p = problems("[tasks.a]\nrun = \"x\"\nrun = \"y\"\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].location, Some((3, 1)));
+        assert!(
+            p[0].message
+                .starts_with("duplicate key `run` in [tasks.a], first on line 2;")
+        );
+        // A syntax error before it is what stopped the reader: its own message, at its own place.
+        let p = problems("[tasks.a]\nrun = \"x\" junk\nrun = \"y\"\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].location.map(|(line, _)| line), Some(2));
+        assert!(!p[0].message.contains("duplicate"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn a_datetime_is_reported_once_where_its_value_is_checked() {
+        let p = problems(
+            "[defaults]\ntimeout = 2024-01-01\n[tasks.a]\nrun = \"x\"\nwhen = [\"A\", 2024-01-01, 07:32:00]\nnope = 2024-01-01\n",
+        );
+        let text: Vec<(Option<(usize, usize)>, &str)> =
+            p.iter().map(|d| (d.location, d.message.as_str())).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert_eq!(text[0].0, Some((2, 11)));
+        assert!(
+            text[0]
+                .1
+                .starts_with("invalid type: datetime `2024-01-01`, expected a string;")
+        );
+        // One problem for the list, at its first datetime.
+        assert_eq!(text[1].0, Some((5, 14)));
+        assert!(text[1].1.ends_with("(key `when`)"), "{}", text[1].1);
+        // Under an unknown key, the key is the problem.
+        assert!(
+            text[2].1.starts_with("unknown field `nope`"),
+            "{}",
+            text[2].1
+        );
+        // Nothing is taken for text: a datetime alone is still a problem.
+        assert_eq!(
+            problems("[tasks.a]\nrun = \"x\"\ndir = 2024-01-01\n").len(),
+            1
+        );
+    }
+
     fn names(config: &Config) -> Vec<&str> {
         config.tasks.iter().map(|t| t.name.as_str()).collect()
     }
