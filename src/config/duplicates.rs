@@ -9,9 +9,9 @@
 //! consulted only for a file the `toml` crate has already refused, so a rule it does not know can
 //! at worst leave the crate's own message without the hint, never refuse a valid file.
 
-use std::collections::HashMap;
-
+use std::fmt::Write as _;
 use toml_parser::Source;
+
 use toml_parser::parser::{Event, EventKind, RecursionGuard};
 
 /// A key or table defined a second time.
@@ -29,69 +29,54 @@ pub(super) struct Duplicate {
     pub(super) first: usize,
 }
 
-impl Duplicate {
-    /// `[tasks.a]`, or `run` in `[tasks.a]`, in TOML's own notation.
-    pub(super) fn path(&self) -> String {
-        let mut keys: Vec<&str> = self.table.iter().map(String::as_str).collect();
-        keys.push(&self.key);
-        keys.iter()
-            .map(|key| quoted_if_needed(key))
-            .collect::<Vec<_>>()
-            .join(".")
-    }
-
-    /// The table the key is in, as a header (`[tasks.a]`), or "the top level".
-    pub(super) fn place(&self) -> String {
-        if self.table.is_empty() {
-            "at the top level".to_owned()
+/// Keys joined by dots, as TOML writes them (quoted where a bare key cannot say them); an item of
+/// an array (a place of the scan's own, named by a NUL) is left out.
+pub(super) fn written(keys: &[String]) -> String {
+    let mut out = String::new();
+    for key in keys.iter().filter(|key| !key.starts_with('\0')) {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        if !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            out.push_str(key);
         } else {
-            let keys: Vec<String> = self.table.iter().map(|k| quoted_if_needed(k)).collect();
-            format!("in [{}]", keys.join("."))
+            let _ = write!(out, "{key:?}");
         }
     }
+    out
 }
 
-/// A key as TOML needs it written: bare when it can be, quoted otherwise.
-fn quoted_if_needed(key: &str) -> String {
-    let bare = !key.is_empty()
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if bare {
-        key.to_owned()
-    } else {
-        format!("{key:?}")
-    }
-}
-
-/// The first key or table `source` defines twice, if any (in the order of the file).
+/// The first key or table `source` defines twice, if any (in the order of the file). A file of more
+/// than [`MAX_DEFINITIONS`] keys and tables is not followed to its end (nor is anything past a
+/// place the parser cannot read).
 pub(super) fn first(source: &str) -> Option<Duplicate> {
     let source = Source::new(source);
     let tokens = source.lex().into_vec();
-    let mut events = Vec::new();
-    let mut receiver = |event: Event| {
-        if !matches!(
-            event.kind(),
-            EventKind::Whitespace | EventKind::Comment | EventKind::Newline
-        ) {
-            events.push(event);
-        }
-    };
+    let mut events: Vec<Event> = Vec::with_capacity(tokens.len());
     // Nesting as deep as the `toml` crate allows, and no deeper: `a = [[[[...` ten thousand deep
     // must not take the stack.
-    let mut guarded = RecursionGuard::new(&mut receiver, MAX_DEPTH);
+    let mut guarded = RecursionGuard::new(&mut events, MAX_DEPTH);
     toml_parser::parser::parse_document(&tokens, &mut guarded, &mut ());
-    Scan {
+    let mut scan = Scan {
         source,
-        events: events.into_iter().peekable(),
-    }
-    .document()
-    .err()
-    .flatten()
+        events: &events,
+        next: 0,
+        defined: Vec::new(),
+        found: None,
+    };
+    let _ = scan.document();
+    scan.found
 }
 
 /// The deepest nesting of arrays and inline tables followed (the `toml` crate's own limit).
 const MAX_DEPTH: u32 = 80;
+
+/// The most keys and tables followed: each is looked up among those before it.
+const MAX_DEFINITIONS: usize = 4096;
 
 /// How a key came to be defined, which decides what may define it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,257 +89,195 @@ enum Kind {
     /// define it.
     Implicit,
     /// A table a `[header]` defined.
-    Explicit,
-    /// A `[[header]]` array of tables; its `keys` are the last element's.
+    Table,
+    /// A `[[header]]` array of tables; what is under it belongs to its last element.
     Array,
 }
 
-#[derive(Debug)]
-struct Entry {
+/// A key or table defined so far: its keys from the top, how, and where its key starts.
+struct Defined {
+    path: Vec<String>,
     kind: Kind,
-    /// Where the key that defined it starts.
     at: usize,
-    keys: Table,
 }
 
-type Table = HashMap<String, Entry>;
-
-/// A key as written, decoded (`"run"` and `run` are one key), and where it starts.
-type Key = (String, usize);
-
-struct Scan<'s> {
+struct Scan<'s, 'e> {
     source: Source<'s>,
-    events: std::iter::Peekable<std::vec::IntoIter<Event>>,
+    events: &'e [Event],
+    next: usize,
+    defined: Vec<Defined>,
+    /// The duplicate that stopped the scan (a scan also stops, with none, at an event it cannot
+    /// follow: the file does not parse, and the `toml` crate's message says why).
+    found: Option<Duplicate>,
 }
 
-/// Why the scan stopped early: the first duplicate, or an event it cannot follow (the file does not
-/// parse: the `toml` crate's message says why).
-type Stop = Option<Duplicate>;
+impl Scan<'_, '_> {
+    /// The next event that is not whitespace, a comment or a newline, left in place.
+    fn peek(&mut self) -> Option<EventKind> {
+        loop {
+            let kind = self.events.get(self.next)?.kind();
+            if !matches!(
+                kind,
+                EventKind::Whitespace | EventKind::Comment | EventKind::Newline
+            ) {
+                return Some(kind);
+            }
+            self.next += 1;
+        }
+    }
 
-impl Scan<'_> {
-    fn document(&mut self) -> Result<(), Stop> {
-        let mut root = Table::new();
-        let mut section: Vec<String> = Vec::new();
-        while let Some(event) = self.events.next() {
-            match event.kind() {
+    fn take(&mut self) -> Option<Event> {
+        self.peek()?;
+        self.next += 1;
+        Some(self.events[self.next - 1])
+    }
+
+    /// The whole file, up to its first duplicate or a place the scan cannot follow.
+    fn document(&mut self) -> Option<()> {
+        let mut section = Vec::new();
+        while let Some(kind) = self.peek() {
+            match kind {
                 EventKind::StdTableOpen | EventKind::ArrayTableOpen => {
-                    let array = event.kind() == EventKind::ArrayTableOpen;
-                    let keys = self.keys_until(if array {
-                        EventKind::ArrayTableClose
+                    self.next += 1;
+                    let (close, kind) = if kind == EventKind::StdTableOpen {
+                        (EventKind::StdTableClose, Kind::Table)
                     } else {
-                        EventKind::StdTableClose
-                    })?;
-                    section = header(&mut root, &keys, array)?;
+                        (EventKind::ArrayTableClose, Kind::Array)
+                    };
+                    let keys = self.keys(close)?;
+                    section = self.define(&[], &keys, kind)?;
                 }
-                EventKind::SimpleKey => {
-                    let keys = self.dotted(event)?;
-                    let table = walk(&mut root, &section).ok_or(None)?;
-                    self.key_value(table, &section, &keys, 0)?;
-                }
-                _ => return Err(None),
+                _ => self.key_value(&section, 0)?,
             }
         }
-        Ok(())
+        Some(())
     }
 
-    /// The decoded key of a `SimpleKey` event.
-    fn key(&self, event: Event) -> Result<Key, Stop> {
-        let raw = self.source.get(event).ok_or(None)?;
-        let mut key = String::new();
-        raw.decode_key(&mut key, &mut ());
-        Ok((key, event.span().start()))
-    }
-
-    /// The keys of a header, up to its closing bracket(s).
-    fn keys_until(&mut self, close: EventKind) -> Result<Vec<Key>, Stop> {
+    /// Keys joined by dots, decoded (`"run"` and `run` are one key), with where each starts; up to
+    /// and including `end` (`=`, or a header's closing bracket).
+    fn keys(&mut self, end: EventKind) -> Option<Vec<(String, usize)>> {
         let mut keys = Vec::new();
-        while let Some(event) = self.events.next() {
+        loop {
+            let event = self.take()?;
             match event.kind() {
-                EventKind::SimpleKey => keys.push(self.key(event)?),
-                EventKind::KeySep => {}
-                kind if kind == close && !keys.is_empty() => return Ok(keys),
-                _ => return Err(None),
-            }
-        }
-        Err(None)
-    }
-
-    /// A dotted key that starts with `first`, up to and including its `=`.
-    fn dotted(&mut self, first: Event) -> Result<Vec<Key>, Stop> {
-        let mut keys = vec![self.key(first)?];
-        while let Some(event) = self.events.next() {
-            match event.kind() {
-                EventKind::KeySep => {
-                    let next = self.events.next().ok_or(None)?;
-                    if next.kind() != EventKind::SimpleKey {
-                        return Err(None);
-                    }
-                    keys.push(self.key(next)?);
+                EventKind::SimpleKey => {
+                    let mut key = String::new();
+                    self.source.get(event)?.decode_key(&mut key, &mut ());
+                    keys.push((key, event.span().start()));
                 }
-                EventKind::KeyValSep => return Ok(keys),
-                _ => return Err(None),
+                EventKind::KeySep => {}
+                kind if kind == end && !keys.is_empty() => return Some(keys),
+                _ => return None,
             }
         }
-        Err(None)
     }
 
-    /// `keys = value` in `table` (which is at `path`), the value included.
-    fn key_value(
+    /// `keys = value` in the table at `table`, the value included.
+    fn key_value(&mut self, table: &[String], depth: u32) -> Option<()> {
+        let keys = self.keys(EventKind::KeyValSep)?;
+        let path = self.define(table, &keys, Kind::Value)?;
+        self.value(&path, depth)
+    }
+
+    /// Defines `keys` under `table` as `kind` (a value, or a header's table or array), with TOML's
+    /// rules for each key on the way; returns the path defined.
+    fn define(
         &mut self,
-        table: &mut Table,
-        path: &[String],
-        keys: &[Key],
-        depth: u32,
-    ) -> Result<(), Stop> {
-        let (last, parents) = keys.split_last().ok_or(None)?;
-        let mut table = table;
-        let mut path = path.to_vec();
-        for (key, at) in parents {
-            let entry = table.entry(key.clone()).or_insert(Entry {
-                kind: Kind::Dotted,
-                at: *at,
-                keys: Table::new(),
-            });
-            // A dotted key may add to a table that dotted keys made, or that a header named only
-            // as a parent; not to one a header defined, nor to a value.
-            if matches!(entry.kind, Kind::Value | Kind::Explicit | Kind::Array) {
-                return Err(Some(Duplicate {
+        table: &[String],
+        keys: &[(String, usize)],
+        kind: Kind,
+    ) -> Option<Vec<String>> {
+        let header = kind != Kind::Value;
+        let mut path = table.to_vec();
+        for (i, (key, at)) in keys.iter().enumerate() {
+            path.push(key.clone());
+            let last = i + 1 == keys.len();
+            let Some(found) = self.defined.iter().rposition(|d| d.path == path) else {
+                if self.defined.len() >= MAX_DEFINITIONS {
+                    return None;
+                }
+                let kind = match (last, header) {
+                    (true, _) => kind,
+                    (false, true) => Kind::Implicit,
+                    (false, false) => Kind::Dotted,
+                };
+                self.defined.push(Defined {
+                    path: path.clone(),
+                    kind,
+                    at: *at,
+                });
+                continue;
+            };
+            let before = self.defined[found].kind;
+            let allowed = match (last, before) {
+                // A header may pass through any table; a dotted key only through one that dotted
+                // keys made or a header named as a parent.
+                (false, Kind::Table | Kind::Array) => header,
+                (false, Kind::Dotted | Kind::Implicit) => true,
+                (true, Kind::Implicit) if kind == Kind::Table => {
+                    self.defined[found].kind = Kind::Table;
+                    self.defined[found].at = *at;
+                    true
+                }
+                (true, Kind::Array) if kind == Kind::Array => {
+                    // A new element: what was under the last one is gone from view.
+                    self.forget_under(&path);
+                    true
+                }
+                (false, Kind::Value) | (true, _) => false,
+            };
+            if !allowed {
+                path.pop();
+                self.found = Some(Duplicate {
                     table: path,
                     key: key.clone(),
-                    header: false,
+                    header,
                     at: *at,
-                    first: entry.at,
-                }));
+                    first: self.defined[found].at,
+                });
+                return None;
             }
-            path.push(key.clone());
-            table = &mut entry.keys;
         }
-        let (key, at) = last;
-        if let Some(entry) = table.get(key) {
-            return Err(Some(Duplicate {
-                table: path,
-                key: key.clone(),
-                header: false,
-                at: *at,
-                first: entry.at,
-            }));
-        }
-        path.push(key.clone());
-        self.value(&path, depth)?;
-        table.insert(
-            key.clone(),
-            Entry {
-                kind: Kind::Value,
-                at: *at,
-                keys: Table::new(),
-            },
-        );
-        Ok(())
+        Some(path)
+    }
+
+    /// Forgets what is defined under `path`.
+    fn forget_under(&mut self, path: &[String]) {
+        self.defined
+            .retain(|d| !(d.path.len() > path.len() && d.path.starts_with(path)));
     }
 
     /// One value: a scalar, an array (of values), or an inline table, whose keys are checked
-    /// among themselves. `path` names it in a message; `depth` is how deep it is nested.
-    fn value(&mut self, path: &[String], depth: u32) -> Result<(), Stop> {
+    /// among themselves; `path` is where it is, `depth` how deep it is nested.
+    fn value(&mut self, path: &[String], depth: u32) -> Option<()> {
         if depth > MAX_DEPTH {
-            return Err(None);
+            return None;
         }
-        let event = self.events.next().ok_or(None)?;
-        match event.kind() {
-            EventKind::Scalar => Ok(()),
-            EventKind::ArrayOpen => loop {
-                match self.events.peek().map(Event::kind) {
-                    Some(EventKind::ArrayClose) => {
-                        self.events.next();
-                        return Ok(());
-                    }
-                    Some(EventKind::ValueSep) => {
-                        self.events.next();
-                    }
-                    Some(_) => self.value(path, depth + 1)?,
-                    None => return Err(None),
+        let (close, inline) = match self.take()?.kind() {
+            EventKind::Scalar => return Some(()),
+            EventKind::ArrayOpen => (EventKind::ArrayClose, false),
+            EventKind::InlineTableOpen => (EventKind::InlineTableClose, true),
+            _ => return None,
+        };
+        // Each item of an array is a place of its own (`[{ x = 1 }, { x = 1 }]`), under a key (a
+        // NUL) that no release.toml has a reason to write.
+        let mut item = path.to_vec();
+        item.push("\0".to_owned());
+        loop {
+            match self.peek()? {
+                kind if kind == close => {
+                    self.next += 1;
+                    return Some(());
                 }
-            },
-            EventKind::InlineTableOpen => {
-                let mut inline = Table::new();
-                loop {
-                    let event = self.events.next().ok_or(None)?;
-                    match event.kind() {
-                        EventKind::InlineTableClose => return Ok(()),
-                        EventKind::ValueSep => {}
-                        EventKind::SimpleKey => {
-                            let keys = self.dotted(event)?;
-                            self.key_value(&mut inline, path, &keys, depth + 1)?;
-                        }
-                        _ => return Err(None),
-                    }
+                EventKind::ValueSep => self.next += 1,
+                _ if inline => self.key_value(path, depth + 1)?,
+                _ => {
+                    self.value(&item, depth + 1)?;
+                    self.forget_under(&item);
                 }
             }
-            _ => Err(None),
         }
     }
-}
-
-/// The table a section's path leads to (through the last element of an array of tables).
-fn walk<'t>(root: &'t mut Table, path: &[String]) -> Option<&'t mut Table> {
-    let mut table = root;
-    for key in path {
-        table = &mut table.get_mut(key)?.keys;
-    }
-    Some(table)
-}
-
-/// A `[header]` or `[[header]]`: defines its table (or adds an element), and returns the section's
-/// path.
-fn header(root: &mut Table, keys: &[Key], array: bool) -> Result<Vec<String>, Stop> {
-    let (last, parents) = keys.split_last().ok_or(None)?;
-    let mut table = root;
-    let mut path = Vec::new();
-    for (key, at) in parents {
-        let entry = table.entry(key.clone()).or_insert(Entry {
-            kind: Kind::Implicit,
-            at: *at,
-            keys: Table::new(),
-        });
-        if entry.kind == Kind::Value {
-            return Err(Some(Duplicate {
-                table: path,
-                key: key.clone(),
-                header: true,
-                at: *at,
-                first: entry.at,
-            }));
-        }
-        path.push(key.clone());
-        table = &mut entry.keys;
-    }
-    let (key, at) = last;
-    let duplicate = |first: usize| Duplicate {
-        table: path.clone(),
-        key: key.clone(),
-        header: true,
-        at: *at,
-        first,
-    };
-    match table.get_mut(key) {
-        None => {
-            table.insert(
-                key.clone(),
-                Entry {
-                    kind: if array { Kind::Array } else { Kind::Explicit },
-                    at: *at,
-                    keys: Table::new(),
-                },
-            );
-        }
-        Some(entry) if array && entry.kind == Kind::Array => entry.keys = Table::new(),
-        Some(entry) if !array && entry.kind == Kind::Implicit => {
-            entry.kind = Kind::Explicit;
-            entry.at = *at;
-        }
-        Some(entry) => return Err(Some(duplicate(entry.at))),
-    }
-    path.push(key.clone());
-    Ok(path)
 }
 
 #[cfg(test)]
@@ -364,7 +287,11 @@ mod tests {
     /// The duplicate as (path, line of the second, line of the first, from a header).
     fn found(source: &str) -> Option<(String, usize, usize, bool)> {
         let line = |at: usize| source[..at].matches('\n').count() + 1;
-        first(source).map(|d| (d.path(), line(d.at), line(d.first), d.header))
+        first(source).map(|d| {
+            let mut path = d.table.clone();
+            path.push(d.key);
+            (written(&path), line(d.at), line(d.first), d.header)
+        })
     }
 
     #[test]
@@ -473,6 +400,29 @@ mod tests {
     }
 
     #[test]
+    fn a_key_twice_in_an_inline_table_in_an_array_is_named_by_the_array() {
+        assert_eq!(
+            found("a = [{ x = 1 }, { x = 1, x = 2 }]\n"),
+            Some(("a.x".into(), 1, 1, false))
+        );
+    }
+
+    #[test]
+    fn a_file_of_more_keys_than_followed_gives_up_rather_than_take_long() {
+        let keys = |n: usize| {
+            (0..n).fold(String::new(), |mut s, i| {
+                let _ = writeln!(s, "k{i} = 1");
+                s
+            })
+        };
+        let mut many = keys(MAX_DEFINITIONS);
+        many.push_str("one_more = 1\nk0 = 2\n");
+        assert_eq!(found(&many), None);
+        let few = keys(MAX_DEFINITIONS - 1);
+        assert_eq!(found(&(few + "k0 = 2\n")).map(|d| d.0), Some("k0".into()));
+    }
+
+    #[test]
     fn a_file_that_does_not_parse_has_no_duplicate_past_the_fault() {
         assert_eq!(found("[tasks.a\nrun = 1\nrun = 2\n"), None);
         assert_eq!(found("a = 1\na = 2\n[b\n"), Some(("a".into(), 2, 1, false)));
@@ -481,9 +431,10 @@ mod tests {
     #[test]
     fn names_are_written_as_toml_writes_them() {
         let d = first("[tasks.\"db migrate\"]\nrun = 1\nrun = 2\n").expect("a duplicate");
-        assert_eq!(d.path(), "tasks.\"db migrate\".run");
-        assert_eq!(d.place(), "in [tasks.\"db migrate\"]");
-        let d = first("a = 1\na = 2\n").expect("a duplicate");
-        assert_eq!(d.place(), "at the top level");
+        assert_eq!(written(&d.table), "tasks.\"db migrate\"");
+        assert_eq!(
+            written(&["a".into(), "\0".into(), "b.c".into()]),
+            "a.\"b.c\""
+        );
     }
 }

@@ -111,6 +111,9 @@ pub(super) struct RawTask {
 pub(super) struct Typed<T>(pub(super) Result<Spanned<T>, (Range<usize>, Mismatch)>);
 
 impl<'de, T: Expect> Deserialize<'de> for Typed<T> {
+    // Once per type, not inlined into each of the thirty-odd fields of the serde mirror: a little
+    // less in the static binary, whose size has a budget (README, "Static binary").
+    #[inline(never)]
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Spanned::<toml::Value>::deserialize(deserializer)?;
         let span = value.span();

@@ -70,7 +70,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     // expected: each is read as the text it was written as, and reported where its value is
     // checked, with what the key takes (see `Validator::dated`).
     let mut dated = Vec::new();
-    undate(doc.get_mut(), &mut Vec::new(), &mut dated);
+    undate(doc.get_mut(), Place::default(), &mut dated);
     let mut v = Validator {
         source,
         base: absolute(&base),
@@ -92,10 +92,8 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
             match v.dated.iter().position(|d| Some(d.at.start) == at) {
                 Some(i) => {
                     let dated = v.dated.swap_remove(i);
-                    if let [top, task, _, ..] = &dated.path[..] {
-                        v.task = (top == "tasks").then(|| task.clone());
-                    }
-                    v.report_dated(&dated, dated.table_or_list());
+                    v.task.clone_from(&dated.task);
+                    v.report_dated(&dated, dated.table_or_list);
                 }
                 None => v.problems.push(syntax(err)),
             }
@@ -112,6 +110,7 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     // A datetime no check came to (none should be left): never taken silently for text.
     for dated in std::mem::take(&mut v.dated) {
         if !dated.done {
+            v.task.clone_from(&dated.task);
             v.report_dated(&dated, Expected::Str);
         }
     }
@@ -137,20 +136,27 @@ pub const MAX_TAIL_LINES: usize = 1000;
 /// The message for a key or table the file defines twice: which, where it was first, and what
 /// to do.
 fn duplicate_message(source: &str, duplicate: &super::duplicates::Duplicate) -> String {
+    use super::duplicates::written;
     let first = line_col(source, duplicate.first).0;
-    if duplicate.header {
-        format!(
-            "duplicate table [{}], first on line {first}; each table, like each [tasks.NAME], may appear only once: \
-             merge the two into one, or rename one",
-            duplicate.path()
+    let (what, todo) = if duplicate.header {
+        let mut path = duplicate.table.clone();
+        path.push(duplicate.key.clone());
+        (
+            format!("table [{}]", written(&path)),
+            "each table, like each [tasks.NAME], may appear only once: merge the two into one, or rename one",
         )
     } else {
-        format!(
-            "duplicate key `{}` {}, first on line {first}; each key may appear only once in its table: remove one of them",
-            duplicate.key,
-            duplicate.place()
+        let place = if duplicate.table.is_empty() {
+            "at the top level".to_owned()
+        } else {
+            format!("in [{}]", written(&duplicate.table))
+        };
+        (
+            format!("key `{}` {place}", duplicate.key),
+            "each key may appear only once in its table: remove one of them",
         )
-    }
+    };
+    format!("duplicate {what}, first on line {first}; {todo}")
 }
 
 /// The message for a value that is not what its key takes, from what was found and what was
@@ -172,23 +178,14 @@ fn mismatch_message(mismatch: &Mismatch, key: Option<&str>) -> String {
             expecting(*expected)
         ),
     };
-    let quote;
     let hint = match (found, expected) {
         (Found::Array, Expected::Str | Expected::Bool | Expected::U32) => {
             Some("this key takes one value, not a list; remove the [ ]")
         }
         // TOML reads `2024-01-01` or `07:32:00` unquoted as a date or time, which no key takes.
-        (Found::Datetime(text), Expected::Str | Expected::Described(_)) => {
-            quote = if show {
-                format!(
-                    "TOML reads an unquoted date or time as a datetime: put it in quotes, like \"{text}\""
-                )
-            } else {
-                "TOML reads an unquoted date or time as a datetime: put the value in quotes"
-                    .to_owned()
-            };
-            Some(quote.as_str())
-        }
+        (Found::Datetime(_), Expected::Str | Expected::Described(_)) => Some(
+            "TOML reads an unquoted date or time as a datetime, not as text: put it in quotes, like \"2024-01-01\"",
+        ),
         (_, Expected::Str) => Some("put the value in quotes, like \"3000\""),
         (_, Expected::Bool) => Some("write true or false, without quotes"),
         (_, Expected::U32) => Some("write a whole number, without quotes"),
@@ -244,7 +241,7 @@ fn one_of(names: &[&str]) -> String {
 /// value is about, from the parsed tree's spans.
 fn keys_by_value(table: &DeTable<'_>, keys: &mut HashMap<usize, String>) {
     for (key, value) in table {
-        keys.insert(value.span().start, key.get_ref().to_string());
+        keys.insert(value.span().start, key.get_ref().as_ref().to_owned());
         if let DeValue::Table(inner) = value.get_ref() {
             keys_by_value(inner, keys);
         }
@@ -252,41 +249,48 @@ fn keys_by_value(table: &DeTable<'_>, keys: &mut HashMap<usize, String>) {
 }
 
 /// A TOML datetime (`2024-01-01`, `07:32:00`, `1979-05-27T07:32:00Z`) in the file, which no key
-/// takes: where it is, as written, and under which keys.
+/// takes: where it is, as written, and under which key (the array's key for an item of an array).
 struct Dated {
     at: std::ops::Range<usize>,
     text: String,
-    /// The keys from the top down to the datetime's (the array's key for an item of an array).
-    path: Vec<String>,
+    key: Option<String>,
+    /// The task it is in, if any.
+    task: Option<String>,
+    /// What its key takes, where serde needs a table or a list: the only places a datetime read
+    /// as text stops it.
+    table_or_list: Expected,
     /// Reported, or left out because its key is unknown (that is the problem to fix first).
     done: bool,
 }
 
-impl Dated {
-    /// What the key takes where serde needs a table or a list: the only places a datetime read as
-    /// text stops it.
-    fn table_or_list(&self) -> Expected {
-        match self.path.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-            [.., "after"] => Expected::Container("a list of task names, like [\"migrate\"]"),
-            ["require", "env"] => {
-                Expected::Container("a list of variable names, like [\"DATABASE_URL\"]")
-            }
-            _ => Expected::Container("a table"),
-        }
-    }
+/// Where in the document a value is: how many keys deep, the task it is in, its key.
+#[derive(Clone, Copy, Default)]
+struct Place<'k> {
+    depth: usize,
+    top: Option<&'k str>,
+    task: Option<&'k str>,
+    key: Option<&'k str>,
 }
 
 /// Every datetime in `table`, into `dated`, each replaced by the text it was written as (so serde's
 /// mirror reads on, and the validator reports it where the value is checked).
-fn undate(table: &mut DeTable<'_>, path: &mut Vec<String>, dated: &mut Vec<Dated>) {
+fn undate(table: &mut DeTable<'_>, place: Place<'_>, dated: &mut Vec<Dated>) {
     for (key, value) in table.iter_mut() {
-        path.push(key.get_ref().to_string());
-        undate_value(value, path, dated);
-        path.pop();
+        let key = key.get_ref().as_ref();
+        let inner = Place {
+            depth: place.depth + 1,
+            top: place.top.or(Some(key)),
+            task: match (place.depth, place.top) {
+                (1, Some("tasks")) => Some(key),
+                _ => place.task,
+            },
+            key: Some(key),
+        };
+        undate_value(value, inner, dated);
     }
 }
 
-fn undate_value(value: &mut Spanned<DeValue<'_>>, path: &mut Vec<String>, dated: &mut Vec<Dated>) {
+fn undate_value(value: &mut Spanned<DeValue<'_>>, place: Place<'_>, dated: &mut Vec<Dated>) {
     let at = value.span();
     match value.get_mut() {
         DeValue::Datetime(datetime) => {
@@ -294,15 +298,26 @@ fn undate_value(value: &mut Spanned<DeValue<'_>>, path: &mut Vec<String>, dated:
             dated.push(Dated {
                 at,
                 text: text.clone(),
-                path: path.clone(),
+                key: place.key.map(str::to_owned),
+                task: place.task.map(str::to_owned),
+                table_or_list: match (place.depth, place.key) {
+                    (_, Some("after")) => {
+                        Expected::Container("a list of task names, like [\"migrate\"]")
+                    }
+                    // `[require] env`; a task's `env` is a table.
+                    (2, Some("env")) => {
+                        Expected::Container("a list of variable names, like [\"DATABASE_URL\"]")
+                    }
+                    _ => Expected::Container("a table"),
+                },
                 done: false,
             });
             *value.get_mut() = DeValue::String(text.into());
         }
-        DeValue::Table(inner) => undate(inner, path, dated),
+        DeValue::Table(inner) => undate(inner, place, dated),
         DeValue::Array(items) => {
             for item in items.iter_mut() {
-                undate_value(item, path, dated);
+                undate_value(item, place, dated);
             }
         }
         DeValue::String(_) | DeValue::Integer(_) | DeValue::Float(_) | DeValue::Boolean(_) => {}
@@ -460,15 +475,22 @@ impl Validator<'_> {
     /// The value of a field whose type serde left to this pass; a wrong type is reported here.
     fn typed<T: Expect>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
         match field?.0 {
-            Ok(value) if self.dated(&value.span(), T::EXPECTED) => None,
-            Ok(value) => Some(value),
-            Err((span, _)) if self.dated(&span, T::EXPECTED) => None,
+            Ok(value) if !self.dated(&value.span(), T::EXPECTED) => Some(value),
+            Ok(_) => None,
             Err((span, mismatch)) => {
-                let key = self.keys.get(&span.start).map(String::as_str);
-                let message = mismatch_message(&mismatch, key);
-                self.report(Some(span), message);
+                self.mismatch(span, &mismatch);
                 None
             }
+        }
+    }
+
+    /// A value of the wrong type: what was found, or the datetime it holds (kept apart from
+    /// [`Validator::typed`], which is made once per type).
+    fn mismatch(&mut self, span: std::ops::Range<usize>, mismatch: &Mismatch) {
+        if !self.dated(&span, mismatch.expected) {
+            let key = self.keys.get(&span.start).map(String::as_str);
+            let message = mismatch_message(mismatch, key);
+            self.report(Some(span), message);
         }
     }
 
@@ -483,23 +505,18 @@ impl Validator<'_> {
             }
         }
         let Some(i) = first else { return false };
-        let at = self.dated[i].at.clone();
-        let mismatch = Mismatch {
-            found: Found::Datetime(self.dated[i].text.clone()),
-            expected,
-        };
-        let key = self.dated[i].path.last().cloned();
-        self.report(Some(at), mismatch_message(&mismatch, key.as_deref()));
+        let dated = self.dated.remove(i);
+        self.report_dated(&dated, expected);
         true
     }
 
-    /// A datetime found where serde's mirror or no check came to it.
+    /// A datetime, as a value of a type its key does not take.
     fn report_dated(&mut self, dated: &Dated, expected: Expected) {
         let mismatch = Mismatch {
             found: Found::Datetime(dated.text.clone()),
             expected,
         };
-        let message = mismatch_message(&mismatch, dated.path.last().map(String::as_str));
+        let message = mismatch_message(&mismatch, dated.key.as_deref());
         self.report(Some(dated.at.clone()), message);
     }
 
@@ -1499,8 +1516,8 @@ mod tests {
         );
         assert_eq!(
             mismatch(Found::Datetime("2024-01-01".into()), Expected::Str, None),
-            "invalid type: datetime `2024-01-01`, expected a string; TOML reads an unquoted date or time as a datetime: \
-             put it in quotes, like \"2024-01-01\""
+            "invalid type: datetime `2024-01-01`, expected a string; TOML reads an unquoted date or time as a datetime, \
+             not as text: put it in quotes, like \"2024-01-01\""
         );
         assert_eq!(
             mismatch(
@@ -1508,8 +1525,8 @@ mod tests {
                 Expected::Str,
                 Some("API_KEY")
             ),
-            "invalid type: datetime, expected a string; TOML reads an unquoted date or time as a datetime: \
-             put the value in quotes (key `API_KEY`)"
+            "invalid type: datetime, expected a string; TOML reads an unquoted date or time as a datetime, \
+             not as text: put it in quotes, like \"2024-01-01\" (key `API_KEY`)"
         );
         assert_eq!(
             mismatch(
