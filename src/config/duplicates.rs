@@ -10,8 +10,8 @@
 //! at worst leave the crate's own message without the hint, never refuse a valid file.
 
 use std::fmt::Write as _;
-use toml_parser::Source;
 
+use toml_parser::Source;
 use toml_parser::parser::{Event, EventKind, RecursionGuard};
 
 /// A key or table defined a second time.
