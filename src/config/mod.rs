@@ -6,6 +6,7 @@
 //! keys included) with its line and column, before anything runs. After this module no code looks at
 //! raw strings from the file.
 
+mod duplicates;
 mod raw;
 mod validate;
 

@@ -1,5 +1,6 @@
-//! The serde mirror of `release.toml`: structs shaped like the file, with `toml::Spanned` positions,
-//! and a spanned tree of the whole document that the validator walks to find unknown keys.
+//! The serde mirror of `release.toml`: structs shaped like the file, with `toml::Spanned` positions.
+//! The validator walks the parsed document itself (`toml::de::DeTable`, spans on keys and values)
+//! to find unknown keys and datetimes.
 //!
 //! Unknown keys are not rejected here (serde would stop at the first one and hide every other
 //! problem); `validate.rs` finds them all, with the key lists taken from these structs themselves, so a
@@ -10,7 +11,7 @@ use std::fmt;
 use std::ops::Range;
 
 use serde::Deserialize;
-use serde::de::{DeserializeOwned, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use toml::Spanned;
 
 use super::NotifyFormat;
@@ -110,6 +111,9 @@ pub(super) struct RawTask {
 pub(super) struct Typed<T>(pub(super) Result<Spanned<T>, (Range<usize>, Mismatch)>);
 
 impl<'de, T: Expect> Deserialize<'de> for Typed<T> {
+    // Once per type, not inlined into each of the thirty-odd fields of the serde mirror: a little
+    // less in the static binary, whose size has a budget (README, "Static binary").
+    #[inline(never)]
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Spanned::<toml::Value>::deserialize(deserializer)?;
         let span = value.span();
@@ -138,6 +142,8 @@ pub(super) enum Expected {
     Variant(&'static [&'static str]),
     /// Something a sentence describes.
     Described(&'static str),
+    /// A table or a list, as a sentence describes it: not a value that quotes would make right.
+    Container(&'static str),
 }
 
 /// A type a [`Typed`] value can have, and how to say what it must be.
@@ -221,55 +227,6 @@ impl<'de> Deserialize<'de> for RawTasks {
             }
         }
         deserializer.deserialize_map(InOrder)
-    }
-}
-
-/// The whole document as a tree whose keys and values keep their positions, for the unknown-key
-/// pass (`toml::Value` forgets where each key was).
-pub(super) enum Node {
-    Table(Vec<(Spanned<String>, Spanned<Node>)>),
-    /// An array: gates and argv, whose items the validator checks itself.
-    Array,
-    /// A string, number, boolean or date: nothing below it to check.
-    Scalar,
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NodeVisitor;
-        impl<'de> Visitor<'de> for NodeVisitor {
-            type Value = Node;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any TOML value")
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
-                Ok(Node::Scalar)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
-                Ok(Node::Scalar)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
-                Ok(Node::Scalar)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
-                Ok(Node::Scalar)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Node, E> {
-                Ok(Node::Scalar)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Node::Array)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    entries.push(entry);
-                }
-                Ok(Node::Table(entries))
-            }
-        }
-        deserializer.deserialize_any(NodeVisitor)
     }
 }
 

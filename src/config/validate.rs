@@ -8,10 +8,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use super::raw::{
-    Expected, Found, Mismatch, Node, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify,
+    Expect, Expected, Found, Mismatch, OneOrMany, RawConfig, RawDefaults, RawLock, RawNotify,
     RawRequire, RawTask, Schema, Typed,
 };
 use super::{
@@ -39,17 +41,36 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     };
     let syntax = |err: toml::de::Error| Diagnostic {
         location: err.span().map(|span| line_col(source, span.start)),
-        message: crate::redact::urls_in(&syntax_message(err.message())),
+        message: crate::redact::urls_in(err.message().trim_end()),
     };
-    let doc: Node = toml::from_str(source).map_err(|err| invalid(vec![syntax(err)]))?;
+    let mut doc = DeTable::parse(source).map_err(|err| {
+        let at = err.span().map(|span| line_col(source, span.start));
+        // A key or table defined twice is found again from the parser's events, as data, to name
+        // it; a duplicate past the place the `toml` crate stopped is not what it stopped on.
+        let problem = match super::duplicates::first(source) {
+            Some(duplicate)
+                if at.is_none_or(|(line, _)| line_col(source, duplicate.at).0 <= line) =>
+            {
+                Diagnostic {
+                    location: Some(line_col(source, duplicate.at)),
+                    message: crate::redact::urls_in(&duplicate_message(source, &duplicate)),
+                }
+            }
+            _ => syntax(err),
+        };
+        invalid(vec![problem])
+    })?;
     let base = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let mut keys = HashMap::new();
-    if let Node::Table(table) = &doc {
-        keys_by_value(table, &mut keys);
-    }
+    keys_by_value(doc.get_ref(), &mut keys);
+    // No key takes a TOML datetime, and serde's mirror cannot hold one where a table's keys are
+    // expected: each is read as the text it was written as, and reported where its value is
+    // checked, with what the key takes (see `Validator::dated`).
+    let mut dated = Vec::new();
+    undate(doc.get_mut(), Place::default(), &mut dated);
     let mut v = Validator {
         source,
         base: absolute(&base),
@@ -57,14 +78,25 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
         problems: Vec::new(),
         changed_at: Vec::new(),
         task: None,
+        dated,
     };
-    v.unknown_keys(&doc, &Schema::new());
+    v.unknown_keys(doc.get_ref(), &Schema::new());
     // Leaf values are `Typed`, so a value of the wrong type is one problem among the rest; only a
     // table of the wrong shape (`tasks = 5`) stops serde, and the unknown keys come with it.
-    let raw: RawConfig = match toml::from_str(source) {
+    let raw = match RawConfig::deserialize(toml::de::Deserializer::from(doc)) {
         Ok(raw) => raw,
         Err(err) => {
-            v.problems.push(syntax(err));
+            // A datetime where a table or a list belongs: said as such, not as the text it was
+            // read as.
+            let at = err.span().map(|span| span.start);
+            match v.dated.iter().position(|d| Some(d.at.start) == at) {
+                Some(i) => {
+                    let dated = v.dated.swap_remove(i);
+                    v.task.clone_from(&dated.task);
+                    v.report_dated(&dated, dated.table_or_list);
+                }
+                None => v.problems.push(syntax(err)),
+            }
             v.problems
                 .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
             return Err(invalid(v.problems));
@@ -75,6 +107,13 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
     let required_env = v.required_env(raw.require);
     let lock = raw.lock.and_then(|l| v.lock(l));
     v.changed_needs_once(lock.as_ref());
+    // A datetime no check came to (none should be left): never taken silently for text.
+    for dated in std::mem::take(&mut v.dated) {
+        if !dated.done {
+            v.task.clone_from(&dated.task);
+            v.report_dated(&dated, Expected::Str);
+        }
+    }
     // In file order, whichever pass found them; a problem without a place goes last.
     v.problems
         .sort_by_key(|p| p.location.unwrap_or((usize::MAX, usize::MAX)));
@@ -94,19 +133,30 @@ pub(super) fn validate(path: &Path, source: &str) -> Result<Config> {
 /// The most output lines a task's tail may keep (`[defaults] tail_lines`).
 pub const MAX_TAIL_LINES: usize = 1000;
 
-/// The TOML parser's message for a file it cannot read ("unclosed table, expected ']'"), or serde's
-/// for a table of the wrong shape (`tasks = 5`), as it is, with a hint where the next step is not
-/// obvious. Every other message is built from data (`mismatch_message`, the validator's own).
-///
-/// The one place that still reads another crate's words: the `toml` crate reports a duplicate key
-/// as a parse error whose only structure is its message and span.
-fn syntax_message(message: &str) -> String {
-    let message = message.trim_end();
-    if message.starts_with("duplicate key") {
-        format!("{message}; each key, and each [tasks.NAME], may appear only once")
+/// The message for a key or table the file defines twice: which, where it was first, and what
+/// to do.
+fn duplicate_message(source: &str, duplicate: &super::duplicates::Duplicate) -> String {
+    use super::duplicates::written;
+    let first = line_col(source, duplicate.first).0;
+    let (what, todo) = if duplicate.header {
+        let mut path = duplicate.table.clone();
+        path.push(duplicate.key.clone());
+        (
+            format!("table [{}]", written(&path)),
+            "each table, like each [tasks.NAME], may appear only once: merge the two into one, or rename one",
+        )
     } else {
-        message.to_owned()
-    }
+        let place = if duplicate.table.is_empty() {
+            "at the top level".to_owned()
+        } else {
+            format!("in [{}]", written(&duplicate.table))
+        };
+        (
+            format!("key `{}` {place}", duplicate.key),
+            "each key may appear only once in its table: remove one of them",
+        )
+    };
+    format!("duplicate {what}, first on line {first}; {todo}")
 }
 
 /// The message for a value that is not what its key takes, from what was found and what was
@@ -132,6 +182,10 @@ fn mismatch_message(mismatch: &Mismatch, key: Option<&str>) -> String {
         (Found::Array, Expected::Str | Expected::Bool | Expected::U32) => {
             Some("this key takes one value, not a list; remove the [ ]")
         }
+        // TOML reads `2024-01-01` or `07:32:00` unquoted as a date or time, which no key takes.
+        (Found::Datetime(_), Expected::Str | Expected::Described(_)) => Some(
+            "TOML reads an unquoted date or time as a datetime, not as text: put it in quotes, like \"2024-01-01\"",
+        ),
         (_, Expected::Str) => Some("put the value in quotes, like \"3000\""),
         (_, Expected::Bool) => Some("write true or false, without quotes"),
         (_, Expected::U32) => Some("write a whole number, without quotes"),
@@ -170,7 +224,7 @@ fn expecting(expected: Expected) -> String {
         Expected::Bool => "a boolean".to_owned(),
         Expected::U32 => "u32".to_owned(),
         Expected::Variant(names) => one_of(names),
-        Expected::Described(text) => text.to_owned(),
+        Expected::Described(text) | Expected::Container(text) => text.to_owned(),
     }
 }
 
@@ -185,12 +239,88 @@ fn one_of(names: &[&str]) -> String {
 
 /// The key of every value in the document, by where the value starts: the key a problem with a
 /// value is about, from the parsed tree's spans.
-fn keys_by_value(table: &[(Spanned<String>, Spanned<Node>)], keys: &mut HashMap<usize, String>) {
+fn keys_by_value(table: &DeTable<'_>, keys: &mut HashMap<usize, String>) {
     for (key, value) in table {
-        keys.insert(value.span().start, key.get_ref().clone());
-        if let Node::Table(inner) = value.get_ref() {
+        keys.insert(value.span().start, key.get_ref().as_ref().to_owned());
+        if let DeValue::Table(inner) = value.get_ref() {
             keys_by_value(inner, keys);
         }
+    }
+}
+
+/// A TOML datetime (`2024-01-01`, `07:32:00`, `1979-05-27T07:32:00Z`) in the file, which no key
+/// takes: where it is, as written, and under which key (the array's key for an item of an array).
+struct Dated {
+    at: std::ops::Range<usize>,
+    text: String,
+    key: Option<String>,
+    /// The task it is in, if any.
+    task: Option<String>,
+    /// What its key takes, where serde needs a table or a list: the only places a datetime read
+    /// as text stops it.
+    table_or_list: Expected,
+    /// Reported, or left out because its key is unknown (that is the problem to fix first).
+    done: bool,
+}
+
+/// Where in the document a value is: how many keys deep, the task it is in, its key.
+#[derive(Clone, Copy, Default)]
+struct Place<'k> {
+    depth: usize,
+    top: Option<&'k str>,
+    task: Option<&'k str>,
+    key: Option<&'k str>,
+}
+
+/// Every datetime in `table`, into `dated`, each replaced by the text it was written as (so serde's
+/// mirror reads on, and the validator reports it where the value is checked).
+fn undate(table: &mut DeTable<'_>, place: Place<'_>, dated: &mut Vec<Dated>) {
+    for (key, value) in table.iter_mut() {
+        let key = key.get_ref().as_ref();
+        let inner = Place {
+            depth: place.depth + 1,
+            top: place.top.or(Some(key)),
+            task: match (place.depth, place.top) {
+                (1, Some("tasks")) => Some(key),
+                _ => place.task,
+            },
+            key: Some(key),
+        };
+        undate_value(value, inner, dated);
+    }
+}
+
+fn undate_value(value: &mut Spanned<DeValue<'_>>, place: Place<'_>, dated: &mut Vec<Dated>) {
+    let at = value.span();
+    match value.get_mut() {
+        DeValue::Datetime(datetime) => {
+            let text = datetime.to_string();
+            dated.push(Dated {
+                at,
+                text: text.clone(),
+                key: place.key.map(str::to_owned),
+                task: place.task.map(str::to_owned),
+                table_or_list: match (place.depth, place.key) {
+                    (_, Some("after")) => {
+                        Expected::Container("a list of task names, like [\"migrate\"]")
+                    }
+                    // `[require] env`; a task's `env` is a table.
+                    (2, Some("env")) => {
+                        Expected::Container("a list of variable names, like [\"DATABASE_URL\"]")
+                    }
+                    _ => Expected::Container("a table"),
+                },
+                done: false,
+            });
+            *value.get_mut() = DeValue::String(text.into());
+        }
+        DeValue::Table(inner) => undate(inner, place, dated),
+        DeValue::Array(items) => {
+            for item in items.iter_mut() {
+                undate_value(item, place, dated);
+            }
+        }
+        DeValue::String(_) | DeValue::Integer(_) | DeValue::Float(_) | DeValue::Boolean(_) => {}
     }
 }
 
@@ -237,6 +367,8 @@ struct Validator<'a> {
     changed_at: Vec<(String, std::ops::Range<usize>)>,
     /// The task whose keys are being checked: a problem found there names it.
     task: Option<String>,
+    /// The datetimes in the file, reported where their values are checked.
+    dated: Vec<Dated>,
 }
 
 impl Validator<'_> {
@@ -261,23 +393,22 @@ impl Validator<'_> {
 
     /// Reports every key the file has that release-tasks does not know, each where it is, with the
     /// closest known key when one is near enough to be a typo.
-    fn unknown_keys(&mut self, doc: &Node, schema: &Schema) {
-        let Node::Table(root) = doc else { return };
+    fn unknown_keys(&mut self, root: &DeTable<'_>, schema: &Schema) {
         for (key, value) in self.unknown_in(root, schema.root, "at the top level") {
-            let kind = match key.as_str() {
+            let kind = match key {
                 "defaults" => schema.defaults,
                 "require" => schema.require,
                 "lock" => schema.lock,
                 "tasks" => {
-                    if let Node::Table(tasks) = value.get_ref() {
+                    if let DeValue::Table(tasks) = value.get_ref() {
                         for (name, task) in tasks {
-                            let Node::Table(task) = task.get_ref() else {
+                            let DeValue::Table(task) = task.get_ref() else {
                                 continue;
                             };
                             let place = format!("in task `{}`", name.get_ref());
                             for (key, value) in self.unknown_in(task, schema.task, &place) {
                                 if key == "notify" {
-                                    if let Node::Table(notify) = value.get_ref() {
+                                    if let DeValue::Table(notify) = value.get_ref() {
                                         let place =
                                             format!("in task `{}`'s notify", name.get_ref());
                                         let _ = self.unknown_in(notify, schema.notify, &place);
@@ -290,24 +421,28 @@ impl Validator<'_> {
                 }
                 _ => continue,
             };
-            if let Node::Table(table) = value.get_ref() {
+            if let DeValue::Table(table) = value.get_ref() {
                 let _ = self.unknown_in(table, kind, &format!("in [{key}]"));
             }
         }
     }
 
     /// Reports the keys of `table` that are not in `known`; returns the known ones, to look inside.
-    fn unknown_in<'t>(
+    fn unknown_in<'t, 'i>(
         &mut self,
-        table: &'t [(Spanned<String>, Spanned<Node>)],
+        table: &'t DeTable<'i>,
         known: &[&str],
         place: &str,
-    ) -> Vec<(&'t String, &'t Spanned<Node>)> {
+    ) -> Vec<(&'t str, &'t Spanned<DeValue<'i>>)> {
         let mut found = Vec::new();
         for (key, value) in table {
-            if known.contains(&key.get_ref().as_str()) {
-                found.push((key.get_ref(), value));
+            if known.contains(&key.get_ref().as_ref()) {
+                found.push((key.get_ref().as_ref(), value));
                 continue;
+            }
+            // A datetime under an unknown key is not reported as well: the key is the problem.
+            for dated in &mut self.dated {
+                dated.done |= value.span().contains(&dated.at.start);
             }
             let hint = match closest(key.get_ref(), known) {
                 Some(near) => format!("did you mean `{near}`?"),
@@ -338,16 +473,51 @@ impl Validator<'_> {
     }
 
     /// The value of a field whose type serde left to this pass; a wrong type is reported here.
-    fn typed<T>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
+    fn typed<T: Expect>(&mut self, field: Option<Typed<T>>) -> Option<Spanned<T>> {
         match field?.0 {
-            Ok(value) => Some(value),
+            Ok(value) if !self.dated(&value.span(), T::EXPECTED) => Some(value),
+            Ok(_) => None,
             Err((span, mismatch)) => {
-                let key = self.keys.get(&span.start).map(String::as_str);
-                let message = mismatch_message(&mismatch, key);
-                self.report(Some(span), message);
+                self.mismatch(span, &mismatch);
                 None
             }
         }
+    }
+
+    /// A value of the wrong type: what was found, or the datetime it holds (kept apart from
+    /// [`Validator::typed`], which is made once per type).
+    fn mismatch(&mut self, span: std::ops::Range<usize>, mismatch: &Mismatch) {
+        if !self.dated(&span, mismatch.expected) {
+            let key = self.keys.get(&span.start).map(String::as_str);
+            let message = mismatch_message(mismatch, key);
+            self.report(Some(span), message);
+        }
+    }
+
+    /// Whether the value at `span` holds a datetime (read as text, see [`undate`]); if so, the first
+    /// is reported as what the key does not take, once, and the value is not checked further.
+    fn dated(&mut self, span: &std::ops::Range<usize>, expected: Expected) -> bool {
+        let mut first = None;
+        for (i, dated) in self.dated.iter_mut().enumerate() {
+            if !dated.done && span.contains(&dated.at.start) {
+                dated.done = true;
+                first.get_or_insert(i);
+            }
+        }
+        let Some(i) = first else { return false };
+        let dated = self.dated.remove(i);
+        self.report_dated(&dated, expected);
+        true
+    }
+
+    /// A datetime, as a value of a type its key does not take.
+    fn report_dated(&mut self, dated: &Dated, expected: Expected) {
+        let mismatch = Mismatch {
+            found: Found::Datetime(dated.text.clone()),
+            expected,
+        };
+        let message = mismatch_message(&mismatch, dated.key.as_deref());
+        self.report(Some(dated.at.clone()), message);
     }
 
     fn duration(&mut self, value: Option<Typed<String>>, key: &str, default: Duration) -> Duration {
@@ -769,6 +939,12 @@ impl Validator<'_> {
 
     fn command(&mut self, name: &str, run: Spanned<toml::Value>, defaults: &Defaults) -> Command {
         let span = run.span();
+        if self.dated(
+            &span,
+            Expected::Described("a command: a string, or a list of strings"),
+        ) {
+            return Command::Exec(Vec::new());
+        }
         match run.into_inner() {
             toml::Value::String(script) if script.contains('\0') => {
                 self.report(
@@ -918,6 +1094,9 @@ impl Validator<'_> {
     /// that the gate compares with is known once `[lock]` is read.
     fn changed(&mut self, name: &str, value: Spanned<toml::Value>) -> Vec<Glob> {
         let span = value.span();
+        if self.dated(&span, Expected::Described("a glob, or a list of globs")) {
+            return Vec::new();
+        }
         let items = match value.into_inner() {
             toml::Value::String(one) => vec![toml::Value::String(one)],
             toml::Value::Array(items) if !items.is_empty() => items,
@@ -1032,6 +1211,12 @@ impl Validator<'_> {
     /// `retry_on = [75, 1, "timeout"]`: exit statuses from 1 to 255, and `"timeout"`.
     fn retry_on(&mut self, name: &str, value: &Spanned<toml::Value>) -> RetryOn {
         let mut on = RetryOn::default();
+        if self.dated(
+            &value.span(),
+            Expected::Described("exit statuses from 1 to 255 and \"timeout\""),
+        ) {
+            return on;
+        }
         let bad = |v: &mut Self| {
             v.report(
                 Some(value.span()),
@@ -1063,6 +1248,9 @@ impl Validator<'_> {
     }
 
     fn gate(&mut self, name: &str, key: &str, value: &Spanned<toml::Value>) -> Option<Gate> {
+        if self.dated(&value.span(), Expected::Str) {
+            return None;
+        }
         match Gate::from_toml(value.get_ref()) {
             Ok(gate) => Some(gate),
             Err(message) => {
@@ -1328,7 +1516,33 @@ mod tests {
         );
         assert_eq!(
             mismatch(Found::Datetime("2024-01-01".into()), Expected::Str, None),
-            "invalid type: datetime `2024-01-01`, expected a string; put the value in quotes, like \"3000\""
+            "invalid type: datetime `2024-01-01`, expected a string; TOML reads an unquoted date or time as a datetime, \
+             not as text: put it in quotes, like \"2024-01-01\""
+        );
+        assert_eq!(
+            mismatch(
+                Found::Datetime("07:32:00".into()),
+                Expected::Str,
+                Some("API_KEY")
+            ),
+            "invalid type: datetime, expected a string; TOML reads an unquoted date or time as a datetime, \
+             not as text: put it in quotes, like \"2024-01-01\" (key `API_KEY`)"
+        );
+        assert_eq!(
+            mismatch(
+                Found::Datetime("2024-01-01".into()),
+                Expected::U32,
+                Some("retries")
+            ),
+            "invalid type: datetime `2024-01-01`, expected u32; write a whole number, without quotes (key `retries`)"
+        );
+        assert_eq!(
+            mismatch(
+                Found::Datetime("2024-01-01".into()),
+                Expected::Container("a table"),
+                Some("env")
+            ),
+            "invalid type: datetime `2024-01-01`, expected a table (key `env`)"
         );
     }
 
@@ -1360,6 +1574,52 @@ mod tests {
             Err(Error::ConfigInvalid { problems, .. }) => problems,
             other => panic!("expected invalid config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_duplicate_is_named_only_when_it_is_what_the_reader_stopped_on() {
+        let p = problems("[tasks.a]\nrun = \"x\"\nrun = \"y\"\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].location, Some((3, 1)));
+        assert!(
+            p[0].message
+                .starts_with("duplicate key `run` in [tasks.a], first on line 2;")
+        );
+        // A syntax error before it is what stopped the reader: its own message, at its own place.
+        let p = problems("[tasks.a]\nrun = \"x\" junk\nrun = \"y\"\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].location.map(|(line, _)| line), Some(2));
+        assert!(!p[0].message.contains("duplicate"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn a_datetime_is_reported_once_where_its_value_is_checked() {
+        let p = problems(
+            "[defaults]\ntimeout = 2024-01-01\n[tasks.a]\nrun = \"x\"\nwhen = [\"A\", 2024-01-01, 07:32:00]\nnope = 2024-01-01\n",
+        );
+        let text: Vec<(Option<(usize, usize)>, &str)> =
+            p.iter().map(|d| (d.location, d.message.as_str())).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert_eq!(text[0].0, Some((2, 11)));
+        assert!(
+            text[0]
+                .1
+                .starts_with("invalid type: datetime `2024-01-01`, expected a string;")
+        );
+        // One problem for the list, at its first datetime.
+        assert_eq!(text[1].0, Some((5, 14)));
+        assert!(text[1].1.ends_with("(key `when`)"), "{}", text[1].1);
+        // Under an unknown key, the key is the problem.
+        assert!(
+            text[2].1.starts_with("unknown field `nope`"),
+            "{}",
+            text[2].1
+        );
+        // Nothing is taken for text: a datetime alone is still a problem.
+        assert_eq!(
+            problems("[tasks.a]\nrun = \"x\"\ndir = 2024-01-01\n").len(),
+            1
+        );
     }
 
     fn names(config: &Config) -> Vec<&str> {

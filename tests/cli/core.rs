@@ -341,7 +341,13 @@ fn config_errors_exit_78_with_file_line_and_a_hint() {
         ),
         (
             "[tasks.a]\nrun = \"x\"\n[tasks.a]\nrun = \"y\"\n",
-            "duplicate key; each key",
+            "release.toml:3:8: duplicate table [tasks.a], first on line 1; each table, like each [tasks.NAME], \
+             may appear only once: merge the two into one, or rename one",
+        ),
+        (
+            "[tasks.a]\nrun = \"x\"\nenv = { A = \"1\" }\n\"run\" = \"y\"\n",
+            "release.toml:4:1: duplicate key `run` in [tasks.a], first on line 2; each key may appear only once \
+             in its table: remove one of them",
         ),
         (
             "[tasks]\na = 1\n",

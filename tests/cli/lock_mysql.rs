@@ -15,7 +15,7 @@ use crate::lock_servers::script;
 const PASSWORD: &str = "test-password";
 
 /// The URL of the test server (TLS required), or `None` (the test is skipped; under CI it fails).
-fn mysql_url() -> Option<&'static str> {
+pub fn mysql_url() -> Option<&'static str> {
     static URL: OnceLock<Option<String>> = OnceLock::new();
     URL.get_or_init(|| {
         std::env::var("RELEASE_TASKS_TEST_MYSQL_URL")
