@@ -578,6 +578,11 @@ mod linux {
             });
         }
 
+        /// A task's variable.
+        fn var<'a>(name: &'a str, value: &'a str) -> (&'a OsStr, &'a OsStr) {
+            (OsStr::new(name), OsStr::new(value))
+        }
+
         /// The E2BIG error of a plan for `argv` and `env`.
         fn too_big(argv: &[&str], env: &[(&OsStr, &OsStr)]) -> (String, io::ErrorKind) {
             with_plan(argv, env, |child, plan| {
@@ -604,9 +609,6 @@ mod linux {
                 too_big(&["printf", "%s", &big], &[]),
                 one_too_long("argument 2 of the command is 200000 bytes")
             );
-            fn var<'a>(name: &'a str, value: &'a str) -> (&'a OsStr, &'a OsStr) {
-                (OsStr::new(name), OsStr::new(value))
-            }
             assert_eq!(
                 too_big(&["true"], &[var("RT_TEST_HUGE", &big)]),
                 one_too_long("the value of environment variable RT_TEST_HUGE is 200000 bytes")
