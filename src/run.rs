@@ -1372,4 +1372,31 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn the_attempt_numbered_retries_is_still_followed_by_one_more() {
+        // retries = 2: attempts 1 and 2 fail and are tried again, the third is the last.
+        let r = retry(2, &[], false);
+        let after = |attempt| after_attempt(&r, attempt, &Outcome::Failed(1), false, PLENTY, 0);
+        assert_eq!(after(2), AfterAttempt::RetryIn(Duration::from_secs(10)));
+        assert_eq!(after(3), AfterAttempt::Done(None));
+    }
+
+    #[test]
+    fn a_timeout_of_the_whole_task_is_never_retried_nor_explained_as_attempt_timeout() {
+        for on_timeout in [false, true] {
+            assert_eq!(
+                after_attempt(
+                    &retry(2, &[], on_timeout),
+                    1,
+                    &Outcome::TimedOut,
+                    false,
+                    PLENTY,
+                    0
+                ),
+                AfterAttempt::Done(None),
+                "retry_on timeout: {on_timeout}"
+            );
+        }
+    }
 }

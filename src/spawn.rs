@@ -693,12 +693,14 @@ mod linux {
         #[test]
         fn the_childs_report_is_read_until_full_or_the_pipes_end() {
             let (read, write) = nix::unistd::pipe().expect("pipe");
-            assert_eq!(nix::unistd::write(&write, b"0123456789"), Ok(10));
+            assert_eq!(nix::unistd::write(&write, b"0123"), Ok(4));
+            assert_eq!(nix::unistd::write(&write, b"456789"), Ok(6));
+            // Closed first, so that a reader that loses count ends instead of waiting.
+            drop(write);
             let mut buf = [0u8; 8];
             assert_eq!(read_full(&read, &mut buf), 8);
             assert_eq!(&buf, b"01234567");
             // What is left, then the end of the pipe: short.
-            drop(write);
             let mut buf = [0u8; 8];
             assert_eq!(read_full(&read, &mut buf), 2);
             assert_eq!(&buf[..2], b"89");
