@@ -1322,4 +1322,108 @@ mod tests {
             Outcome::TimedOut
         );
     }
+
+    /// The task `migrate` that runs `argv` directly, with `PATH` in its own environment.
+    fn exec_task(argv: &str, path: &str) -> Task {
+        let src = format!("[tasks.migrate]\nrun = {argv}\n");
+        let mut config = crate::config::parse(std::path::Path::new("release.toml"), &src)
+            .expect("valid test config");
+        let mut task = config.tasks.remove(0);
+        task.env.insert("PATH".to_owned(), path.to_owned());
+        task
+    }
+
+    fn cannot_start(code: i32, reason: &str) -> Outcome {
+        Outcome::CouldNotStart {
+            code,
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_says_why_with_127_or_126() {
+        let task = exec_task(r#"["db-migrate", "--all"]"#, "/nonexistent-release-tasks");
+        let os = std::io::Error::from_raw_os_error;
+        assert_eq!(
+            could_not_start(&task, &os(nix::libc::ENOENT)),
+            cannot_start(
+                127,
+                "command not found: `db-migrate`; is it installed and on PATH?"
+            )
+        );
+        assert_eq!(
+            could_not_start(&task, &os(nix::libc::EACCES)),
+            cannot_start(
+                126,
+                "permission denied running `db-migrate`; is it executable (chmod +x)?"
+            )
+        );
+        // Any other error of the exec: the OS's words, about the program.
+        assert_eq!(
+            could_not_start(&task, &os(nix::libc::ENAMETOOLONG)),
+            cannot_start(
+                126,
+                "cannot run `db-migrate`: File name too long (os error 36)"
+            )
+        );
+        // A set-up step's own words (spawn.rs) are not about the program.
+        let removed = std::io::Error::other(
+            "cannot enter its working directory /app/build (was it removed or renamed by an \
+             earlier task?): No such file or directory (os error 2)",
+        );
+        assert_eq!(
+            could_not_start(&task, &removed),
+            cannot_start(
+                126,
+                "cannot start the task: cannot enter its working directory /app/build (was it \
+                 removed or renamed by an earlier task?): No such file or directory (os error 2)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_directory_found_on_the_tasks_path_is_named_as_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("db-migrate")).expect("mkdir");
+        let path = format!("/nonexistent-release-tasks:{}", dir.path().display());
+        let task = exec_task(r#"["db-migrate"]"#, &path);
+        assert_eq!(
+            could_not_start(&task, &std::io::Error::from_raw_os_error(nix::libc::EACCES)),
+            cannot_start(
+                126,
+                &format!(
+                    "`db-migrate` is a directory ({}), not a program; give the path of the \
+                     program to run",
+                    dir.path().join("db-migrate").display()
+                )
+            )
+        );
+    }
+
+    #[test]
+    fn the_attempt_numbered_retries_is_still_followed_by_one_more() {
+        // retries = 2: attempts 1 and 2 fail and are tried again, the third is the last.
+        let r = retry(2, &[], false);
+        let after = |attempt| after_attempt(&r, attempt, &Outcome::Failed(1), false, PLENTY, 0);
+        assert_eq!(after(2), AfterAttempt::RetryIn(Duration::from_secs(10)));
+        assert_eq!(after(3), AfterAttempt::Done(None));
+    }
+
+    #[test]
+    fn a_timeout_of_the_whole_task_is_never_retried_nor_explained_as_attempt_timeout() {
+        for on_timeout in [false, true] {
+            assert_eq!(
+                after_attempt(
+                    &retry(2, &[], on_timeout),
+                    1,
+                    &Outcome::TimedOut,
+                    false,
+                    PLENTY,
+                    0
+                ),
+                AfterAttempt::Done(None),
+                "retry_on timeout: {on_timeout}"
+            );
+        }
+    }
 }

@@ -479,6 +479,234 @@ mod linux {
             fail(plan, STEP_EXEC)
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The plan of a child that runs `argv` with `env` added, in `/srv/app/build`, with
+        /// /dev/null as its stdin, stdout and stderr; nothing is started.
+        fn with_plan<T>(
+            argv: &[&str],
+            env: &[(&OsStr, &OsStr)],
+            then: impl FnOnce(&Child<'_>, &Plan) -> T,
+        ) -> T {
+            let null: OwnedFd = std::fs::File::open("/dev/null").expect("/dev/null").into();
+            let child = Child {
+                argv,
+                env,
+                dir: Path::new("/srv/app/build"),
+                stdin: &null,
+                stdout: &null,
+                stderr: &null,
+            };
+            let (plan, _report) = Plan::new(&child).expect("a plan");
+            then(&child, &plan)
+        }
+
+        /// What the user reads and what the caller looks at: the message, the kind, the OS error.
+        fn seen(err: &io::Error) -> (String, io::ErrorKind, Option<i32>) {
+            (err.to_string(), err.kind(), err.raw_os_error())
+        }
+
+        #[test]
+        fn an_exec_error_is_the_oss_and_a_set_up_step_says_which_step_failed() {
+            with_plan(&["migrate"], &[], |child, plan| {
+                let error = |step, errno| seen(&plan.error(child, step, errno));
+                // The caller tells a missing program (127) from one it cannot run (126) by these.
+                assert_eq!(
+                    error(STEP_EXEC, libc::ENOENT),
+                    (
+                        "No such file or directory (os error 2)".to_owned(),
+                        io::ErrorKind::NotFound,
+                        Some(libc::ENOENT)
+                    )
+                );
+                assert_eq!(
+                    error(STEP_EXEC, libc::EACCES),
+                    (
+                        "Permission denied (os error 13)".to_owned(),
+                        io::ErrorKind::PermissionDenied,
+                        Some(libc::EACCES)
+                    )
+                );
+                // A set-up step is not the program's fault: its own words, never the exec's kind.
+                let other = |message: &str| (message.to_owned(), io::ErrorKind::Other, None);
+                assert_eq!(
+                    error(STEP_GROUP, libc::EPERM),
+                    other(
+                        "cannot give it a process group of its own: Operation not permitted \
+                         (os error 1)"
+                    )
+                );
+                assert_eq!(
+                    error(STEP_STDIO, libc::EBADF),
+                    other(
+                        "cannot connect its stdin, stdout and stderr: Bad file descriptor \
+                         (os error 9)"
+                    )
+                );
+                assert_eq!(
+                    error(STEP_DIR, libc::ENOENT),
+                    other(
+                        "cannot enter its working directory /srv/app/build (was it removed or \
+                         renamed by an earlier task?): No such file or directory (os error 2)"
+                    )
+                );
+                assert_eq!(
+                    error(STEP_DEATHSIG, libc::EINVAL),
+                    other(
+                        "cannot make it die with release-tasks (PR_SET_PDEATHSIG): Invalid \
+                         argument (os error 22)"
+                    )
+                );
+                assert_eq!(
+                    error(99, libc::EIO),
+                    other("cannot prepare its process: Input/output error (os error 5)")
+                );
+                // E2BIG is explained; the same number from a set-up step is not.
+                assert!(
+                    error(STEP_EXEC, libc::E2BIG)
+                        .0
+                        .starts_with("the command and")
+                );
+                assert_eq!(
+                    error(STEP_GROUP, libc::E2BIG).0,
+                    "cannot give it a process group of its own: Argument list too long \
+                     (os error 7)"
+                );
+            });
+        }
+
+        /// A task's variable.
+        fn var<'a>(name: &'a str, value: &'a str) -> (&'a OsStr, &'a OsStr) {
+            (OsStr::new(name), OsStr::new(value))
+        }
+
+        /// The E2BIG error of a plan for `argv` and `env`.
+        fn too_big(argv: &[&str], env: &[(&OsStr, &OsStr)]) -> (String, io::ErrorKind) {
+            with_plan(argv, env, |child, plan| {
+                let err = plan.error(child, STEP_EXEC, libc::E2BIG);
+                (err.to_string(), err.kind())
+            })
+        }
+
+        fn one_too_long(what: &str) -> (String, io::ErrorKind) {
+            (
+                format!(
+                    "{what}, and exec takes at most 128 KiB (131072 bytes) in any one argument \
+                     or variable; pass it in a file instead (Argument list too long (os error 7))"
+                ),
+                io::ErrorKind::ArgumentListTooLong,
+            )
+        }
+
+        #[test]
+        fn an_argument_list_too_long_names_the_longest_argument_or_variable() {
+            let big = "x".repeat(200_000);
+            let bigger = "y".repeat(200_001);
+            assert_eq!(
+                too_big(&["printf", "%s", &big], &[]),
+                one_too_long("argument 2 of the command is 200000 bytes")
+            );
+            assert_eq!(
+                too_big(&["true"], &[var("RT_TEST_HUGE", &big)]),
+                one_too_long("the value of environment variable RT_TEST_HUGE is 200000 bytes")
+            );
+            // Both too long: the longer string is named, whichever it is (a variable's is
+            // `NAME=VALUE`, 13 bytes more than its value here).
+            let longer = "z".repeat(200_014);
+            assert_eq!(
+                too_big(&["printf", &longer], &[var("RT_TEST_HUGE", &big)]),
+                one_too_long("argument 1 of the command is 200014 bytes")
+            );
+            assert_eq!(
+                too_big(&["printf", &big], &[var("RT_TEST_HUGE", &bigger)]),
+                one_too_long("the value of environment variable RT_TEST_HUGE is 200001 bytes")
+            );
+            // One byte over the limit, with its NUL: named.
+            assert_eq!(
+                too_big(&["printf", &"z".repeat(131_072)], &[]),
+                one_too_long("argument 1 of the command is 131072 bytes")
+            );
+        }
+
+        #[test]
+        fn an_argument_list_too_long_in_all_says_how_large_it_is() {
+            // Exactly at the limit with its NUL: not the one to blame, the whole is.
+            let edge = "e".repeat(131_071);
+            let argv = ["printf", "%s", edge.as_str()];
+            let env = [(OsStr::new("RT_TEST_VAR"), OsStr::new("value"))];
+            // Each string and its NUL: the arguments, then every variable of this process's
+            // environment and the task's, as NAME=VALUE.
+            let mut total: usize = argv.iter().map(|a| a.len() + 1).sum();
+            total += std::env::vars_os()
+                .filter(|(name, _)| name != "RT_TEST_VAR")
+                .map(|(name, value)| name.len() + 1 + value.len() + 1)
+                .sum::<usize>();
+            total += "RT_TEST_VAR=value".len() + 1;
+            assert_eq!(
+                too_big(&argv, &env),
+                (
+                    format!(
+                        "the command and its environment take {total} bytes, more than exec \
+                         takes (a quarter of the stack size limit, `ulimit -s`); pass large \
+                         values in files (Argument list too long (os error 7))"
+                    ),
+                    io::ErrorKind::ArgumentListTooLong
+                )
+            );
+        }
+
+        #[test]
+        fn a_clone_that_fails_says_why_no_process_could_be_made() {
+            let error = |errno| seen(&cannot_clone(&io::Error::from_raw_os_error(errno)));
+            assert_eq!(
+                error(libc::EAGAIN),
+                (
+                    "cannot start a process, the limit on processes was reached (the container's \
+                     pids limit or `ulimit -u`): Resource temporarily unavailable (os error 11)"
+                        .to_owned(),
+                    io::ErrorKind::WouldBlock,
+                    None
+                )
+            );
+            assert_eq!(
+                error(libc::ENOMEM),
+                (
+                    "cannot start a process, out of memory: Cannot allocate memory (os error 12)"
+                        .to_owned(),
+                    io::ErrorKind::OutOfMemory,
+                    None
+                )
+            );
+            assert_eq!(
+                error(libc::EINVAL),
+                (
+                    "cannot start a process: Invalid argument (os error 22)".to_owned(),
+                    io::ErrorKind::InvalidInput,
+                    None
+                )
+            );
+        }
+
+        #[test]
+        fn the_childs_report_is_read_until_full_or_the_pipes_end() {
+            let (read, write) = nix::unistd::pipe().expect("pipe");
+            assert_eq!(nix::unistd::write(&write, b"0123"), Ok(4));
+            assert_eq!(nix::unistd::write(&write, b"456789"), Ok(6));
+            // Closed first, so that a reader that loses count ends instead of waiting.
+            drop(write);
+            let mut buf = [0u8; 8];
+            assert_eq!(read_full(&read, &mut buf), 8);
+            assert_eq!(&buf, b"01234567");
+            // What is left, then the end of the pipe: short.
+            let mut buf = [0u8; 8];
+            assert_eq!(read_full(&read, &mut buf), 2);
+            assert_eq!(&buf[..2], b"89");
+            assert_eq!(read_full(&read, &mut buf), 0);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -495,6 +723,33 @@ mod tests {
             candidates(Path::new("./bin/web"), Some(OsStr::new("/a"))),
             [PathBuf::from("./bin/web")]
         );
-        assert_eq!(candidates(Path::new("x"), None).len(), 3);
+        // An empty entry, or an empty PATH, is the working directory.
+        assert_eq!(
+            candidates(Path::new("puma"), Some(OsStr::new(""))),
+            [PathBuf::from("./puma")]
+        );
+        assert_eq!(
+            candidates(Path::new("bin/web"), Some(OsStr::new("/a"))),
+            [PathBuf::from("bin/web")]
+        );
+    }
+
+    #[test]
+    fn without_a_path_the_shells_default_search_path_is_used() {
+        assert_eq!(
+            candidates(Path::new("x"), None),
+            ["/usr/local/bin/x", "/usr/bin/x", "/bin/x"].map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn strings_become_c_strings_unless_one_holds_a_nul() {
+        let strings = |items: &[&str]| to_cstrings(items.iter().map(OsStr::new));
+        assert_eq!(
+            strings(&["sh", "-c", ""]),
+            Some(vec![c"sh".to_owned(), c"-c".to_owned(), c"".to_owned()])
+        );
+        assert_eq!(strings(&[]), Some(vec![]));
+        assert_eq!(strings(&["a", "b\0c"]), None);
     }
 }

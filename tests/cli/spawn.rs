@@ -362,10 +362,9 @@ fn a_storm_of_harmless_signals_while_tasks_start_changes_nothing() {
     }
 }
 
-#[test]
-fn hundreds_of_tasks_leave_no_descriptor_zombie_or_memory_behind() {
-    // What release-tasks (the task's parent) holds, as seen from a task.
-    const PROBE: &str = r"
+/// What release-tasks (the task's parent) holds, as seen from a task: its descriptors, its zombie
+/// children and its resident memory in KiB, on one line.
+const PROBE: &str = r"
 import os
 parent = os.getppid()
 zombies = 0
@@ -379,6 +378,21 @@ for pid in filter(str.isdigit, os.listdir('/proc')):
 rss = [l.split()[1] for l in open('/proc/%d/status' % parent) if l.startswith('VmRSS:')][0]
 print(len(os.listdir('/proc/%d/fd' % parent)), zombies, rss)
 ";
+
+/// The numbers a task that runs [`PROBE`] printed, in release-tasks's `stdout`.
+fn probe_line(stdout: &str, task: &str) -> Vec<u64> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(task))
+        .unwrap_or_else(|| panic!("no {task} line in:\n{stdout}"));
+    line.trim_start_matches([' ', '|'])
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number"))
+        .collect()
+}
+
+#[test]
+fn hundreds_of_tasks_leave_no_descriptor_zombie_or_memory_behind() {
     let probe = format!("[\"python3\", \"-c\", {}]", toml_string(PROBE));
     let config = format!(
         "[tasks.a_first]\nrun = {probe}\n{}[tasks.z_last]\nrun = {probe}\n",
@@ -387,18 +401,8 @@ print(len(os.listdir('/proc/%d/fd' % parent)), zombies, rss)
     let out = Test::new().config(&config).run();
     out.status(0);
     let stdout = out.stdout();
-    let probe_line = |name: &str| -> Vec<u64> {
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"));
-        line.trim_start_matches([' ', '|'])
-            .split_whitespace()
-            .map(|n| n.parse().expect("a number"))
-            .collect()
-    };
-    let first = probe_line("a_first");
-    let last = probe_line("z_last");
+    let first = probe_line(&stdout, "a_first");
+    let last = probe_line(&stdout, "z_last");
     assert_eq!(first[0], last[0], "descriptors: {first:?} then {last:?}");
     assert_eq!(
         (first[1], last[1]),
@@ -411,6 +415,26 @@ print(len(os.listdir('/proc/%d/fd' % parent)), zombies, rss)
         first[2],
         last[2]
     );
+}
+
+#[test]
+fn a_task_that_cannot_start_leaves_no_zombie_behind() {
+    // The child that reports a failed set-up step or exec exits there; release-tasks collects it at
+    // once (a child made without SIGCHLD as its exit signal could not be, and would stay a zombie).
+    let probe = format!("[\"python3\", \"-c\", {}]", toml_string(PROBE));
+    let t = Test::new().config(&format!(
+        "[tasks.missing]\nrun = [\"no-such-program-release-tasks\"]\nallow_failure = true\n\
+         [tasks.cleanup]\nrun = \"rm -r build\"\n\
+         [tasks.removed_dir]\nrun = [\"ls\"]\ndir = \"build\"\nallow_failure = true\n\
+         [tasks.probe]\nrun = {probe}\n"
+    ));
+    std::fs::create_dir(t.path("build")).expect("mkdir");
+    let out = t.run();
+    out.status(0)
+        .stderr_has("command not found: `no-such-program-release-tasks`")
+        .stderr_has("cannot start the task: cannot enter its working directory");
+    let zombies = probe_line(&out.stdout(), "probe")[1];
+    assert_eq!(zombies, 0, "{}", out.stderr);
 }
 
 #[test]
