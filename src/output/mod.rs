@@ -348,15 +348,7 @@ impl Stdio {
         let _guard = self.lock(target);
         let pipe = self.file(target) == File::Pipe;
         while !bytes.is_empty() {
-            let piece = if pipe {
-                let most = &bytes[..bytes.len().min(PIPE_BUF)];
-                match memchr::memrchr(b'\n', most) {
-                    Some(i) if most.len() < bytes.len() => &most[..=i],
-                    _ => most,
-                }
-            } else {
-                bytes
-            };
+            let piece = if pipe { next_piece(bytes) } else { bytes };
             if pipe {
                 wait_for_room(target);
             }
@@ -613,6 +605,16 @@ fn wait_for_room(target: Target) {
     while let Err(Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
 }
 
+/// The next piece of `bytes` to write into a pipe: at most `PIPE_BUF` bytes, ending after the last
+/// newline in them, unless they are all that is left or hold no newline.
+fn next_piece(bytes: &[u8]) -> &[u8] {
+    let most = &bytes[..bytes.len().min(PIPE_BUF)];
+    match memchr::memrchr(b'\n', most) {
+        Some(i) if most.len() < bytes.len() => &most[..=i],
+        _ => most,
+    }
+}
+
 /// The bytes of `slices`, in one piece.
 fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
@@ -771,12 +773,74 @@ mod tests {
             }
             all
         });
+        let flushing = Instant::now();
         stdio.flush();
+        assert!(
+            flushing.elapsed() < Duration::from_secs(4),
+            "the flush waited for a reader that took everything"
+        );
         assert!(stdio.has_room(target));
+        assert_eq!(stdio.queue(target).state.lock().expect("lock").bytes, 0);
+        assert_eq!(
+            stdio.written(),
+            (13 + QUEUE_LIMIT) as u64,
+            "every byte counted"
+        );
         drop(write);
         let all = reader.join().expect("reader");
         assert_eq!(all.len(), filled + 13 + QUEUE_LIMIT);
         assert_eq!(&all[filled..filled + 13], b"first\nsecond\n");
+    }
+
+    #[test]
+    fn pieces_for_a_pipe_end_at_a_line_end_and_are_at_most_pipe_buf() {
+        let line = |n: usize| [vec![b'x'; n - 1], b"\n".to_vec()].concat();
+        let short = [line(100), line(100)].concat();
+        assert_eq!(next_piece(&short), &short[..], "all that is left");
+        let many = line(1000).repeat(10);
+        assert_eq!(next_piece(&many).len(), 4000, "whole lines within PIPE_BUF");
+        let long = vec![b'x'; 3 * PIPE_BUF];
+        assert_eq!(
+            next_piece(&long).len(),
+            PIPE_BUF,
+            "a long line, PIPE_BUF at a time"
+        );
+        let tail = [line(PIPE_BUF - 10), vec![b'y'; 20]].concat();
+        assert_eq!(next_piece(&tail).len(), PIPE_BUF - 10);
+        let exact = vec![b'z'; PIPE_BUF];
+        assert_eq!(next_piece(&exact).len(), PIPE_BUF);
+    }
+
+    #[test]
+    fn a_pump_waiting_for_room_is_told_when_the_queue_drains() {
+        let (stdio, read, write, target) = pipe_target();
+        stdio.start_writer(0).expect("writer thread");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let notified = stdio.room_notify(target).notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let big = vec![b'y'; QUEUE_LIMIT + 1];
+        stdio.send(target, &mut [IoSlice::new(&big)]).expect("send");
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0;
+            while let Ok(n @ 1..) = unistd::read(&read, &mut buf) {
+                total += n;
+            }
+            total
+        });
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), notified)
+                .await
+                .expect("told of room");
+        });
+        assert!(stdio.has_room(target));
+        stdio.flush();
+        drop(write);
+        assert_eq!(reader.join().expect("reader"), QUEUE_LIMIT + 1);
     }
 
     #[test]
