@@ -511,6 +511,8 @@ fn exec_never_loses_a_sigterm_sent_around_the_end_of_the_release() {
     let t = Test::new().config("[tasks.migrate]\nrun = \"true\"\n");
     for i in 0..150u64 {
         let delay = std::time::Duration::from_micros(2000 + (i % 50) * 400);
+        // The log goes to a file, so that a lost signal says where release-tasks was.
+        let log = t.path("log");
         let mut child = std::process::Command::new(crate::harness::BIN)
             .args(["exec", "--", "sleep", "30"])
             .current_dir(t.dir.path())
@@ -518,7 +520,7 @@ fn exec_never_loses_a_sigterm_sent_around_the_end_of_the_release() {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn release-tasks");
         std::thread::sleep(delay);
@@ -536,7 +538,8 @@ fn exec_never_loses_a_sigterm_sent_around_the_end_of_the_release() {
             if sent.elapsed() > std::time::Duration::from_secs(10) {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("SIGTERM {delay:?} after the start was lost: the command runs on");
+                let seen = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("SIGTERM {delay:?} after the start was lost: the command runs on\n{seen}");
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
