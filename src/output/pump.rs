@@ -195,9 +195,9 @@ async fn pump(
             tokio::task::yield_now().await;
             read_some = false;
         }
+        // An ended stream holds no partial line: its end wrote it out.
         let due = [&a.out, &b.out]
             .iter()
-            .filter(|o| !o.ended)
             .filter_map(|o| o.lines.flush_due())
             .min();
         // Asked for before looking at the queues, so that room made in between is not missed.
@@ -435,6 +435,60 @@ mod tests {
                 r#"{"task":"mig","stream":"stdout","line":"to out"}"#,
             ]
         );
+    }
+
+    #[test]
+    fn the_writers_are_gone_before_the_pump_has_read_what_they_wrote() {
+        let (_file, target) = output_file();
+        let stdio = Stdio::new();
+        runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            // The pump has not run yet (this task has not yielded): nothing of it is read.
+            unistd::write(&out, b"unread\n").expect("write");
+            assert!(!pumping.writers_gone(), "both writers are there");
+            drop(out);
+            assert!(!pumping.writers_gone(), "stderr's writer is there");
+            drop(err);
+            assert!(
+                pumping.writers_gone(),
+                "no writer left, though a line is unread"
+            );
+            assert!(!pumping.is_finished());
+            finished(&mut pumping).await;
+            assert!(pumping.take_tail().is_some());
+            assert!(
+                pumping.is_finished(),
+                "still finished once the tail is taken"
+            );
+            assert!(pumping.writers_gone());
+        });
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pump_does_not_read_while_its_outputs_queue_is_full() {
+        let (file, target) = output_file();
+        let stdio = Stdio::new();
+        let unread = |fd: &OwnedFd| {
+            let mut n: nix::libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int into `n`, which lives for the call.
+            unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+            n
+        };
+        runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            // The queue is full (as if a stalled reader held it).
+            stdio.queue(target).state.lock().expect("lock").bytes = crate::output::QUEUE_LIMIT;
+            unistd::write(&out, b"waits\n").expect("write");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert_eq!(unread(&out), 6, "read while the queue was full");
+            stdio.queue(target).state.lock().expect("lock").bytes = 0;
+            stdio.room_notify(target).notify_waiters();
+            drop((out, err));
+            finished(&mut pumping).await;
+        });
+        stdio.flush();
+        assert_eq!(std::fs::read(file.path()).expect("read"), b"t | waits\n");
     }
 
     #[test]
