@@ -843,6 +843,68 @@ mod tests {
         assert_eq!(reader.join().expect("reader"), QUEUE_LIMIT + 1);
     }
 
+    /// Fills the pipe `write` (to its last page) without blocking, then makes it blocking again.
+    fn fill(write: &std::os::fd::OwnedFd) {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        fcntl(write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).expect("nonblocking");
+        while unistd::write(write, &[b'x'; 4096]).is_ok() {}
+        fcntl(write, FcntlArg::F_SETFL(OFlag::empty())).expect("blocking again");
+    }
+
+    #[test]
+    fn each_item_written_leaves_the_queue_and_the_flush_sees_it_empty() {
+        let (stdio, read, write, target) = pipe_target();
+        {
+            let mut state = stdio.queue(target).state.lock().expect("lock");
+            for byte in [b"a", b"b"] {
+                state.items.push_back((target, byte.to_vec()));
+            }
+            state.bytes = 2;
+        }
+        stdio.start_writer(0).expect("writer thread");
+        let flushing = Instant::now();
+        stdio.flush();
+        assert!(flushing.elapsed() < Duration::from_secs(4));
+        assert_eq!(stdio.queue(target).state.lock().expect("lock").bytes, 0);
+        let mut buf = [0u8; 8];
+        assert_eq!(unistd::read(&read, &mut buf).expect("read"), 2);
+        assert_eq!(&buf[..2], b"ab");
+        drop(write);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_queued_item_goes_into_a_pipe_a_piece_at_a_time_as_room_is_made() {
+        let (stdio, read, write, target) = pipe_target();
+        stdio.start_writer(0).expect("writer thread");
+        fill(&write);
+        let item = b"0123456789abcde\n".repeat(3 * PIPE_BUF / 16);
+        stdio
+            .send(target, &mut [IoSlice::new(&item)])
+            .expect("send");
+        // One page of room: one piece goes in, and is counted, while the rest waits.
+        let mut page = vec![0u8; 4096];
+        let mut got = 0;
+        while got < page.len() {
+            got += unistd::read(&read, &mut page[got..]).expect("read");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stdio.written() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing counted with a page of room"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let written = stdio.written();
+        assert_eq!(written % 16, 0, "pieces end at a line's end");
+        assert!(
+            written < item.len() as u64,
+            "the whole item at once: {written}"
+        );
+        drop((read, write));
+    }
+
     #[test]
     fn a_line_behind_queued_ones_waits_its_turn() {
         let (stdio, read, write, target) = pipe_target();
