@@ -15,8 +15,8 @@ use std::io;
 use crate::error::Error;
 
 /// How many free file descriptors a release needs before it starts: the runtime (2), its signal
-/// handling (2), the log and output threads' pipes, each task's stdout, stderr and start-up report
-/// pipes (6) and /dev/null, with a little room to spare (a plain release was measured to need 14). 16
+/// handling (2), the runtime's epoll, each task's stdout, stderr and start-up report pipes (6) and
+/// /dev/null, with a little room to spare (a plain release was measured to need 14). 16
 /// free is `ulimit -n 19` for a release-tasks started with only stdin, stdout and stderr.
 pub const MIN_FREE_FILES: u64 = 16;
 

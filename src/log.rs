@@ -153,7 +153,7 @@ fn push_value(out: &mut String, value: &str) {
 }
 
 /// Writes each formatted event to stderr through the [`Stdio`] handle, in one locked write (or
-/// handed to its background writer), never for ever (see [`Stdio::log`]).
+/// queued for stderr's writer thread), never for ever (see [`Stdio::log`]).
 #[derive(Clone)]
 struct LogWriter(Stdio);
 

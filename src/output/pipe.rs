@@ -6,8 +6,8 @@ use std::os::fd::OwnedFd;
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::unistd;
 
-/// Stack size of the output and log threads: their buffers live on the heap, and a small stack is
-/// cheaper to set up for every task than the default 2 MiB.
+/// Stack size of release-tasks's own threads (the output writers, a message's writer, a webhook's
+/// delivery): their buffers live on the heap, and a small stack is cheaper to set up than 2 MiB.
 pub const SMALL_STACK: usize = 128 * 1024;
 
 /// The capacity asked for a task's output pipes: fewer wake-ups for a chatty task (Linux's default
@@ -25,8 +25,8 @@ pub(super) fn enlarge_pipe(source: &OwnedFd) {
 #[cfg(not(target_os = "linux"))]
 pub(super) fn enlarge_pipe(_source: &OwnedFd) {}
 
-/// A pipe that no task inherits: a task holding the stop pipe's write end would keep the pump from
-/// ever being told to stop.
+/// A pipe that no task inherits: a task holding another task's pipe (or the guardian's) open would
+/// keep that one from ever ending.
 #[cfg(target_os = "linux")]
 pub fn cloexec_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
     unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
