@@ -797,6 +797,12 @@ mod tests {
         let line = |n: usize| [vec![b'x'; n - 1], b"\n".to_vec()].concat();
         let short = [line(100), line(100)].concat();
         assert_eq!(next_piece(&short), &short[..], "all that is left");
+        let rest = b"line\npartial";
+        assert_eq!(
+            next_piece(rest),
+            &rest[..],
+            "all that is left, a partial line too"
+        );
         let many = line(1000).repeat(10);
         assert_eq!(next_piece(&many).len(), 4000, "whole lines within PIPE_BUF");
         let long = vec![b'x'; 3 * PIPE_BUF];
@@ -902,6 +908,25 @@ mod tests {
             written < item.len() as u64,
             "the whole item at once: {written}"
         );
+        drop((read, write));
+    }
+
+    #[test]
+    fn a_flush_gives_up_on_a_reader_that_takes_nothing_after_the_stall_wait() {
+        let (stdio, read, write, target) = pipe_target();
+        stdio.start_writer(0).expect("writer thread");
+        fill(&write);
+        stdio
+            .send(target, &mut [IoSlice::new(b"never read\n")])
+            .expect("send");
+        let flushing = Instant::now();
+        stdio.flush();
+        let waited = flushing.elapsed();
+        assert!(
+            waited >= STALL_WAIT - Duration::from_millis(100) && waited < STALL_WAIT * 3,
+            "waited {waited:?}"
+        );
+        assert!(stdio.queue(target).state.lock().expect("lock").bytes > 0);
         drop((read, write));
     }
 

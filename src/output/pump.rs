@@ -492,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn a_pump_stopped_after_its_writers_left_drains_to_the_end_and_stops() {
+        let (file, target) = output_file();
+        let stdio = Stdio::new();
+        runtime().block_on(async {
+            let (mut pumping, out, err) = start(&stdio, target);
+            unistd::write(&out, b"last\nwords").expect("write");
+            drop((out, err));
+            pumping.stop();
+            finished(&mut pumping).await;
+        });
+        stdio.flush();
+        assert_eq!(
+            std::fs::read(file.path()).expect("read"),
+            b"t | last\nt | words\n"
+        );
+    }
+
+    #[test]
     fn a_stopped_pump_ends_though_a_writer_still_holds_the_stream() {
         let (file, target) = output_file();
         let stdio = Stdio::new();
