@@ -199,11 +199,12 @@ impl Stdio {
     }
 
     /// Writes `slices` to `target`, in order after everything sent before, without ever blocking
-    /// the caller on a reader: at once, in one `writev`, when that cannot block (a file,
-    /// `/dev/null`, a pipe with room) and nothing is queued before it; otherwise copied into the
-    /// target's queue for its writer thread.
-    /// Before the release ([`write_in_background`](Self::write_in_background)), written directly
-    /// within what is left of [`STALL_WAIT`]. An error means the output is gone (a closed pipe).
+    /// the caller on a reader: at once when that cannot block (any amount into a file or
+    /// `/dev/null`, one `writev` of at most `PIPE_BUF` bytes into a pipe that `poll` says has room)
+    /// and nothing is queued before it; otherwise copied into the target's queue for its writer
+    /// thread. Before the release ([`write_in_background`](Self::write_in_background)), written
+    /// directly within what is left of [`STALL_WAIT`]. An error means the output is gone (a closed
+    /// pipe).
     pub fn send(&self, target: Target, slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
         let mut slices = slices;
         let len: usize = slices.iter().map(|s| s.len()).sum();
