@@ -513,6 +513,33 @@ mod tests {
     }
 
     #[test]
+    fn json_gives_back_what_a_batch_of_escapes_took_and_keeps_what_plain_text_needs() {
+        let json_capacity = |lines: &Lines| match &lines.format {
+            LineFormat::Json { out, .. } => out.capacity(),
+            LineFormat::Text => 0,
+        };
+        let now = Instant::now();
+        let mut lines = Lines::json("t", "stdout");
+        // Control bytes take six bytes of JSON each: a full read of them needs far more room than
+        // a full read of text.
+        let escapes = [vec![1u8; READ_SIZE - 1], b"\n".to_vec()].concat();
+        let _ = lines.render(Input::Data(&escapes), now);
+        assert!(json_capacity(&lines) > 2 * (READ_SIZE + MAX_PENDING));
+        let _ = lines.render(Input::Data(b"small\n"), now);
+        assert!(
+            json_capacity(&lines) < 2 * (READ_SIZE + MAX_PENDING),
+            "kept {}",
+            json_capacity(&lines)
+        );
+        // What plain text needs stays, so that every read does not allocate again.
+        let text = [vec![b'x'; READ_SIZE - 1], b"\n".to_vec()].concat();
+        let _ = lines.render(Input::Data(&text), now);
+        let kept = json_capacity(&lines);
+        let _ = lines.render(Input::Data(b"small\n"), now);
+        assert_eq!(json_capacity(&lines), kept);
+    }
+
+    #[test]
     fn json_long_lines_come_in_bounded_partial_pieces() {
         let long = vec![b'x'; MAX_PENDING * 3 + 5];
         let mut lines = Lines::json("t", "stdout");
