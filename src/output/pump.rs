@@ -13,7 +13,6 @@
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd;
@@ -156,8 +155,9 @@ impl Pumping {
             // SAFETY: the pump holds the pipes open until it ends, and it ends only on this thread,
             // which is here: it has not ended (just checked).
             let pipe = unsafe { BorrowedFd::borrow_raw(fd) };
+            // POLLHUP is reported whatever is asked for: nothing else is asked.
             let mut fds = [PollFd::new(pipe, PollFlags::empty())];
-            matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+            poll(&mut fds, PollTimeout::ZERO).is_ok()
                 && fds[0]
                     .revents()
                     .is_some_and(|r| r.contains(PollFlags::POLLHUP))
@@ -218,14 +218,14 @@ async fn pump(
             }
             ready = a.pipe.readable(), if read_a => match ready {
                 Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
-                    Ok(result) => read_some = a.out.take(&stdio, result, &mut tail, &mut buf),
+                    Ok(result) => read_some = a.out.take(&stdio, result.ok(), &mut tail, &mut buf),
                     Err(_would_block) => {}
                 },
                 Err(_) => a.out.end(&stdio),
             },
             ready = b.pipe.readable(), if read_b => match ready {
                 Ok(mut guard) => match guard.try_io(|pipe| read(pipe.get_ref(), &mut buf)) {
-                    Ok(result) => read_some = b.out.take(&stdio, result, &mut tail, &mut buf),
+                    Ok(result) => read_some = b.out.take(&stdio, result.ok(), &mut tail, &mut buf),
                     Err(_would_block) => {}
                 },
                 Err(_) => b.out.end(&stdio),
@@ -254,26 +254,25 @@ fn read(pipe: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl Out {
-    /// What a read came to: data (to the tail and out), the end of the stream, or an error (an
-    /// interrupted read is tried again). Whether there was data.
+    /// What a read came to (`None`: an error, which a read of a nonblocking pipe never is for an
+    /// interruption): data (to the tail and out), or the end of the stream. Whether there was data.
     fn take(
         &mut self,
         stdio: &Stdio,
-        result: std::io::Result<usize>,
+        read: Option<usize>,
         tail: &mut Tail,
         buf: &mut Vec<u8>,
     ) -> bool {
-        match result {
-            Ok(0) => self.end(stdio),
-            Ok(n) => {
+        match read {
+            Some(0) | None => self.end(stdio),
+            Some(n) => {
                 self.feed(stdio, tail, &buf[..n]);
-                if n == buf.len() && n < READ_SIZE {
+                // Grown while reads fill it, up to READ_SIZE (where this changes nothing).
+                if n == buf.len() {
                     buf.resize((4 * n).min(READ_SIZE), 0);
                 }
                 return true;
             }
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => self.end(stdio),
         }
         false
     }
@@ -312,7 +311,7 @@ fn drain(stdio: &Stdio, stream: &mut Stream, tail: &mut Tail, buf: &mut [u8]) {
                 total += n;
                 stream.out.feed(stdio, tail, &buf[..n]);
             }
-            Err(Errno::EINTR) => {}
+            // The pipe is nonblocking: never interrupted; empty (or ended), the drain is over.
             _ => break,
         }
     }
@@ -619,15 +618,15 @@ mod tests {
         };
         let mut tail = Tail::new(1);
         let mut buf = vec![b'x'; FIRST_READ];
-        assert!(out.take(&stdio, Ok(FIRST_READ - 1), &mut tail, &mut buf));
+        assert!(out.take(&stdio, Some(FIRST_READ - 1), &mut tail, &mut buf));
         assert_eq!(buf.len(), FIRST_READ);
-        out.take(&stdio, Ok(FIRST_READ), &mut tail, &mut buf);
+        out.take(&stdio, Some(FIRST_READ), &mut tail, &mut buf);
         assert_eq!(buf.len(), 4 * FIRST_READ);
         buf.resize(READ_SIZE, 0);
-        out.take(&stdio, Ok(READ_SIZE), &mut tail, &mut buf);
+        out.take(&stdio, Some(READ_SIZE), &mut tail, &mut buf);
         assert_eq!(buf.len(), READ_SIZE, "never past READ_SIZE");
         assert!(!out.ended);
-        assert!(!out.take(&stdio, Ok(0), &mut tail, &mut buf));
+        assert!(!out.take(&stdio, Some(0), &mut tail, &mut buf));
         assert!(out.ended, "a read of nothing is the end");
     }
 }
