@@ -392,20 +392,25 @@ impl<C: Child> TaskRun<C> {
             Termination::Terminating { .. } => self.child.stop(Signal::SIGTERM),
         }
         let mut progress = (self.child.output_progress(), Instant::now());
+        // When the wait for release-tasks's own reader began, if it did.
+        let mut reader_wait: Option<Instant> = None;
         loop {
             let drained = self.child.drained();
             if !alive && drained {
                 return false;
             }
             if !alive && !self.child.output_held() {
-                // Nothing of the task is left but what it wrote, waiting for release-tasks's own
-                // reader: waited for while that reader takes some of it, not after a stop signal.
+                // Nothing of the task is left but what it wrote, waiting to be read (by the pump,
+                // or by release-tasks's own reader): waited for while that reader takes some of it.
+                // After a stop signal, one STALL_WAIT in all, however slowly the reader takes it.
                 let now = Instant::now();
+                let since = *reader_wait.get_or_insert(now);
                 let taken = self.child.output_progress();
                 if taken != progress.0 {
                     progress = (taken, now);
                 }
-                if self.stopped.is_some() || now >= progress.1 + STALL_WAIT {
+                let stopped_long = self.stopped.is_some() && now >= since + STALL_WAIT;
+                if stopped_long || now >= progress.1 + STALL_WAIT {
                     return false;
                 }
                 tokio::select! {
