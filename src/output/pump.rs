@@ -342,16 +342,17 @@ mod tests {
     /// Starts pumping the read ends of two new pipes into `target`, during a release (writes that
     /// could block are queued); returns the pump and the pipes' write ends.
     fn start(stdio: &Stdio, target: Target) -> (Pumping, OwnedFd, OwnedFd) {
+        start_with(stdio, target, b"t | ")
+    }
+
+    /// [`start`] with the lines' prefix (`NAME | `, which names the task in JSON).
+    fn start_with(stdio: &Stdio, target: Target, prefix: &[u8]) -> (Pumping, OwnedFd, OwnedFd) {
         stdio.write_in_background().expect("writer threads");
         let (out, out_w) = unistd::pipe().expect("pipe");
         let (err, err_w) = unistd::pipe().expect("pipe");
-        let pumping = Pumping::start_to(
-            stdio,
-            [(out, target), (err, target)],
-            b"t | ",
-            Tail::new(10),
-        )
-        .expect("pump");
+        let pumping =
+            Pumping::start_to(stdio, [(out, target), (err, target)], prefix, Tail::new(10))
+                .expect("pump");
         (pumping, out_w, err_w)
     }
 
@@ -407,16 +408,7 @@ mod tests {
         let stdio = Stdio::new();
         stdio.set_output_format(crate::output::OutputFormat::Json);
         runtime().block_on(async {
-            stdio.write_in_background().expect("writer threads");
-            let (out, out_w) = unistd::pipe().expect("pipe");
-            let (err, err_w) = unistd::pipe().expect("pipe");
-            let mut pumping = Pumping::start_to(
-                &stdio,
-                [(out, target), (err, target)],
-                b"mig | ",
-                Tail::new(1),
-            )
-            .expect("pump");
+            let (mut pumping, out_w, err_w) = start_with(&stdio, target, b"mig | ");
             unistd::write(&out_w, b"to out\n").expect("write");
             drop(out_w);
             unistd::write(&err_w, b"to err\n").expect("write");
